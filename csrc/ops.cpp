@@ -1,0 +1,20 @@
+// fastdiff::_C — op schemas. Kernels register per backend:
+//   csrc/cpu/<op>.cpp   TORCH_LIBRARY_IMPL(fastdiff, CPU, m)
+//   csrc/cuda/<op>.cu   the CUDA kernel, CUDA toolkit headers only (a plain C++ launcher)
+//   csrc/cuda/<op>_glue.cpp  TORCH_LIBRARY_IMPL(fastdiff, CUDA, m): checks, stream, calls the launcher
+// Per-element math shared by CPU and CUDA lives in csrc/include/<op>_math.h.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// The module is imported only for its side effect: registering the ops below with the dispatcher.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "fastdiff compiled ops (see torch.ops.fastdiff)", -1,
+                                   nullptr};
+  return PyModule_Create(&def);
+}
+}
+
+TORCH_LIBRARY(fastdiff, m) {
+  // Schemas are added here, one block per op (fastdiff/ops/<op>.py documents each).
+}

@@ -1,0 +1,12 @@
+"""fastdiff: fused kernels and CUDA-graph samplers for DDPM / DDIM sampling.
+
+    import fastdiff
+    x = fastdiff.ddim_sample(model, steps=50, shape=(4, 3, 32, 32))
+"""
+from fastdiff._backend import backends
+from fastdiff.schedule import NoiseSchedule, timesteps
+from fastdiff.sampling import ddim_sample, ddpm_sample
+from fastdiff.training import q_sample, training_loss
+
+__version__ = "0.1.0"
+__all__ = ["NoiseSchedule", "backends", "ddim_sample", "ddpm_sample", "q_sample", "timesteps", "training_loss"]

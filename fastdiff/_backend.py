@@ -1,0 +1,113 @@
+"""What was built, and the one dispatch rule every op uses.
+
+Backends: "torch" (plain-PyTorch reference), "triton", "cuda" (csrc/cuda), "cpp" (csrc/cpu).
+Rule for backend="auto" (overridable with the environment variable FASTDIFF_BACKEND):
+  CUDA tensor -> "cuda" if the CUDA kernels were built, else "triton" if triton imports, else "torch";
+  CPU tensor  -> "cpp" if the extension was built, else "torch".
+Falling back from the preferred backend warns once per (op, reason); it is never silent.
+An explicitly requested backend that cannot run raises a RuntimeError naming why.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda", "cpp")
+
+_ext_error: str | None = None
+try:  # importing registers the compiled ops with the dispatcher
+    importlib.import_module("fastdiff._C")
+    _EXT = True
+except ImportError as e:  # pure-Python install or a broken build: say so in backends()
+    _EXT = False
+    _ext_error = f"fastdiff._C not importable: {e}"
+
+try:
+    from fastdiff import _build_config as _cfg
+except ImportError:  # running from a source tree that was never built
+    _cfg = None
+
+
+def _triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton not importable: {e}"
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on CUDA"
+    if interp:
+        return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU interpreter, slow)"
+    return False, "triton needs a CUDA device (or TRITON_INTERPRET=1 to run the interpreter on CPU)"
+
+
+def has_cpp() -> bool:
+    return _EXT
+
+
+def has_cuda_kernels() -> bool:
+    return _EXT and bool(getattr(_cfg, "BUILT_CUDA", False)) and torch.cuda.is_available()
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """What each backend can do on this machine: {name: {"available": bool, "why": str}}."""
+    tri_ok, tri_why = _triton_status()
+    if _EXT:
+        cpp_why = "fastdiff._C CPU kernels loaded"
+        cuda_why = getattr(_cfg, "NOTE", "built without a build record")
+        if getattr(_cfg, "BUILT_CUDA", False) and not torch.cuda.is_available():
+            cuda_why += "; but no CUDA device is visible"
+    else:
+        cpp_why = cuda_why = _ext_error or "extension not built"
+        if _cfg is not None and not _cfg.BUILT_CPP:
+            cpp_why = cuda_why = _cfg.NOTE
+    return {
+        "torch": {"available": True, "why": f"plain PyTorch {torch.__version__} reference"},
+        "triton": {"available": tri_ok, "why": tri_why},
+        "cuda": {"available": has_cuda_kernels(), "why": cuda_why},
+        "cpp": {"available": _EXT, "why": cpp_why},
+    }
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(op: str, msg: str) -> None:
+    if (op, msg) not in _warned:
+        _warned.add((op, msg))
+        warnings.warn(f"fastdiff.{op}: {msg}", RuntimeWarning, stacklevel=3)
+
+
+def resolve(op: str, backend: str, device: torch.device, supported: tuple[str, ...] = BACKENDS) -> str:
+    """The backend `op` runs on for tensors on `device`, given the request `backend`.
+
+    `supported` lists the backends this op implements (the reference "torch" always).
+    """
+    if backend == "auto":
+        backend = os.environ.get("FASTDIFF_BACKEND", "auto")
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    info = backends()
+    device = torch.device(device)
+    if backend != "auto":
+        if backend not in supported:
+            raise RuntimeError(f"fastdiff.{op}: backend {backend!r} is not implemented for this op "
+                               f"(supported: {supported})")
+        if backend in ("cuda",) and device.type != "cuda":
+            raise RuntimeError(f"fastdiff.{op}: backend 'cuda' needs CUDA tensors, got device {device}")
+        if backend == "cpp" and device.type != "cpu":
+            raise RuntimeError(f"fastdiff.{op}: backend 'cpp' needs CPU tensors, got device {device}")
+        if not info[backend]["available"]:
+            raise RuntimeError(f"fastdiff.{op}: backend {backend!r} unavailable: {info[backend]['why']}")
+        return backend
+    prefs = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+    for name in prefs:
+        if name in supported and info[name]["available"]:
+            return name
+    best = prefs[0]
+    if best in supported:
+        _warn_once(op, f"falling back to the plain-PyTorch reference ({best}: {info[best]['why']})")
+    return "torch"

@@ -1,0 +1,71 @@
+"""Build fastdiff and its extension `fastdiff._C`.
+
+Switches (environment):
+  FASTDIFF_SKIP_BUILD=1       no extension at all (pure-Python install; the reference and Triton paths still work)
+  FASTDIFF_SKIP_CUDA_BUILD=1  CPU C++ kernels only, even when torch has CUDA and nvcc is found
+  FASTDIFF_CUDA_ARCHS="8.0;9.0"  compute capabilities to build for (default 8.0;9.0)
+Build with `pip install --no-build-isolation .` so the build sees the installed torch.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _write_build_config(built_cpp, built_cuda, note):
+    path = os.path.join(HERE, "fastdiff", "_build_config.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"BUILT_CPP = {built_cpp!r}\nBUILT_CUDA = {built_cuda!r}\nNOTE = {note!r}\n")
+
+
+def _extensions():
+    if os.environ.get("FASTDIFF_SKIP_BUILD") == "1":
+        _write_build_config(False, False, "extension not built: FASTDIFF_SKIP_BUILD=1")
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    define_macros = []
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    if torch.version.cuda is None:
+        cuda_note = f"CUDA kernels not built: torch {torch.__version__} has no CUDA"
+    elif ce.CUDA_HOME is None:
+        cuda_note = "CUDA kernels not built: nvcc / CUDA_HOME not found"
+    elif os.environ.get("FASTDIFF_SKIP_CUDA_BUILD") == "1":
+        cuda_note = "CUDA kernels not built: FASTDIFF_SKIP_CUDA_BUILD=1"
+    else:
+        cuda_note = ""
+    with_cuda = not cuda_note
+    kwargs = dict(
+        name="fastdiff._C",
+        include_dirs=[os.path.join(HERE, "csrc", "include")],
+        extra_link_args=["-fopenmp"],
+    )
+    if with_cuda:
+        archs = os.environ.get("FASTDIFF_CUDA_ARCHS", "8.0;9.0").replace(",", ";").split(";")
+        gencode = []
+        for a in filter(None, (s.strip() for s in archs)):
+            cc = a.replace(".", "")
+            gencode += ["-gencode", f"arch=compute_{cc},code=sm_{cc}"]
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        define_macros.append(("FASTDIFF_WITH_CUDA", "1"))
+        ext = ce.CUDAExtension(
+            sources=sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode]},
+            **kwargs,
+        )
+        cuda_note = "CUDA kernels built for " + ";".join(archs)
+    else:
+        ext = ce.CppExtension(sources=sources, define_macros=define_macros,
+                              extra_compile_args={"cxx": cxx}, **kwargs)
+    _write_build_config(True, with_cuda, cuda_note)
+    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
