@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# On a fresh GPU machine with no network: build the extension, run the whole test suite (GPU tests included),
+# run the benchmarks, and write a summary (markdown + pytest-benchmark JSON) to OUTDIR (default ./out).
+#   bash scripts/gpu_check.sh "$OUT"
+# Budget: about 8 minutes on an H100 (each phase has its own timeout).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+S="$OUT/summary.md"
+t0=$(date +%s)
+{
+  echo "# fastdiff GPU check"
+  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+local changes)')"
+  echo "- device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -n1)"
+  echo "- versions: $($PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' 2>&1)"
+} >"$S"
+
+# 1. build (no network: no deps resolution, no build isolation)
+export MAX_JOBS=${MAX_JOBS:-16}
+timeout 300 $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+echo "- build: rc=$? ($(( $(date +%s) - t0 ))s) — log in build.log" >>"$S"
+$PY -c "import fastdiff, json; print(json.dumps(fastdiff.backends(), indent=1))" >>"$OUT/build.log" 2>&1
+
+# 2. tests (GPU tests run here; CPU-only ones too)
+timeout 240 $PY -m pytest -q -x -p no:cacheprovider tests -m "not slow" --benchmark-disable >"$OUT/tests.log" 2>&1
+rc=$?
+echo "- tests: rc=$rc: $(tail -n 1 "$OUT/tests.log")" >>"$S"
+
+# 3. benchmarks
+timeout 300 $PY -m pytest -q -p no:cacheprovider benchmarks --benchmark-only \
+  --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=min,median,mean,rounds >"$OUT/bench.log" 2>&1
+echo "- benchmarks: rc=$? ($(( $(date +%s) - t0 ))s total) — table in bench.log, JSON in benchmarks.json" >>"$S"
+if [ -f "$OUT/benchmarks.json" ]; then
+  $PY scripts/bench_summary.py "$OUT/benchmarks.json" >>"$S" 2>&1
+fi
+cat "$S"

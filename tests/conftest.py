@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_OK = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+requires_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton needs a CUDA device or TRITON_INTERPRET=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    # GPU-marked tests skip cleanly, with a reason, on a machine without CUDA.
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
