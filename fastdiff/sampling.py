@@ -243,6 +243,13 @@ def run_plan(plan: SamplerPlan, model: Callable, x: torch.Tensor, *, generator=N
     return x
 
 
+def _check_backend(backend):
+    from fastdiff._backend import BACKENDS
+
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+
+
 def _check_eta(eta):
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or math.isnan(eta) or eta < 0:
         raise ValueError(f"eta must be a number >= 0, got {eta!r}")
@@ -261,6 +268,7 @@ def ddim_sample(model: Callable, steps: int = 50, *, shape=None, x_T=None, sched
     η = 0 is deterministic; η = 1 with use_clipped_model_output is DDPM's fixed_small posterior.
     """
     eta = _check_eta(eta)
+    _check_backend(backend)
     sched, opts, _ = resolve_schedule(schedule, options)
     plan = make_plan("ddim", sched, opts, steps, eta)
     x = _initial_sample(model, shape, x_T, generator, dtype, device)
@@ -279,6 +287,7 @@ def ddpm_sample(model: Callable, *, steps: int | None = None, shape=None, x_T=No
     """
     if variance is not None:
         options["variance_type"] = variance
+    _check_backend(backend)
     sched, opts, _ = resolve_schedule(schedule, options)
     plan = make_plan("ddpm", sched, opts, steps)
     x = _initial_sample(model, shape, x_T, generator, dtype, device)

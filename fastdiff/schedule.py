@@ -6,6 +6,7 @@ Tables are float64 on the CPU; samplers derive per-step coefficients from them o
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -140,7 +141,8 @@ def timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", st
 
     leading:  t_i = i·⌊T/N⌋ + steps_offset;  linspace: round(linspace(0, T−1, N));
     trailing: round(arange(T, 0, −T/N)) − 1;  quad (DDIM paper, CIFAR-10): ⌊linspace(0, √(0.8T), N)²⌋.
-    `quad` can repeat a timestep at large N: that is rejected (ValueError) rather than silently dropped.
+    `quad` repeats small timesteps when N is large (50 steps of T = 1000 give 0, 0, 1, …): the repeats are dropped,
+    with a warning that gives the number of steps actually taken (a repeated DDIM step with η = 0 is the identity).
     """
     T = num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
@@ -155,10 +157,10 @@ def timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", st
     elif spacing == "trailing":
         ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
     elif spacing == "quad":
-        ts = (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64)[::-1]
-        if len(np.unique(ts)) != len(ts):
-            raise ValueError(f"steps={steps}: 'quad' spacing repeats timesteps for T={T}; use fewer steps or "
-                             "another spacing")
+        ts = np.unique((np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64))[::-1]
+        if len(ts) != steps:
+            warnings.warn(f"'quad' spacing repeats timesteps at steps={steps} (T={T}): the repeats are dropped, "
+                          f"{len(ts)} steps remain", stacklevel=2)
     else:
         raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
     ts = torch.from_numpy(np.ascontiguousarray(ts))
