@@ -129,3 +129,334 @@ def ddim_step_ref(x_t, o, abar_t, abar_p, *, eta=0.0, noise=None, prediction_typ
     if noise is not None and eta > 0:
         out = out + sigma * _f32(noise)
     return out.to(x_t.dtype), x0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused step: one pass, x_t, o (o_c, z, v) → x_prev (and x̂0 if asked), on every backend.
+#
+# Per element, in float32 (csrc/include/sampler_step_math.h has the same lines for the C++ and CUDA kernels):
+#   o   = o_u + w·(o_c − o_u)                              classifier-free guidance, when o_cond is given
+#   x̂0  = p·x + q·o;  clamp(x̂0, ±clip) if clip;  clamp(x̂0, ±s_b)/s_b if thr (dynamic thresholding, s_b per sample)
+#   ε̂   = r·x + s·o + u·x̂0
+#   x'  = A·x̂0 + B·ε̂ + C·x + σ·z                           σ scalar, or per element from v (DDPM learned variances)
+# The scalars of one step sit in a float64 vector `coef` (layout below, the header's `Coef` enum), computed once per
+# step by `step_coefs`. A sampler keeps the table of all steps on the device and passes row i to step i, so a CUDA graph
+# reads its coefficients from a static buffer. Memory traffic: read x, o (o_c, z, v), write x' (x̂0): a DDIM η = 0 step
+# moves 3 tensors (2 reads + 1 write) where the reference moves ~12 (see benchmarks/bench_sampler_step.py).
+
+COEF = dict(p=0, q=1, r=2, s=3, u=4, A=5, B=6, C=7, sigma=8, clip=9, w=10, logmax=11, logmin=12)
+NUM_COEF = 16
+FLAG_CLIP = 1
+VAR_MODES = {"scalar": 0, "learned": 1, "learned_range": 2}
+
+
+def step_coefs(kind: str, abar_t: float, abar_p: float, *, prediction_type: str = "epsilon", sigma: float = 0.0,
+               use_clipped_model_output: bool = False, clip_sample_range: float = 1.0, guidance_scale: float = 1.0,
+               variance_type: str = "fixed_small") -> list[float]:
+    """The NUM_COEF float64 scalars of one fused step (DDIM eq. 12 or the DDPM posterior mean, Ho et al. eq. 7).
+
+    sigma: the step's noise scale (DDIM σ_t; DDPM √(fixed variance)); it multiplies z only where the step adds noise.
+    DDIM: A = √ᾱ_p, B = √(1−ᾱ_p−σ²), C = 0.  DDPM: A = √ᾱ_p·β′/(1−ᾱ_t), B = 0, C = √α′·(1−ᾱ_p)/(1−ᾱ_t).
+    """
+    if kind not in ("ddim", "ddpm"):
+        raise ValueError(f"kind must be 'ddim' or 'ddpm', got {kind!r}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    a, b = math.sqrt(abar_t), math.sqrt(1.0 - abar_t)
+    inv_b = 1.0 / b if b > 0 else math.inf
+    if prediction_type == "epsilon":
+        p, q, r, s = 1.0 / a, -b / a, 0.0, 1.0
+    elif prediction_type == "sample":
+        p, q, r, s = 0.0, 1.0, inv_b, -a * inv_b
+    else:
+        p, q, r, s = a, -b, b, a
+    u = 0.0
+    logmax = logmin = 0.0
+    if kind == "ddim":
+        A, B, C = math.sqrt(abar_p), math.sqrt(max(1.0 - abar_p - sigma**2, 0.0)), 0.0
+        if use_clipped_model_output:
+            r, s, u = inv_b, 0.0, -a * inv_b
+    else:
+        beta, alpha = 1.0 - abar_t / abar_p, abar_t / abar_p
+        A = math.sqrt(abar_p) * beta / (1.0 - abar_t)
+        B = 0.0
+        C = math.sqrt(alpha) * (1.0 - abar_p) / (1.0 - abar_t)
+        if variance_type.startswith("learned"):
+            logmax = math.log(beta) if beta > 0 else -46.0  # log 1e-20
+            logmin = math.log(max((1.0 - abar_p) / (1.0 - abar_t) * beta, 1e-20))
+    if B == 0.0:
+        r = s = u = 0.0
+    c = [0.0] * NUM_COEF
+    for k, val in dict(p=p, q=q, r=r, s=s, u=u, A=A, B=B, C=C, sigma=sigma, clip=clip_sample_range,
+                       w=guidance_scale, logmax=logmax, logmin=logmin).items():
+        c[COEF[k]] = float(val)
+    return c
+
+
+def sampler_step_ref(x, o, coef, *, o_cond=None, noise=None, v=None, thr=None, clip=False, var_mode="scalar",
+                     write_x0=False):
+    """The fused step's math in plain PyTorch (float32), term by term; the "torch" backend of `sampler_step`.
+
+    coef: (NUM_COEF,) float64 tensor or sequence. thr: (B,) float32 per-sample threshold. Returns (x_prev, x̂0|None).
+    """
+    c = coef.tolist() if torch.is_tensor(coef) else list(coef)
+    g = lambda k: c[COEF[k]]  # noqa: E731
+    x32, o32 = x.float(), o.float()
+    if o_cond is not None:
+        o32 = o32 + g("w") * (o_cond.float() - o32)
+    x0 = g("p") * x32 + g("q") * o32
+    if clip:
+        x0 = x0.clamp(-g("clip"), g("clip"))
+    if thr is not None:
+        s = thr.float().reshape(-1, *([1] * (x.dim() - 1)))
+        x0 = torch.maximum(torch.minimum(x0, s), -s) / s
+    eps = g("r") * x32 + g("s") * o32 + g("u") * x0
+    out = g("A") * x0 + g("B") * eps + g("C") * x32
+    if noise is not None:
+        if var_mode == "scalar":
+            std = g("sigma")
+        elif var_mode == "learned":
+            std = v.float().sqrt()
+        else:
+            f = (v.float() + 1) / 2
+            std = torch.exp(0.5 * (f * g("logmax") + (1 - f) * g("logmin")))
+        out = out + std * noise.float()
+    return out.to(x.dtype), (x0 if write_x0 else None)
+
+
+def philox_randn_ref(seed: int, offset: int, n: int) -> torch.Tensor:
+    """n float32 N(0, 1) samples at Philox counters offset … offset+n−1 with key `seed`: what the fused kernels draw
+    for noise="philox" (Philox4x32-10 + Box-Muller, bit-compatible with Triton's tl.randn). NumPy, for tests."""
+    import numpy as np
+
+    M32 = np.uint64(0xFFFFFFFF)
+    ctr = np.arange(n, dtype=np.uint64) + np.uint64(offset)
+    c0, c1 = ctr & M32, ctr >> np.uint64(32)
+    c2 = np.zeros(n, np.uint64)
+    c3 = np.zeros(n, np.uint64)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    RA, RB = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        p0, p2 = RA * c0, RB * c2  # exact: both factors < 2^32
+        c0, c1, c2, c3 = (p2 >> np.uint64(32)) ^ c1 ^ k0, p2 & M32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & M32
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & M32, (k1 + np.uint64(0xBB67AE85)) & M32
+
+    def uniform(w):
+        i = w.astype(np.uint32).view(np.int32)
+        i = np.where(i < 0, ~i, i)
+        return i.astype(np.float32) * np.float32(4.6566127342e-10)
+
+    u1 = np.maximum(uniform(c0), np.float32(1e-7))
+    u2 = uniform(c1)
+    r = np.sqrt(np.float32(-2.0) * np.log(u1))
+    return torch.from_numpy((r * np.cos(np.float32(6.283185307179586) * u2)).astype(np.float32))
+
+
+# ---- Triton ----------------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference and C++ paths work without triton
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _sampler_step_kernel(
+        x_ptr,  # (n,) x_t in memory order
+        o_ptr,  # (n,) model output (the unconditional one with CFG)
+        oc_ptr,  # (n,) conditional model output (HAS_COND)
+        z_ptr,  # (n,) noise (NOISE == 1)
+        rng_ptr,  # (2,) int64 seed, counter offset (NOISE == 2)
+        v_ptr,  # (n,) model variance output (VAR_MODE > 0)
+        thr_ptr,  # (B,) float32 dynamic-thresholding scale (HAS_THR)
+        coef_ptr,  # (NUM_COEF,) float64 step scalars
+        xp_ptr,  # (n,) out: x_prev, x's dtype
+        x0_ptr,  # (n,) out: x̂0 float32 (WRITE_X0)
+        n, per_sample,
+        HAS_COND: tl.constexpr, NOISE: tl.constexpr, VAR_MODE: tl.constexpr, CLIP: tl.constexpr,
+        HAS_THR: tl.constexpr, WRITE_X0: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_COND:
+            oc = tl.load(oc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            o = o + tl.load(coef_ptr + 10).to(tl.float32) * (oc - o)
+        x0 = tl.load(coef_ptr + 0).to(tl.float32) * x + tl.load(coef_ptr + 1).to(tl.float32) * o
+        if CLIP:
+            r = tl.load(coef_ptr + 9).to(tl.float32)
+            x0 = tl.minimum(tl.maximum(x0, -r), r)
+        if HAS_THR:
+            s = tl.load(thr_ptr + offs // per_sample, mask=mask, other=1.0)
+            x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+        eps = (tl.load(coef_ptr + 2).to(tl.float32) * x + tl.load(coef_ptr + 3).to(tl.float32) * o
+               + tl.load(coef_ptr + 4).to(tl.float32) * x0)
+        out = (tl.load(coef_ptr + 5).to(tl.float32) * x0 + tl.load(coef_ptr + 6).to(tl.float32) * eps
+               + tl.load(coef_ptr + 7).to(tl.float32) * x)
+        if NOISE != 0:
+            if NOISE == 1:
+                z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                z = tl.randn(tl.load(rng_ptr), tl.load(rng_ptr + 1) + offs)
+            if VAR_MODE == 0:
+                std = tl.load(coef_ptr + 8).to(tl.float32)
+            else:
+                v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                if VAR_MODE == 1:
+                    std = tl.sqrt(v)
+                else:
+                    f = 0.5 * (v + 1.0)
+                    std = tl.exp(0.5 * (f * tl.load(coef_ptr + 11).to(tl.float32)
+                                        + (1.0 - f) * tl.load(coef_ptr + 12).to(tl.float32)))
+            out = out + std * z
+        tl.store(xp_ptr + offs, out.to(xp_ptr.dtype.element_ty), mask=mask)
+        if WRITE_X0:
+            tl.store(x0_ptr + offs, x0, mask=mask)
+
+
+def _empty_outputs(x, write_x0):
+    x0 = torch.empty_like(x, dtype=torch.float32) if write_x0 else x.new_empty((0,), dtype=torch.float32)
+    return torch.empty_like(x), x0
+
+
+@torch.library.custom_op("fastdiff::sampler_step_triton", mutates_args=())
+def _sampler_step_triton(x: torch.Tensor, o: torch.Tensor, o_cond: torch.Tensor | None, noise: torch.Tensor | None,
+                         rng: torch.Tensor | None, v: torch.Tensor | None, thr: torch.Tensor | None,
+                         coef: torch.Tensor, flags: int, write_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher (same contract as the C++ op fastdiff::sampler_step; the wrapper checks the arguments)."""
+    xp, x0 = _empty_outputs(x, write_x0)
+    n = x.numel()
+    if n == 0:
+        return xp, x0
+    BLOCK = 1024
+    _sampler_step_kernel[(triton.cdiv(n, BLOCK),)](
+        x, o, o_cond if o_cond is not None else x, noise if noise is not None else x,
+        rng if rng is not None else coef, v if v is not None else x, thr if thr is not None else coef, coef,
+        xp, x0 if write_x0 else xp, n, n // x.shape[0],
+        HAS_COND=o_cond is not None, NOISE=1 if noise is not None else (2 if rng is not None else 0),
+        VAR_MODE=(flags >> 1) & 3, CLIP=bool(flags & FLAG_CLIP), HAS_THR=thr is not None, WRITE_X0=write_x0,
+        BLOCK=BLOCK)
+    return xp, x0
+
+
+@_sampler_step_triton.register_fake
+def _(x, o, o_cond, noise, rng, v, thr, coef, flags, write_x0):
+    return _empty_outputs(x, write_x0)
+
+
+def _register_cpp_fake():
+    """The fake kernel of the C++/CUDA op, when the extension (its schema) is loaded."""
+    try:
+        torch.ops.fastdiff.sampler_step
+    except (AttributeError, RuntimeError):
+        return
+
+    @torch.library.register_fake("fastdiff::sampler_step")
+    def _(x, o, o_cond, noise, rng, v, thr, coef, flags, write_x0):
+        return _empty_outputs(x, write_x0)
+
+
+# ---- the public op -----------------------------------------------------------------------------------------------
+
+def _dense_format(x):
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
+
+
+def _like_x(t, x, name):
+    """`t` checked against x (shape, dtype, device) and laid out with x's strides (a copy only if they differ)."""
+    if t is None:
+        return None
+    if not torch.is_tensor(t):
+        raise TypeError(f"sampler_step: {name} must be a tensor, got {type(t).__name__}")
+    if t.shape != x.shape:
+        raise ValueError(f"sampler_step: {name} has shape {tuple(t.shape)}, x has {tuple(x.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"sampler_step: {name} has dtype {t.dtype}, x has {x.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"sampler_step: {name} is on {t.device}, x on {x.device}")
+    if t.stride() != x.stride():
+        t = torch.empty_like(x).copy_(t)
+    return t
+
+
+BACKENDS = ("torch", "triton", "cuda", "cpp")
+
+
+def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=None, rng=None, v=None, thr=None,
+                 clip: bool = False, var_mode: str = "scalar", write_x0: bool = False, backend: str = "auto"):
+    """One fused sampler step (the formula at the top of this section) → (x_prev, x̂0 float32 or None).
+
+    x, o, o_cond, noise, v: (B, ...) of one dtype (fp32/fp16/bf16; math in fp32). coef: (NUM_COEF,) float64 from
+    `step_coefs` (a tensor on x's device; a list is moved there). noise: a tensor z, or rng: an int64 tensor
+    [seed, offset] for in-kernel Philox (z_i = philox_randn_ref(seed, offset + i), i in memory order); neither: no
+    noise. thr: (B,) float32 dynamic-thresholding scales (see `threshold_scale`). Layouts: contiguous, channels_last
+    (3d) run in place; any other layout of x is copied to contiguous first, and inputs whose strides differ from x's
+    are copied to x's layout (documented copies). x_prev has x's (dense) layout.
+    """
+    from fastdiff._backend import resolve
+
+    if not torch.is_tensor(x) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"sampler_step: x must be a float32/float16/bfloat16 tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1:
+        raise ValueError("sampler_step: x must have shape (B, ...), got a 0-dim tensor")
+    if var_mode not in VAR_MODES:
+        raise ValueError(f"sampler_step: var_mode must be one of {tuple(VAR_MODES)}, got {var_mode!r}")
+    if (var_mode != "scalar") != (v is not None):
+        raise ValueError("sampler_step: v (the model's variance output) is needed exactly when var_mode is learned*")
+    if noise is not None and rng is not None:
+        raise ValueError("sampler_step: pass noise (a tensor) or rng ([seed, offset]), not both")
+    if not torch.is_tensor(coef):
+        coef = torch.tensor(coef, dtype=torch.float64, device=x.device)
+    if coef.dtype != torch.float64 or coef.shape != (NUM_COEF,) or coef.device != x.device:
+        raise ValueError(f"sampler_step: coef must be a float64 tensor of shape ({NUM_COEF},) on {x.device}, got "
+                         f"{coef.dtype} {tuple(coef.shape)} on {coef.device}")
+    if rng is not None and (rng.dtype != torch.int64 or rng.numel() != 2 or rng.device != x.device):
+        raise ValueError(f"sampler_step: rng must be an int64 tensor [seed, offset] on {x.device}")
+    if thr is not None and (thr.dtype != torch.float32 or thr.shape != (x.shape[0],) or thr.device != x.device):
+        raise ValueError(f"sampler_step: thr must be a float32 tensor of shape ({x.shape[0]},) on {x.device}")
+    name = resolve("sampler_step", backend, x.device)
+    if name == "torch":
+        return sampler_step_ref(x, o, coef, o_cond=o_cond, noise=noise if rng is None else _philox_like(x, rng),
+                                v=v, thr=thr, clip=clip, var_mode=var_mode, write_x0=write_x0)
+    if _dense_format(x) is None:
+        x = x.contiguous()
+    o, o_cond, noise, v = (_like_x(t, x, n) for t, n in ((o, "o"), (o_cond, "o_cond"), (noise, "noise"), (v, "v")))
+    flags = (FLAG_CLIP if clip else 0) | (VAR_MODES[var_mode] << 1)
+    args = (x, o, o_cond, noise, rng.contiguous() if rng is not None else None, v,
+            thr.contiguous() if thr is not None else None, coef.contiguous(), flags, bool(write_x0))
+    op = torch.ops.fastdiff.sampler_step_triton if name == "triton" else torch.ops.fastdiff.sampler_step
+    xp, x0 = op(*args)
+    return xp, (x0 if write_x0 else None)
+
+
+def _philox_like(x, rng):
+    """The Philox noise for x (z_i at memory position i), for the reference backend (reads rng on the host)."""
+    seed, off = (int(t) for t in rng.tolist())
+    z = philox_randn_ref(seed, off, x.numel()).to(x.device)
+    return torch.as_strided(z, x.shape, x.stride()) if _dense_format(x) is not None else z.view(x.shape)
+
+
+def threshold_scale(x, o, coef, *, o_cond=None, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Dynamic thresholding's per-sample scale s = clamp(quantile(|x̂0|, ratio), 1, max_value): (B,) float32.
+
+    x̂0 is formed from the coefficient *tensor* (no host read), so this is safe inside a CUDA graph.
+    """
+    c = coef.to(torch.float32)
+    o32 = o.float()
+    if o_cond is not None:
+        o32 = o32 + c[COEF["w"]] * (o_cond.float() - o32)
+    x0 = c[COEF["p"]] * x.float() + c[COEF["q"]] * o32
+    s = torch.quantile(x0.reshape(x.shape[0], -1).abs(), ratio, dim=1)
+    return s.clamp(min=1.0, max=max_value).contiguous()
+
+
+_register_cpp_fake()

@@ -1,0 +1,192 @@
+// fastdiff::sampler_step on the CPU: one pass over x, o (o_c, z, v), writing x_prev (and x̂0 when asked).
+// Work is split over threads with at::parallel_for; each thread walks tiles of kTile elements, converts them to
+// float32, and runs each stage of the step as a simple loop over the tile, which the compiler vectorizes
+// (the flags only decide which stages run, outside the loops). Per-element math: csrc/include/sampler_step_math.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "sampler_step_math.h"
+
+namespace fastdiff {
+namespace {
+
+using namespace sstep;
+constexpr int64_t kTile = 512;
+
+template <typename T>
+inline void load_tile(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+template <typename T>
+inline void store_tile(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+struct Args {
+  const void *x, *o, *oc, *z, *v;
+  const float* thr;
+  void* xp;
+  float* x0;
+  int64_t n, per_sample;
+  uint64_t seed, offset;
+  bool clip, philox;
+  int var_mode;
+  Coefs k;
+};
+
+template <typename T>
+void run_cpu(const Args& a) {
+  const T* X = static_cast<const T*>(a.x);
+  const T* O = static_cast<const T*>(a.o);
+  const T* OC = static_cast<const T*>(a.oc);
+  const T* Z = static_cast<const T*>(a.z);
+  const T* V = static_cast<const T*>(a.v);
+  T* XP = static_cast<T*>(a.xp);
+  const Coefs k = a.k;
+  at::parallel_for(0, (a.n + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) {
+    alignas(64) float xb[kTile], ob[kTile], x0b[kTile], eb[kTile], tb[kTile];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t base = t * kTile;
+      const int64_t m = std::min(kTile, a.n - base);
+      load_tile(X + base, xb, m);
+      load_tile(O + base, ob, m);
+      if (OC) {
+        load_tile(OC + base, tb, m);
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) ob[j] = guide(ob[j], tb[j], k.w);
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) x0b[j] = predict_x0(k, xb[j], ob[j]);
+      if (a.clip) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) x0b[j] = clampf(x0b[j], -k.clip, k.clip);
+      }
+      if (a.thr) {  // a tile may straddle two samples: look the threshold up per element
+        for (int64_t j = 0; j < m; ++j) {
+          const float s = a.thr[(base + j) / a.per_sample];
+          x0b[j] = clampf(x0b[j], -s, s) / s;
+        }
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) eb[j] = combine(k, xb[j], x0b[j], predict_eps(k, xb[j], ob[j], x0b[j]));
+      if (a.x0) std::copy(x0b, x0b + m, a.x0 + base);
+      if (Z || a.philox) {
+        if (Z) {
+          load_tile(Z + base, tb, m);
+        } else {
+          for (int64_t j = 0; j < m; ++j) tb[j] = philox_normal(a.seed, a.offset + (uint64_t)(base + j));
+        }
+        if (V) {
+          load_tile(V + base, xb, m);  // xb is free now: reuse it for v
+          for (int64_t j = 0; j < m; ++j) eb[j] += learned_sigma(k, a.var_mode, xb[j]) * tb[j];
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < m; ++j) eb[j] += k.sigma * tb[j];
+        }
+      }
+      store_tile(eb, XP + base, m);
+    }
+  });
+}
+
+void check_like(const at::Tensor& x, const c10::optional<at::Tensor>& t, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device() == x.device(), "sampler_step: ", name, " is on ", t->device(), ", x on ", x.device());
+  TORCH_CHECK(t->scalar_type() == x.scalar_type(), "sampler_step: ", name, " has dtype ", t->scalar_type(),
+              ", x has ", x.scalar_type());
+  TORCH_CHECK(t->sizes() == x.sizes(), "sampler_step: ", name, " has shape ", t->sizes(), ", x has ", x.sizes());
+  TORCH_CHECK(t->numel() <= 1 || t->strides() == x.strides(), "sampler_step: ", name, " has strides ", t->strides(),
+              ", x has ", x.strides(), " (all tensors must share x's memory layout)");
+}
+
+}  // namespace
+
+// Checks shared by the CPU and CUDA entries; returns the per-sample element count.
+int64_t sampler_step_check(const at::Tensor& x, const at::Tensor& o, const c10::optional<at::Tensor>& o_cond,
+                           const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& rng,
+                           const c10::optional<at::Tensor>& v, const c10::optional<at::Tensor>& thr,
+                           const at::Tensor& coef, int64_t flags) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "sampler_step: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, "sampler_step: x must have shape (B, ...), got a 0-dim tensor");
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "sampler_step: x must be dense (contiguous or channels_last), got "
+              "strides ", x.strides(), " for shape ", x.sizes());
+  check_like(x, o, "o");
+  check_like(x, o_cond, "o_cond");
+  check_like(x, noise, "noise");
+  check_like(x, v, "v");
+  TORCH_CHECK(coef.scalar_type() == at::kDouble && coef.dim() == 1 && coef.numel() == kNumCoef &&
+              coef.is_contiguous() && coef.device() == x.device(),
+              "sampler_step: coef must be a contiguous float64 tensor of ", (int)kNumCoef, " values on x's device");
+  TORCH_CHECK(!(noise.has_value() && rng.has_value()), "sampler_step: pass noise or rng, not both");
+  if (rng.has_value()) {
+    TORCH_CHECK(rng->scalar_type() == at::kLong && rng->numel() == 2 && rng->is_contiguous() &&
+                rng->device() == x.device(), "sampler_step: rng must be a contiguous int64 tensor [seed, offset] "
+                "on x's device");
+  }
+  const int var_mode = (int)((flags & kVarMask) >> kVarShift);
+  TORCH_CHECK(flags >= 0 && flags < 8 && var_mode <= kVarLearnedRange, "sampler_step: invalid flags ", flags);
+  TORCH_CHECK((var_mode != kVarScalar) == v.has_value(), "sampler_step: v (the model's variance output) is needed "
+              "exactly when flags select a learned variance");
+  const int64_t B = x.size(0);
+  const int64_t per_sample = B > 0 ? x.numel() / B : 0;
+  if (thr.has_value()) {
+    TORCH_CHECK(thr->scalar_type() == at::kFloat && thr->dim() == 1 && thr->numel() == B && thr->is_contiguous() &&
+                thr->device() == x.device(), "sampler_step: thr must be a contiguous float32 tensor (B,) on x's "
+                "device");
+    TORCH_CHECK(x.numel() == 0 || x.stride(0) == per_sample, "sampler_step: thr needs the batch dimension outermost "
+                "in memory, got strides ", x.strides());
+  }
+  return per_sample;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const at::Tensor& o,
+                                                    const c10::optional<at::Tensor>& o_cond,
+                                                    const c10::optional<at::Tensor>& noise,
+                                                    const c10::optional<at::Tensor>& rng,
+                                                    const c10::optional<at::Tensor>& v,
+                                                    const c10::optional<at::Tensor>& thr, const at::Tensor& coef,
+                                                    int64_t flags, bool write_x0) {
+  const int64_t per_sample = sampler_step_check(x, o, o_cond, noise, rng, v, thr, coef, flags);
+  at::Tensor xp = at::empty_like(x);
+  at::Tensor x0 = write_x0 ? at::empty_like(x, x.options().dtype(at::kFloat)) : at::empty({0}, x.options().dtype(at::kFloat));
+  Args a{};
+  a.x = x.data_ptr();
+  a.o = o.data_ptr();
+  a.oc = o_cond.has_value() ? o_cond->data_ptr() : nullptr;
+  a.z = noise.has_value() ? noise->data_ptr() : nullptr;
+  a.v = v.has_value() ? v->data_ptr() : nullptr;
+  a.thr = thr.has_value() ? thr->data_ptr<float>() : nullptr;
+  a.xp = xp.data_ptr();
+  a.x0 = write_x0 ? x0.data_ptr<float>() : nullptr;
+  a.n = x.numel();
+  a.per_sample = per_sample;
+  a.clip = flags & kFlagClip;
+  a.var_mode = (int)((flags & kVarMask) >> kVarShift);
+  a.philox = rng.has_value();
+  if (a.philox) {
+    const int64_t* r = rng->data_ptr<int64_t>();
+    a.seed = (uint64_t)r[0];
+    a.offset = (uint64_t)r[1];
+  }
+  a.k = load_coefs(coef.data_ptr<double>());
+  if (a.n == 0) return {xp, x0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cpu",
+                                  [&] { run_cpu<scalar_t>(a); });
+  return {xp, x0};
+}
+
+}  // namespace
+}  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("sampler_step", &fastdiff::sampler_step_cpu); }
