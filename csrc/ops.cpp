@@ -17,4 +17,9 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(fastdiff, m) {
   // Schemas are added here, one block per op (fastdiff/ops/<op>.py documents each).
+  // sampler_step (fastdiff/ops/sampler_step.py): one fused DDPM/DDIM update. coef: float64 (16,) per-step scalars;
+  // flags: bit 0 clip, bits 1-2 variance mode; rng: int64 [seed, offset] for in-kernel Philox noise.
+  // Returns (x_prev, x0); x0 is float32 and empty unless write_x0.
+  m.def("sampler_step(Tensor x, Tensor o, Tensor? o_cond, Tensor? noise, Tensor? rng, Tensor? v, Tensor? thr, "
+        "Tensor coef, int flags, bool write_x0) -> (Tensor, Tensor)");
 }
