@@ -1,0 +1,312 @@
+"""The `fastdiff` command line (also `python -m fastdiff`): train, sample, bench.
+
+    fastdiff sample                                 # 64 digits from the bundled model → samples.png, samples.npz
+    fastdiff sample --num 50000 --out runs/fid     # numbered shards, resumable, torchrun-aware; merged at the end
+    fastdiff train --data digits --out model.safetensors   [--resume]
+    fastdiff bench                                  # fused backends vs the reference on this machine
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as `fastdiff <cmd>: error: ...`, exit status 2, no traceback."""
+
+
+def _positive_int(name):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+    return parse
+
+
+def _nonneg_float(name):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not v >= 0 or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {s}")
+        return v
+    return parse
+
+
+def _nonneg_int(name):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
+        return v
+    return parse
+
+
+def _int_list(name):
+    def parse(s):
+        try:
+            v = [int(p) for p in s.split(",") if p.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {s!r}") from None
+        if not v or any(c < 1 for c in v):
+            raise argparse.ArgumentTypeError(f"{name} must be positive integers, got {s!r}")
+        return v
+    return parse
+
+
+def _flag_list(s):
+    flags = [p.strip().lower() for p in s.split(",") if p.strip()]
+    bad = [f for f in flags if f not in ("0", "1", "true", "false")]
+    if bad or not flags:
+        raise argparse.ArgumentTypeError(f"--attention must be comma-separated 0/1 per level, got {s!r}")
+    return [f in ("1", "true") for f in flags]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastdiff", description="Fast DDPM/DDIM sampling: train, sample, bench.")
+    sub = p.add_subparsers(dest="cmd", metavar="{sample,train,bench}")
+
+    s = sub.add_parser("sample", help="sample images (DDIM or DDPM) to a PNG grid and a .npz",
+                       description="Sample images. Without --out: one grid (--png) and one .npz (--npz). With --out "
+                       "DIR: numbered shards written atomically; rerun the same command to resume; under torchrun "
+                       "every rank takes disjoint images; the merged set is DIR/samples.npz.")
+    s.add_argument("--checkpoint", default=None, help="a fastdiff checkpoint (default: the bundled digits model)")
+    s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    s.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                   help="sampling steps (default: 50 for DDIM; all training steps for DDPM)")
+    s.add_argument("--eta", type=_nonneg_float("--eta"), default=0.0, help="DDIM η (0 = deterministic)")
+    s.add_argument("--seed", type=_nonneg_int("--seed"), default=0,
+                   help="image i's noise is seeded from (seed, i): the same at any batch size or resume point")
+    s.add_argument("--num", type=_positive_int("--num"), default=64, help="number of images (default 64)")
+    s.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    s.add_argument("--backend", choices=("auto", "torch", "triton", "cuda", "cpp"), default="auto",
+                   help="kernel backend for the sampler step (default auto)")
+    s.add_argument("--out", default=None, help="directory for a resumable, sharded run")
+    s.add_argument("--shard-size", type=_positive_int("--shard-size"), default=1000,
+                   help="images per shard file with --out (default 1000)")
+    s.add_argument("--png", default=None, help="grid image path (default samples.png; DIR/grid.png with --out)")
+    s.add_argument("--npz", default=None, help="uint8 NHWC images under 'arr_0' (default samples.npz)")
+    s.add_argument("--grid-scale", type=_positive_int("--grid-scale"), default=None,
+                   help="nearest-neighbour upscale of the grid (default: to at least 32 px per image)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    t = sub.add_parser("train", help="train a UNet2D on scikit-learn's digits or a folder of images",
+                       description="Train a UNet2D with L_simple. Writes OUT (EMA weights, config, schedule) and "
+                       "OUT.train-state (raw weights, optimizer, step) every --save-every steps; --resume continues.")
+    t.add_argument("--data", default="digits", help="'digits' (scikit-learn, no download) or a folder of images")
+    t.add_argument("--out", default="fastdiff-model.safetensors", help="checkpoint path")
+    t.add_argument("--resume", action="store_true", help="continue the run recorded in OUT.train-state")
+    t.add_argument("--steps", type=_positive_int("--steps"), default=2000, help="optimizer steps in total")
+    t.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
+    t.add_argument("--lr", type=_nonneg_float("--lr"), default=2e-3)
+    t.add_argument("--warmup", type=_nonneg_int("--warmup"), default=100, help="linear LR warm-up steps")
+    t.add_argument("--ema-decay", type=_nonneg_float("--ema-decay"), default=0.995)
+    t.add_argument("--seed", type=_nonneg_int("--seed"), default=0)
+    t.add_argument("--image-size", type=_positive_int("--image-size"), default=8,
+                   help="training resolution (digits are 8×8; default 8)")
+    t.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="image channels (digits: 1; folder default 3)")
+    t.add_argument("--block-out-channels", type=_int_list("--block-out-channels"), default=[32, 64],
+                   help="U-Net width per level, e.g. 32,64")
+    t.add_argument("--layers-per-block", type=_positive_int("--layers-per-block"), default=1)
+    t.add_argument("--attention", type=_flag_list, default=None,
+                   help="attention per level, e.g. 0,1 (default: lowest resolution only)")
+    t.add_argument("--norm-groups", type=_positive_int("--norm-groups"), default=8)
+    t.add_argument("--timesteps", type=_positive_int("--timesteps"), default=1000, help="training timesteps T")
+    t.add_argument("--beta-schedule", choices=("linear", "scaled_linear", "cosine", "squaredcos_cap_v2",
+                                               "sigmoid"), default="linear")
+    t.add_argument("--prediction-type", choices=("epsilon", "sample", "v_prediction"), default="epsilon")
+    t.add_argument("--hflip", action="store_true", help="random horizontal flips (not for digits)")
+    t.add_argument("--save-every", type=_positive_int("--save-every"), default=250)
+    t.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    t.add_argument("--no-progress", action="store_true")
+
+    b = sub.add_parser("bench", help="time the fused backends against the plain-PyTorch reference here")
+    b.add_argument("--device", default=None)
+    b.add_argument("--repeat", type=_positive_int("--repeat"), default=5, help="timed repetitions (median)")
+    b.add_argument("--quick", action="store_true", help="small sizes only")
+    return p
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise CliError(f"--device: {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {name}: no CUDA device is visible")
+    if dev.type not in ("cpu", "cuda"):
+        raise CliError(f"--device {name}: only cpu and cuda are supported")
+    return dev
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample
+
+def _sample(a) -> int:
+    import torch
+
+    from fastdiff import checkpoint as ckpt
+    from fastdiff import jobs
+
+    path = a.checkpoint or ckpt.bundled_checkpoint()
+    if a.checkpoint is None and not os.path.isfile(path):
+        raise CliError(f"the bundled checkpoint {path} is missing from this install; pass --checkpoint")
+    if a.sampler == "ddpm" and a.eta:
+        raise CliError("--eta applies to --sampler ddim only")
+    if a.out is not None and a.npz is not None:
+        raise CliError("--npz: with --out the merged set is written to OUT/samples.npz")
+    info = jobs.DistInfo()
+    dev = _device(a.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if a.out is None:
+            raise CliError("under torchrun pass --out DIR: the ranks write shards there and rank 0 merges them")
+        info = jobs.init_distributed(dev.type)
+        if dev.type == "cuda" and a.device in (None, "cuda"):
+            dev = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(dev)
+    try:
+        model, meta = ckpt.load_checkpoint(path, device=dev, dtype=jobs.DTYPES[a.dtype])
+        sch = meta["scheduler"]
+        from fastdiff.sampling import resolve_schedule
+        from fastdiff.sampling import OPTION_NAMES
+
+        schedule, _, _ = resolve_schedule(sch or None, {})
+        options = {k: sch[k] for k in OPTION_NAMES if k in sch}
+        T = len(schedule)
+        steps = a.steps if a.steps is not None else (50 if a.sampler == "ddim" else None)
+        if steps is not None and steps > T:
+            raise CliError(f"--steps {steps} exceeds the model's {T} training timesteps")
+        cfg = jobs.SampleConfig(a.sampler, steps, a.eta, a.seed, a.dtype, a.batch_size).validate()
+        c = int(meta["config"]["in_channels"])
+        size = int(meta["config"].get("sample_size") or meta["image"]["size"])
+        shape = (c, size, size)
+        scale = a.grid_scale or max(1, -(-32 // size))
+        progress = not a.no_progress
+        log = (lambda m: print(m, file=sys.stderr)) if info.rank == 0 else (lambda m: None)
+        desc = f"{a.sampler.upper()} {steps if steps is not None else T} steps" + (f", eta={a.eta}" if a.eta else "")
+        log(f"fastdiff sample: {a.num} images from {path} ({desc}, seed {a.seed}, {a.dtype} on {dev})")
+        if a.out is not None:
+            run_id = {"checkpoint_sha256": jobs.file_digest(path)}
+            res = jobs.sample_to_dir(model, a.out, a.num, cfg, schedule=schedule, options=options,
+                                     image_shape=shape, device=dev, run_id=run_id, shard_size=a.shard_size,
+                                     backend=a.backend, progress=progress, dist_info=info, grid_scale=scale, log=log)
+            ips = res["images_per_second"]
+            rate = f"{ips:.1f} images/s" if ips else "nothing left to sample"
+            if info.world > 1:
+                print(f"rank {info.rank}: {res['images']} images in {res['seconds']:.1f}s ({rate})", file=sys.stderr)
+            else:
+                log(f"{res['images']} new images in {res['seconds']:.1f}s: {rate}")
+            if info.rank == 0:
+                log(f"wrote {res['npz']} ({a.num} images, uint8 NHWC under 'arr_0') and {res['png']}")
+        else:
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=a.num, unit="img", desc="sampling")
+            t0 = time.perf_counter()
+            imgs = jobs.sample_images(model, list(range(a.num)), cfg, schedule, options, shape, dev, a.backend, bar)
+            dt = time.perf_counter() - t0
+            if bar is not None:
+                bar.close()
+            png, npz = a.png or "samples.png", a.npz or "samples.npz"
+            jobs.save_npz(npz, imgs)
+            jobs.save_grid(png, imgs[:min(len(imgs), 256)], scale=scale)
+            log(f"{a.num} images in {dt:.1f}s: {a.num / dt:.1f} images/s")
+            log(f"wrote {png} and {npz} (uint8 NHWC {tuple(imgs.shape)} under 'arr_0')")
+    finally:
+        if info.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+
+def _train(a) -> int:
+    from fastdiff import trainer
+
+    cfg = trainer.TrainConfig(
+        data=a.data, image_size=a.image_size, channels=a.channels, block_out_channels=a.block_out_channels,
+        layers_per_block=a.layers_per_block, attention=a.attention, norm_num_groups=a.norm_groups, steps=a.steps,
+        batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay, seed=a.seed,
+        num_train_timesteps=a.timesteps, beta_schedule=a.beta_schedule, prediction_type=a.prediction_type,
+        hflip=a.hflip)
+    if not a.lr > 0:
+        raise CliError("--lr must be > 0")
+    if not a.ema_decay < 1:
+        raise CliError("--ema-decay must be < 1")
+    if any(c % a.norm_groups for c in a.block_out_channels):
+        raise CliError(f"--norm-groups {a.norm_groups} must divide every --block-out-channels entry "
+                       f"{a.block_out_channels}")
+    if a.attention is not None and len(a.attention) != len(a.block_out_channels):
+        raise CliError(f"--attention has {len(a.attention)} flags for {len(a.block_out_channels)} levels")
+    if a.image_size % (2 ** (len(a.block_out_channels) - 1)):
+        raise CliError(f"--image-size {a.image_size} must be divisible by 2^(levels-1) = "
+                       f"{2 ** (len(a.block_out_channels) - 1)}")
+    dev = _device(a.device)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    res = trainer.train(cfg, a.out, resume=a.resume, device=dev, save_every=a.save_every,
+                        progress=not a.no_progress, log=log)
+    done = res["steps"] - res["start"]
+    rate = f" ({done / res['seconds']:.2f} steps/s)" if done and res["seconds"] > 0 else ""
+    log(f"trained {res['parameters']:,}-parameter UNet2D to step {res['steps']}{rate}; final loss "
+        f"{res['loss'] if res['loss'] is None else round(res['loss'], 4)}")
+    log(f"wrote {res['checkpoint']} and {res['state']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    a = parser.parse_args(argv)
+    if a.cmd is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from fastdiff.checkpoint import CheckpointError
+    from fastdiff.jobs import RunMismatch
+
+    try:
+        if a.cmd == "sample":
+            return _sample(a)
+        if a.cmd == "train":
+            return _train(a)
+        from fastdiff import benchtable
+
+        return benchtable.run(device=_device(a.device), repeat=a.repeat, quick=a.quick)
+    except (CliError, CheckpointError, RunMismatch, ValueError) as e:
+        if os.environ.get("FASTDIFF_DEBUG") == "1":  # the traceback, for bug reports
+            raise
+        print(f"fastdiff {a.cmd}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"fastdiff {a.cmd}: interrupted" + ("; rerun the same command to resume" if
+                                                   getattr(a, "out", None) or getattr(a, "resume", False) else ""),
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""Large sampling runs that lose nothing: index-seeded noise, atomic numbered shards, resume, torch.distributed.
+
+The unit of work is a shard: images [k·S, min((k+1)·S, num)) of a run, sampled in batches of `batch_size` and
+written as DIR/shard_{k:06d}.npz (uint8 NHWC under "arr_0", the global indices under "indices") through a temporary
+file and `os.replace`, so a shard on disk is always complete. Image i draws its x_T and every step noise from its own
+generator seeded from (seed, i), never from the batch or the resume point; a shard is always computed with the same
+batches, so a killed run rerun with the same command fills in the missing shards and the set is bit-identical to an
+uninterrupted run. DIR/manifest.json records every option that changes the pixels; a rerun with other options is
+refused. Under `torchrun`, rank 0 lists the missing shards and broadcasts them; rank r takes every world-th one; at
+the end rank 0 merges the shards into DIR/samples.npz and DIR/grid.png (ranks must share DIR: one file system).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from fastdiff import sampling
+from fastdiff.schedule import NoiseSchedule
+
+MANIFEST = "manifest.json"
+MERGED = "samples.npz"
+GRID = "grid.png"
+SAMPLERS = ("ddim", "ddpm")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class RunMismatch(ValueError):
+    """DIR holds a run made with other options: resuming would mix two sets."""
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The 63-bit seed of image `index` of a run seeded `seed` (blake2b of both: no collisions across seeds)."""
+    h = hashlib.blake2b(f"fastdiff:{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class IndexedNoise:
+    """One CPU generator per image: `draw()` returns the next (B, *shape) float32 draw, row b from image b's stream.
+
+    Each image's first draw is its x_T, the following ones its step noise in step order, whatever batch it sits in.
+    """
+
+    def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int]):
+        self.shape = tuple(int(s) for s in shape)
+        self.gens = [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in indices]
+
+    def draw(self, device=None, dtype=None) -> torch.Tensor:
+        z = torch.stack([torch.randn(self.shape, generator=g) for g in self.gens])
+        return z.to(device=device, dtype=dtype)
+
+
+@dataclass
+class SampleConfig:
+    """Every option that changes the pixels of a run (and is recorded in its manifest)."""
+
+    sampler: str = "ddim"
+    steps: int | None = 50  # None: DDPM over all T steps
+    eta: float = 0.0
+    seed: int = 0
+    dtype: str = "float32"
+    batch_size: int = 64
+
+    def validate(self) -> "SampleConfig":
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 1):
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        if self.sampler == "ddim" and self.steps is None:
+            raise ValueError("steps: DDIM needs a number of steps")
+        if not (isinstance(self.eta, (int, float)) and math.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta!r}")
+        if self.sampler == "ddpm" and self.eta != 0:
+            raise ValueError("eta applies to DDIM only (DDPM's noise scale is set by its variance type)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        return self
+
+
+def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
+    """Model-space images (B, C, H, W) in [−1, 1] → uint8 (B, H, W, C): round((x + 1)·127.5), clipped."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+@torch.no_grad()
+def sample_batch(model: Callable, indices: Sequence[int], cfg: SampleConfig, schedule: NoiseSchedule,
+                 options: dict[str, Any], image_shape: Sequence[int], device, backend: str = "auto") -> torch.Tensor:
+    """Sample the images `indices` of a run as one batch; returns (B, C, H, W) in the model's space.
+
+    Row b depends only on (cfg.seed, indices[b]) and on the batch's composition through the model's rounding.
+    """
+    dtype = DTYPES[cfg.dtype]
+    sched, opts, _ = sampling.resolve_schedule(schedule, dict(options))
+    plan = sampling.make_plan(cfg.sampler, sched, opts, cfg.steps, cfg.eta)
+    noise = IndexedNoise(cfg.seed, indices, image_shape)
+    x = noise.draw(device, dtype)
+    if not any(plan.noise):  # deterministic (DDIM η = 0): the public loop, fused kernels and CUDA graphs included
+        return sampling.run_plan(plan, model, x, backend=backend)
+    learned = plan.kind == "ddpm" and plan.options.variance_type.startswith("learned")
+    tb = [torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device) for t in plan.timesteps.tolist()]
+    for i in range(plan.steps):
+        o, v = sampling._call_model(model, x, tb[i], i, learned, False)
+        z = noise.draw(x.device, o.dtype) if plan.noise[i] else None
+        x, _ = sampling._step(plan, i, x, o, z, v, backend)
+    return x
+
+
+def sample_images(model: Callable, indices: Sequence[int], cfg: SampleConfig, schedule: NoiseSchedule,
+                  options: dict[str, Any], image_shape: Sequence[int], device, backend: str = "auto",
+                  bar=None) -> np.ndarray:
+    """Images `indices` in batches of cfg.batch_size, as uint8 NHWC; `bar` (tqdm) is advanced per batch."""
+    out = []
+    bs = cfg.batch_size
+    for s in range(0, len(indices), bs):
+        idx = list(indices[s:s + bs])
+        out.append(to_uint8_nhwc(sample_batch(model, idx, cfg, schedule, options, image_shape, device, backend)))
+        if bar is not None:
+            bar.update(len(idx))
+    if not out:
+        return np.zeros((0, image_shape[1], image_shape[2], image_shape[0]), np.uint8)
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not every platform can open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Write `path` through a temporary file in the same directory, fsync, then os.replace (all or nothing)."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(d)
+
+
+def save_npz(path: str, images: np.ndarray, **extra) -> None:
+    """uint8 NHWC images under "arr_0" (the key FID tools read), written atomically."""
+    atomic_write(path, lambda f: np.savez(f, arr_0=images, **extra))
+
+
+def save_grid(path: str, images: np.ndarray, nrow: int | None = None, scale: int = 1, pad: int = 1) -> None:
+    """A PNG grid of uint8 NHWC images (nearest-neighbour upscaled by `scale`), written atomically."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    if n == 0:
+        raise ValueError("save_grid: no images")
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    hs, ws = h * scale, w * scale
+    grid = np.zeros((ncol * (hs + pad) + pad, nrow * (ws + pad) + pad, c), np.uint8)
+    big = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        y, x = pad + r * (hs + pad), pad + q * (ws + pad)
+        grid[y:y + hs, x:x + ws] = big[k]
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def shard_path(out_dir: str, k: int) -> str:
+    return os.path.join(out_dir, f"shard_{k:06d}.npz")
+
+
+def _load_shard(path: str, k: int, lo: int, hi: int, hwc) -> np.ndarray:
+    try:
+        with np.load(path) as z:
+            arr, idx = z["arr_0"], z["indices"]
+    except Exception as e:
+        raise RuntimeError(f"shard {path} is unreadable ({e}); delete it and rerun the same command") from e
+    if arr.shape != (hi - lo, *hwc) or arr.dtype != np.uint8 or not np.array_equal(idx, np.arange(lo, hi)):
+        raise RuntimeError(f"shard {path} does not hold images {lo}..{hi - 1} of this run; delete it and rerun")
+    return arr
+
+
+def merge_shards(out_dir: str, num: int, shard_size: int, hwc) -> str:
+    """Stream every shard, in index order, into DIR/samples.npz ("arr_0": uint8 (num, H, W, C)); return its path.
+
+    The .npy inside the zip is written piece by piece, so a 50,000-image set never sits in memory at once.
+    """
+    path = os.path.join(out_dir, MERGED)
+    n_shards = math.ceil(num / shard_size)
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as a:
+                np.lib.format.write_array_header_1_0(
+                    a, {"descr": "|u1", "fortran_order": False, "shape": (num, *hwc)})
+                for k in range(n_shards):
+                    lo, hi = k * shard_size, min((k + 1) * shard_size, num)
+                    a.write(_load_shard(shard_path(out_dir, k), k, lo, hi, hwc).tobytes())
+
+    atomic_write(path, write)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the manifest
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_manifest(out_dir: str, run: dict) -> bool:
+    """Create DIR/manifest.json for `run`, or check that the one there records the same run.
+
+    Returns True when resuming. Raises RunMismatch naming each differing option, or when DIR holds shards but no
+    manifest.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, MANIFEST)
+    want = json.loads(json.dumps(run))  # the JSON round trip the stored copy went through
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                have = json.load(f)["run"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise RunMismatch(f"{path} is not a fastdiff sampling manifest ({e}); use another --out") from None
+        if have != want:
+            diffs = [f"{k}: {have.get(k)!r} in {out_dir}, {want.get(k)!r} now"
+                     for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+            raise RunMismatch(f"refusing to resume: {out_dir} holds a run made with other options ("
+                              + "; ".join(diffs) + "). Rerun with the recorded options, or use another --out.")
+        return True
+    if any(n.startswith("shard_") for n in os.listdir(out_dir)):
+        raise RunMismatch(f"refusing to resume: {out_dir} holds shards but no {MANIFEST}; use another --out")
+    doc = {"format": "fastdiff-samples", "version": 1, "run": want,
+           "layout": "shard_{k:06d}.npz: arr_0 uint8 (n, H, W, C), indices int64 (n,); images k*shard_size ...",
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write(path, lambda f: f.write(json.dumps(doc, indent=1, sort_keys=True).encode()))
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.distributed
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owned: bool = False  # we initialised the process group (and destroy it at the end)
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owned=True)
+
+
+def _broadcast(obj, info: DistInfo):
+    if info.world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def missing_shards(out_dir: str, n_shards: int) -> list[int]:
+    have = set(os.listdir(out_dir))
+    return [k for k in range(n_shards) if os.path.basename(shard_path(out_dir, k)) not in have]
+
+
+def _clean_temps(out_dir: str) -> None:
+    for n in os.listdir(out_dir):
+        if n.startswith(".") and ".tmp" in n:
+            try:
+                os.remove(os.path.join(out_dir, n))
+            except FileNotFoundError:
+                pass
+
+
+def sample_to_dir(model: Callable, out_dir: str, num: int, cfg: SampleConfig, *, schedule: NoiseSchedule,
+                  options: dict[str, Any], image_shape: Sequence[int], device, run_id: dict[str, Any],
+                  shard_size: int = 1000, backend: str = "auto", progress: bool = True,
+                  dist_info: DistInfo | None = None, grid_count: int = 64, grid_scale: int = 1,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Sample images 0 … num−1 into DIR as shards, resuming what is there; merge them on rank 0.
+
+    `run_id`: what identifies the model (e.g. the checkpoint's sha256); recorded with cfg, num, shard_size, the image
+    shape, the sampler options and the device type in the manifest. Returns a summary dict (rank 0 has the merged
+    paths; every rank its own images/second).
+    """
+    cfg.validate()
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"num must be a positive int, got {num!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+    info = dist_info or DistInfo()
+    device = torch.device(device)
+    c, h, w = (int(s) for s in image_shape)
+    n_shards = math.ceil(num / shard_size)
+    run = {"model": run_id, "num": num, "shard_size": shard_size, "image_shape": [c, h, w],
+           "device_type": device.type, "options": {k: options[k] for k in sorted(options)},
+           **dataclasses.asdict(cfg)}
+    todo: dict[str, Any] = {}
+    err: Exception | None = None
+    if info.rank == 0:
+        try:
+            resumed = check_manifest(out_dir, run)
+            _clean_temps(out_dir)
+            todo = {"shards": missing_shards(out_dir, n_shards), "resumed": resumed}
+        except Exception as e:  # every rank must learn of it, or the others would wait forever below
+            err, todo = e, {"error": f"{type(e).__name__}: {e}"}
+    todo = _broadcast(todo, info)
+    if err is not None:
+        raise err
+    if "error" in todo:
+        raise RuntimeError(f"rank 0 failed: {todo['error']}")
+    mine = todo["shards"][info.rank::info.world]
+    done_before = num - sum(min((k + 1) * shard_size, num) - k * shard_size for k in todo["shards"])
+    if info.rank == 0 and todo["resumed"]:
+        log(f"resuming {out_dir}: {done_before}/{num} images already there, {num - done_before} to go")
+    n_mine = sum(min((k + 1) * shard_size, num) - k * shard_size for k in mine)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_mine, unit="img", desc=f"sampling{f' rank {info.rank}' if info.world > 1 else ''}",
+                   position=info.rank if info.world > 1 else None)
+    t0 = time.perf_counter()
+    for k in mine:
+        lo, hi = k * shard_size, min((k + 1) * shard_size, num)
+        idx = list(range(lo, hi))
+        imgs = sample_images(model, idx, cfg, schedule, options, (c, h, w), device, backend, bar)
+        save_npz(shard_path(out_dir, k), imgs, indices=np.asarray(idx, np.int64))
+    dt = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    _barrier(info)
+    result = {"images": n_mine, "seconds": dt, "images_per_second": n_mine / dt if dt > 0 and n_mine else None}
+    if info.rank == 0:
+        result["npz"] = merge_shards(out_dir, num, shard_size, (h, w, c))
+        first = np.concatenate([_load_shard(shard_path(out_dir, k), k, k * shard_size,
+                                            min((k + 1) * shard_size, num), (h, w, c))
+                                for k in range(math.ceil(min(grid_count, num) / shard_size))])[:grid_count]
+        result["png"] = os.path.join(out_dir, GRID)
+        save_grid(result["png"], first, scale=grid_scale)
+    _barrier(info)
+    return result

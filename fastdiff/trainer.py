@@ -1,0 +1,208 @@
+"""`fastdiff train`: fit a UNet2D with L_simple on scikit-learn's 8×8 digits or a folder of images.
+
+Every training step s draws its batch indices, timesteps and noise from a generator seeded from (seed, s), so a run
+resumed from its train-state file continues exactly as the uninterrupted run would have (same batches, same noise).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.schedule import NoiseSchedule
+from fastdiff.training import training_loss
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    image_size: int = 16
+    channels: int | None = None  # None: 1 for digits, 3 for a folder
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    attention: list[bool] | None = None  # per level; None: attention at the lowest resolution only
+    norm_num_groups: int = 8
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 100
+    ema_decay: float = 0.995
+    seed: int = 0
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    hflip: bool = False
+
+    # what must match for --resume (steps may grow)
+    def identity(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("steps")
+        return d
+
+
+def _dataset_from_digits(size: int) -> torch.Tensor:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise RuntimeError("--data digits needs scikit-learn: pip install 'fastdiff[train]'") from None
+    x = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 8)
+    return (x * 2 - 1).clamp(-1, 1)
+
+
+def _dataset_from_folder(path: str, size: int, channels: int) -> torch.Tensor:
+    from PIL import Image
+
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise ValueError(f"--data {path!r}: no images ({', '.join(IMAGE_EXTS)}) found")
+    mode = {1: "L", 3: "RGB"}[channels]
+    out = []
+    for f in files:
+        try:
+            im = Image.open(f).convert(mode)
+        except OSError as e:
+            raise ValueError(f"--data: cannot read image {f!r}: {e}") from None
+        s = min(im.size)  # center crop to a square, then resize
+        l, t = (im.width - s) // 2, (im.height - s) // 2
+        im = im.crop((l, t, l + s, t + s)).resize((size, size), Image.BICUBIC)
+        a = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size, size, channels)
+        out.append(a.permute(2, 0, 1))
+    return torch.stack(out).float() / 127.5 - 1
+
+
+def load_dataset(cfg: TrainConfig) -> torch.Tensor:
+    """(N, C, S, S) float32 in [−1, 1]."""
+    if cfg.data == "digits":
+        if cfg.channels not in (None, 1):
+            raise ValueError("--channels: the digits are grayscale (1 channel)")
+        return _dataset_from_digits(cfg.image_size)
+    if not os.path.isdir(cfg.data):
+        raise ValueError(f"--data must be 'digits' or a folder of images; {cfg.data!r} is neither")
+    return _dataset_from_folder(cfg.data, cfg.image_size, cfg.channels or 3)
+
+
+def unet_config(cfg: TrainConfig, channels: int) -> dict[str, Any]:
+    levels = len(cfg.block_out_channels)
+    attn = cfg.attention if cfg.attention is not None else [False] * (levels - 1) + [True]
+    if len(attn) != levels:
+        raise ValueError(f"--attention has {len(attn)} flags for {levels} levels")
+    down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn]
+    up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]
+    return {"sample_size": cfg.image_size, "in_channels": channels, "out_channels": channels,
+            "block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.layers_per_block,
+            "down_block_types": down, "up_block_types": up, "norm_num_groups": cfg.norm_num_groups}
+
+
+def scheduler_config(cfg: TrainConfig) -> dict[str, Any]:
+    """diffusers-style scheduler config stored in the checkpoint (samplers read their defaults from it)."""
+    return {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": cfg.beta_schedule,
+            "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": cfg.prediction_type, "clip_sample": True,
+            "clip_sample_range": 1.0, "timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True,
+            "variance_type": "fixed_small"}
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    h = hashlib.blake2b(f"fastdiff-train:{seed}:{step}".encode(), digest_size=8).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+
+
+def train(cfg: TrainConfig, out: str, *, resume: bool = False, device="cpu", save_every: int = 500,
+          progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or resume) and write `out` (EMA weights + config + schedule) and `out`.train-state."""
+    if cfg.steps < 1 or cfg.batch_size < 1 or not cfg.lr > 0 or not 0 <= cfg.ema_decay < 1 or save_every < 1:
+        raise ValueError("steps, batch_size, lr and save_every must be positive, ema_decay in [0, 1)")
+    data = load_dataset(cfg)
+    channels = data.shape[1]
+    sched = NoiseSchedule.from_name(cfg.beta_schedule, cfg.num_train_timesteps)
+    ucfg = unet_config(cfg, channels)
+    torch.manual_seed(cfg.seed)
+    model = ckpt.build_model("UNet2D", ucfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = None
+    start = 0
+    spath = ckpt.state_path(out)
+    if resume:
+        ema, meta = ckpt.load_train_state(spath, model=model, optimizer=opt)
+        have = meta.get("config", {})
+        want = json.loads(json.dumps(cfg.identity()))
+        diffs = [f"{k}: {have.get(k)!r} recorded, {want.get(k)!r} now" for k in sorted(set(have) | set(want))
+                 if have.get(k) != want.get(k)]
+        if diffs:
+            raise ValueError(f"--resume: {spath} was made with other options ({'; '.join(diffs)})")
+        start = int(meta["step"])
+        if start >= cfg.steps:
+            log(f"{spath} is already at step {start} >= --steps {cfg.steps}: nothing to do")
+        else:
+            log(f"resuming from step {start} of {cfg.steps}")
+    elif os.path.exists(spath):
+        raise ValueError(f"{spath} exists: pass --resume to continue that run, or delete it / choose another --out")
+    if ema is None:
+        ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    else:
+        ema = {k: v.to(device) for k, v in ema.items()}
+    n = data.shape[0]
+    data = data.to(device)
+    image = {"channels": channels, "size": cfg.image_size, "source": "digits" if cfg.data == "digits" else "folder"}
+
+    def save(step: int):
+        train_meta = {"step": step, "config": cfg.identity(), "steps": cfg.steps}
+        ckpt.save_train_state(spath, model=model, ema=ema, optimizer=opt, meta=train_meta)
+        ckpt.save_checkpoint(out, model, scheduler=scheduler_config(cfg), image=image,
+                             train={**train_meta, "command": "fastdiff train", "dataset_size": n},
+                             state_dict={k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
+
+    bar = None
+    if progress and start < cfg.steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="training")
+    model.train()
+    t0 = time.perf_counter()
+    loss_avg = None
+    for step in range(start, cfg.steps):
+        g = _step_generator(cfg.seed, step)
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
+        x0 = data[idx.to(device)]
+        if cfg.hflip:
+            flip = torch.rand(cfg.batch_size, generator=g) < 0.5
+            x0 = torch.where(flip.to(device).view(-1, 1, 1, 1), x0.flip(-1), x0)
+        t = torch.randint(0, len(sched), (cfg.batch_size,), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        for grp in opt.param_groups:
+            grp["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        loss = training_loss(model, x0, sched, t=t, noise=noise, prediction_type=cfg.prediction_type)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        d = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if v.is_floating_point():
+                    ema[k].mul_(d).add_(v.float(), alpha=1 - d)
+                else:
+                    ema[k].copy_(v)
+        lv = float(loss.detach())
+        loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+        if (step + 1) % save_every == 0 or step + 1 == cfg.steps:
+            save(step + 1)
+    if bar is not None:
+        bar.close()
+    if start >= cfg.steps and not os.path.exists(out):
+        save(start)
+    return {"steps": cfg.steps, "start": start, "seconds": time.perf_counter() - t0, "loss": loss_avg,
+            "checkpoint": out, "state": spath, "parameters": sum(p.numel() for p in model.parameters())}
