@@ -6,6 +6,7 @@ one draw per step that adds noise), so a seeded generator reproduces a diffusers
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -202,16 +203,88 @@ def _call_model(model, x, t, i, learned: bool, check_nan: bool):
     return out, None
 
 
-def _step(plan: SamplerPlan, i: int, x, o, z, v, backend: str):
-    """x_t → (x_{t−1}, x̂0) for step i of the plan."""
+def _step_backend(x: torch.Tensor, backend: str) -> str:
+    """The backend of the per-step update: "torch" (the reference step functions) or a fused-kernel backend.
+
+    float64 samples run the reference in float64 under backend="auto" (the fused kernels are fp32/fp16/bf16);
+    an explicitly requested fused backend with float64 raises.
+    """
+    from fastdiff._backend import resolve
+
+    if backend == "torch":
+        return "torch"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if backend == "auto":
+            return "torch"
+        raise RuntimeError(f"fastdiff.sampler_step: backend {backend!r} runs float32/float16/bfloat16 samples, got "
+                           f"{x.dtype}; use backend='torch' (or 'auto') for {x.dtype}")
+    return resolve("sampler_step", backend, x.device)
+
+
+def plan_coefs(plan: SamplerPlan, guidance_scale: float | None = None) -> torch.Tensor:
+    """(steps, NUM_COEF) float64 table of the fused step's scalars (fastdiff.ops.sampler_step.step_coefs), on the CPU."""
     opts = plan.options
-    kw = dict(prediction_type=opts.prediction_type, clip_sample=opts.clip_sample,
-              clip_sample_range=opts.clip_sample_range, thresholding=opts.thresholding,
-              dynamic_thresholding_ratio=opts.dynamic_thresholding_ratio, sample_max_value=opts.sample_max_value)
-    if plan.kind == "ddim":
-        return ss.ddim_step_ref(x, o, plan.abar_t[i], plan.abar_p[i], eta=plan.eta, noise=z,
-                                use_clipped_model_output=opts.use_clipped_model_output, **kw)
-    return ss.ddpm_step_ref(x, o, plan.abar_t[i], plan.abar_p[i], noise=z, variance_type=opts.variance_type, v=v, **kw)
+    rows = [ss.step_coefs(plan.kind, plan.abar_t[i], plan.abar_p[i], prediction_type=opts.prediction_type,
+                          sigma=0.0 if math.isnan(plan.sigma[i]) else plan.sigma[i],
+                          use_clipped_model_output=opts.use_clipped_model_output,
+                          clip_sample_range=opts.clip_sample_range,
+                          guidance_scale=1.0 if guidance_scale is None else guidance_scale,
+                          variance_type=opts.variance_type) for i in range(plan.steps)]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _guide_ref(o, o_cond, w):
+    return o if o_cond is None else o + w * (o_cond - o)
+
+
+def _step(plan: SamplerPlan, i: int, x, o, z, v, backend: str, *, o_cond=None, guidance_scale=None, coefs=None,
+          rng=None, want_x0: bool = True):
+    """x_t → (x_{t−1}, x̂0 float32 or None) for step i of the plan.
+
+    backend "torch" runs the reference step functions (diffusers' order of operations); any other backend runs the
+    fused op with row i of `coefs` (plan_coefs, on x's device; built here when None). o_cond: the conditional model
+    output for classifier-free guidance o = o + w·(o_cond − o). z: a noise tensor, or rng: int64 [seed, offset] for
+    in-kernel Philox noise. x̂0 is computed only when `want_x0` (callbacks) on the fused path.
+    """
+    opts = plan.options
+    name = backend if backend in ("torch", "cpp", "cuda", "triton") and coefs is not None else _step_backend(x, backend)
+    if name == "torch":
+        o = _guide_ref(o, o_cond, guidance_scale)
+        if rng is not None:
+            z = ss._philox_like(x, rng).to(x.dtype)
+        kw = dict(prediction_type=opts.prediction_type, clip_sample=opts.clip_sample,
+                  clip_sample_range=opts.clip_sample_range, thresholding=opts.thresholding,
+                  dynamic_thresholding_ratio=opts.dynamic_thresholding_ratio, sample_max_value=opts.sample_max_value)
+        if plan.kind == "ddim":
+            return ss.ddim_step_ref(x, o, plan.abar_t[i], plan.abar_p[i], eta=plan.eta, noise=z,
+                                    use_clipped_model_output=opts.use_clipped_model_output, **kw)
+        return ss.ddpm_step_ref(x, o, plan.abar_t[i], plan.abar_p[i], noise=z, variance_type=opts.variance_type,
+                                v=v, **kw)
+    if coefs is None:
+        coef = plan_coefs_row(plan, i, guidance_scale).to(x.device)
+    else:
+        coef = coefs[i]
+    adds_noise = plan.noise[i] and (plan.kind == "ddpm" or plan.eta > 0)
+    var_mode = "scalar"
+    if plan.kind == "ddpm" and opts.variance_type.startswith("learned"):
+        var_mode = opts.variance_type
+    else:
+        v = None
+    thr = None
+    if opts.thresholding:  # a per-sample reduction, then the fused pass
+        thr = ss.threshold_scale(x, o, coef, o_cond=o_cond, ratio=opts.dynamic_thresholding_ratio,
+                                 max_value=opts.sample_max_value)
+    return ss.sampler_step(x, o, coef, o_cond=o_cond, noise=z if adds_noise and rng is None else None,
+                           rng=rng if adds_noise else None, v=v, thr=thr,
+                           clip=opts.clip_sample and not opts.thresholding, var_mode=var_mode, write_x0=want_x0,
+                           backend=name)
+
+
+def plan_coefs_row(plan: SamplerPlan, i: int, guidance_scale: float | None = None) -> torch.Tensor:
+    """Row i of `plan_coefs` (float64, CPU)."""
+    one = dataclasses.replace(plan, abar_t=[plan.abar_t[i]], abar_p=[plan.abar_p[i]], sigma=[plan.sigma[i]],
+                              noise=[plan.noise[i]])
+    return plan_coefs(one, guidance_scale)[0]
 
 
 def _progress(it, enabled: bool, desc: str):
@@ -226,21 +299,186 @@ def _progress(it, enabled: bool, desc: str):
     return tqdm(it, desc=desc)
 
 
+def _model_outputs(model, x, t, i, learned, check_nan, guided: bool):
+    """(o, o_cond, v): with classifier-free guidance the model sees the doubled batch [x, x] and returns the
+    unconditional half first (as diffusers pipelines chunk it); v (learned variances) comes from the conditional half."""
+    if not guided:
+        o, v = _call_model(model, x, t, i, learned, check_nan)
+        return o, None, v
+    o2, v2 = _call_model(model, torch.cat([x, x]), torch.cat([t, t]), i, learned, check_nan)
+    o, o_cond = o2.chunk(2)
+    return o, o_cond, (v2.chunk(2)[1] if v2 is not None else None)
+
+
+def _check_noise_mode(noise):
+    if noise not in ("randn", "philox"):
+        raise ValueError(f"noise must be 'randn' (torch.randn with the generator, diffusers' order) or 'philox' "
+                         f"(in-kernel, from a seed drawn from the generator), got {noise!r}")
+
+
+def _philox_table(plan: SamplerPlan, x: torch.Tensor, generator) -> torch.Tensor:
+    """(steps, 2) int64 [seed, offset]: one seed drawn from the generator, step i's counters start at i·numel."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator,
+                             device=generator.device if generator is not None else "cpu").item())
+    n = x.numel()
+    return torch.tensor([[seed, i * n] for i in range(plan.steps)], dtype=torch.long)
+
+
 @torch.no_grad()
 def run_plan(plan: SamplerPlan, model: Callable, x: torch.Tensor, *, generator=None, backend="auto",
-             progress=False, callback=None, check_nan=False) -> torch.Tensor:
-    """Run `plan` from x = x_T. `callback(d)` gets a dict with i, t, x (x_t), x_prev and x0 (x̂0) after each step."""
+             progress=False, callback=None, check_nan=False, guidance_scale: float | None = None,
+             noise: str = "randn", cuda_graph="auto") -> torch.Tensor:
+    """Run `plan` from x = x_T. `callback(d)` gets a dict with i, t, x (x_t), x_prev and x0 (x̂0) after each step.
+
+    guidance_scale: classifier-free guidance o = o_u + w·(o_c − o_u); the model is called on [x, x] and returns
+    (2B, ...) with the unconditional half first. noise: "randn" (torch.randn with `generator`, in diffusers' order)
+    or "philox" (in-kernel from a seed drawn once from `generator`; no noise tensor is written or read).
+    cuda_graph: "auto" (capture and replay on CUDA when the fused kernels run and no callback, progress bar or NaN
+    check needs the host each step), True (capture or raise), False. Ignored on CPU (a one-time note if True).
+    """
+    _check_noise_mode(noise)
     learned = plan.kind == "ddpm" and plan.options.variance_type.startswith("learned")
+    guided = guidance_scale is not None
+    name = _step_backend(x, backend)
+    if _use_graph(cuda_graph, x, name, callback=callback, progress=progress, check_nan=check_nan):
+        return _graphed(plan, model, x, name, generator, guidance_scale, noise, learned)
     B = x.shape[0]
     tb = [torch.full((B,), int(t), dtype=torch.long, device=x.device) for t in plan.timesteps.tolist()]
+    coefs = plan_coefs(plan, guidance_scale).to(x.device) if name != "torch" else None
+    rngs = _philox_table(plan, x, generator).to(x.device) if noise == "philox" and any(plan.noise) else None
     for i in _progress(range(plan.steps), progress, f"{plan.kind} {plan.steps} steps"):
-        o, v = _call_model(model, x, tb[i], i, learned, check_nan)
-        z = _randn(o.shape, generator, x.device, o.dtype) if plan.noise[i] else None
-        x_prev, x0 = _step(plan, i, x, o, z, v, backend)
+        o, o_cond, v = _model_outputs(model, x, tb[i], i, learned, check_nan, guided)
+        z = _randn(o.shape, generator, x.device, o.dtype) if plan.noise[i] and rngs is None else None
+        x_prev, x0 = _step(plan, i, x, o, z, v, name, o_cond=o_cond, guidance_scale=guidance_scale, coefs=coefs,
+                           rng=rngs[i] if rngs is not None and plan.noise[i] else None,
+                           want_x0=callback is not None)
         if callback is not None:
             callback({"i": i, "t": int(plan.timesteps[i]), "x": x, "x_prev": x_prev, "x0": x0})
         x = x_prev
     return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA graphs: the whole loop (model calls and fused steps) captured once per structure, replayed per call
+
+_GRAPHS: "collections.OrderedDict[tuple, _GraphedLoop]" = collections.OrderedDict()
+GRAPH_CACHE_SIZE = 4  # captured loops kept (each holds its static buffers and the model's activations)
+
+
+def _use_graph(cuda_graph, x, name, *, callback, progress, check_nan) -> bool:
+    from fastdiff._backend import _warn_once
+
+    if cuda_graph not in ("auto", True, False):
+        raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    if cuda_graph is False:
+        return False
+    if x.device.type != "cuda":
+        if cuda_graph is True:
+            _warn_once("sampling", f"cuda_graph=True ignored: the sample is on {x.device}, CUDA graphs need CUDA")
+        return False
+    host = [n for n, on in (("callback", callback is not None), ("progress", progress), ("check_nan", check_nan))
+            if on]
+    if name == "torch" or host:
+        if cuda_graph is True:
+            why = (f"{', '.join(host)} needs the host at every step" if host else
+                   "the reference backend ('torch') is not captured; use a fused backend")
+            raise ValueError(f"cuda_graph=True: {why}; pass cuda_graph=False")
+        return False
+    return True
+
+
+class _GraphedLoop:
+    """A captured sampling loop. Static device buffers hold everything that changes between calls: x_T, the
+    timesteps fed to the model, the per-step coefficients, the Philox [seed, offset] rows or the pre-drawn noise; a
+    call copies the new values in and replays, so a replay never sees stale coefficients or noise."""
+
+    def __init__(self, plan, model, x, name, guidance_scale, noise, learned):
+        self.model, self.name, self.guided, self.learned, self.noise = model, name, guidance_scale is not None, \
+            learned, noise
+        self.kind_noise = list(plan.noise)
+        dev, N = x.device, plan.steps
+        Bm = x.shape[0] * (2 if self.guided else 1)
+        self.x_in = torch.empty_like(x)
+        self.tb = torch.empty((N, Bm), dtype=torch.long, device=dev)
+        self.coefs = torch.empty((N, ss.NUM_COEF), dtype=torch.float64, device=dev)
+        self.rngs = torch.zeros((N, 2), dtype=torch.long, device=dev)
+        self.znoise = torch.zeros((sum(plan.noise), *x.shape), dtype=x.dtype, device=dev) \
+            if noise == "randn" and any(plan.noise) else None
+        self.plan = plan
+
+    def _loop(self):
+        x, plan, zi = self.x_in, self.plan, 0
+        for i in range(plan.steps):
+            if self.guided:
+                o2, v2 = _call_model(self.model, torch.cat([x, x]), self.tb[i], i, self.learned, False)
+                o, o_cond = o2.chunk(2)
+                v = v2.chunk(2)[1] if v2 is not None else None
+            else:
+                (o, v), o_cond = _call_model(self.model, x, self.tb[i], i, self.learned, False), None
+            z = rng = None
+            if plan.noise[i]:
+                if self.znoise is not None:
+                    z, zi = self.znoise[zi], zi + 1
+                else:
+                    rng = self.rngs[i]
+            x, _ = _step(plan, i, x, o, z, v, self.name, o_cond=o_cond, coefs=self.coefs, rng=rng, want_x0=False)
+        return x
+
+    def load(self, plan, x, generator, guidance_scale):
+        """Copy this call's data into the static buffers (host → device copies, outside the graph)."""
+        B = x.shape[0]
+        ts = plan.timesteps.to(torch.long).view(-1, 1).expand(-1, B)
+        if self.guided:
+            ts = torch.cat([ts, ts], 1)
+        self.tb.copy_(ts)
+        self.coefs.copy_(plan_coefs(plan, guidance_scale))
+        self.x_in.copy_(x)
+        if self.znoise is not None:
+            for j in range(self.znoise.shape[0]):  # diffusers' order: one draw per noisy step
+                self.znoise[j].copy_(_randn(x.shape, generator, x.device, x.dtype))
+        elif any(plan.noise):
+            self.rngs.copy_(_philox_table(plan, x, generator))
+        self.plan = plan
+
+    def capture(self):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: lazy initialisation (cuBLAS, cuDNN, Triton) off the capture
+            self._loop()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.out = self._loop()
+        except Exception as e:  # noqa: BLE001 - reported with the reason, never swallowed
+            raise RuntimeError(
+                f"cuda_graph: the sampling loop cannot be captured in a CUDA graph ({type(e).__name__}: {e}). "
+                "Common reasons: the model syncs with the host (.item(), .cpu(), printing a tensor, Python branches "
+                "on tensor values), allocates CPU tensors, or changes shapes between steps. Pass cuda_graph=False."
+            ) from e
+
+    def run(self):
+        self.graph.replay()
+        return self.out.clone()
+
+
+def _graphed(plan, model, x, name, generator, guidance_scale, noise, learned):
+    opts = plan.options
+    key = (id(model), plan.kind, plan.steps, tuple(plan.noise), plan.eta > 0, tuple(x.shape), x.stride(), x.dtype,
+           str(x.device), name, guidance_scale is not None, noise, opts.clip_sample, opts.thresholding,
+           opts.dynamic_thresholding_ratio, opts.sample_max_value, opts.variance_type)
+    loop = _GRAPHS.get(key)
+    if loop is None or loop.model is not model:
+        loop = _GraphedLoop(plan, model, x, name, guidance_scale, noise, learned)
+        loop.load(plan, x, generator, guidance_scale)
+        loop.capture()
+        _GRAPHS[key] = loop
+        while len(_GRAPHS) > GRAPH_CACHE_SIZE:
+            _GRAPHS.popitem(last=False)
+    else:
+        _GRAPHS.move_to_end(key)
+        loop.load(plan, x, generator, guidance_scale)
+    return loop.run()
 
 
 def _check_backend(backend):
@@ -259,13 +497,17 @@ def _check_eta(eta):
 def ddim_sample(model: Callable, steps: int = 50, *, shape=None, x_T=None, schedule=None, eta: float = 0.0,
                 generator: torch.Generator | None = None, backend: str = "auto", progress: bool = False,
                 callback: Callable | None = None, dtype: torch.dtype | None = None, device=None,
-                check_nan: bool = False, **options) -> torch.Tensor:
+                check_nan: bool = False, guidance_scale: float | None = None, noise: str = "randn",
+                cuda_graph="auto", **options) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021, eq. 12) in `steps` steps; returns x_0 of shape (B, ...).
 
     model(x_t, t) -> ε̂ / x̂0 / v (per `prediction_type`), t a LongTensor (B,) of training timesteps; a tensor or an
     object with `.sample`. `schedule`: a NoiseSchedule, a diffusers scheduler or its config (default: linear,
     T = 1000). `options`: any SamplerOptions field (prediction_type, clip_sample, timestep_spacing, ...).
     η = 0 is deterministic; η = 1 with use_clipped_model_output is DDPM's fixed_small posterior.
+    backend: "auto" runs the fused step kernel (fastdiff.ops.sampler_step) for fp32/fp16/bf16 samples, the reference
+    for float64; "torch" forces the reference. guidance_scale, noise ("randn" | "philox") and cuda_graph ("auto" |
+    True | False): see `run_plan`.
     """
     eta = _check_eta(eta)
     _check_backend(backend)
@@ -273,13 +515,14 @@ def ddim_sample(model: Callable, steps: int = 50, *, shape=None, x_T=None, sched
     plan = make_plan("ddim", sched, opts, steps, eta)
     x = _initial_sample(model, shape, x_T, generator, dtype, device)
     return run_plan(plan, model, x, generator=generator, backend=backend, progress=progress, callback=callback,
-                    check_nan=check_nan)
+                    check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph)
 
 
 def ddpm_sample(model: Callable, *, steps: int | None = None, shape=None, x_T=None, schedule=None,
                 variance: str | None = None, generator: torch.Generator | None = None, backend: str = "auto",
                 progress: bool = False, callback: Callable | None = None, dtype: torch.dtype | None = None,
-                device=None, check_nan: bool = False, **options) -> torch.Tensor:
+                device=None, check_nan: bool = False, guidance_scale: float | None = None, noise: str = "randn",
+                cuda_graph="auto", **options) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2); `steps=None` runs all T steps, fewer strides the grid.
 
     variance: "fixed_small" (β̃), "fixed_large" (β, the DDPM CIFAR-10 setting), "learned_range" (the model returns
@@ -292,4 +535,4 @@ def ddpm_sample(model: Callable, *, steps: int | None = None, shape=None, x_T=No
     plan = make_plan("ddpm", sched, opts, steps)
     x = _initial_sample(model, shape, x_T, generator, dtype, device)
     return run_plan(plan, model, x, generator=generator, backend=backend, progress=progress, callback=callback,
-                    check_nan=check_nan)
+                    check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph)
