@@ -107,3 +107,27 @@ FD_HD float philox_normal(uint64_t seed, uint64_t counter) {
 
 }  // namespace sstep
 }  // namespace fastdiff
+
+namespace fastdiff {
+namespace sstep {
+
+// Arguments of the CUDA launcher (csrc/cuda/sampler_step.cu), filled by csrc/cuda/sampler_step_glue.cpp. All pointers
+// are device pointers; optional inputs are nullptr when absent. Tensors share one dense layout (memory order).
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+struct LaunchArgs {
+  const void* x;       // (n,) x_t
+  const void* o;       // (n,) model output (unconditional with CFG)
+  const void* oc;      // (n,) conditional model output, or nullptr
+  const void* z;       // (n,) noise, or nullptr
+  const void* v;       // (n,) model variance output (learned variances), or nullptr
+  const int64_t* rng;  // (2,) [seed, offset] for Philox noise, or nullptr
+  const float* thr;    // (B,) dynamic-thresholding scale, or nullptr
+  const double* coef;  // (kNumCoef,) step scalars
+  void* xp;            // (n,) out: x_prev
+  float* x0;           // (n,) out: x̂0, or nullptr
+  int64_t n, per_sample;
+  int flags, dtype;
+};
+
+}  // namespace sstep
+}  // namespace fastdiff
