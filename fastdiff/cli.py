@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=_nonneg_float("--eta"), default=0.0, help="DDIM η (0 = deterministic)")
     s.add_argument("--seed", type=_nonneg_int("--seed"), default=0,
                    help="image i's noise is seeded from (seed, i): the same at any batch size or resume point")
-    s.add_argument("--num", type=_positive_int("--num"), default=64, help="number of images (default 64)")
+    s.add_argument("-n", "--num", type=_positive_int("--num"), default=64, help="number of images (default 64)")
     s.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default="digits", help="'digits' (scikit-learn, no download) or a folder of images")
     t.add_argument("--out", default="fastdiff-model.safetensors", help="checkpoint path")
     t.add_argument("--resume", action="store_true", help="continue the run recorded in OUT.train-state")
-    t.add_argument("--steps", type=_positive_int("--steps"), default=2000, help="optimizer steps in total")
+    t.add_argument("--steps", type=_positive_int("--steps"), default=3000, help="optimizer steps in total")
     t.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
     t.add_argument("--lr", type=_nonneg_float("--lr"), default=2e-3)
     t.add_argument("--warmup", type=_nonneg_int("--warmup"), default=100, help="linear LR warm-up steps")

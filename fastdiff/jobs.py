@@ -358,12 +358,12 @@ def sample_to_dir(model: Callable, out_dir: str, num: int, cfg: SampleConfig, *,
             _clean_temps(out_dir)
             todo = {"shards": missing_shards(out_dir, n_shards), "resumed": resumed}
         except Exception as e:  # every rank must learn of it, or the others would wait forever below
-            err, todo = e, {"error": f"{type(e).__name__}: {e}"}
+            err, todo = e, {"error": str(e), "mismatch": isinstance(e, RunMismatch)}
     todo = _broadcast(todo, info)
     if err is not None:
         raise err
     if "error" in todo:
-        raise RuntimeError(f"rank 0 failed: {todo['error']}")
+        raise (RunMismatch if todo["mismatch"] else RuntimeError)(f"rank 0: {todo['error']}")
     mine = todo["shards"][info.rank::info.world]
     done_before = num - sum(min((k + 1) * shard_size, num) - k * shard_size for k in todo["shards"])
     if info.rank == 0 and todo["resumed"]:

@@ -31,7 +31,7 @@ class TrainConfig:
     layers_per_block: int = 1
     attention: list[bool] | None = None  # per level; None: attention at the lowest resolution only
     norm_num_groups: int = 8
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 100

@@ -1,0 +1,212 @@
+"""The `fastdiff` command line end to end on the CPU: train → sample → files, resume of training, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdiff import checkpoint, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--block-out-channels", "8,16", "--norm-groups", "4", "--batch-size", "4", "--warmup", "2", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and immune to a CPU shared with other jobs (2 OpenMP threads on
+    a busy 2-core machine spin at every barrier)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """4 steps of `fastdiff train` on the digits with a tiny U-Net, checkpointing every 2."""
+    path = str(tmp_path_factory.mktemp("train") / "m.safetensors")
+    assert cli.main(["train", "--steps", "4", "--save-every", "2", "--out", path, *TINY]) == 0
+    return path
+
+
+def test_train_writes_a_checkpoint_with_config_and_schedule(trained):
+    model, meta = checkpoint.load_checkpoint(trained)
+    assert meta["scheduler"]["num_train_timesteps"] == 1000 and meta["scheduler"]["prediction_type"] == "epsilon"
+    assert meta["config"]["block_out_channels"] == [8, 16] and meta["config"]["sample_size"] == 8
+    assert meta["train"]["step"] == 4 and meta["image"]["channels"] == 1
+    assert model(torch.zeros(2, 1, 8, 8), torch.tensor([0, 999])).shape == (2, 1, 8, 8)
+    from fastdiff.nn import UNet2D  # the same file reads as a plain UNet2D checkpoint too
+
+    torch.testing.assert_close(UNet2D.load(trained).state_dict(), model.state_dict())
+    with open(trained, "rb") as f:
+        assert b"pickle" not in f.read(4096)
+
+
+def test_train_resume_continues_exactly(tmp_path, trained, capsys):
+    part = str(tmp_path / "p.safetensors")
+    assert run(capsys, "train", "--steps", "2", "--save-every", "2", "--out", part, *TINY)[0] == 0
+    rc, _, err = run(capsys, "train", "--steps", "4", "--save-every", "2", "--out", part, "--resume", *TINY)
+    assert rc == 0 and "resuming from step 2" in err
+    for a, b in ((part, trained), (checkpoint.state_path(part), checkpoint.state_path(trained))):
+        ta, tb = checkpoint._read(a, "x")[0], checkpoint._read(b, "x")[0]
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), k
+
+
+def test_train_refuses_to_clobber_or_resume_a_different_run(tmp_path, trained, capsys):
+    rc, _, err = run(capsys, "train", "--steps", "4", "--out", trained, *TINY)
+    assert rc == 2 and "pass --resume" in err
+    rc, _, err = run(capsys, "train", "--steps", "6", "--out", trained, "--resume", "--lr", "1e-3", *TINY)
+    assert rc == 2 and "other options" in err and "lr" in err
+    rc, _, err = run(capsys, "train", "--out", str(tmp_path / "none.safetensors"), "--resume", *TINY)
+    assert rc == 2 and "does not exist" in err
+
+
+def test_sample_writes_png_grid_and_fid_npz(tmp_path, trained, capsys):
+    png, npz = str(tmp_path / "g.png"), str(tmp_path / "s.npz")
+    rc, _, err = run(capsys, "sample", "--checkpoint", trained, "--steps", "3", "--num", "5", "--batch-size", "2",
+                     "--png", png, "--npz", npz, "--no-progress")
+    assert rc == 0, err
+    assert "images/s" in err
+    with np.load(npz) as z:
+        assert list(z.keys()) == ["arr_0"]
+        a = z["arr_0"]
+    assert a.shape == (5, 8, 8, 1) and a.dtype == np.uint8  # NHWC uint8, as FID tools read
+    im = Image.open(png)
+    assert im.size == (3 * (8 * 4 + 1) + 1, 2 * (8 * 4 + 1) + 1)  # 3 columns × 2 rows, 4× upscaled, 1 px gaps
+    # the same seed gives the same images at another batch size; DDPM and η > 0 run too
+    npz2 = str(tmp_path / "s2.npz")
+    assert run(capsys, "sample", "--checkpoint", trained, "--steps", "3", "--num", "5", "--batch-size", "5",
+               "--png", png, "--npz", npz2, "--no-progress")[0] == 0
+    with np.load(npz2) as z:
+        np.testing.assert_allclose(z["arr_0"].astype(int), a.astype(int), atol=1)
+    for extra in (["--sampler", "ddpm", "--steps", "4"], ["--eta", "1.0", "--dtype", "bfloat16"]):
+        assert run(capsys, "sample", "--checkpoint", trained, "--num", "2", "--png", png, "--npz", npz2,
+                   "--no-progress", "--steps", "3", *extra)[0] == 0
+
+
+def test_sample_without_arguments_uses_the_bundled_model(tmp_path, monkeypatch, capsys):
+    if not os.path.isfile(checkpoint.bundled_checkpoint()):
+        pytest.fail("the bundled checkpoint fastdiff/assets/digits.safetensors is missing")
+    assert os.path.getsize(checkpoint.bundled_checkpoint()) <= 5 * 2**20
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(capsys, "sample", "--no-progress")
+    assert rc == 0, err
+    with np.load(tmp_path / "samples.npz") as z:
+        a = z["arr_0"]
+    assert a.shape == (64, 8, 8, 1)
+    # digits, not noise: mostly dark background, bright strokes, and the 64 images differ
+    frac_dark = (a < 64).mean()
+    assert 0.4 < frac_dark < 0.85, frac_dark
+    assert (a > 160).mean() > 0.1
+    assert len({x.tobytes() for x in a}) == 64
+    assert Image.open(tmp_path / "samples.png").size[0] >= 8 * 8 * 4
+
+
+def test_python_dash_m_and_help():
+    r = subprocess.run([sys.executable, "-m", "fastdiff", "sample", "--help"], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 0 and "--num" in r.stdout and "--out" in r.stdout
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["sample", "--steps", "0"], "--steps must be >= 1"),
+    (["sample", "--eta", "-1"], "--eta must be a finite number >= 0"),
+    (["sample", "--num", "many"], "--num must be an integer"),
+    (["sample", "--sampler", "euler"], "invalid choice: 'euler'"),
+    (["sample", "--dtype", "float64"], "invalid choice: 'float64'"),
+    (["train", "--block-out-channels", "8,x"], "--block-out-channels must be comma-separated integers"),
+    (["train", "--attention", "yes"], "--attention must be comma-separated 0/1"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_are_usage_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["sample", "--device", "tpu"], "--device"),
+    (["sample", "--device", "cuda:7"] if not torch.cuda.is_available() else ["sample", "--device", "meta"],
+     "--device"),
+    (["sample", "--sampler", "ddpm", "--eta", "0.5"], "--eta applies to --sampler ddim only"),
+    (["sample", "--steps", "5000"], "exceeds the model's 1000 training timesteps"),
+    (["train", "--norm-groups", "3", "--block-out-channels", "8,16"], "--norm-groups 3 must divide"),
+    (["train", "--attention", "1", "--block-out-channels", "8,16"], "--attention has 1 flags for 2 levels"),
+    (["train", "--image-size", "6", "--block-out-channels", "8,16,32"], "--image-size 6 must be divisible"),
+    (["train", "--data", "/nonexistent/folder"], "'digits' or a folder of images"),
+])
+def test_bad_values_get_clear_errors(argv, msg, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(capsys, *argv, "--no-progress")
+    assert rc == 2 and msg in err, err
+    assert "Traceback" not in err
+
+
+def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path, trained, capsys):
+    data = open(trained, "rb").read()
+    cases = {
+        "truncated.safetensors": data[: len(data) // 2],
+        "garbage.safetensors": b"\x00" * 64,
+        "text.safetensors": b"not a checkpoint at all",
+    }
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+    expect = {"truncated.safetensors": "not a readable safetensors file",
+              "garbage.safetensors": "not a readable safetensors file",
+              "text.safetensors": "not a readable safetensors file",
+              "foreign.safetensors": "neither fastdiff metadata",
+              "missing.safetensors": "does not exist"}
+    for name, msg in expect.items():
+        rc, _, err = run(capsys, "sample", "--checkpoint", str(tmp_path / name), "--num", "1", "--no-progress")
+        assert rc == 2 and msg in err and name in err, (name, err)
+    # right format, wrong tensors: names the offending keys
+    t, raw = checkpoint._read(trained, "x")
+    t.pop("conv_in.weight")
+    from safetensors.torch import save_file as sf
+
+    sf(t, str(tmp_path / "short.safetensors"), metadata=raw)
+    rc, _, err = run(capsys, "sample", "--checkpoint", str(tmp_path / "short.safetensors"), "--no-progress")
+    assert rc == 2 and "conv_in.weight" in err
+
+
+def test_train_on_a_folder_of_images(tmp_path, capsys):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (12 + i, 10, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    (d / "notes.txt").write_text("ignored")
+    out = str(tmp_path / "f.safetensors")
+    rc, _, err = run(capsys, "train", "--data", str(d), "--steps", "1", "--out", out, "--hflip", *TINY)
+    assert rc == 0, err
+    _, meta = checkpoint.load_checkpoint(out)
+    assert meta["config"]["in_channels"] == 3 and meta["train"]["dataset_size"] == 5
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, _, err = run(capsys, "train", "--data", str(empty), "--steps", "1", "--out", out + "2", *TINY)
+    assert rc == 2 and "no images" in err
+
+
+def test_bench_prints_a_table(capsys):
+    rc, out, _ = run(capsys, "bench", "--quick", "--repeat", "1")
+    assert rc == 0
+    assert "backends:" in out and "reference" in out and "vs reference" in out
+    assert "DDIM step" in out
+    table = json.dumps(out)
+    assert "Traceback" not in table

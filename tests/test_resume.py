@@ -1,0 +1,209 @@
+"""Resumable sharded sampling: index-seeded noise, atomic shards, kill-and-resume bit-identity, mismatch refusal."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff import jobs, trainer
+from fastdiff.schedule import NoiseSchedule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and immune to a CPU shared with other jobs (2 OpenMP threads on
+    a busy 2-core machine spin at every barrier)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class TinyEps(torch.nn.Module):
+    """A stand-in ε-model: one conv plus a timestep-dependent bias; batch rows never mix."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.3)
+            self.conv.bias.fill_(0.1)
+
+    def forward(self, x, t):
+        return self.conv(x) + (t.float() / 1000).view(-1, 1, 1, 1)
+
+
+SCHED = NoiseSchedule.linear()
+OPTS = {"clip_sample": True}
+SHAPE = (1, 6, 5)  # odd sizes on purpose
+
+
+def _run_dir(tmp, name, num=11, shard=3, **kw):
+    cfg = jobs.SampleConfig(**{"sampler": "ddpm", "steps": 4, "batch_size": 2, **kw})
+    out = str(tmp / name)
+    res = jobs.sample_to_dir(TinyEps(), out, num, cfg, schedule=SCHED, options=OPTS, image_shape=SHAPE,
+                             device="cpu", run_id={"model": "tiny"}, shard_size=shard, progress=False,
+                             log=lambda m: None)
+    with np.load(res["npz"]) as z:
+        return out, res, z["arr_0"]
+
+
+def test_image_noise_depends_on_seed_and_index_only():
+    a = jobs.IndexedNoise(7, [5, 6, 7], SHAPE)
+    b = jobs.IndexedNoise(7, [7, 0, 6, 5], SHAPE)
+    xa, xb = a.draw(), b.draw()  # x_T
+    assert torch.equal(xa[0], xb[3]) and torch.equal(xa[2], xb[0]) and torch.equal(xa[1], xb[2])
+    za, zb = a.draw(), b.draw()  # the first step noise: each image's own stream, not x_T again
+    assert torch.equal(za[0], zb[3]) and not torch.equal(za[0], xa[0])
+    assert not torch.equal(jobs.IndexedNoise(8, [5], SHAPE).draw()[0], xa[0])
+    assert jobs.image_seed(1, 23) != jobs.image_seed(12, 3)
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5), ("ddim", 0.0)])
+def test_batch_composition_does_not_change_an_image(sampler, eta):
+    cfg = jobs.SampleConfig(sampler, 5, eta, 3, "float32", 8)
+    full = jobs.sample_batch(TinyEps(), list(range(6)), cfg, SCHED, OPTS, SHAPE, "cpu")
+    part = jobs.sample_batch(TinyEps(), [4, 1], cfg, SCHED, OPTS, SHAPE, "cpu")
+    torch.testing.assert_close(part, full[[4, 1]], rtol=0, atol=1e-6)
+    imgs = jobs.sample_images(TinyEps(), list(range(6)), jobs.SampleConfig(sampler, 5, eta, 3, "float32", 4),
+                              SCHED, OPTS, SHAPE, "cpu")
+    assert imgs.shape == (6, 6, 5, 1) and imgs.dtype == np.uint8
+    np.testing.assert_array_equal(imgs, jobs.to_uint8_nhwc(full))
+
+
+def test_to_uint8_nhwc_range_and_layout():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5).repeat(1, 3, 2, 1)
+    u = jobs.to_uint8_nhwc(x)
+    assert u.shape == (1, 2, 5, 3)
+    assert u[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_resume_after_lost_shards_is_bit_identical(tmp_path):
+    out, res, ref = _run_dir(tmp_path, "a")
+    assert ref.shape == (11, 6, 5, 1) and sorted(os.listdir(out)) == sorted(
+        ["manifest.json", "samples.npz", "grid.png"] + [f"shard_{k:06d}.npz" for k in range(4)])
+    # a killed run: some shards never written, a stale temporary file left behind, no merged set
+    os.remove(jobs.shard_path(out, 1))
+    os.remove(jobs.shard_path(out, 3))
+    os.remove(os.path.join(out, "samples.npz"))
+    with open(os.path.join(out, ".shard_000001.npz.tmp999"), "wb") as f:
+        f.write(b"half a shard")
+    _, res2, again = _run_dir(tmp_path, "a")
+    assert res2["images"] == 3 + 2  # only shards 1 and 3 were sampled again
+    np.testing.assert_array_equal(again, ref)
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def test_shard_boundaries_do_not_matter_when_batches_align(tmp_path):
+    # same batch composition (batch 2 inside shards of 2 or 4) → the same bits
+    _, _, a = _run_dir(tmp_path, "s2", num=8, shard=2)
+    _, _, b = _run_dir(tmp_path, "s4", num=8, shard=4)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("change", [{"steps": 5}, {"seed": 1}, {"sampler": "ddim", "eta": 1.0}, {"batch_size": 3},
+                                    {"dtype": "bfloat16"}])
+def test_resume_with_other_options_is_refused(tmp_path, change):
+    out, _, ref = _run_dir(tmp_path, "m", num=4, shard=2)
+    with pytest.raises(jobs.RunMismatch, match="refusing to resume") as e:
+        _run_dir(tmp_path, "m", num=4, shard=2, **change)
+    for k in change:
+        assert k in str(e.value)
+    with np.load(os.path.join(out, "samples.npz")) as z:
+        np.testing.assert_array_equal(z["arr_0"], ref)  # nothing was touched
+
+
+def test_other_num_or_model_refused_and_foreign_dir_refused(tmp_path):
+    _run_dir(tmp_path, "n", num=4, shard=2)
+    with pytest.raises(jobs.RunMismatch, match="num"):
+        _run_dir(tmp_path, "n", num=6, shard=2)
+    with pytest.raises(jobs.RunMismatch, match="shard_size"):
+        _run_dir(tmp_path, "n", num=4, shard=4)
+    d = tmp_path / "foreign"
+    d.mkdir()
+    (d / "shard_000000.npz").write_bytes(b"x")
+    with pytest.raises(jobs.RunMismatch, match="no manifest.json"):
+        _run_dir(tmp_path, "foreign")
+
+
+def test_corrupt_shard_is_a_clear_error(tmp_path):
+    out, _, _ = _run_dir(tmp_path, "c", num=4, shard=2)
+    with open(jobs.shard_path(out, 1), "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(RuntimeError, match="shard_000001.npz is unreadable.*delete it"):
+        _run_dir(tmp_path, "c", num=4, shard=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the real command, killed with SIGKILL at random moments
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """An untrained 8×8 UNet2D (random weights are enough to compare bits) saved as a fastdiff checkpoint."""
+    from fastdiff import checkpoint
+    from fastdiff.nn import UNet2D
+
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+    cfg = trainer.TrainConfig(block_out_channels=[8, 16], norm_num_groups=4)
+    torch.manual_seed(0)
+    model = UNet2D(**trainer.unet_config(cfg, 1))
+    checkpoint.save_checkpoint(path, model, scheduler=trainer.scheduler_config(cfg), image={"channels": 1, "size": 8})
+    return path
+
+
+ARGS = ["--num", "24", "--shard-size", "3", "--batch-size", "3", "--steps", "6", "--sampler", "ddim", "--eta", "1",
+        "--seed", "5", "--no-progress"]
+
+
+def test_kill_and_resume_at_random_points_is_bit_identical(tmp_path, tiny_ckpt, monkeypatch):
+    from fastdiff import cli
+
+    n_shards = 8
+    ref_dir = str(tmp_path / "ref")
+    assert torch.get_num_threads() == 1  # as the subprocesses below (OMP_NUM_THREADS=1)
+    assert cli.main(["sample", "--checkpoint", tiny_ckpt, "--out", ref_dir, *ARGS]) == 0
+    with np.load(os.path.join(ref_dir, "samples.npz")) as z:
+        ref = z["arr_0"]
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "fastdiff", "sample", "--checkpoint", tiny_ckpt, "--out", out, *ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def n_done():
+        return len([n for n in os.listdir(out) if n.startswith("shard_")]) if os.path.isdir(out) else 0
+
+    kills = []
+    for attempt in range(6):
+        p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if attempt < 3 and n_done() < n_shards - 1:
+            # a random point: once a random number of further shards exist, plus a random delay (mid-batch, mid-write)
+            target = rng.randint(n_done(), n_shards - 1)
+            while n_done() < target and p.poll() is None:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.2))
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                kills.append(n_done())
+                continue
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+        break
+    assert kills, f"no run was killed (seed {seed}); the test did not test resuming"
+    with np.load(os.path.join(out, "samples.npz")) as z:
+        np.testing.assert_array_equal(z["arr_0"], ref, err_msg=f"kill seed {seed}, shards on disk at kills {kills}")
+    names = sorted(os.listdir(out))
+    assert names == sorted(os.listdir(ref_dir)), names  # no temporaries left, no extra shards
+    for k in range(n_shards):
+        with np.load(jobs.shard_path(out, k)) as a, np.load(jobs.shard_path(ref_dir, k)) as b:
+            np.testing.assert_array_equal(a["indices"], b["indices"])
+            np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
