@@ -1,7 +1,7 @@
 // Torch glue of the CUDA fastdiff::sampler_step: argument checks (shared with the CPU kernel), device guard,
 // current stream, then the plain launcher in sampler_step.cu. Compiled only when torch has CUDA.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(const at::Tensor& x, const 
   a.per_sample = per_sample;
   a.flags = (int)flags;
   a.dtype = x.scalar_type() == at::kFloat ? sstep::kF32 : (x.scalar_type() == at::kHalf ? sstep::kF16 : sstep::kBF16);
-  const cudaError_t err = sstep::launch_sampler_step(a, at::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err = sstep::launch_sampler_step(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "sampler_step (CUDA): kernel launch failed: ", cudaGetErrorString(err));
   return {xp, x0};
 }
