@@ -151,16 +151,49 @@ class GaussianMixture:
             return self.v(x, abar)
         raise ValueError(f"prediction_type must be one of {_PREDICTIONS}, got {prediction_type!r}")
 
-    def model(self, schedule: NoiseSchedule, prediction_type: str = "epsilon") -> Callable:
+    def reverse_variance(self, x: torch.Tensor, abar_t, abar_p) -> torch.Tensor:
+        """Var(x_{t−1} | x_t = x) per coordinate, averaged over coordinates: β̃ + c0²·tr Cov(x0 | x_t)/D, (n,) float64.
+
+        The variance of the exact reverse step from ᾱ_t to ᾱ_p (c0 = √ᾱ_p·β′/(1−ᾱ_t), β′ = 1 − ᾱ_t/ᾱ_p); for K = 1 the
+        reverse step is exactly Gaussian with this variance, for K > 1 it is its moment-matched isotropic variance.
+        """
+        xf, a, s2, var = self._prep(x, abar_t)
+        ab_t = a**2
+        ab_p = torch.as_tensor(abar_p, dtype=torch.float64, device=x.device).reshape(-1, 1).expand_as(ab_t)
+        beta = 1.0 - ab_t / ab_p
+        small = (1.0 - ab_p) / (1.0 - ab_t) * beta
+        c0 = ab_p.sqrt() * beta / (1.0 - ab_t)
+        logits, lse = self._resp(xf, a, var)
+        r = (logits - lse[:, None]).exp()  # (n, K)
+        m = self.means.to(xf.device)
+        post_k = m[None] * (s2 / var)[:, :, None] + (a * self.std**2 / var)[:, :, None] * xf[:, None, :]  # (n, K, D)
+        mbar = (r[:, :, None] * post_k).sum(1)
+        spread = (r * (post_k - mbar[:, None]).pow(2).sum(-1)).sum(1) / self.D  # between-component part
+        cov = self.std**2 * s2[:, 0] / var[:, 0] + spread
+        return small[:, 0] + c0[:, 0] ** 2 * cov
+
+    def model(self, schedule: NoiseSchedule, prediction_type: str = "epsilon", variance: str | None = None) -> Callable:
         """`model(x_t, t)` for fastdiff.ddim_sample / ddpm_sample / vlb: t a LongTensor (B,) of training timesteps.
 
         Returns the exact ε*, x̂0 or v* (per `prediction_type`) in x_t's shape, dtype and device.
+        variance="learned_range": also return the exact reverse variance (`reverse_variance` between t and t−1 of the
+        schedule) as improved-diffusion's learned_range v ∈ [−1, 1] (log σ² = f·log β_t + (1−f)·log β̃_t, f = (v+1)/2,
+        β̃_0 replaced by β̃_1 as improved-diffusion clips it), concatenated along dim 1: 2·C channels.
         """
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         if prediction_type not in _PREDICTIONS:
             raise ValueError(f"prediction_type must be one of {_PREDICTIONS}, got {prediction_type!r}")
+        if variance not in (None, "learned_range"):
+            raise ValueError(f"variance must be None or 'learned_range', got {variance!r}")
         abar_table = schedule.alphas_cumprod
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar_table[:-1]])
+        if variance is not None and len(schedule) < 2:
+            raise ValueError("variance='learned_range' needs a schedule with at least 2 timesteps")
+        if variance is not None:
+            post = schedule.betas * (1 - abar_prev) / (1 - abar_table)
+            log_small = torch.cat([post[1:2], post[1:]]).log()
+            log_large = schedule.betas.log()
 
         def oracle(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = torch.as_tensor(t).long().reshape(-1).cpu()
@@ -169,7 +202,15 @@ class GaussianMixture:
             if t.numel() != x_t.shape[0] or (t < 0).any() or (t >= len(abar_table)).any():
                 raise ValueError(f"t must hold {x_t.shape[0]} timesteps in [0, {len(abar_table) - 1}]")
             abar = abar_table[t].to(x_t.device)
-            return self.predict(x_t, abar, prediction_type).to(x_t.dtype)
+            out = self.predict(x_t, abar, prediction_type).to(x_t.dtype)
+            if variance is None:
+                return out
+            if x_t.dim() < 2:
+                raise ValueError("variance='learned_range' needs x_t of shape (B, C, ...)")
+            var = self.reverse_variance(x_t, abar, abar_prev[t].to(x_t.device))
+            lo, hi = log_small[t].to(x_t.device), log_large[t].to(x_t.device)
+            v = (2 * (var.log() - lo) / (hi - lo) - 1).clamp(-1, 1)
+            return torch.cat([out, v.to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1))).expand_as(x_t)], dim=1)
 
         oracle.mixture = self
         oracle.prediction_type = prediction_type
