@@ -341,7 +341,14 @@ def run_plan(plan: SamplerPlan, model: Callable, x: torch.Tensor, *, generator=N
     guided = guidance_scale is not None
     name = _step_backend(x, backend)
     if _use_graph(cuda_graph, x, name, callback=callback, progress=progress, check_nan=check_nan):
-        return _graphed(plan, model, x, name, generator, guidance_scale, noise, learned)
+        try:
+            return _graphed(plan, model, x, name, generator, guidance_scale, noise, learned)
+        except _CaptureError as e:
+            if cuda_graph is True:
+                raise
+            from fastdiff._backend import _warn_once
+
+            _warn_once("sampling", f"cuda_graph='auto': running eagerly: {e}")
     B = x.shape[0]
     tb = [torch.full((B,), int(t), dtype=torch.long, device=x.device) for t in plan.timesteps.tolist()]
     coefs = plan_coefs(plan, guidance_scale).to(x.device) if name != "torch" else None
@@ -387,6 +394,11 @@ def _use_graph(cuda_graph, x, name, *, callback, progress, check_nan) -> bool:
     return True
 
 
+class _CaptureError(RuntimeError):
+    """The loop could not be captured; the message names the reason (cuda_graph=True raises it, "auto" warns once
+    and runs eagerly)."""
+
+
 class _GraphedLoop:
     """A captured sampling loop. Static device buffers hold everything that changes between calls: x_T, the
     timesteps fed to the model, the per-step coefficients, the Philox [seed, offset] rows or the pre-drawn noise; a
@@ -405,6 +417,7 @@ class _GraphedLoop:
         self.znoise = torch.zeros((sum(plan.noise), *x.shape), dtype=x.dtype, device=dev) \
             if noise == "randn" and any(plan.noise) else None
         self.plan = plan
+        self.error: str | None = None
 
     def _loop(self):
         x, plan, zi = self.x_in, self.plan, 0
@@ -451,7 +464,7 @@ class _GraphedLoop:
             with torch.cuda.graph(self.graph):
                 self.out = self._loop()
         except Exception as e:  # noqa: BLE001 - reported with the reason, never swallowed
-            raise RuntimeError(
+            raise _CaptureError(
                 f"cuda_graph: the sampling loop cannot be captured in a CUDA graph ({type(e).__name__}: {e}). "
                 "Common reasons: the model syncs with the host (.item(), .cpu(), printing a tensor, Python branches "
                 "on tensor values), allocates CPU tensors, or changes shapes between steps. Pass cuda_graph=False."
@@ -470,11 +483,17 @@ def _graphed(plan, model, x, name, generator, guidance_scale, noise, learned):
     loop = _GRAPHS.get(key)
     if loop is None or loop.model is not model:
         loop = _GraphedLoop(plan, model, x, name, guidance_scale, noise, learned)
-        loop.load(plan, x, generator, guidance_scale)
-        loop.capture()
         _GRAPHS[key] = loop
         while len(_GRAPHS) > GRAPH_CACHE_SIZE:
             _GRAPHS.popitem(last=False)
+        loop.load(plan, x, generator, guidance_scale)
+        try:
+            loop.capture()
+        except _CaptureError as e:
+            loop.error, loop.znoise, loop.x_in = str(e), None, None  # remembered: not retried for this structure
+            raise
+    elif loop.error is not None:
+        raise _CaptureError(loop.error)
     else:
         _GRAPHS.move_to_end(key)
         loop.load(plan, x, generator, guidance_scale)
