@@ -103,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--png", default=None, help="grid image path (default samples.png; DIR/grid.png with --out)")
     s.add_argument("--npz", default=None, help="uint8 NHWC images under 'arr_0' (default samples.npz)")
     s.add_argument("--grid-scale", type=_positive_int("--grid-scale"), default=None,
-                   help="nearest-neighbour upscale of the grid (default: to at least 32 px per image)")
+                   help="nearest-neighbour upscale of the grid (default: to at least 48 px per image)")
+    s.add_argument("--threads", type=_positive_int("--threads"), default=None,
+                   help="CPU intra-op threads (default: torch's; 1 is best on a CPU shared with other jobs)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     t = sub.add_parser("train", help="train a UNet2D on scikit-learn's digits or a folder of images",
@@ -135,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--hflip", action="store_true", help="random horizontal flips (not for digits)")
     t.add_argument("--save-every", type=_positive_int("--save-every"), default=250)
     t.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    t.add_argument("--threads", type=_positive_int("--threads"), default=None,
+                   help="CPU intra-op threads (default: torch's; 1 is best on a CPU shared with other jobs)")
     t.add_argument("--no-progress", action="store_true")
 
     b = sub.add_parser("bench", help="time the fused backends against the plain-PyTorch reference here")
@@ -201,7 +205,7 @@ def _sample(a) -> int:
         c = int(meta["config"]["in_channels"])
         size = int(meta["config"].get("sample_size") or meta["image"]["size"])
         shape = (c, size, size)
-        scale = a.grid_scale or max(1, -(-32 // size))
+        scale = a.grid_scale or max(1, -(-48 // size))
         progress = not a.no_progress
         log = (lambda m: print(m, file=sys.stderr)) if info.rank == 0 else (lambda m: None)
         desc = f"{a.sampler.upper()} {steps if steps is not None else T} steps" + (f", eta={a.eta}" if a.eta else "")
@@ -288,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastdiff.checkpoint import CheckpointError
     from fastdiff.jobs import RunMismatch
 
+    if getattr(a, "threads", None):
+        import torch
+
+        torch.set_num_threads(a.threads)
     try:
         if a.cmd == "sample":
             return _sample(a)

@@ -84,7 +84,7 @@ def test_sample_writes_png_grid_and_fid_npz(tmp_path, trained, capsys):
         a = z["arr_0"]
     assert a.shape == (5, 8, 8, 1) and a.dtype == np.uint8  # NHWC uint8, as FID tools read
     im = Image.open(png)
-    assert im.size == (3 * (8 * 4 + 1) + 1, 2 * (8 * 4 + 1) + 1)  # 3 columns × 2 rows, 4× upscaled, 1 px gaps
+    assert im.size == (3 * (8 * 6 + 1) + 1, 2 * (8 * 6 + 1) + 1)  # 3 columns × 2 rows, 6× upscaled, 1 px gaps
     # the same seed gives the same images at another batch size; DDPM and η > 0 run too
     npz2 = str(tmp_path / "s2.npz")
     assert run(capsys, "sample", "--checkpoint", trained, "--steps", "3", "--num", "5", "--batch-size", "5",
@@ -111,6 +111,17 @@ def test_sample_without_arguments_uses_the_bundled_model(tmp_path, monkeypatch, 
     assert 0.4 < frac_dark < 0.85, frac_dark
     assert (a > 160).mean() > 0.1
     assert len({x.tobytes() for x in a}) == 64
+    # recognizable: a classifier fit on the real digits is confident on the samples, and finds most classes
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    d = load_digits()
+    clf = LogisticRegression(max_iter=300).fit(d.data / 16, d.target)
+    p = clf.predict_proba(a.reshape(64, 64) / 255 * 1.0)
+    assert p.max(1).mean() > 0.8, p.max(1).mean()
+    assert len(set(p.argmax(1))) >= 8
+    noise = np.random.default_rng(0).random((64, 64))
+    assert clf.predict_proba(noise).max(1).mean() < p.max(1).mean() - 0.1  # the check can fail
     assert Image.open(tmp_path / "samples.png").size[0] >= 8 * 8 * 4
 
 
