@@ -17,6 +17,10 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(fastdiff, m) {
   // Schemas are added here, one block per op (fastdiff/ops/<op>.py documents each).
+  // group_norm_silu (fastdiff/ops/group_norm_silu.py): act(GroupNorm(x + add[:, :, None, None]) * weight + bias),
+  // act = SiLU if silu else identity; x NCHW-contiguous or channels_last; statistics in float32.
+  m.def("group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, int num_groups, float eps, bool silu) "
+        "-> Tensor");
   // sampler_step (fastdiff/ops/sampler_step.py): one fused DDPM/DDIM update. coef: float64 (16,) per-step scalars;
   // flags: bit 0 clip, bits 1-2 variance mode; rng: int64 [seed, offset] for in-kernel Philox noise.
   // Returns (x_prev, x0); x0 is float32 and empty unless write_x0.

@@ -1,0 +1,136 @@
+"""fastdiff.ops.group_norm_silu: parity per backend, dtype and layout; opcheck; bad input.
+
+Tolerance (STYLE.md, flash-attention rule): with y64 the float64 reference on the same (already rounded) inputs,
+err(backend) <= 2 * err(plain PyTorch in the same dtype) + atol, atol = 1e-5 (fp32), 2e-3 (fp16), 1.6e-2 (bf16):
+about one rounding of an O(1..4) output in that dtype, since a kernel that rounds once on the way out can land one ulp
+away from PyTorch's rounding.
+"""
+import pytest
+import torch
+
+from fastdiff import _backend
+from fastdiff.ops.group_norm_silu import group_norm_silu, group_norm_silu_ref
+from tests.conftest import TRITON_OK, requires_cuda
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = list(ATOL)
+
+CPU_BACKENDS = [
+    "torch",
+    pytest.param("cpp", marks=pytest.mark.skipif(not _backend.has_cpp(), reason="fastdiff._C not built")),
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")),
+]
+# (shape, groups): batch 1; channels == groups; H·W not a power of two; 3-d (N, C, L)
+SHAPES = [((1, 32, 5, 7), 32), ((2, 64, 17, 13), 32), ((3, 24, 9, 9), 8), ((2, 16, 10), 4)]
+
+
+def make(shape, dtype, device="cpu", seed=0, offset=0.0, affine=True, add=True):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    x = (torch.randn(shape, generator=g) * 2 + offset).to(dtype).to(device)
+    w = (torch.randn(C, generator=g) * 0.5 + 1).to(dtype).to(device) if affine else None
+    b = (torch.randn(C, generator=g) * 0.5).to(dtype).to(device) if affine else None
+    a = (torch.randn(shape[0], C, generator=g)).to(dtype).to(device) if add else None
+    return x, w, b, a
+
+
+def f64(t):
+    return None if t is None else t.double()
+
+
+def check(backend, shape, groups, dtype, channels_last, silu=True, affine=True, add=True, offset=0.0, device="cpu"):
+    x, w, b, a = make(shape, dtype, device, offset=offset, affine=affine, add=add)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    want = group_norm_silu_ref(f64(x), f64(w), f64(b), groups, 1e-6, silu, f64(a))
+    got = group_norm_silu(x, w, b, groups, 1e-6, silu, a, backend=backend)
+    base = group_norm_silu_ref(x, w, b, groups, 1e-6, silu, a)
+    assert got.dtype == dtype and got.shape == x.shape
+    if channels_last:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    err = (got.double() - want).abs().max().item()
+    err_torch = (base.double() - want).abs().max().item()
+    assert err <= 2 * err_torch + ATOL[dtype], f"{backend} {dtype}: err {err:.3g} vs torch {err_torch:.3g}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups", SHAPES, ids=str)
+def test_parity(backend, shape, groups, dtype):
+    check(backend, shape, groups, dtype, channels_last=False)
+    if len(shape) == 4:
+        check(backend, shape, groups, dtype, channels_last=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("silu,affine,add", [(False, True, False), (True, False, True), (False, False, False)])
+def test_options(backend, silu, affine, add):
+    for cl in (False, True):
+        check(backend, (2, 32, 6, 5), 8, torch.float32, cl, silu=silu, affine=affine, add=add)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_mean_is_stable(backend):
+    """Inputs with mean 1e4 and std 2: E[x²] − E[x]² in float32 would lose every digit of the variance."""
+    for cl in (False, True):
+        check(backend, (2, 32, 16, 16), 32, torch.float32, cl, offset=1e4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_larger_group_split(backend):
+    """A group larger than one tile / block, so the reduction splits and merges (Chan) across tiles and programs."""
+    check(backend, (1, 64, 48, 40), 32, torch.float32, False)
+    check(backend, (1, 64, 48, 40), 32, torch.float32, True)
+
+
+def test_opcheck_cpp():
+    if not _backend.has_cpp():
+        pytest.skip("fastdiff._C not built")
+    for cl in (False, True):
+        x, w, b, a = make((2, 16, 5, 3), torch.float32)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        torch.library.opcheck(torch.ops.fastdiff.group_norm_silu.default, (x, w, b, a, 4, 1e-6, True))
+        torch.library.opcheck(torch.ops.fastdiff.group_norm_silu.default, (x, None, None, None, 4, 1e-5, False))
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+def test_opcheck_triton():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w, b, a = make((2, 8, 3, 5), torch.float32, device)
+    torch.library.opcheck(torch.ops.fastdiff.group_norm_silu_triton.default, (x, w, b, a, 4, 1e-6, True))
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity_cuda(backend, dtype):
+    if backend == "cuda" and not _backend.has_cuda_kernels():
+        pytest.skip("CUDA kernels not built")
+    for shape, groups in SHAPES + [((1, 128, 64, 64), 32), ((4, 512, 16, 16), 32)]:
+        check(backend, shape, groups, dtype, False, device="cuda")
+        if len(shape) == 4:
+            check(backend, shape, groups, dtype, True, device="cuda")
+
+
+def test_bad_input():
+    x, w, b, a = make((2, 12, 4, 4), torch.float32)
+    with pytest.raises(ValueError, match="num_groups"):
+        group_norm_silu(x, w, b, 5)
+    with pytest.raises(ValueError, match="weight"):
+        group_norm_silu(x, w[:6], b, 4)
+    with pytest.raises(ValueError, match="add"):
+        group_norm_silu(x, w, b, 4, add=a[:, :3])
+    with pytest.raises(TypeError, match="x must be"):
+        group_norm_silu(x.long(), w, b, 4)
+    with pytest.raises(ValueError, match="eps"):
+        group_norm_silu(x, w, b, 4, eps=0.0)
+
+
+def test_non_dense_input_is_accepted():
+    x, w, b, a = make((2, 12, 8, 8), torch.float32)
+    xs = x[:, :, ::2, ::2]  # strided view: the wrapper makes it contiguous
+    for backend in ["torch"] + (["cpp"] if _backend.has_cpp() else []):
+        torch.testing.assert_close(group_norm_silu(xs, w, b, 4, backend=backend),
+                                   group_norm_silu_ref(xs, w, b, 4), rtol=1e-5, atol=1e-5)
