@@ -19,6 +19,9 @@ from fastdiff import checkpoint as ckpt
 from fastdiff.schedule import NoiseSchedule
 from fastdiff.training import training_loss
 
+# The U-Net's fused CPU/CUDA ops have no autograd formula yet: training runs its plain-PyTorch path (sampling with
+# the trained model uses the fused ops). tests/test_cli.py checks that every parameter learns.
+TRAIN_BACKEND = "torch"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -181,7 +184,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, device="cpu", sav
         noise = torch.randn(x0.shape, generator=g).to(device)
         for grp in opt.param_groups:
             grp["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-        loss = training_loss(model, x0, sched, t=t, noise=noise, prediction_type=cfg.prediction_type)
+        loss = training_loss(lambda x, tt: model(x, tt, backend=TRAIN_BACKEND), x0, sched, t=t, noise=noise,
+                             prediction_type=cfg.prediction_type)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

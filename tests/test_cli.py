@@ -52,6 +52,18 @@ def test_train_writes_a_checkpoint_with_config_and_schedule(trained):
         assert b"pickle" not in f.read(4096)
 
 
+def test_every_parameter_learns(trained):
+    from fastdiff import trainer
+    from fastdiff.nn import UNet2D
+
+    torch.manual_seed(0)  # the initial weights `fastdiff train --seed 0` starts from
+    init = UNet2D(**trainer.unet_config(trainer.TrainConfig(block_out_channels=[8, 16], norm_num_groups=4), 1))
+    raw = {k[6:]: v for k, v in checkpoint._read(checkpoint.state_path(trained), "x")[0].items()
+           if k.startswith("model.")}
+    frozen = [k for k, v in init.state_dict().items() if torch.equal(v, raw[k])]
+    assert not frozen, f"no gradient reached {frozen}"
+
+
 def test_train_resume_continues_exactly(tmp_path, trained, capsys):
     part = str(tmp_path / "p.safetensors")
     assert run(capsys, "train", "--steps", "2", "--save-every", "2", "--out", part, *TINY)[0] == 0
