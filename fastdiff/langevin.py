@@ -41,7 +41,8 @@ def score_from_eps(eps_model: Callable, schedule: NoiseSchedule) -> Callable:
 def vp_levels(schedule: NoiseSchedule, num_levels: int, t_min: int = 0, t_max: int | None = None):
     """(timesteps (L,) descending, their σ_t = √(1−ᾱ_t) as floats) for `langevin_sample` with `score_from_eps`.
 
-    Timesteps are spaced geometrically in σ between t_max (default T−1) and t_min, as NCSN spaces its σ's.
+    Timesteps are spaced geometrically in the variance-exploding equivalent noise √((1−ᾱ_t)/ᾱ_t) (x_t/√ᾱ_t is data
+    plus that much noise) between t_max (default T−1) and t_min, as NCSN spaces its σ's; repeated timesteps are dropped.
     """
     T = len(schedule)
     t_max = T - 1 if t_max is None else t_max
@@ -49,9 +50,11 @@ def vp_levels(schedule: NoiseSchedule, num_levels: int, t_min: int = 0, t_max: i
         raise ValueError(f"need 0 <= t_min < t_max < T = {T}, got t_min={t_min}, t_max={t_max}")
     if num_levels < 2:
         raise ValueError(f"num_levels must be >= 2, got {num_levels}")
-    sig_all = (1.0 - schedule.alphas_cumprod).sqrt()
-    target = torch.logspace(math.log10(sig_all[t_max]), math.log10(sig_all[t_min]), num_levels, dtype=torch.float64)
-    ts = torch.searchsorted(sig_all, target).clamp(t_min, t_max)
+    abar = schedule.alphas_cumprod
+    sig_all = (1.0 - abar).sqrt()
+    ve = ((1.0 - abar) / abar).log()  # increasing in t
+    target = torch.linspace(float(ve[t_max]), float(ve[t_min]), num_levels, dtype=torch.float64)
+    ts = torch.searchsorted(ve, target).clamp(t_min, t_max)
     ts = torch.unique_consecutive(ts)
     return ts, sig_all[ts].tolist()
 
