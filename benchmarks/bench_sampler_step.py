@@ -1,0 +1,106 @@
+"""One DDIM step (η = 0, ε-prediction): the fused op vs the reference step vs diffusers' DDIMScheduler.step.
+
+    pytest benchmarks/bench_sampler_step.py --benchmark-only [--benchmark-json=out.json]
+    python scripts/bench_summary.py out.json      # median time and GB/s per case
+
+Bytes formula (extra_info["bytes"]): the traffic the step cannot avoid, 3·n·s for n elements of s bytes (read x_t and
+the model output, write x_prev), the same figure for every implementation, so GB/s is an *effective* bandwidth and
+the ratio of two GB/s is their speed ratio. The reference moves ~12 full tensors (x̂0 = (x − b·o)/a: 3 passes,
+√ᾱ_p·x̂0 and √(…)·ε̂: 2, the sum: 1, plus casts), diffusers' step about as many. `copy` is x.clone() (2·n·s bytes):
+the memory-bandwidth ceiling the fused step is compared with on a GPU (target: ≥ 85 % of it at ≥ 16M elements).
+Sizes: 64×3×32×32 up to 4M elements on the CPU, up to 64M on a GPU (fp32 and fp16).
+"""
+import pytest
+import torch
+
+from fastdiff._backend import resolve
+from fastdiff.ops import sampler_step as ss
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(64, 3, 32, 32), (16, 4, 128, 128), (16, 4, 256, 256)]  # 196,608 / 1,048,576 / 4,194,304 elements
+if DEV == "cuda":
+    SHAPES += [(64, 4, 256, 256), (64, 4, 512, 512)]  # 16,777,216 / 67,108,864
+AT, AP = 0.5, 0.7  # ᾱ_t, ᾱ_p of the step
+IMPLS = ["fused", "reference", "diffusers", "copy"]
+
+
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _diffusers_step():
+    diffusers = pytest.importorskip("diffusers")
+    sch = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    sch.set_timesteps(50)
+    t = int(sch.timesteps[10])
+    return lambda x, o: sch.step(o, t, x, eta=0.0).prev_sample
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sampler_step(benchmark, shape, dtype, impl):
+    g = torch.Generator(DEV).manual_seed(0)
+    x = torch.randn(shape, generator=g, device=DEV, dtype=dtype)
+    o = torch.randn(shape, generator=g, device=DEV, dtype=dtype)
+    n, s = x.numel(), x.element_size()
+    coef = torch.tensor(ss.step_coefs("ddim", AT, AP), dtype=torch.float64, device=DEV)
+    backend = resolve("sampler_step", "auto", x.device)
+    if impl == "fused":
+        fn = lambda: ss.sampler_step(x, o, coef)  # noqa: E731
+    elif impl == "reference":
+        fn = lambda: ss.ddim_step_ref(x, o, AT, AP)  # noqa: E731
+    elif impl == "diffusers":
+        step = _diffusers_step()
+        fn = lambda: step(x, o)  # noqa: E731
+    else:
+        fn = x.clone
+
+    def run():
+        out = fn()
+        _sync()
+        return out
+
+    run()
+    benchmark(run)
+    benchmark.extra_info.update(bytes=(2 if impl == "copy" else 3) * n * s, elements=n, backend=backend,
+                                device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu")
+
+
+def side_by_side(shapes=((16, 4, 128, 128), (16, 4, 256, 256)), dtypes=(torch.float32, torch.float16), rounds=60):
+    """Fused vs reference vs diffusers, interleaved round by round (a shared machine's load hits all alike);
+    prints min and median per implementation and the reference/fused ratio of each."""
+    import statistics
+    import time
+
+    step = _diffusers_step()
+    for shape in shapes:
+        for dtype in dtypes:
+            x = torch.randn(shape, device=DEV).to(dtype)
+            o = torch.randn(shape, device=DEV).to(dtype)
+            coef = torch.tensor(ss.step_coefs("ddim", AT, AP), dtype=torch.float64, device=DEV)
+            fns = {"fused": lambda: ss.sampler_step(x, o, coef), "reference": lambda: ss.ddim_step_ref(x, o, AT, AP),
+                   "diffusers": lambda: step(x, o)}
+            times = {k: [] for k in fns}
+            for _ in range(rounds):
+                for k, f in fns.items():
+                    _sync()
+                    t0 = time.perf_counter()
+                    f()
+                    _sync()
+                    times[k].append(time.perf_counter() - t0)
+            n, s = x.numel(), x.element_size()
+            line = [f"{tuple(shape)} {str(dtype)[6:]} n={n}"]
+            for k, ts in times.items():
+                mn, md = min(ts), statistics.median(ts)
+                line.append(f"{k}: min {mn * 1e3:.3f} ms, median {md * 1e3:.3f} ms ({3 * n * s / md / 1e9:.1f} GB/s)")
+            fmin, fmed = min(times["fused"]), statistics.median(times["fused"])
+            line.append(f"reference/fused: {min(times['reference']) / fmin:.1f}x (min), "
+                        f"{statistics.median(times['reference']) / fmed:.1f}x (median); diffusers/fused: "
+                        f"{statistics.median(times['diffusers']) / fmed:.1f}x (median)")
+            print("\n  ".join(line))
+
+
+if __name__ == "__main__":  # python benchmarks/bench_sampler_step.py: the side-by-side table for docs/benchmarks.md
+    side_by_side()
