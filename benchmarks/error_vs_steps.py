@@ -104,14 +104,16 @@ def plot(res, path: pathlib.Path):
     for name, rows in res.items():
         if name in ("floor", "n"):
             continue
-        ax.plot([r[0] for r in rows], [r[1] for r in rows], "o-", label=name)
+        style = dict(marker="s", ms=9, mfc="none", lw=3, alpha=0.6) if name.startswith("DDPM") else dict(marker="o")
+        label = name + " (= DDIM η=1: same math, same noise)" if name.startswith("DDPM") else name
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], label=label, **style)
     ax.axhline(res["floor"], ls="--", c="gray", label="two exact samples (noise floor)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("sampler steps (model evaluations)")
     ax.set_ylabel("sliced Wasserstein-1 to the exact mixture")
     ax.set_title(f"Discretization error, exact oracle, 2-D 3-mode mixture (n={res['n']})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
