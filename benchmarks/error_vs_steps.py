@@ -100,7 +100,7 @@ def plot(res, path: pathlib.Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
     for name, rows in res.items():
         if name in ("floor", "n"):
             continue
@@ -113,7 +113,7 @@ def plot(res, path: pathlib.Path):
     ax.set_xlabel("sampler steps (model evaluations)")
     ax.set_ylabel("sliced Wasserstein-1 to the exact mixture")
     ax.set_title(f"Discretization error, exact oracle, 2-D 3-mode mixture (n={res['n']})")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
