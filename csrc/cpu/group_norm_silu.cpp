@@ -7,7 +7,8 @@
 // GroupNorm + SiLU's 2 reads + 1 write then 1 read + 1 write.
 // NHWC (channels_last): tasks are chunks of pixels of one sample, reduced per channel with the inner loop over C
 // (contiguous), then merged per group; the apply pass runs over the same chunks.
-// SiLU uses a branch-free polynomial exp (|rel err| < 2e-7) so the loops vectorize; the hot loops are compiled for
+// SiLU uses a polynomial exp (|rel err| < 2e-7); the AVX2 pass evaluates it with intrinsics and a Newton-refined
+// reciprocal instead of a division. The hot loops are compiled for
 // AVX2+FMA+F16C and for the baseline ISA (group_norm_silu_kernels.inc compiled twice), picked at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
