@@ -186,10 +186,10 @@ def _sample(a) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if a.out is None:
             raise CliError("under torchrun pass --out DIR: the ranks write shards there and rank 0 merges them")
-        info = jobs.init_distributed(dev.type)
-        if dev.type == "cuda" and a.device in (None, "cuda"):
-            dev = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        if dev.type == "cuda" and a.device in (None, "cuda"):  # one GPU per local rank, chosen before NCCL starts
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
             torch.cuda.set_device(dev)
+        info = jobs.init_distributed(dev.type)
     try:
         model, meta = ckpt.load_checkpoint(path, device=dev, dtype=jobs.DTYPES[a.dtype])
         sch = meta["scheduler"]

@@ -292,7 +292,11 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    import datetime
+
+    # the final barrier waits for the slowest rank's last shards: allow far more than the 30-minute default (a rank
+    # that dies is not waited for: torchrun stops the whole group)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(hours=12))
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owned=True)
 
 
