@@ -79,6 +79,22 @@ def test_batch_composition_does_not_change_an_image(sampler, eta):
     np.testing.assert_array_equal(imgs, jobs.to_uint8_nhwc(full))
 
 
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.7), ("ddim", 0.0)])
+def test_one_image_equals_the_public_sampler_with_its_generator(sampler, eta):
+    """Image i is exactly fastdiff.ddpm_sample / ddim_sample run with a generator seeded image_seed(seed, i)."""
+    import fastdiff
+
+    cfg = jobs.SampleConfig(sampler, 6, eta, 11, "float32", 4)
+    got = jobs.sample_batch(TinyEps(), [9], cfg, SCHED, OPTS, SHAPE, "cpu")
+    g = torch.Generator().manual_seed(jobs.image_seed(11, 9))
+    x_T = torch.randn((1, *SHAPE), generator=g)
+    if sampler == "ddpm":
+        want = fastdiff.ddpm_sample(TinyEps(), steps=6, x_T=x_T, schedule=SCHED, generator=g, **OPTS)
+    else:
+        want = fastdiff.ddim_sample(TinyEps(), 6, x_T=x_T, schedule=SCHED, eta=eta, generator=g, **OPTS)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_to_uint8_nhwc_range_and_layout():
     x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5).repeat(1, 3, 2, 1)
     u = jobs.to_uint8_nhwc(x)
