@@ -9,8 +9,14 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 
 #include "sampler_step_math.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define FD_X86_AVX2 1  // an AVX2+FMA+F16C copy of the tile loop, picked at run time (the build targets baseline x86-64)
+#endif
 
 namespace fastdiff {
 namespace {
@@ -30,6 +36,83 @@ inline void store_tile(const float* __restrict__ src, T* __restrict__ dst, int64
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
+#ifdef FD_X86_AVX2
+__attribute__((target("avx2,fma,f16c"))) inline void load_tile_f16c(const c10::Half* __restrict__ src,
+                                                                     float* __restrict__ dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  for (; j < n; ++j) dst[j] = _cvtsh_ss(src[j].x);
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline void store_tile_f16c(const float* __restrict__ src,
+                                                                      c10::Half* __restrict__ dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+  for (; j < n; ++j) dst[j].x = _cvtss_sh(src[j], _MM_FROUND_TO_NEAREST_INT);
+}
+
+// bfloat16 ↔ float32 as c10::BFloat16 does it: widen by a 16-bit shift; narrow with round-to-nearest-even, NaN → 0x7FC0.
+__attribute__((target("avx2,fma,f16c"))) inline void load_tile_bf16(const c10::BFloat16* __restrict__ src,
+                                                                     float* __restrict__ dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+    _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline void store_tile_bf16(const float* __restrict__ src,
+                                                                      c10::BFloat16* __restrict__ dst, int64_t n) {
+  int64_t j = 0;
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF), qnan = _mm256_set1_epi32(0x7FC0);
+  for (; j + 8 <= n; j += 8) {
+    __m256 f = _mm256_loadu_ps(src + j);
+    __m256i u = _mm256_castps_si256(f);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), one),
+                                                                        bias)), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, qnan, nan);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), packed);
+  }
+  for (; j < n; ++j) dst[j] = static_cast<c10::BFloat16>(src[j]);
+}
+#endif
+
+// Tile loads/stores: F16C conversions for Half inside the AVX2 copy, plain (vectorizable) loops otherwise.
+template <bool AVX2, typename T>
+inline void load_any(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
+#ifdef FD_X86_AVX2
+  if constexpr (AVX2 && std::is_same_v<T, c10::Half>) {
+    load_tile_f16c(src, dst, n);
+    return;
+  }
+  if constexpr (AVX2 && std::is_same_v<T, c10::BFloat16>) {
+    load_tile_bf16(src, dst, n);
+    return;
+  }
+#endif
+  load_tile(src, dst, n);
+}
+
+template <bool AVX2, typename T>
+inline void store_any(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
+#ifdef FD_X86_AVX2
+  if constexpr (AVX2 && std::is_same_v<T, c10::Half>) {
+    store_tile_f16c(src, dst, n);
+    return;
+  }
+  if constexpr (AVX2 && std::is_same_v<T, c10::BFloat16>) {
+    store_tile_bf16(src, dst, n);
+    return;
+  }
+#endif
+  store_tile(src, dst, n);
+}
+
 struct Args {
   const void *x, *o, *oc, *z, *v;
   const float* thr;
@@ -42,8 +125,9 @@ struct Args {
   Coefs k;
 };
 
-template <typename T>
-void run_cpu(const Args& a) {
+// Tiles [t0, t1) of the step. always_inline: it is compiled into both copies below (baseline and AVX2).
+template <typename T, bool AVX2>
+__attribute__((always_inline)) inline void step_tiles(const Args& a, int64_t t0, int64_t t1) {
   const T* X = static_cast<const T*>(a.x);
   const T* O = static_cast<const T*>(a.o);
   const T* OC = static_cast<const T*>(a.oc);
@@ -51,50 +135,69 @@ void run_cpu(const Args& a) {
   const T* V = static_cast<const T*>(a.v);
   T* XP = static_cast<T*>(a.xp);
   const Coefs k = a.k;
-  at::parallel_for(0, (a.n + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) {
-    alignas(64) float xb[kTile], ob[kTile], x0b[kTile], eb[kTile], tb[kTile];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t base = t * kTile;
-      const int64_t m = std::min(kTile, a.n - base);
-      load_tile(X + base, xb, m);
-      load_tile(O + base, ob, m);
-      if (OC) {
-        load_tile(OC + base, tb, m);
+  alignas(64) float xb[kTile], ob[kTile], x0b[kTile], eb[kTile], tb[kTile];
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t base = t * kTile;
+    const int64_t m = std::min(kTile, a.n - base);
+    load_any<AVX2>(X + base, xb, m);
+    load_any<AVX2>(O + base, ob, m);
+    if (OC) {
+      load_any<AVX2>(OC + base, tb, m);
 #pragma omp simd
-        for (int64_t j = 0; j < m; ++j) ob[j] = guide(ob[j], tb[j], k.w);
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) x0b[j] = predict_x0(k, xb[j], ob[j]);
-      if (a.clip) {
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) x0b[j] = clampf(x0b[j], -k.clip, k.clip);
-      }
-      if (a.thr) {  // a tile may straddle two samples: look the threshold up per element
-        for (int64_t j = 0; j < m; ++j) {
-          const float s = a.thr[(base + j) / a.per_sample];
-          x0b[j] = clampf(x0b[j], -s, s) / s;
-        }
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) eb[j] = combine(k, xb[j], x0b[j], predict_eps(k, xb[j], ob[j], x0b[j]));
-      if (a.x0) std::copy(x0b, x0b + m, a.x0 + base);
-      if (Z || a.philox) {
-        if (Z) {
-          load_tile(Z + base, tb, m);
-        } else {
-          for (int64_t j = 0; j < m; ++j) tb[j] = philox_normal(a.seed, a.offset + (uint64_t)(base + j));
-        }
-        if (V) {
-          load_tile(V + base, xb, m);  // xb is free now: reuse it for v
-          for (int64_t j = 0; j < m; ++j) eb[j] += learned_sigma(k, a.var_mode, xb[j]) * tb[j];
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < m; ++j) eb[j] += k.sigma * tb[j];
-        }
-      }
-      store_tile(eb, XP + base, m);
+      for (int64_t j = 0; j < m; ++j) ob[j] = guide(ob[j], tb[j], k.w);
     }
-  });
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) x0b[j] = predict_x0(k, xb[j], ob[j]);
+    if (a.clip) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) x0b[j] = clampf(x0b[j], -k.clip, k.clip);
+    }
+    if (a.thr) {  // a tile may straddle two samples: look the threshold up per element
+      for (int64_t j = 0; j < m; ++j) {
+        const float s = a.thr[(base + j) / a.per_sample];
+        x0b[j] = clampf(x0b[j], -s, s) / s;
+      }
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) eb[j] = combine(k, xb[j], x0b[j], predict_eps(k, xb[j], ob[j], x0b[j]));
+    if (a.x0) std::copy(x0b, x0b + m, a.x0 + base);
+    if (Z || a.philox) {
+      if (Z) {
+        load_any<AVX2>(Z + base, tb, m);
+      } else {
+        for (int64_t j = 0; j < m; ++j) tb[j] = philox_normal(a.seed, a.offset + (uint64_t)(base + j));
+      }
+      if (V) {
+        load_any<AVX2>(V + base, xb, m);  // xb is free now: reuse it for v
+        for (int64_t j = 0; j < m; ++j) eb[j] += learned_sigma(k, a.var_mode, xb[j]) * tb[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) eb[j] += k.sigma * tb[j];
+      }
+    }
+    store_any<AVX2>(eb, XP + base, m);
+  }
+}
+
+template <typename T>
+void step_tiles_base(const Args& a, int64_t t0, int64_t t1) { step_tiles<T, false>(a, t0, t1); }
+
+#ifdef FD_X86_AVX2
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) void step_tiles_avx2(const Args& a, int64_t t0, int64_t t1) {
+  step_tiles<T, true>(a, t0, t1);
+}
+#endif
+
+template <typename T>
+void run_cpu(const Args& a) {
+  void (*fn)(const Args&, int64_t, int64_t) = &step_tiles_base<T>;
+#ifdef FD_X86_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
+  if (avx2) fn = &step_tiles_avx2<T>;
+#endif
+  at::parallel_for(0, (a.n + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
 }
 
 void check_like(const at::Tensor& x, const c10::optional<at::Tensor>& t, const char* name) {
