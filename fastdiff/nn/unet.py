@@ -9,7 +9,7 @@ Module and parameter names are diffusers' (conv_in, time_embedding.linear_1, dow
 diffusers state dict loads as is once the deprecated attention names (query/key/value/proj_attn) are renamed.
 Every GroupNorm(+SiLU) runs through `fastdiff.ops.group_norm_silu.group_norm_silu` (the time-embedding add fused into
 the second GroupNorm of each ResBlock) and attention through `fastdiff.ops.attention.attention`; both dispatch by
-device with `fastdiff._backend.resolve` (`backend=` on the model, or FASTDIFF_BACKEND).
+device with `fastdiff._backend.resolve` (`backend=` on the model, or FASTDIFF_BACKEND; attention always uses SDPA).
 """
 from __future__ import annotations
 
@@ -261,7 +261,7 @@ class AttnBlock(nn.Module):
         b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias], dim=0)
         qkv = nn.functional.linear(tok, w, b).view(B, H * W, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, D)
-        o = attention(q, k, v, backend=ctx.backend)
+        o = attention(q, k, v)  # SDPA on every device (the only attention backend so far)
         o = o.transpose(1, 2).reshape(B, H * W, C)
         o = self.to_out[0](o)
         o = o.transpose(1, 2).reshape(B, C, H, W)

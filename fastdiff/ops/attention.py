@@ -3,10 +3,9 @@
     q, k, v: (B, heads, L, D)  L = H·W tokens, D = head width (C / heads; the DDPM U-Nets use one head, D = C)
     returns: (B, heads, L, D)
 
-Backends: "torch" = torch.nn.functional.scaled_dot_product_attention; "triton" = a flash-attention style kernel
-(online softmax in float32, never materialising the L×L scores). "auto" picks SDPA on every device: on this project's
-CPU machine SDPA was measured faster than the alternatives (docs/benchmarks.md); the Triton kernel is there for GPUs
-and is selected only explicitly until a GPU measurement says it wins.
+Backend: "torch" = torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels where torch has
+them). On this project's CPU machine SDPA was measured 2-8x faster than the plain math reference (docs/benchmarks.md),
+so "auto" picks it on every device. No custom (Triton / CUDA) attention kernel exists yet; GPU: not measured.
 """
 from __future__ import annotations
 
