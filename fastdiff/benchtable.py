@@ -2,8 +2,8 @@
 
 Ops are looked up at run time (each fastdiff.ops module's public function, its SUPPORTED backends and
 fastdiff.backends()); a missing op or backend is listed with the reason, never an error. GB/s = bytes / best time,
-with the bytes each op must move stated below the table (reads + writes of the tensors the fused op touches). The last rows
-time a whole DDIM loop of the bundled model with every op on the reference vs on "auto".
+with the bytes each op must move stated below the table (reads + writes of the tensors the fused op touches). The
+last rows time a whole DDIM loop of the bundled model with every op on the reference vs on "auto".
 """
 from __future__ import annotations
 

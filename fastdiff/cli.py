@@ -179,8 +179,8 @@ def _sample(a) -> int:
         raise CliError(f"the bundled checkpoint {path} is missing from this install; pass --checkpoint")
     if a.sampler == "ddpm" and a.eta:
         raise CliError("--eta applies to --sampler ddim only")
-    if a.out is not None and a.npz is not None:
-        raise CliError("--npz: with --out the merged set is written to OUT/samples.npz")
+    if a.out is not None and (a.npz is not None or a.png is not None):
+        raise CliError("--npz/--png: with --out the merged set is OUT/samples.npz and the grid OUT/grid.png")
     info = jobs.DistInfo()
     dev = _device(a.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -193,8 +193,7 @@ def _sample(a) -> int:
     try:
         model, meta = ckpt.load_checkpoint(path, device=dev, dtype=jobs.DTYPES[a.dtype])
         sch = meta["scheduler"]
-        from fastdiff.sampling import resolve_schedule
-        from fastdiff.sampling import OPTION_NAMES
+        from fastdiff.sampling import OPTION_NAMES, resolve_schedule
 
         schedule, _, _ = resolve_schedule(sch or None, {})
         options = {k: sch[k] for k in OPTION_NAMES if k in sch}
@@ -287,7 +286,8 @@ def _train(a) -> int:
 def _set_threads(a) -> None:
     """--threads, else torch's default, except on a CPU that other jobs already saturate: there, several OpenMP
     threads spin at every barrier while their siblings wait for a core (measured: the default `fastdiff sample` took
-    47 s with 2 threads and 7 s with 1 on this 2-core machine at load 4.5), so CPU runs drop to one thread and say so."""
+    47 s with 2 threads and 7 s with 1 on this 2-core machine at load 4.5), so CPU runs drop to one thread and say
+    so."""
     import torch
 
     if getattr(a, "threads", None):

@@ -1,5 +1,4 @@
 """The `fastdiff` command line end to end on the CPU: train → sample → files, resume of training, bad input."""
-import json
 import os
 import subprocess
 import sys
@@ -166,6 +165,7 @@ def test_bad_arguments_are_usage_errors(argv, msg, capsys):
      "--device"),
     (["sample", "--sampler", "ddpm", "--eta", "0.5"], "--eta applies to --sampler ddim only"),
     (["sample", "--steps", "5000"], "exceeds the model's 1000 training timesteps"),
+    (["sample", "--out", "d", "--png", "g.png"], "with --out the merged set is OUT/samples.npz"),
     (["train", "--norm-groups", "3", "--block-out-channels", "8,16"], "--norm-groups 3 must divide"),
     (["train", "--attention", "1", "--block-out-channels", "8,16"], "--attention has 1 flags for 2 levels"),
     (["train", "--image-size", "6", "--block-out-channels", "8,16,32"], "--image-size 6 must be divisible"),
@@ -230,6 +230,5 @@ def test_bench_prints_a_table(capsys):
     rc, out, _ = run(capsys, "bench", "--quick", "--repeat", "1")
     assert rc == 0
     assert "backends:" in out and "reference" in out and "vs reference" in out
-    assert "DDIM step" in out
-    table = json.dumps(out)
-    assert "Traceback" not in table
+    assert "DDIM step" in out and "GroupNorm" in out and "bundled UNet2D" in out
+    assert "failed" not in out and "could not build" not in out
