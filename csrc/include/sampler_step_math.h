@@ -44,6 +44,13 @@ FD_HD Coefs load_coefs(const double* c) {
   return k;
 }
 
+// Without clipping or thresholding the step is linear: x' = c_x·x + c_o·o (+ σ·z), REFERENCE.md's fused form.
+// The two scalars are folded in float64 from the coefficient vector.
+FD_HD void fold_linear(const double* c, float* cx, float* co) {
+  *cx = (float)(c[kA] * c[kP] + c[kB] * (c[kR] + c[kU] * c[kP]) + c[kC]);
+  *co = (float)(c[kA] * c[kQ] + c[kB] * (c[kS] + c[kU] * c[kQ]));
+}
+
 FD_HD float guide(float ou, float oc, float w) { return ou + w * (oc - ou); }
 
 FD_HD float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
