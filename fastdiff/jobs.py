@@ -377,8 +377,10 @@ def sample_to_dir(model: Callable, out_dir: str, num: int, cfg: SampleConfig, *,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_mine, unit="img", desc=f"sampling{f' rank {info.rank}' if info.world > 1 else ''}",
-                   position=info.rank if info.world > 1 else None)
+        if info.world == 1:  # the whole run, resumed part included
+            bar = tqdm(total=num, initial=done_before, unit="img", desc="sampling")
+        else:
+            bar = tqdm(total=n_mine, unit="img", desc=f"sampling rank {info.rank}", position=info.rank)
     t0 = time.perf_counter()
     for k in mine:
         lo, hi = k * shard_size, min((k + 1) * shard_size, num)
