@@ -67,3 +67,48 @@ def test_ddim_loop(benchmark, form):
     benchmark(run)
     benchmark.extra_info.update(bytes=STEPS * 3 * xT.numel() * xT.element_size(), steps=STEPS, form=form,
                                 device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu")
+
+
+def side_by_side(rounds=15):
+    """The eager forms interleaved round by round (plus the graphed one on a GPU): min and median per form and the
+    median per-round ratio reference/form."""
+    import statistics
+    import time
+
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    net = TinyNet().to(DEV).eval()
+    xT = torch.randn(SHAPE, device=DEV)
+    sch = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    sch.set_timesteps(STEPS)
+
+    @torch.no_grad()
+    def diff_loop():
+        x = xT
+        for t in sch.timesteps:
+            x = sch.step(net(x, t.to(DEV).expand(x.shape[0])), t, x, eta=0.0).prev_sample
+        return x
+
+    forms = {"reference_eager": lambda: fastdiff.ddim_sample(net, STEPS, x_T=xT, backend="torch", cuda_graph=False),
+             "fused_eager": lambda: fastdiff.ddim_sample(net, STEPS, x_T=xT, cuda_graph=False),
+             "diffusers_eager": diff_loop}
+    if DEV == "cuda":
+        forms["fused_graph"] = lambda: fastdiff.ddim_sample(net, STEPS, x_T=xT, cuda_graph=True)
+    times = {k: [] for k in forms}
+    for f in forms.values():
+        f()
+    for _ in range(rounds):
+        for k, f in forms.items():
+            _sync()
+            t0 = time.perf_counter()
+            f()
+            _sync()
+            times[k].append(time.perf_counter() - t0)
+    for k, ts in times.items():
+        ratio = statistics.median(r / f for r, f in zip(times["reference_eager"], ts))
+        print(f"{k}: min {min(ts) * 1e3:.2f} ms, median {statistics.median(ts) * 1e3:.2f} ms; "
+              f"reference_eager/{k} = {ratio:.2f}x (median per-round ratio)")
+
+
+if __name__ == "__main__":  # python benchmarks/bench_ddim_loop.py
+    side_by_side()

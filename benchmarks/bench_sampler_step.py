@@ -70,7 +70,8 @@ def test_sampler_step(benchmark, shape, dtype, impl):
 
 def side_by_side(shapes=((16, 4, 128, 128), (16, 4, 256, 256)), dtypes=(torch.float32, torch.float16), rounds=60):
     """Fused vs reference vs diffusers, interleaved round by round (a shared machine's load hits all alike);
-    prints min and median per implementation and the reference/fused ratio of each."""
+    prints min and median per implementation, and reference/fused as min/min and as the median of the per-round
+    ratios (each round times the three back to back, so a loaded machine's slow spells mostly cancel)."""
     import statistics
     import time
 
@@ -95,10 +96,12 @@ def side_by_side(shapes=((16, 4, 128, 128), (16, 4, 256, 256)), dtypes=(torch.fl
             for k, ts in times.items():
                 mn, md = min(ts), statistics.median(ts)
                 line.append(f"{k}: min {mn * 1e3:.3f} ms, median {md * 1e3:.3f} ms ({3 * n * s / md / 1e9:.1f} GB/s)")
-            fmin, fmed = min(times["fused"]), statistics.median(times["fused"])
-            line.append(f"reference/fused: {min(times['reference']) / fmin:.1f}x (min), "
-                        f"{statistics.median(times['reference']) / fmed:.1f}x (median); diffusers/fused: "
-                        f"{statistics.median(times['diffusers']) / fmed:.1f}x (median)")
+            fmin = min(times["fused"])
+            paired = {k: statistics.median(r / f for r, f in zip(times[k], times["fused"]))
+                      for k in ("reference", "diffusers")}
+            line.append(f"reference/fused: {min(times['reference']) / fmin:.1f}x (min/min), "
+                        f"{paired['reference']:.1f}x (median of per-round ratios); diffusers/fused: "
+                        f"{min(times['diffusers']) / fmin:.1f}x (min/min), {paired['diffusers']:.1f}x (median ratio)")
             print("\n  ".join(line))
 
 
