@@ -310,6 +310,16 @@ def _broadcast(obj, info: DistInfo):
     return box[0]
 
 
+def _gather(obj, info: DistInfo) -> list:
+    if info.world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _barrier(info: DistInfo) -> None:
     if info.world > 1:
         import torch.distributed as dist
@@ -351,13 +361,24 @@ def sample_to_dir(model: Callable, out_dir: str, num: int, cfg: SampleConfig, *,
     device = torch.device(device)
     c, h, w = (int(s) for s in image_shape)
     n_shards = math.ceil(num / shard_size)
+    from fastdiff._backend import backends
+
+    # what changes the bits: the model, the options, and where and with what the kernels run ("auto" resolves by
+    # what was built, so the available backends are part of it)
     run = {"model": run_id, "num": num, "shard_size": shard_size, "image_shape": [c, h, w],
            "device_type": device.type, "options": {k: options[k] for k in sorted(options)},
-           **dataclasses.asdict(cfg)}
+           "backend": backend, "kernels": sorted(b for b, st in backends().items() if st["available"]),
+           "torch": torch.__version__, **dataclasses.asdict(cfg)}
+    runs = _gather(run, info)
     todo: dict[str, Any] = {}
     err: Exception | None = None
     if info.rank == 0:
         try:
+            odd = [r for r, other in enumerate(runs) if other != run]
+            if odd:
+                diffs = sorted(k for r in odd for k in set(run) | set(runs[r]) if runs[r].get(k) != run.get(k))
+                raise RunMismatch(f"ranks {odd} differ from rank 0 in {diffs}: every rank must run the same "
+                                  "software with the same options")
             resumed = check_manifest(out_dir, run)
             _clean_temps(out_dir)
             todo = {"shards": missing_shards(out_dir, n_shards), "resumed": resumed}

@@ -47,12 +47,12 @@ OPTS = {"clip_sample": True}
 SHAPE = (1, 6, 5)  # odd sizes on purpose
 
 
-def _run_dir(tmp, name, num=11, shard=3, **kw):
+def _run_dir(tmp, name, num=11, shard=3, backend="auto", **kw):
     cfg = jobs.SampleConfig(**{"sampler": "ddpm", "steps": 4, "batch_size": 2, **kw})
     out = str(tmp / name)
     res = jobs.sample_to_dir(TinyEps(), out, num, cfg, schedule=SCHED, options=OPTS, image_shape=SHAPE,
                              device="cpu", run_id={"model": "tiny"}, shard_size=shard, progress=False,
-                             log=lambda m: None)
+                             backend=backend, log=lambda m: None)
     with np.load(res["npz"]) as z:
         return out, res, z["arr_0"]
 
@@ -144,6 +144,8 @@ def test_other_num_or_model_refused_and_foreign_dir_refused(tmp_path):
         _run_dir(tmp_path, "n", num=6, shard=2)
     with pytest.raises(jobs.RunMismatch, match="shard_size"):
         _run_dir(tmp_path, "n", num=4, shard=4)
+    with pytest.raises(jobs.RunMismatch, match="backend: 'auto' in .*, 'torch' now"):
+        _run_dir(tmp_path, "n", num=4, shard=2, backend="torch")
     d = tmp_path / "foreign"
     d.mkdir()
     (d / "shard_000000.npz").write_bytes(b"x")
