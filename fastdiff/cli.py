@@ -183,6 +183,14 @@ def _sample(a) -> int:
         raise CliError("--npz/--png: with --out the merged set is OUT/samples.npz and the grid OUT/grid.png")
     info = jobs.DistInfo()
     dev = _device(a.device)
+    if a.backend != "auto":
+        from fastdiff import backends
+
+        st = backends()[a.backend]
+        if not st["available"]:
+            raise CliError(f"--backend {a.backend} is unavailable here: {st['why']}")
+        if (a.backend == "cpp") != (dev.type == "cpu") and a.backend != "torch":
+            raise CliError(f"--backend {a.backend} does not run on {dev.type}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if a.out is None:
             raise CliError("under torchrun pass --out DIR: the ranks write shards there and rank 0 merges them")

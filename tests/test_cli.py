@@ -166,6 +166,8 @@ def test_bad_arguments_are_usage_errors(argv, msg, capsys):
     (["sample", "--sampler", "ddpm", "--eta", "0.5"], "--eta applies to --sampler ddim only"),
     (["sample", "--steps", "5000"], "exceeds the model's 1000 training timesteps"),
     (["sample", "--out", "d", "--png", "g.png"], "with --out the merged set is OUT/samples.npz"),
+    (["sample", "--backend", "cuda"] if not torch.cuda.is_available() else ["sample", "--backend", "cuda",
+                                                                            "--device", "cpu"], "--backend cuda"),
     (["train", "--norm-groups", "3", "--block-out-channels", "8,16"], "--norm-groups 3 must divide"),
     (["train", "--attention", "1", "--block-out-channels", "8,16"], "--attention has 1 flags for 2 levels"),
     (["train", "--image-size", "6", "--block-out-channels", "8,16,32"], "--image-size 6 must be divisible"),
