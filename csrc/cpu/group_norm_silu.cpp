@@ -73,9 +73,13 @@ at::Tensor opt_float(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
 }
 
-at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
-                               int64_t num_groups, double eps, bool silu) {
+}  // namespace
+
+// Argument checks shared with the CUDA glue (csrc/cuda/group_norm_silu_glue.cpp). Returns true for NCHW-contiguous x,
+// false for channels_last; anything else is an error.
+bool group_norm_silu_check(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
+                           int64_t num_groups, double eps) {
   TORCH_CHECK(x.dim() >= 2, "group_norm_silu: x must have shape (N, C, ...), got ", x.sizes());
   const int64_t N = x.size(0), C = x.size(1);
   TORCH_CHECK(num_groups >= 1 && C % num_groups == 0, "group_norm_silu: num_groups (", num_groups,
@@ -95,6 +99,20 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tens
   if (add.has_value())
     TORCH_CHECK(add->dim() == 2 && add->size(0) == N && add->size(1) == C, "group_norm_silu: add must have shape (",
                 N, ", ", C, "), got ", add->sizes());
+  for (const auto* t : {&weight, &bias, &add})
+    if (t->has_value())
+      TORCH_CHECK((*t)->device() == x.device(), "group_norm_silu: weight, bias and add must be on x's device ",
+                  x.device(), ", got ", (*t)->device());
+  return nchw;
+}
+
+namespace {
+
+at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
+                               int64_t num_groups, double eps, bool silu) {
+  const bool nchw = group_norm_silu_check(x, weight, bias, add, num_groups, eps);
+  const int64_t N = x.size(0), C = x.size(1);
   at::Tensor w = opt_float(weight), b = opt_float(bias), a = opt_float(add);
   at::Tensor y = at::empty_like(x);  // preserves the memory format
   if (x.numel() == 0) return y;

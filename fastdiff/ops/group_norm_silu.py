@@ -31,7 +31,7 @@ except ImportError:  # the Triton backend reports itself unavailable (fastdiff.b
     triton = None
 
 OP = "group_norm_silu"
-SUPPORTED = ("torch", "triton", "cpp")
+SUPPORTED = ("torch", "triton", "cpp", "cuda")
 
 
 def group_norm_silu_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
