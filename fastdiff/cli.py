@@ -2,6 +2,7 @@
 
     fastdiff sample                                 # 64 digits from the bundled model → samples.png, samples.npz
     fastdiff sample --num 50000 --out runs/fid     # numbered shards, resumable, torchrun-aware; merged at the end
+    torchrun --nproc_per_node 2 -m fastdiff -- sample --num 50000 --out runs/fid   # `--` ends torchrun's options
     fastdiff train --data digits --out model.safetensors   [--resume]
     fastdiff bench                                  # fused backends vs the reference on this machine
 """
@@ -83,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images (DDIM or DDPM) to a PNG grid and a .npz",
                        description="Sample images. Without --out: one grid (--png) and one .npz (--npz). With --out "
                        "DIR: numbered shards written atomically; rerun the same command to resume; under torchrun "
-                       "every rank takes disjoint images; the merged set is DIR/samples.npz.")
+                       "(torchrun ... -m fastdiff -- sample ...) every rank takes disjoint images; the merged set is "
+                       "DIR/samples.npz.")
     s.add_argument("--checkpoint", default=None, help="a fastdiff checkpoint (default: the bundled digits model)")
     s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     s.add_argument("--steps", type=_positive_int("--steps"), default=None,
