@@ -340,7 +340,8 @@ def run_plan(plan: SamplerPlan, model: Callable, x: torch.Tensor, *, generator=N
     learned = plan.kind == "ddpm" and plan.options.variance_type.startswith("learned")
     guided = guidance_scale is not None
     name = _step_backend(x, backend)
-    if _use_graph(cuda_graph, x, name, callback=callback, progress=progress, check_nan=check_nan):
+    if _use_graph(cuda_graph, x, name, callback=callback, progress=progress, check_nan=check_nan) and \
+            _graph_noise_fits(cuda_graph, plan, x, noise):
         try:
             return _graphed(plan, model, x, name, generator, guidance_scale, noise, learned)
         except _CaptureError as e:
@@ -392,6 +393,25 @@ def _use_graph(cuda_graph, x, name, *, callback, progress, check_nan) -> bool:
             raise ValueError(f"cuda_graph=True: {why}; pass cuda_graph=False")
         return False
     return True
+
+
+GRAPH_NOISE_BUDGET_BYTES = 1 << 30  # a graphed loop with noise="randn" pre-draws every step's noise up to this size
+
+
+def _graph_noise_fits(cuda_graph, plan, x, noise) -> bool:
+    """noise="randn" under a graph pre-draws all steps' noise (diffusers' order) into one static buffer; past
+    GRAPH_NOISE_BUDGET_BYTES "auto" runs eagerly and True raises (noise="philox" needs no buffer)."""
+    need = sum(plan.noise) * x.numel() * x.element_size() if noise == "randn" else 0
+    if need <= GRAPH_NOISE_BUDGET_BYTES:
+        return True
+    msg = (f"a CUDA graph with noise='randn' pre-draws {sum(plan.noise)} noise tensors ({need / 2**30:.1f} GiB > "
+           f"fastdiff.sampling.GRAPH_NOISE_BUDGET_BYTES); pass noise='philox' (in-kernel noise) or cuda_graph=False")
+    if cuda_graph is True:
+        raise ValueError(f"cuda_graph=True: {msg}")
+    from fastdiff._backend import _warn_once
+
+    _warn_once("sampling", f"cuda_graph='auto': running eagerly: {msg}")
+    return False
 
 
 class _CaptureError(RuntimeError):

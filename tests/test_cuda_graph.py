@@ -190,3 +190,26 @@ def test_capture_unsafe_model_gets_a_clear_error():
                                                          backend=_fused_backend()))
     with pytest.raises(ValueError, match="callback needs the host"):
         fastdiff.ddim_sample(_net("cuda"), 4, x_T=xT, cuda_graph=True, callback=lambda d: None)
+
+
+def test_graph_noise_budget(monkeypatch):
+    """noise='randn' under a graph pre-draws every step's noise: past the budget True raises, 'auto' runs eagerly."""
+    plan = sampling.make_plan("ddpm", fastdiff.NoiseSchedule.linear(), sampling.SamplerOptions(), 100)
+    x = torch.empty(4, 3, 32, 32)
+    monkeypatch.setattr(sampling, "GRAPH_NOISE_BUDGET_BYTES", 1 << 20)
+    assert sampling._graph_noise_fits(True, plan, x, "philox")
+    with pytest.raises(ValueError, match="noise='philox'"):
+        sampling._graph_noise_fits(True, plan, x, "randn")
+    with pytest.warns(RuntimeWarning, match="running eagerly"):
+        assert not sampling._graph_noise_fits("auto", plan, x, "randn")
+    assert sampling._graph_noise_fits("auto", plan, x[:1, :1, :8, :8], "randn")
+
+
+@pytest.mark.gpu
+def test_graphed_ddpm_with_philox_and_learned_variance():
+    net = _net("cuda", learned=True)
+    xT = torch.randn(2, 3, 16, 16, device="cuda")
+    kw = dict(steps=20, x_T=xT, variance="learned_range", noise="philox", backend=_fused_backend())
+    a = fastdiff.ddpm_sample(net, generator=torch.Generator().manual_seed(1), cuda_graph=True, **kw)
+    b = fastdiff.ddpm_sample(net, generator=torch.Generator().manual_seed(1), cuda_graph=False, **kw)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

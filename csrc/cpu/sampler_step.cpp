@@ -155,28 +155,28 @@ __attribute__((always_inline)) inline void step_tiles(const Args& a, int64_t t0,
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) eb[j] = cx * xs[j] + co * os[j];
     } else {
-    load_any<AVX2>(X + base, xb, m);
-    load_any<AVX2>(O + base, ob, m);
-    if (OC) {
-      load_any<AVX2>(OC + base, tb, m);
+      load_any<AVX2>(X + base, xb, m);
+      load_any<AVX2>(O + base, ob, m);
+      if (OC) {
+        load_any<AVX2>(OC + base, tb, m);
 #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) ob[j] = guide(ob[j], tb[j], k.w);
-    }
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) x0b[j] = predict_x0(k, xb[j], ob[j]);
-    if (a.clip) {
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) x0b[j] = clampf(x0b[j], -k.clip, k.clip);
-    }
-    if (a.thr) {  // a tile may straddle two samples: look the threshold up per element
-      for (int64_t j = 0; j < m; ++j) {
-        const float s = a.thr[(base + j) / a.per_sample];
-        x0b[j] = clampf(x0b[j], -s, s) / s;
+        for (int64_t j = 0; j < m; ++j) ob[j] = guide(ob[j], tb[j], k.w);
       }
-    }
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) eb[j] = combine(k, xb[j], x0b[j], predict_eps(k, xb[j], ob[j], x0b[j]));
-    if (a.x0) std::copy(x0b, x0b + m, a.x0 + base);
+      for (int64_t j = 0; j < m; ++j) x0b[j] = predict_x0(k, xb[j], ob[j]);
+      if (a.clip) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) x0b[j] = clampf(x0b[j], -k.clip, k.clip);
+      }
+      if (a.thr) {  // a tile may straddle two samples: look the threshold up per element
+        for (int64_t j = 0; j < m; ++j) {
+          const float s = a.thr[(base + j) / a.per_sample];
+          x0b[j] = clampf(x0b[j], -s, s) / s;
+        }
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) eb[j] = combine(k, xb[j], x0b[j], predict_eps(k, xb[j], ob[j], x0b[j]));
+      if (a.x0) std::copy(x0b, x0b + m, a.x0 + base);
     }
     if (Z || a.philox) {
       if (Z) {
