@@ -332,7 +332,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_stats_kernel(LaunchArgs a, Plan
     T* y = static_cast<T*>(a.y) + (cx.n * a.HW + cx.p0) * a.C;
     const int64_t items = cx.np * cx.CV;
     for (int64_t it = t; it < items; it += kThreads) {
-      const int64_t p = it / cx.CV;
+      const int64_t p = (uint32_t)it / (uint32_t)cx.CV;
       const int cv = (int)(it - p * cx.CV);
       float v[VEC];
       load_vec<T, VEC>(cx.x + p * a.C + (int64_t)cv * VEC, v);
@@ -371,7 +371,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_apply_kernel(LaunchArgs a, Plan
   T* y = static_cast<T*>(a.y) + (cx.n * a.HW + cx.p0) * a.C;
   const int64_t items = cx.np * cx.CV;
   for (int64_t it = t; it < items; it += kThreads) {
-    const int64_t p = it / cx.CV;
+    const int64_t p = (uint32_t)it / (uint32_t)cx.CV;  // it < slice·C/VEC < 2^31 (gns::plan caps slice·C)
     const int cv = (int)(it - p * cx.CV);
     float v[VEC];
     load_vec<T, VEC>(cx.x + p * a.C + (int64_t)cv * VEC, v);

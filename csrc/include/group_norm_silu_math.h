@@ -96,7 +96,7 @@ struct Plan {
   int64_t work_floats;          // partials (3 per unit·split·group) + merged (mean, rstd) per (sample, group)
 };
 constexpr int64_t kMaxSlice = 16384;  // elements per block
-constexpr int64_t kMinSlice = 2048;   // do not split below this many elements per block
+constexpr int64_t kMinSlice = 512;    // do not split below this many elements per block
 
 inline Plan plan(int64_t N, int64_t C, int64_t HW, int64_t G, bool channels_last, int64_t target_blocks) {
   Plan p;

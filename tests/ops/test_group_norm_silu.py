@@ -134,3 +134,93 @@ def test_non_dense_input_is_accepted():
     for backend in ["torch"] + (["cpp"] if _backend.has_cpp() else []):
         torch.testing.assert_close(group_norm_silu(xs, w, b, 4, backend=backend),
                                    group_norm_silu_ref(xs, w, b, 4), rtol=1e-5, atol=1e-5)
+
+
+# ---- the CUDA kernel (csrc/cuda/group_norm_silu.cu): GPU only, skipped cleanly without one ------------------------
+
+def _needs_cuda_kernels():
+    if not _backend.has_cuda_kernels():
+        pytest.skip("fastdiff CUDA kernels not built")
+
+
+# Each shape picks a different path of gns::plan / the launcher (batch-1 shapes split, batch-64 CIFAR is one fused
+# kernel per group; HW or C not a multiple of 8 takes the scalar instantiation; channels == groups; 3-d input).
+CUDA_SHAPES = [((1, 128, 32, 32), 32), ((64, 128, 32, 32), 32), ((1, 128, 256, 256), 32), ((2, 96, 33, 31), 32),
+               ((3, 30, 7, 9), 30), ((1, 36, 40, 40), 4), ((2, 64, 100), 16)]
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups", CUDA_SHAPES, ids=str)
+def test_cuda_kernel_parity_layouts(shape, groups, dtype):
+    _needs_cuda_kernels()
+    check("cuda", shape, groups, dtype, False, device="cuda")
+    if len(shape) == 4:
+        check("cuda", shape, groups, dtype, True, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("silu,affine,add", [(False, True, False), (True, False, True), (False, False, False)])
+def test_cuda_kernel_options_and_stability(silu, affine, add):
+    _needs_cuda_kernels()
+    for cl in (False, True):
+        check("cuda", (2, 32, 6, 5), 8, torch.float32, cl, silu=silu, affine=affine, add=add, device="cuda")
+        check("cuda", (1, 64, 48, 40), 32, torch.float32, cl, silu=silu, affine=affine, add=add, offset=1e4,
+              device="cuda")
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_kernel_misaligned_and_mixed_param_dtypes():
+    """x at an odd element offset (no 16-byte vectors), and fp32 weight/bias/add with fp16 x (autocast-style)."""
+    _needs_cuda_kernels()
+    x, w, b, a = make((2, 64, 16, 16), torch.float16, "cuda")
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")
+    xm = buf[1:].view_as(x).copy_(x)
+    assert xm.data_ptr() % 16 != 0
+    want = group_norm_silu_ref(x.double(), w.double(), b.double(), 32, 1e-5, True, a.double())
+    for xx, ww, bb, aa in ((xm, w, b, a), (x, w.float(), b.float(), a.float())):
+        got = group_norm_silu(xx, ww, bb, 32, 1e-5, True, aa, backend="cuda")
+        assert got.dtype == torch.float16
+        assert (got.double() - want).abs().max().item() < 4e-3
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_kernel_deterministic_and_graph_capturable():
+    _needs_cuda_kernels()
+    for shape, cl in (((1, 128, 64, 64), False), ((1, 128, 64, 64), True), ((8, 64, 16, 16), False)):
+        x, w, b, a = make(shape, torch.float16, "cuda")
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        y1 = group_norm_silu(x, w, b, 32, 1e-5, True, a, backend="cuda")
+        y2 = group_norm_silu(x, w, b, 32, 1e-5, True, a, backend="cuda")
+        assert torch.equal(y1, y2)
+        static_x = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            group_norm_silu(static_x, w, b, 32, 1e-5, True, a, backend="cuda")  # warm-up off the default stream
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_y = group_norm_silu(static_x, w, b, 32, 1e-5, True, a, backend="cuda")
+        x2 = x * 0.5 + 1
+        static_x.copy_(x2)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, group_norm_silu(x2, w, b, 32, 1e-5, True, a, backend="cuda"))
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_opcheck_cuda():
+    _needs_cuda_kernels()
+    for shape, cl in (((2, 16, 5, 3), False), ((2, 16, 5, 3), True), ((1, 64, 64, 64), False)):
+        x, w, b, a = make(shape, torch.float32, "cuda")
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        torch.library.opcheck(torch.ops.fastdiff.group_norm_silu.default, (x, w, b, a, 4, 1e-6, True))
+        torch.library.opcheck(torch.ops.fastdiff.group_norm_silu.default, (x, None, None, None, 4, 1e-5, False))
