@@ -398,3 +398,31 @@ def test_sampler_backend_errors():
             fastdiff.ddim_sample(_Model(), 2, x_T=torch.randn(1, 2, 3, 3, dtype=torch.float64), backend="cpp")
     with pytest.raises(ValueError, match="noise must be"):
         fastdiff.ddim_sample(_Model(), 2, x_T=torch.randn(1, 2, 3, 3), noise="uniform")
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_baseline_copy_equals_avx2_copy(monkeypatch, dtype):
+    """The CPU kernel has a baseline x86-64 copy and an AVX2/FMA/F16C copy picked at run time; both agree (to FMA
+    contraction) with each other and with the reference, on the linear fast path and the general one."""
+    x, o, oc, z = _inputs((3, 4, 5, 37), dtype, seed=4)
+    c = torch.tensor(ss.step_coefs("ddim", 0.3, 0.6, prediction_type="v_prediction", sigma=0.2), dtype=torch.float64)
+    runs = {}
+    for isa in ("0", "1"):
+        monkeypatch.setenv("FASTDIFF_CPU_NO_AVX2", isa)
+        runs[isa] = [ss.sampler_step(x, o, c, noise=z, backend="cpp")[0],
+                     ss.sampler_step(x, o, c, o_cond=oc, noise=z, clip=True, write_x0=True, backend="cpp")[0]]
+    want = [ss.sampler_step_ref(x, o, c, noise=z)[0], ss.sampler_step_ref(x, o, c, o_cond=oc, noise=z, clip=True)[0]]
+    tol = dict(rtol=0, atol={torch.float32: 1e-5}.get(dtype, 2 * ATOL[dtype] * 8))
+    for a, b, w in zip(runs["0"], runs["1"], want):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+        torch.testing.assert_close(a.float(), w.float(), **tol)
+
+
+@requires_triton
+def test_triton_op_under_torch_compile():
+    x, o, _, z = _inputs((2, 3, 4, 4), torch.float32, seed=2)
+    c = torch.tensor(ss.step_coefs("ddpm", 0.3, 0.6, sigma=0.2), dtype=torch.float64)
+    f = lambda x, o, z, c: ss.sampler_step(x, o, c, noise=z, backend="triton")[0] + 1  # noqa: E731
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, o, z, c)
+    torch.testing.assert_close(got, f(x, o, z, c))
