@@ -1,6 +1,12 @@
-"""The sampler update x_t, model output → x_{t−1}: reference math in plain PyTorch (`*_ref`).
+"""The sampler update x_t, model output → x_{t−1}: reference math in plain PyTorch (`*_ref`), and the fused op.
 
-Every function here follows REFERENCE.md and the order of operations of diffusers' `DDPMScheduler.step` /
+Fused op (second half of this file): `sampler_step(x, o, coef, ...)` does a whole DDPM or DDIM step in one pass on the
+"cpp" (csrc/cpu/sampler_step.cpp), "cuda" (csrc/cuda/sampler_step.cu) or "triton" (below) backend, "torch" being
+`sampler_step_ref`; `step_coefs` builds its per-step scalars, `threshold_scale` the dynamic-thresholding scales,
+`philox_randn_ref` is the in-kernel noise generator in NumPy. Registered as fastdiff::sampler_step (C++/CUDA) and
+fastdiff::sampler_step_triton, both with fake kernels (torch.compile, opcheck).
+
+Every `*_ref` function here follows REFERENCE.md and the order of operations of diffusers' `DDPMScheduler.step` /
 `DDIMScheduler.step`, so that a reference loop and a diffusers loop agree to float32 rounding. Per-step scalars are
 Python floats computed in float64; tensor math runs in float32 (fp16/bf16 inputs are upcast, the result cast back).
 """
