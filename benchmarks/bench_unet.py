@@ -1,10 +1,23 @@
 """UNet2D forward against diffusers' UNet2DModel with the same weights (google/ddpm-cifar10-32 architecture).
 
-    pytest benchmarks/bench_unet.py --benchmark-only
+    pytest benchmarks/bench_unet.py --benchmark-only [--benchmark-json=out.json]
 
-GPU: batch 1, 64, 256 in fp16 and fp32. CPU (2 cores): batch 1 and 8 in fp32 only, to keep the run to a few minutes.
+Sizes: GPU: batch 1, 64, 256 in fp16 and fp32. CPU (2 cores): batch 1 and 8 in fp32 only, to keep the run short.
+Forms:
+  diffusers         diffusers.UNet2DModel, eager, NCHW (the baseline of the issue's target)
+  fastdiff          fastdiff.nn.UNet2D converted from it (UNet2D.from_diffusers), eager, NCHW
+  fastdiff_cl       the same in channels_last (model and input) — GPU only
+  fastdiff_compile  torch.compile(UNet2D) in channels_last — GPU only, and only with FASTDIFF_BENCH_COMPILE=1
+                    (compiling takes minutes per shape; scripts/gpu_check.sh leaves it off)
+Every fastdiff form also records extra_info["speedup_vs_diffusers"]: median(diffusers) / median(ours) from an
+interleaved A/B timing in the same process (ROUNDS_AB pairs, each call synchronized), so that the ratio the issue asks
+for (batch 64, fp16, on a GPU) comes out of one run; scripts/bench_summary.py prints it in the notes column.
 bytes = input + output sample (2 · numel · itemsize): not a bandwidth figure for the network, recorded for the summary.
 """
+import os
+import statistics
+import time
+
 import pytest
 import torch
 
@@ -16,6 +29,10 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = DEV == "cuda"
 BATCHES = [1, 64, 256] if GPU else [1, 8]
 DTYPES = [torch.float16, torch.float32] if GPU else [torch.float32]
+FORMS = ["diffusers", "fastdiff"] + (["fastdiff_cl"] if GPU else []) + (
+    ["fastdiff_compile"] if GPU and os.environ.get("FASTDIFF_BENCH_COMPILE") == "1" else [])
+ROUNDS = 20 if GPU else 5
+ROUNDS_AB = 10 if GPU else 3
 CIFAR10 = dict(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
                down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
                up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
@@ -23,31 +40,61 @@ CIFAR10 = dict(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_p
 _models = {}
 
 
-def _pair(dtype):
+def _models_for(dtype, form):
+    """(diffusers model, our model for `form`), built once per (dtype, form) from the same seed-0 weights."""
     if dtype not in _models:
         torch.manual_seed(0)
         ref = diffusers.UNet2DModel(**CIFAR10).eval()
-        ours = UNet2D.from_diffusers(ref)
-        _models[dtype] = (ref.to(DEV, dtype), ours.to(DEV, dtype))
-    return _models[dtype]
+        ours = UNet2D.from_diffusers(ref).eval()
+        _models[dtype] = {"diffusers": ref.to(DEV, dtype), "fastdiff": ours.to(DEV, dtype)}
+    m = _models[dtype]
+    if form not in m:
+        ours_cl = UNet2D.from_diffusers(m["diffusers"]).eval().to(DEV, dtype).to(memory_format=torch.channels_last)
+        m["fastdiff_cl"] = ours_cl
+        if form == "fastdiff_compile":
+            m[form] = torch.compile(ours_cl)
+    return m["diffusers"], m[form]
+
+
+def _call(model, x, t):
+    with torch.no_grad():
+        o = model(x, t)
+    o = o.sample if hasattr(o, "sample") else o
+    if GPU:
+        torch.cuda.synchronize()
+    return o
+
+
+def _interleaved_ratio(ref, x_ref, model, x, t):
+    """median(ref) / median(model), timed alternately so both see the same clocks and background load."""
+    tr, tm = [], []
+    for _ in range(ROUNDS_AB):
+        t0 = time.perf_counter()
+        _call(ref, x_ref, t)
+        t1 = time.perf_counter()
+        _call(model, x, t)
+        t2 = time.perf_counter()
+        tr.append(t1 - t0)
+        tm.append(t2 - t1)
+    return statistics.median(tr) / statistics.median(tm)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("form", ["diffusers", "fastdiff"])
+@pytest.mark.parametrize("form", FORMS)
 def test_unet_forward(benchmark, form, batch, dtype):
-    ref, ours = _pair(dtype)
-    x = torch.randn(batch, 3, 32, 32, device=DEV, dtype=dtype)
+    ref, model = _models_for(dtype, form)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(DEV, dtype)
     t = torch.full((batch,), 500, device=DEV, dtype=torch.long)
-    model = ref if form == "diffusers" else ours
-
-    @torch.no_grad()
-    def run():
-        o = model(x, t)
-        if GPU:
-            torch.cuda.synchronize()
-        return o
-
-    run()
+    x_in = x.to(memory_format=torch.channels_last) if form in ("fastdiff_cl", "fastdiff_compile") else x
+    out = _call(model, x_in, t)  # warm-up (and compilation)
+    if form != "diffusers":  # the same function: a benchmark of a wrong model is worthless
+        want = _call(ref, x, t)
+        err = (out.float() - want.float()).abs().max().item()
+        tol = 5e-2 if dtype != torch.float32 else 1e-3
+        assert err < tol * max(1.0, want.float().abs().max().item()), f"{form} differs from diffusers by {err:.3g}"
+        benchmark.extra_info["speedup_vs_diffusers"] = round(_interleaved_ratio(ref, x, model, x_in, t), 3)
     benchmark.extra_info["bytes"] = 2 * x.numel() * x.element_size()
-    benchmark.pedantic(run, rounds=5 if not GPU else 20, warmup_rounds=1)
+    benchmark.extra_info["device"] = torch.cuda.get_device_name() if GPU else "cpu"
+    benchmark.pedantic(lambda: _call(model, x_in, t), rounds=ROUNDS, warmup_rounds=1)
