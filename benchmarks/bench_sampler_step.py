@@ -21,7 +21,9 @@ SHAPES = [(64, 3, 32, 32), (16, 4, 128, 128), (16, 4, 256, 256)]  # 196,608 / 1,
 if DEV == "cuda":
     SHAPES += [(64, 4, 256, 256), (64, 4, 512, 512)]  # 16,777,216 / 67,108,864
 AT, AP = 0.5, 0.7  # ᾱ_t, ᾱ_p of the step
-IMPLS = ["fused", "reference", "diffusers", "copy"]
+IMPLS = ["fused", "reference", "diffusers", "copy", "fused_noise", "fused_philox"]
+# fused_noise / fused_philox: a DDIM η = 1 step adding σ·z from a noise tensor (4·n·s bytes: z is read too) or from
+# in-kernel Philox (3·n·s bytes; z is never written or read, but each element costs a Philox4x32-10 + Box-Muller)
 
 
 def _sync():
@@ -51,6 +53,15 @@ def test_sampler_step(benchmark, shape, dtype, impl):
         fn = lambda: ss.sampler_step(x, o, coef)  # noqa: E731
     elif impl == "reference":
         fn = lambda: ss.ddim_step_ref(x, o, AT, AP)  # noqa: E731
+    elif impl in ("fused_noise", "fused_philox"):
+        c1 = torch.tensor(ss.step_coefs("ddim", AT, AP, sigma=ss.ddim_sigma(AT, AP, 1.0)), dtype=torch.float64,
+                          device=DEV)
+        if impl == "fused_noise":
+            z = torch.randn(shape, generator=g, device=DEV, dtype=dtype)
+            fn = lambda: ss.sampler_step(x, o, c1, noise=z)  # noqa: E731
+        else:
+            rng = torch.tensor([1234, 0], device=DEV)
+            fn = lambda: ss.sampler_step(x, o, c1, rng=rng)  # noqa: E731
     elif impl == "diffusers":
         step = _diffusers_step()
         fn = lambda: step(x, o)  # noqa: E731
@@ -64,7 +75,7 @@ def test_sampler_step(benchmark, shape, dtype, impl):
 
     run()
     benchmark(run)
-    benchmark.extra_info.update(bytes=(2 if impl == "copy" else 3) * n * s, elements=n, backend=backend,
+    benchmark.extra_info.update(bytes={"copy": 2, "fused_noise": 4}.get(impl, 3) * n * s, elements=n, backend=backend,
                                 device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu")
 
 
