@@ -16,6 +16,10 @@ Backends: "torch" (the reference), "triton", "cpp" (csrc/cpu/group_norm_silu.cpp
 (csrc/cuda/group_norm_silu.cu). Memory traffic of the eager pair GroupNorm + SiLU is 2 reads + 1 write (GroupNorm
 statistics, then normalise) plus 1 read + 1 write (SiLU); the fused op moves 1 read + 1 write of x when the group fits
 in cache (CPU) and 2 reads + 1 write otherwise.
+
+Autograd: both custom ops (fastdiff::group_norm_silu, fastdiff::group_norm_silu_triton) have a registered backward,
+`group_norm_silu_backward`: the analytic GroupNorm(+SiLU) gradient in PyTorch ops, float32 math, inputs saved and the
+group statistics recomputed.
 """
 from __future__ import annotations
 
@@ -230,6 +234,73 @@ def _(x, weight, bias, add, num_groups, eps, silu):
     return torch.empty_like(x)
 
 
+# ---- autograd (both ops) -----------------------------------------------------------------------------------------
+# Analytic backward in PyTorch ops, in float32 (float64 for float64 inputs) whatever the I/O dtype. Only the inputs
+# are saved; the group statistics are recomputed (one extra read of x). With x̂ = (x + add − μ)·rstd per group,
+# z = x̂·w + b, y = silu(z) (or z):
+#   dz = dy · σ(z)·(1 + z·(1 − σ(z)))        (dz = dy without SiLU)
+#   dw = Σ_{n,p} dz·x̂,  db = Σ_{n,p} dz,  g = dz·w
+#   dx = rstd · (g − mean_group(g) − x̂ · mean_group(g·x̂)),  dadd = Σ_p dx
+# The formula is built from differentiable ops, so double backward works too.
+
+def group_norm_silu_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                             bias: torch.Tensor | None, add: torch.Tensor | None, num_groups: int, eps: float,
+                             silu: bool, needs: tuple[bool, bool, bool, bool] = (True, True, True, True)):
+    """(dx, dweight, dbias, dadd) of act(GN(x + add)·w + b) for the upstream gradient dy (x's shape); an entry is
+    None where its input is None or `needs` says it is not wanted. dx keeps x's dtype and memory format."""
+    N, C = x.shape[:2]
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(ct).reshape(N, C, -1)
+    if add is not None:
+        xf = xf + add.to(ct).reshape(N, C, 1)
+    xg = xf.reshape(N, num_groups, -1)
+    var, mean = torch.var_mean(xg, dim=-1, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat = ((xg - mean) * rstd).reshape(N, C, -1)
+    w = weight.to(ct).reshape(1, C, 1) if weight is not None else None
+    dz = dy.to(ct).reshape(N, C, -1)
+    if silu:
+        z = xhat * w if w is not None else xhat
+        if bias is not None:
+            z = z + bias.to(ct).reshape(1, C, 1)
+        s = torch.sigmoid(z)
+        dz = dz * (s * (1 + z * (1 - s)))
+    dw = (dz * xhat).sum((0, 2)).to(weight.dtype) if weight is not None and needs[1] else None
+    db = dz.sum((0, 2)).to(bias.dtype) if bias is not None and needs[2] else None
+    dx = dadd = None
+    if needs[0] or (add is not None and needs[3]):
+        g = (dz * w if w is not None else dz).reshape(N, num_groups, -1)
+        xh = xhat.reshape(N, num_groups, -1)
+        dxf = (rstd * (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True))).reshape(N, C, -1)
+        if add is not None and needs[3]:
+            dadd = dxf.sum(-1).to(add.dtype)
+        if needs[0]:
+            fmt = torch.contiguous_format
+            if not x.is_contiguous():
+                if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+                    fmt = torch.channels_last
+                elif x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+                    fmt = torch.channels_last_3d
+            dx = dxf.reshape(x.shape).to(dtype=x.dtype, memory_format=fmt)
+    return dx, dw, db, dadd
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, add, num_groups, eps, silu = inputs
+    ctx.save_for_backward(x, weight, bias, add)
+    ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
+
+
+def _backward(ctx, dy):
+    x, weight, bias, add = ctx.saved_tensors
+    dx, dw, db, dadd = group_norm_silu_backward(dy, x, weight, bias, add, ctx.num_groups, ctx.eps, ctx.silu,
+                                                tuple(ctx.needs_input_grad[:4]))
+    return dx, dw, db, dadd, None, None, None
+
+
+torch.library.register_autograd("fastdiff::group_norm_silu_triton", _backward, setup_context=_setup_context)
+
+
 def _register_cpp_fake():
     """The fake kernel of the C++/CUDA op, when the extension (its schema) is loaded."""
     try:
@@ -240,6 +311,8 @@ def _register_cpp_fake():
     @torch.library.register_fake("fastdiff::group_norm_silu")
     def _(x, weight, bias, add, num_groups, eps, silu):
         return torch.empty_like(x)
+
+    torch.library.register_autograd("fastdiff::group_norm_silu", _backward, setup_context=_setup_context)
 
 
 _register_cpp_fake()
