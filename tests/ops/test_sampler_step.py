@@ -11,22 +11,32 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff._backend import backends
+from fastdiff._backend import backends, has_cuda_kernels
 from fastdiff.ops import sampler_step as ss
 from tests.conftest import requires_triton
 
 HAS_CPP = backends()["cpp"]["available"]
 requires_cpp = pytest.mark.skipif(not HAS_CPP, reason="fastdiff._C not built")
-BACKENDS = [pytest.param("cpp", marks=requires_cpp), pytest.param("triton", marks=requires_triton), "torch"]
+requires_cuda_kernels = [pytest.mark.gpu, pytest.mark.skipif(not has_cuda_kernels(), reason="CUDA kernels not built")]
+CUDA = pytest.param("cuda", marks=requires_cuda_kernels)
+BACKENDS = [pytest.param("cpp", marks=requires_cpp), pytest.param("triton", marks=requires_triton), "torch", CUDA]
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _dev(backend):
+    """Where a backend's test tensors live: CUDA for "cuda", and for "triton" when a GPU is present (else the
+    interpreter runs it on the CPU)."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 PREDS = ["epsilon", "sample", "v_prediction"]
 SHAPE = (3, 5, 7, 3)  # odd sizes, batch 3
 
 
-def _inputs(shape, dtype, seed=0, n=4):
+def _inputs(shape, dtype, seed=0, n=4, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g).to(dtype) for _ in range(n)]
+    return [torch.randn(shape, generator=g).to(device, dtype) for _ in range(n)]
 
 
 def _check(got, want_same_dtype, want64, dtype):
@@ -67,7 +77,7 @@ STEPS = [(0.5, 0.7), (0.02, 0.05), (0.9999, 1.0)]  # mid, high noise, the last s
 @pytest.mark.parametrize("pred", PREDS)
 def test_parity_matrix(backend, dtype, kind, pred):
     """Every backend × dtype × DDIM/DDPM × prediction type × clip × CFG × three (ᾱ_t, ᾱ_p) against the reference."""
-    x, o, o_c, z = _inputs(SHAPE, dtype, seed=PREDS.index(pred) * 2 + (kind == "ddpm"))
+    x, o, o_c, z = _inputs(SHAPE, dtype, seed=PREDS.index(pred) * 2 + (kind == "ddpm"), device=_dev(backend))
     for clip in (False, True):
         for cfg in (False, True):
             for j, (at, ap) in enumerate(STEPS):
@@ -94,7 +104,8 @@ def test_parity_matrix(backend, dtype, kind, pred):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_clipped_model_output_thresholding_learned_variance(backend, dtype):
-    x, o, _, z = _inputs((2, 3, 9, 5), dtype, seed=3)
+    dev = _dev(backend)
+    x, o, _, z = _inputs((2, 3, 9, 5), dtype, seed=3, device=dev)
     x = x * 3  # so that thresholding and clipping bite
     d = torch.float64
     # DDIM with use_clipped_model_output, clip on
@@ -106,7 +117,7 @@ def test_clipped_model_output_thresholding_learned_variance(backend, dtype):
         want64, _ = _ref_step("ddim", x.to(d), o.to(d), 0.3, 0.6, z=z.to(d), pred=pred, clip=True, cfg=False, **kw)
         _check(got, want, want64, dtype)
     # dynamic thresholding: the per-sample scale from threshold_scale, then the fused pass
-    c = torch.tensor(ss.step_coefs("ddim", 0.3, 0.6, sigma=ss.ddim_sigma(0.3, 0.6, 0.5)), dtype=d)
+    c = torch.tensor(ss.step_coefs("ddim", 0.3, 0.6, sigma=ss.ddim_sigma(0.3, 0.6, 0.5)), dtype=d, device=dev)
     thr = ss.threshold_scale(x, o, c, ratio=0.9, max_value=2.0)
     got, _ = ss.sampler_step(x, o, c, noise=z, thr=thr, backend=backend)
     kw = dict(eta=0.5, thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0)
@@ -126,14 +137,15 @@ def test_clipped_model_output_thresholding_learned_variance(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layouts_and_odd_shapes(backend):
+    dev = _dev(backend)
     c = ss.step_coefs("ddim", 0.4, 0.8, prediction_type="v_prediction", sigma=0.1)
     for shape in [(1,), (5, 1), (1, 1, 1, 1), (3, 7, 2, 5, 3), (2, 3, 33, 31)]:
-        x, o, _, z = _inputs(shape, torch.float32, seed=len(shape))
+        x, o, _, z = _inputs(shape, torch.float32, seed=len(shape), device=dev)
         got, x0 = ss.sampler_step(x, o, c, noise=z, write_x0=True, backend=backend)
         want, x0w = ss.sampler_step_ref(x, o, c, noise=z, write_x0=True)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x0, x0w, rtol=1e-5, atol=1e-6)
-    x, o, _, z = _inputs((2, 3, 6, 5), torch.float16, seed=9)
+    x, o, _, z = _inputs((2, 3, 6, 5), torch.float16, seed=9, device=dev)
     want, _ = ss.sampler_step_ref(x, o, c, noise=z)
     # channels_last everywhere: runs in place and keeps the layout
     xl, ol, zl = (t.contiguous(memory_format=torch.channels_last) for t in (x, o, z))
@@ -145,12 +157,12 @@ def test_layouts_and_odd_shapes(backend):
     xt = x.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :, :]
     got, _ = ss.sampler_step(xt[:, :, ::1], ol, c, noise=z, backend=backend)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
-    big = torch.randn(2, 3, 12, 5, dtype=torch.float16)
+    big = torch.randn(2, 3, 12, 5, dtype=torch.float16, device=dev)
     xs = big[:, :, ::2]  # non-dense
     got, _ = ss.sampler_step(xs, o, c, noise=z, backend=backend)
     torch.testing.assert_close(got, ss.sampler_step_ref(xs, o, c, noise=z)[0], rtol=1e-3, atol=1e-3)
     # empty batch
-    e = torch.empty(0, 3)
+    e = torch.empty(0, 3, device=dev)
     assert ss.sampler_step(e, e, c, backend=backend)[0].shape == (0, 3)
 
 
@@ -159,18 +171,20 @@ def test_layouts_and_odd_shapes(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_philox_matches_reference_generator(backend):
     """noise via rng=[seed, offset] is exactly z_i = philox_randn_ref(seed, offset + i) on every backend."""
-    x = torch.zeros(3, 4, 5, 7)
+    dev = _dev(backend)
+    atol = 2e-6 if dev == "cpu" else 1e-5  # GPU logf/cosf (fast math) differ from the CPU's by a few ulp
+    x = torch.zeros(3, 4, 5, 7, device=dev)
     c = [0.0] * ss.NUM_COEF
     c[ss.COEF["sigma"]] = 1.0  # x' = z
     seed, off = 0x1234_5678_9ABC, 2**32 - 50  # the counter crosses the 32-bit boundary
-    got, _ = ss.sampler_step(x, x, c, rng=torch.tensor([seed, off]), backend=backend)
+    got, _ = ss.sampler_step(x, x, c, rng=torch.tensor([seed, off], device=dev), backend=backend)
     want = ss.philox_randn_ref(seed, off, x.numel()).view(x.shape)
-    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=atol)
     # channels_last: z is indexed in memory order
-    xl = torch.zeros(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
-    got, _ = ss.sampler_step(xl, xl, c, rng=torch.tensor([7, 0]), backend=backend)
+    xl = torch.zeros(2, 3, 4, 5, device=dev).contiguous(memory_format=torch.channels_last)
+    got, _ = ss.sampler_step(xl, xl, c, rng=torch.tensor([7, 0], device=dev), backend=backend)
     mem = ss.philox_randn_ref(7, 0, xl.numel())
-    torch.testing.assert_close(got.permute(0, 2, 3, 1).reshape(-1), mem, rtol=0, atol=2e-6)
+    torch.testing.assert_close(got.permute(0, 2, 3, 1).reshape(-1).cpu(), mem, rtol=0, atol=atol)
 
 
 def test_philox_reference_is_tritons_randn():
@@ -227,20 +241,21 @@ def test_philox_kernel_statistics_and_determinism():
 
 # ---- registration ------------------------------------------------------------------------------------------------
 
-def _op_args(dtype=torch.float32, **kw):
-    x, o, oc, z = _inputs((2, 3, 5, 4), dtype, seed=1)
-    c = torch.tensor(ss.step_coefs("ddim", 0.3, 0.6, sigma=0.2), dtype=torch.float64)
+def _op_args(dtype=torch.float32, device="cpu", **kw):
+    x, o, oc, z = _inputs((2, 3, 5, 4), dtype, seed=1, device=device)
+    c = torch.tensor(ss.step_coefs("ddim", 0.3, 0.6, sigma=0.2), dtype=torch.float64, device=device)
     return (x, o, kw.get("oc", oc), kw.get("z", z), kw.get("rng"), None, kw.get("thr"), c, kw.get("flags", 1),
             kw.get("x0", True))
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_cpp),
-                                     pytest.param("triton", marks=requires_triton)])
+                                     pytest.param("triton", marks=requires_triton), CUDA])
 def test_opcheck(backend):
-    op = torch.ops.fastdiff.sampler_step if backend == "cpp" else torch.ops.fastdiff.sampler_step_triton
-    torch.library.opcheck(op, _op_args())
-    torch.library.opcheck(op, _op_args(torch.bfloat16, z=None, rng=torch.tensor([3, 4]), x0=False,
-                                       thr=torch.tensor([1.5, 1.0])))
+    dev = _dev(backend)
+    op = torch.ops.fastdiff.sampler_step_triton if backend == "triton" else torch.ops.fastdiff.sampler_step
+    torch.library.opcheck(op, _op_args(device=dev))
+    torch.library.opcheck(op, _op_args(torch.bfloat16, dev, z=None, rng=torch.tensor([3, 4], device=dev), x0=False,
+                                       thr=torch.tensor([1.5, 1.0], device=dev)))
 
 
 @requires_cpp
@@ -321,11 +336,11 @@ LOOP_CASES = [  # (kind, options, eta/variance, guidance)
 ]
 
 
-def _loop(kind, opts, ev, w, backend, dtype, steps=6, noise="randn", shape=(2, 3, 5, 4)):
+def _loop(kind, opts, ev, w, backend, dtype, steps=6, noise="randn", shape=(2, 3, 5, 4), device="cpu"):
     g = torch.Generator().manual_seed(5)
-    xT = torch.randn(shape, generator=g).to(dtype)
+    xT = torch.randn(shape, generator=g).to(device, dtype)
     learned = kind == "ddpm" and ev.startswith("learned") and ev
-    model = _Model(learned=learned, guided=w is not None).to(dtype)
+    model = _Model(learned=learned, guided=w is not None).to(device, dtype)
     if kind == "ddim":
         return fastdiff.ddim_sample(model, steps, x_T=xT, eta=ev, generator=g, backend=backend, guidance_scale=w,
                                     noise=noise, **opts)
@@ -334,7 +349,7 @@ def _loop(kind, opts, ev, w, backend, dtype, steps=6, noise="randn", shape=(2, 3
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_cpp),
-                                     pytest.param("triton", marks=requires_triton)])
+                                     pytest.param("triton", marks=requires_triton), CUDA])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(LOOP_CASES)))
 def test_fused_loop_equals_reference_loop(backend, dtype, case):
@@ -343,14 +358,15 @@ def test_fused_loop_equals_reference_loop(backend, dtype, case):
     the guided output and each step's terms to bf16, the fused step keeps them in fp32; measured <= 1.4e-2).
     Deterministic cases (DDIM η = 0) are also held to the float64 reference loop: err <= 2·err(reference) + atol."""
     kind, opts, ev, w = LOOP_CASES[case]
-    got = _loop(kind, opts, ev, w, backend, dtype)
-    want = _loop(kind, opts, ev, w, "torch", dtype)
+    dev = _dev(backend)
+    got = _loop(kind, opts, ev, w, backend, dtype, device=dev)
+    want = _loop(kind, opts, ev, w, "torch", dtype, device=dev)
     assert got.dtype == dtype and got.shape == want.shape
     scale = want.float().abs().max().item()
     err = (got.float() - want.float()).abs().max().item()
     assert err <= {torch.float32: 5e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype] * scale, (err, scale)
     if kind == "ddim" and ev == 0.0:
-        want64 = _loop(kind, opts, ev, w, "torch", torch.float64)
+        want64 = _loop(kind, opts, ev, w, "torch", torch.float64, device=dev)
         err, err_ref = (got.double() - want64).abs().max().item(), (want.double() - want64).abs().max().item()
         assert err <= 2 * err_ref + 4 * ATOL[dtype] * scale, (err, err_ref, scale)
 
@@ -378,15 +394,16 @@ def test_auto_uses_the_fused_op_and_writes_x0_only_for_callbacks(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_cpp),
-                                     pytest.param("triton", marks=requires_triton), "torch"])
+                                     pytest.param("triton", marks=requires_triton), "torch", CUDA])
 def test_philox_noise_loop(backend):
     """noise='philox': the same seed → the same sample on every backend (the reference draws philox_randn_ref);
     a different generator seed → a different sample."""
     kind, opts, ev, w = LOOP_CASES[4]
-    a = _loop(kind, opts, ev, w, backend, torch.float32, noise="philox")
-    b = _loop(kind, opts, ev, w, "torch", torch.float32, noise="philox")
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    c = _loop(kind, opts, ev, w, backend, torch.float32, noise="randn")
+    dev = _dev(backend)
+    a = _loop(kind, opts, ev, w, backend, torch.float32, noise="philox", device=dev)
+    b = _loop(kind, opts, ev, w, "torch", torch.float32, noise="philox", device=dev)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 if dev == "cpu" else 5e-5)
+    c = _loop(kind, opts, ev, w, backend, torch.float32, noise="randn", device=dev)
     assert (a - c).abs().max() > 1e-2
 
 
@@ -421,8 +438,9 @@ def test_cpu_baseline_copy_equals_avx2_copy(monkeypatch, dtype):
 
 @requires_triton
 def test_triton_op_under_torch_compile():
-    x, o, _, z = _inputs((2, 3, 4, 4), torch.float32, seed=2)
-    c = torch.tensor(ss.step_coefs("ddpm", 0.3, 0.6, sigma=0.2), dtype=torch.float64)
+    dev = _dev("triton")
+    x, o, _, z = _inputs((2, 3, 4, 4), torch.float32, seed=2, device=dev)
+    c = torch.tensor(ss.step_coefs("ddpm", 0.3, 0.6, sigma=0.2), dtype=torch.float64, device=dev)
     f = lambda x, o, z, c: ss.sampler_step(x, o, c, noise=z, backend="triton")[0] + 1  # noqa: E731
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, o, z, c)
     torch.testing.assert_close(got, f(x, o, z, c))
