@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -233,8 +234,6 @@ def sampler_step_ref(x, o, coef, *, o_cond=None, noise=None, v=None, thr=None, c
 def philox_randn_ref(seed: int, offset: int, n: int) -> torch.Tensor:
     """n float32 N(0, 1) samples at Philox counters offset … offset+n−1 with key `seed`: what the fused kernels draw
     for noise="philox" (Philox4x32-10 + Box-Muller, bit-compatible with Triton's tl.randn). NumPy, for tests."""
-    import numpy as np
-
     M32 = np.uint64(0xFFFFFFFF)
     ctr = np.arange(n, dtype=np.uint64) + np.uint64(offset)
     c0, c1 = ctr & M32, ctr >> np.uint64(32)
@@ -461,7 +460,13 @@ def threshold_scale(x, o, coef, *, o_cond=None, ratio: float = 0.995, max_value:
     if o_cond is not None:
         o32 = o32 + c[COEF["w"]] * (o_cond.float() - o32)
     x0 = c[COEF["p"]] * x.float() + c[COEF["q"]] * o32
-    s = torch.quantile(x0.reshape(x.shape[0], -1).abs(), ratio, dim=1)
+    # torch.quantile's linear interpolation (rank = q·(n−1) in float32, lerp between floor and ceil) on a sort: the
+    # same numbers, with nothing read back to the host (positions depend only on the shape)
+    n = x0[0].numel()
+    pos = np.float32(ratio) * np.float32(n - 1)
+    lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+    srt = x0.reshape(x.shape[0], -1).abs().sort(dim=1).values
+    s = torch.lerp(srt[:, lo], srt[:, hi], float(np.float32(pos - np.float32(lo))))
     return s.clamp(min=1.0, max=max_value).contiguous()
 
 
