@@ -19,8 +19,11 @@ from fastdiff import checkpoint as ckpt
 from fastdiff.schedule import NoiseSchedule
 from fastdiff.training import training_loss
 
-# The U-Net's fused CPU/CUDA ops have no autograd formula yet: training runs its plain-PyTorch path (sampling with
-# the trained model uses the fused ops). tests/test_cli.py checks that every parameter learns.
+# Training runs the U-Net's plain-PyTorch path (sampling with the trained model uses the fused ops). The fused
+# group_norm_silu ops do have a backward now, and tests/test_cli.py passes with "auto", but "auto" changes the weights
+# (~5e-6 after 40 steps), so `fastdiff train --seed 0` would no longer reproduce fastdiff/assets/digits.safetensors
+# bit for bit (docs/benchmarks.md), and on this CPU it was not faster (40 steps: 8.5-8.7 s "auto" vs 6.4-8.8 s
+# "torch", noisy shared machine). Revisit when a GPU measurement shows training through the fused ops pays.
 TRAIN_BACKEND = "torch"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
