@@ -222,7 +222,7 @@ def _step_backend(x: torch.Tensor, backend: str) -> str:
 
 
 def plan_coefs(plan: SamplerPlan, guidance_scale: float | None = None) -> torch.Tensor:
-    """(steps, NUM_COEF) float64 table of the fused step's scalars (fastdiff.ops.sampler_step.step_coefs), on the CPU."""
+    """(steps, NUM_COEF) float64 table of the fused step's scalars (ss.step_coefs per step), on the CPU."""
     opts = plan.options
     rows = [ss.step_coefs(plan.kind, plan.abar_t[i], plan.abar_p[i], prediction_type=opts.prediction_type,
                           sigma=0.0 if math.isnan(plan.sigma[i]) else plan.sigma[i],
@@ -301,7 +301,8 @@ def _progress(it, enabled: bool, desc: str):
 
 def _model_outputs(model, x, t, i, learned, check_nan, guided: bool):
     """(o, o_cond, v): with classifier-free guidance the model sees the doubled batch [x, x] and returns the
-    unconditional half first (as diffusers pipelines chunk it); v (learned variances) comes from the conditional half."""
+    unconditional half first (as diffusers pipelines chunk it); v (learned variances) comes from the conditional
+    half."""
     if not guided:
         o, v = _call_model(model, x, t, i, learned, check_nan)
         return o, None, v

@@ -50,11 +50,12 @@ __attribute__((target("avx2,fma,f16c"))) inline void store_tile_f16c(const float
                                                                       c10::Half* __restrict__ dst, int64_t n) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
   for (; j < n; ++j) dst[j].x = _cvtss_sh(src[j], _MM_FROUND_TO_NEAREST_INT);
 }
 
-// bfloat16 ↔ float32 as c10::BFloat16 does it: widen by a 16-bit shift; narrow with round-to-nearest-even, NaN → 0x7FC0.
+// bfloat16 <-> float32 as c10::BFloat16 does it: widen by a 16-bit shift; narrow rounding to nearest even, NaN → 0x7FC0.
 __attribute__((target("avx2,fma,f16c"))) inline void load_tile_bf16(const c10::BFloat16* __restrict__ src,
                                                                      float* __restrict__ dst, int64_t n) {
   int64_t j = 0;
@@ -281,7 +282,8 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
                                                     int64_t flags, bool write_x0) {
   const int64_t per_sample = sampler_step_check(x, o, o_cond, noise, rng, v, thr, coef, flags);
   at::Tensor xp = at::empty_like(x);
-  at::Tensor x0 = write_x0 ? at::empty_like(x, x.options().dtype(at::kFloat)) : at::empty({0}, x.options().dtype(at::kFloat));
+  at::Tensor x0 = write_x0 ? at::empty_like(x, x.options().dtype(at::kFloat))
+                           : at::empty({0}, x.options().dtype(at::kFloat));
   Args a{};
   a.x = x.data_ptr();
   a.o = o.data_ptr();

@@ -44,7 +44,7 @@ def _check(got, want_same_dtype, want64, dtype):
     scale = want64.abs().max().item() + 1e-6
     err = (got.double() - want64).abs().max().item()
     err_ref = (want_same_dtype.double() - want64).abs().max().item()
-    assert err <= 2 * err_ref + ATOL[dtype] * scale, f"err {err:.3g} vs reference's own {err_ref:.3g} (scale {scale:.3g})"
+    assert err <= 2 * err_ref + ATOL[dtype] * scale, f"err {err:.3g}, reference's own {err_ref:.3g}, scale {scale:.3g}"
 
 
 def _ref_step(kind, x, o, at, ap, *, z, pred, clip, cfg, w=2.5, o_c=None, **kw):
@@ -86,7 +86,7 @@ def test_parity_matrix(backend, dtype, kind, pred):
                 eta = 0.5
                 kw = dict(eta=eta) if kind == "ddim" else {}
                 zz = z if j != 2 else None
-                # j == 1 without x̂0: with neither clip nor CFG that is the kernels' linear fast path (x' = c_x·x + c_o·o)
+                # j == 1 without x̂0: with neither clip nor CFG, the kernels' linear path x' = c_x·x + c_o·o
                 got, x0 = _fused(kind, x, o, at, ap, z=zz, pred=pred, clip=clip, cfg=cfg, o_c=o_c, backend=backend,
                                  write_x0=j != 1)
                 want, x0w = _ref_step(kind, x, o, at, ap, z=zz, pred=pred, clip=clip, cfg=cfg, o_c=o_c, **kw)
