@@ -1,0 +1,116 @@
+"""fastdiff.ops.attention: SDPA dispatch and the Triton flash-attention kernel (fastdiff::attention_triton).
+
+Tolerance (STYLE.md, flash-attention rule): with o64 the float64 reference on the same (already rounded) inputs,
+err(backend) <= 2 * err(SDPA in the same dtype) + atol, atol = 1e-5 (fp32), 2e-3 (fp16), 1.6e-2 (bf16): about one
+rounding of an O(1) output in that dtype. The Triton kernel runs under TRITON_INTERPRET=1 on CPU, so these shapes are
+small: L = 16..40 tokens (not powers of two, not multiples of the 16-row tiles), head width 16/32, batch 1 and 2.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdiff.ops.attention import attention, attention_ref
+from tests.conftest import TRITON_OK, requires_cuda
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = list(ATOL)
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+# (B, heads, Lq, Lk, D, Dv)
+SHAPES = [(1, 1, 16, 16, 16, 16), (2, 1, 37, 37, 32, 32), (1, 1, 40, 40, 16, 16), (2, 2, 21, 33, 16, 16),
+          (1, 1, 19, 19, 16, 32)]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make(B, H, Lq, Lk, D, Dv, dtype, device="cpu", seed=0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, H, Lq, D, generator=g) * spread).to(dtype).to(device)
+    k = (torch.randn(B, H, Lk, D, generator=g) * spread).to(dtype).to(device)
+    v = torch.randn(B, H, Lk, Dv, generator=g).to(dtype).to(device)
+    return q, k, v
+
+
+def check(backend, q, k, v, scale=None):
+    want = attention_ref(q.double(), k.double(), v.double(), scale)
+    got = attention(q, k, v, scale, backend=backend)
+    base = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    assert got.dtype == q.dtype and got.shape == (*q.shape[:3], v.shape[3])
+    err = (got.double() - want).abs().max().item()
+    err_t = (base.double() - want).abs().max().item()
+    assert err <= 2 * err_t + ATOL[q.dtype], f"{backend} {q.dtype}: err {err:.3g} vs SDPA {err_t:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_parity(backend, shape, dtype):
+    check(backend, *make(*shape, dtype, DEV))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_views_and_scale(backend):
+    """q, k, v as the U-Net makes them (views of one (B, L, 3, heads, D) projection), a non-default scale, and
+    peaked scores (spread 4: the running max changes between key tiles, exercising the online rescale)."""
+    B, L, H, D = 2, 27, 1, 32
+    qkv = torch.randn(B, L, 3, H, D, generator=torch.Generator().manual_seed(3), device="cpu").to(DEV) * 4
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    check(backend, q, k, v)
+    check(backend, q, k, v, scale=0.3)
+
+
+def test_auto_is_sdpa():
+    """backend="auto" stays on SDPA on every device (module docstring): bit-identical to calling SDPA."""
+    q, k, v = make(2, 1, 20, 20, 16, 16, torch.float32, DEV)
+    assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+@needs_triton
+def test_opcheck_and_grad_triton():
+    q, k, v = make(1, 1, 18, 18, 16, 16, torch.float32, DEV)
+    op = torch.ops.fastdiff.attention_triton.default
+    torch.library.opcheck(op, (q, k, v, 0.25))
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(op, (*ins, 0.25), test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    do = torch.randn_like(q)
+    got = torch.autograd.grad(attention(*ins, backend="triton"), ins, do)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(attention_ref(*ref_in), ref_in, do.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input():
+    q, k, v = make(1, 1, 8, 8, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="q must be a 4-d"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        attention(q, k[..., :8], v)
+    with pytest.raises(TypeError, match="dtype"):
+        attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="backend must be"):
+        attention(q, k, v, backend="nope")
+    with pytest.raises(RuntimeError, match="not implemented"):
+        attention(q, k, v, backend="cpp")
+
+
+@needs_triton
+def test_triton_head_width_limit():
+    q, k, v = make(1, 1, 4, 4, 1024, 1024, torch.float32, DEV)
+    with pytest.raises(ValueError, match="head width"):
+        attention(q, k, v, backend="triton")
+
+
+# ---- GPU: the DDPM shapes (one head of width 64..512 over 8×8..32×32 tokens); skipped cleanly without CUDA --------
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C", [64, 128, 256, 512])
+def test_triton_cuda_ddpm_shapes(C, dtype):
+    for B, L in ((1, 64), (4, 256), (2, 1024), (3, 100)):
+        check("triton", *make(B, 1, L, L, C, C, dtype, "cuda"))
+    q, k, v = make(2, 1, 256, 256, C, C, dtype, "cuda", spread=3.0)
+    check("triton", q, k, v, scale=1 / math.sqrt(C))
