@@ -45,16 +45,20 @@ def image_seed(seed: int, index: int) -> int:
 
 
 class IndexedNoise:
-    """One CPU generator per image: `draw()` returns the next (B, *shape) float32 draw, row b from image b's stream.
+    """One CPU generator per image: `draw(shape)` returns the next (B, *image_shape) draw, row b from image b's stream.
 
     Each image's first draw is its x_T, the following ones its step noise in step order, whatever batch it sits in.
+    The samplers take it as `generator=` (fastdiff.sampling._randn calls `draw`).
     """
 
     def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int]):
         self.shape = tuple(int(s) for s in shape)
         self.gens = [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in indices]
 
-    def draw(self, device=None, dtype=None) -> torch.Tensor:
+    def draw(self, shape=None, device=None, dtype=None) -> torch.Tensor:
+        want = (len(self.gens), *self.shape)
+        if shape is not None and tuple(shape) != want:
+            raise ValueError(f"IndexedNoise draws {want}, asked for {tuple(shape)}")
         z = torch.stack([torch.randn(self.shape, generator=g) for g in self.gens])
         return z.to(device=device, dtype=dtype)
 
@@ -108,16 +112,9 @@ def sample_batch(model: Callable, indices: Sequence[int], cfg: SampleConfig, sch
     sched, opts, _ = sampling.resolve_schedule(schedule, dict(options))
     plan = sampling.make_plan(cfg.sampler, sched, opts, cfg.steps, cfg.eta)
     noise = IndexedNoise(cfg.seed, indices, image_shape)
-    x = noise.draw(device, dtype)
-    if not any(plan.noise):  # deterministic (DDIM η = 0): the public loop, fused kernels and CUDA graphs included
-        return sampling.run_plan(plan, model, x, backend=backend)
-    learned = plan.kind == "ddpm" and plan.options.variance_type.startswith("learned")
-    tb = [torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device) for t in plan.timesteps.tolist()]
-    for i in range(plan.steps):
-        o, v = sampling._call_model(model, x, tb[i], i, learned, False)
-        z = noise.draw(x.device, o.dtype) if plan.noise[i] else None
-        x, _ = sampling._step(plan, i, x, o, z, v, backend)
-    return x
+    x = noise.draw(device=device, dtype=dtype)
+    # the public loop (fused kernels and CUDA graphs included), drawing step noise from the per-image streams
+    return sampling.run_plan(plan, model, x, generator=noise, backend=backend)
 
 
 def sample_images(model: Callable, indices: Sequence[int], cfg: SampleConfig, schedule: NoiseSchedule,

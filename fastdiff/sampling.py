@@ -144,7 +144,11 @@ def make_plan(kind: str, schedule: NoiseSchedule, opts: SamplerOptions, steps: i
 # the loop
 
 def _randn(shape, generator, device, dtype):
-    """torch.randn as diffusers' `randn_tensor` draws it: on the generator's device, then moved."""
+    """One noise draw. With a torch.Generator (or None): torch.randn as diffusers' `randn_tensor` draws it, on the
+    generator's device, then moved. `generator` may also be a noise source with `draw(shape, device, dtype)`
+    (e.g. fastdiff.jobs.IndexedNoise: one stream per image), called in the same order: x_T, then each noisy step."""
+    if hasattr(generator, "draw"):
+        return generator.draw(shape, device, dtype)
     rand_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
 
