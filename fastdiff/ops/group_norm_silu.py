@@ -18,8 +18,8 @@ statistics, then normalise) plus 1 read + 1 write (SiLU); the fused op moves 1 r
 in cache (CPU) and 2 reads + 1 write otherwise.
 
 Autograd: both custom ops (fastdiff::group_norm_silu, fastdiff::group_norm_silu_triton) have a registered backward,
-`group_norm_silu_backward`: the analytic GroupNorm(+SiLU) gradient in PyTorch ops, float32 math, inputs saved and the
-group statistics recomputed.
+`group_norm_silu_backward`: inputs saved; the backward recomputes GN with ATen's fused kernels and runs ATen's fused
+GroupNorm backward (eager PyTorch's own), in float32 for fp16/bf16.
 """
 from __future__ import annotations
 
@@ -235,13 +235,11 @@ def _(x, weight, bias, add, num_groups, eps, silu):
 
 
 # ---- autograd (both ops) -----------------------------------------------------------------------------------------
-# Analytic backward in PyTorch ops, in float32 (float64 for float64 inputs) whatever the I/O dtype. Only the inputs
-# are saved; the group statistics are recomputed (one extra read of x). With x̂ = (x + add − μ)·rstd per group,
-# z = x̂·w + b, y = silu(z) (or z):
-#   dz = dy · σ(z)·(1 + z·(1 − σ(z)))        (dz = dy without SiLU)
-#   dw = Σ_{n,p} dz·x̂,  db = Σ_{n,p} dz,  g = dz·w
-#   dx = rstd · (g − mean_group(g) − x̂ · mean_group(g·x̂)),  dadd = Σ_p dx
-# The formula is built from differentiable ops, so double backward works too.
+# Only the inputs are saved. The backward recomputes the statistics and z = GN(x + add)·w + b with ATen's fused
+# native_group_norm, takes dz = silu_backward(dy, z) (dz = dy without SiLU), then ATen's fused
+# native_group_norm_backward gives dx, dw, db, and dadd = Σ_spatial dx. That is eager PyTorch's own backward (plus a
+# recomputed forward), run in float32 for fp16/bf16 I/O (float64 stays float64). Formula, for reference:
+#   dw = Σ_{n,p} dz·x̂,  db = Σ_{n,p} dz,  g = dz·w,  dx = rstd·(g − mean_group(g) − x̂·mean_group(g·x̂)).
 
 def group_norm_silu_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                              bias: torch.Tensor | None, add: torch.Tensor | None, num_groups: int, eps: float,
@@ -249,39 +247,32 @@ def group_norm_silu_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Te
     """(dx, dweight, dbias, dadd) of act(GN(x + add)·w + b) for the upstream gradient dy (x's shape); an entry is
     None where its input is None or `needs` says it is not wanted. dx keeps x's dtype and memory format."""
     N, C = x.shape[:2]
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(ct).reshape(N, C, -1)
+    HW = x.numel() // max(N * C, 1)
+    ct = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    # ATen's CPU GroupNorm backward assumes dz and x share one memory format (eager autograd guarantees it): x's
+    fmt = torch.contiguous_format
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        fmt = torch.channels_last
+    elif x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        fmt = torch.channels_last_3d
+    xf = x.to(ct).contiguous(memory_format=fmt)
     if add is not None:
-        xf = xf + add.to(ct).reshape(N, C, 1)
-    xg = xf.reshape(N, num_groups, -1)
-    var, mean = torch.var_mean(xg, dim=-1, correction=0, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    xhat = ((xg - mean) * rstd).reshape(N, C, -1)
-    w = weight.to(ct).reshape(1, C, 1) if weight is not None else None
-    dz = dy.to(ct).reshape(N, C, -1)
+        xf = (xf + add.to(ct).reshape(N, C, *([1] * (x.dim() - 2)))).contiguous(memory_format=fmt)
+    w = weight.to(ct) if weight is not None else None
+    b = bias.to(ct) if bias is not None else None
+    dz = dy.to(ct).contiguous(memory_format=fmt)
     if silu:
-        z = xhat * w if w is not None else xhat
-        if bias is not None:
-            z = z + bias.to(ct).reshape(1, C, 1)
-        s = torch.sigmoid(z)
-        dz = dz * (s * (1 + z * (1 - s)))
-    dw = (dz * xhat).sum((0, 2)).to(weight.dtype) if weight is not None and needs[1] else None
-    db = dz.sum((0, 2)).to(bias.dtype) if bias is not None and needs[2] else None
-    dx = dadd = None
-    if needs[0] or (add is not None and needs[3]):
-        g = (dz * w if w is not None else dz).reshape(N, num_groups, -1)
-        xh = xhat.reshape(N, num_groups, -1)
-        dxf = (rstd * (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True))).reshape(N, C, -1)
-        if add is not None and needs[3]:
-            dadd = dxf.sum(-1).to(add.dtype)
-        if needs[0]:
-            fmt = torch.contiguous_format
-            if not x.is_contiguous():
-                if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-                    fmt = torch.channels_last
-                elif x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-                    fmt = torch.channels_last_3d
-            dx = dxf.reshape(x.shape).to(dtype=x.dtype, memory_format=fmt)
+        z, mean, rstd = torch.native_group_norm(xf, w, b, N, C, HW, num_groups, eps)
+        dz = torch.ops.aten.silu_backward(dz, z.contiguous(memory_format=fmt)).contiguous(memory_format=fmt)
+    else:
+        mean, rstd = torch.native_group_norm(xf, None, None, N, C, HW, num_groups, eps)[1:]
+    want_dx = needs[0] or (add is not None and needs[3])
+    mask = [want_dx, weight is not None and needs[1], bias is not None and needs[2]]
+    dxf, dwf, dbf = torch.ops.aten.native_group_norm_backward(dz, xf, mean, rstd, w, N, C, HW, num_groups, mask)
+    dw = dwf.to(weight.dtype) if mask[1] else None
+    db = dbf.to(bias.dtype) if mask[2] else None
+    dadd = dxf.reshape(N, C, -1).sum(-1).to(add.dtype) if add is not None and needs[3] else None
+    dx = dxf.to(dtype=x.dtype, memory_format=fmt) if needs[0] else None
     return dx, dw, db, dadd
 
 
