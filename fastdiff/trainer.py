@@ -22,8 +22,8 @@ from fastdiff.training import training_loss
 # Training runs the U-Net's plain-PyTorch path (sampling with the trained model uses the fused ops). The fused
 # group_norm_silu ops do have a backward now, and tests/test_cli.py passes with "auto", but "auto" changes the weights
 # (~5e-6 after 40 steps), so `fastdiff train --seed 0` would no longer reproduce fastdiff/assets/digits.safetensors
-# bit for bit (docs/benchmarks.md), and on this CPU it was not faster (40 steps: 8.5-8.7 s "auto" vs 6.4-8.8 s
-# "torch", noisy shared machine). Revisit when a GPU measurement shows training through the fused ops pays.
+# bit for bit (docs/benchmarks.md), and on this CPU it was not faster (40 default-config steps, 1 thread: 6.6 s
+# "auto" vs 6.2 s "torch", noisy shared machine). Revisit when a GPU measurement shows training through them pays.
 TRAIN_BACKEND = "torch"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
