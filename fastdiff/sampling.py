@@ -184,6 +184,8 @@ def _initial_sample(model, shape, x_T, generator, dtype, device):
 
 
 def _call_model(model, x, t, i, learned: bool, check_nan: bool):
+    """model(x, t) checked against x (shape, device, dtype; NaN/inf if `check_nan`): (o, v), v the variance half of a
+    2·C-channel output when `learned`, else None. `i` is the step index reported in errors."""
     out = model(x, t)
     out = getattr(out, "sample", out)
     if isinstance(out, (tuple, list)):

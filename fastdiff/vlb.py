@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from fastdiff.sampling import _call_model
 from fastdiff.schedule import NoiseSchedule
 
 VLB_VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
@@ -91,20 +92,9 @@ class VLBResult:
 
 
 def _model_out(model, x, t, learned, dtype):
-    out = model(x.to(dtype), t)
-    out = getattr(out, "sample", out)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not torch.is_tensor(out):
-        raise TypeError(f"model output must be a tensor or have .sample, got {type(out).__name__}")
-    want = list(x.shape)
-    if learned:
-        want[1] *= 2
-    if list(out.shape) != want:
-        hint = " (learned variances expect 2·C channels along dim 1: prediction, then variance)" if learned else ""
-        raise ValueError(f"model output has shape {tuple(out.shape)}, expected {tuple(want)}{hint}")
-    out = out.to(torch.float64)
-    return out.split(x.shape[1], dim=1) if learned else (out, None)
+    """The model's prediction (and variance output for learned variances) at x cast to `dtype`, as float64."""
+    o, v = _call_model(model, x.to(dtype), t, None, learned, check_nan=False)
+    return o.to(torch.float64), (v.to(torch.float64) if v is not None else None)
 
 
 def _bc(v, x):

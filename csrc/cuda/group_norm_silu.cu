@@ -20,6 +20,7 @@
 
 #include <cstdint>
 
+#include "fd_cuda_io.cuh"
 #include "group_norm_silu_math.h"
 
 namespace fastdiff {
@@ -29,13 +30,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // VEC consecutive elements as floats: one 16/8/4-byte load for VEC > 1 (the caller guarantees alignment).
 template <typename T, int VEC>

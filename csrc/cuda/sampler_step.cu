@@ -5,19 +5,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "fd_cuda_io.cuh"
 #include "sampler_step_math.h"
 
 namespace fastdiff {
 namespace sstep {
 namespace {
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // VEC elements of T at p[i .. i+VEC) as floats; one 16-byte load when VECTOR (aligned, full chunk).
 template <typename T, int VEC, bool VECTOR>

@@ -13,11 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define FD_HD __host__ __device__ __forceinline__
-#else
-#define FD_HD inline
-#endif
+#include "fd_common.h"
 
 namespace fastdiff {
 namespace sstep {
