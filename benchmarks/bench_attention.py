@@ -8,7 +8,7 @@ float32). On CUDA the SDPA-vs-Triton pair is what decides the "auto" choice on G
 extra_info:
   bytes = 4 · B·L·C · itemsize (read q, k, v, write o): the floor for a fused kernel; the reference also writes and
           reads the B·L² score matrix.
-  flops = 4 · B·L²·C (q kᵀ and p v, 2 flops per multiply-add each; the softmax not counted); tflops = flops / median.
+  flops = 4 · B·L²·C (q kᵀ and p v, 2 flops per multiply-add; softmax not counted); tflops = flops / median.
 """
 import pytest
 import torch
