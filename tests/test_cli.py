@@ -14,14 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--block-out-channels", "8,16", "--norm-groups", "4", "--batch-size", "4", "--warmup", "2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to a CPU shared with other jobs (2 OpenMP threads on
-    a busy 2-core machine spin at every barrier)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def run(capsys, *argv):

@@ -12,13 +12,6 @@ from fastdiff.schedule import NoiseSchedule
 MIX = toy.GaussianMixture([0.2, 0.3, 0.5], [[-2.0, 0.0], [2.0, 1.0], [0.0, -3.0]], 0.3)
 
 
-@pytest.fixture
-def one_thread():
-    # (n, 2) tensors: one thread is ~10x faster than several on a shared 2-core runner; restored afterwards.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_score_from_eps_is_the_exact_score():

@@ -17,14 +17,7 @@ from fastdiff.schedule import NoiseSchedule
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to a CPU shared with other jobs (2 OpenMP threads on
-    a busy 2-core machine spin at every barrier)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 class TinyEps(torch.nn.Module):
