@@ -1,6 +1,7 @@
 """group_norm_silu (fused, per backend) against eager GroupNorm + SiLU and torch.compile of the same pair.
 
     pytest benchmarks/bench_group_norm_silu.py --benchmark-only [-k cifar]
+    python benchmarks/bench_group_norm_silu.py [--threads 2] [--rounds 9]   # side by side, CPU, see below
 
 Sizes: the DDPM U-Nets' GroupNorm inputs — CIFAR-10 (128 ch × 32², batch 64 on CPU / 256 on GPU), CelebA-HQ first level
 (128 ch × 256², batch 1 / 8) and the 512-channel 16² level. 32 groups, eps 1e-6, fp32 and bf16 (fp16 on GPU).
@@ -20,6 +21,7 @@ SIZES = {
     "cifar": (256 if GPU else 64, 128, 32, 32),
     "celebahq": (8 if GPU else 1, 128, 256, 256),
     "c512": (64 if GPU else 8, 512, 16, 16),
+    "celebahq64": (8 if GPU else 1, 256, 64, 64),
 }
 DTYPES = [torch.float32, torch.float16 if GPU else torch.bfloat16]
 FORMS = ["eager", "compiled", "fused"]
@@ -75,3 +77,48 @@ def test_group_norm_silu(benchmark, form, size, dtype, layout):
     benchmark.extra_info["bytes"] = 2 * x.numel() * x.element_size()
     benchmark.extra_info["shape"] = "x".join(map(str, shape))
     benchmark.pedantic(run, rounds=10 if not GPU else 50, warmup_rounds=1)
+
+
+def side_by_side(threads, rounds):
+    """Eager vs fused in one process, interleaved round by round (so load from other jobs hits both alike); prints the
+    median times and the median of the per-round ratios eager/fused. Each call allocates its output, as in a model."""
+    import statistics
+    import time
+
+    torch.set_num_threads(threads)
+    sizes = [(64, 128, 32, 32), (1, 128, 256, 256), (1, 256, 64, 64), (4, 512, 16, 16), (8, 256, 16, 16)]
+    print(f"threads {threads}, {rounds} interleaved rounds, 32 groups, eps 1e-6, SiLU, affine")
+    print("dtype    shape          layout  eager ms  fused ms  eager/fused")
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in sizes:
+            for layout in ("nchw", "channels_last"):
+                torch.manual_seed(0)
+                x = torch.randn(shape, dtype=dtype)
+                if layout == "channels_last":
+                    x = x.to(memory_format=torch.channels_last)
+                w, b = torch.randn(shape[1], dtype=dtype), torch.randn(shape[1], dtype=dtype)
+                fused = lambda x, w, b: group_norm_silu(x, w, b, 32, 1e-6, True, backend="cpp")  # noqa: E731
+                torch.testing.assert_close(fused(x, w, b).float(), _eager(x.float(), w.float(), b.float()),
+                                           atol=5e-2 if dtype != torch.float32 else 1e-4, rtol=1e-2)
+                times = {"eager": [], "fused": []}
+                for f in (_eager, fused, _eager, fused):
+                    f(x, w, b)
+                for _ in range(rounds):
+                    for name, f in (("eager", _eager), ("fused", fused)):
+                        t0 = time.perf_counter()
+                        f(x, w, b)
+                        times[name].append(time.perf_counter() - t0)
+                te, tf = (statistics.median(times[k]) * 1e3 for k in ("eager", "fused"))
+                ratio = statistics.median(a / b for a, b in zip(times["eager"], times["fused"]))
+                print(f"{str(dtype)[6:]:8s} {'x'.join(map(str, shape)):14s} {layout[:7]:7s} {te:8.2f}  {tf:8.2f}  {ratio:6.2f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=9)
+    a = ap.parse_args()
+    side_by_side(a.threads, a.rounds)
