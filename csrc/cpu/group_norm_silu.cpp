@@ -5,11 +5,13 @@
 // (csrc/include/group_norm_silu_math.h). The apply pass re-reads the group, which is still in L2 for the DDPM sizes
 // (4 channels × 32×32 fp32 = 16 KiB), so x comes from DRAM about once: 1 read + 1 write against eager
 // GroupNorm + SiLU's 2 reads + 1 write then 1 read + 1 write.
-// NHWC (channels_last): tasks are chunks of pixels of one sample, reduced per channel with the inner loop over C
-// (contiguous), then merged per group; the apply pass runs over the same chunks.
-// SiLU uses a polynomial exp (|rel err| < 2e-7); the AVX2 pass evaluates it with intrinsics and a Newton-refined
-// reciprocal instead of a division. The hot loops are compiled for
-// AVX2+FMA+F16C and for the baseline ISA (group_norm_silu_kernels.inc compiled twice), picked at run time.
+// NHWC (channels_last): when the batch covers the threads, one sample per task (statistics, then output while the
+// sample is in L2); otherwise (batch 1) pixel segments with partial statistics merged per group, then the output pass
+// over the same segments. Tiles of ~4096 elements are reduced per channel with the accumulators in registers.
+// SiLU: polynomial exp (relative error 2.5e-7) and a Newton-refined reciprocal instead of a division, 4 vectors
+// interleaved; fp16/bf16 converted in registers. The hot loops are compiled for AVX2+FMA+F16C, for AVX2 plus
+// AVX512-BF16 (bfloat16 stores as one vcvtneps2bf16) and for the baseline ISA (group_norm_silu_kernels.inc compiled
+// three times), picked at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
