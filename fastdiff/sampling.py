@@ -247,14 +247,13 @@ def _step(plan: SamplerPlan, i: int, x, o, z, v, backend: str, *, o_cond=None, g
           rng=None, want_x0: bool = True):
     """x_t → (x_{t−1}, x̂0 float32 or None) for step i of the plan.
 
-    backend "torch" runs the reference step functions (diffusers' order of operations); any other backend runs the
-    fused op with row i of `coefs` (plan_coefs, on x's device; built here when None). o_cond: the conditional model
-    output for classifier-free guidance o = o + w·(o_cond − o). z: a noise tensor, or rng: int64 [seed, offset] for
-    in-kernel Philox noise. x̂0 is computed only when `want_x0` (callbacks) on the fused path.
+    backend (resolved by _step_backend): "torch" runs the reference step functions (diffusers' order of operations);
+    a fused backend runs the fused op with row i of `coefs` (plan_coefs, on x's device). o_cond: the conditional
+    model output for classifier-free guidance o = o + w·(o_cond − o). z: a noise tensor, or rng: int64
+    [seed, offset] for in-kernel Philox noise. x̂0 is computed only when `want_x0` (callbacks) on the fused path.
     """
     opts = plan.options
-    name = backend if backend in ("torch", "cpp", "cuda", "triton") and coefs is not None else _step_backend(x, backend)
-    if name == "torch":
+    if backend == "torch":
         o = _guide_ref(o, o_cond, guidance_scale)
         if rng is not None:
             z = ss._philox_like(x, rng).to(x.dtype)
@@ -266,10 +265,7 @@ def _step(plan: SamplerPlan, i: int, x, o, z, v, backend: str, *, o_cond=None, g
                                     use_clipped_model_output=opts.use_clipped_model_output, **kw)
         return ss.ddpm_step_ref(x, o, plan.abar_t[i], plan.abar_p[i], noise=z, variance_type=opts.variance_type,
                                 v=v, **kw)
-    if coefs is None:
-        coef = plan_coefs_row(plan, i, guidance_scale).to(x.device)
-    else:
-        coef = coefs[i]
+    coef = coefs[i]
     adds_noise = plan.noise[i] and (plan.kind == "ddpm" or plan.eta > 0)
     var_mode = "scalar"
     if plan.kind == "ddpm" and opts.variance_type.startswith("learned"):
@@ -283,14 +279,7 @@ def _step(plan: SamplerPlan, i: int, x, o, z, v, backend: str, *, o_cond=None, g
     return ss.sampler_step(x, o, coef, o_cond=o_cond, noise=z if adds_noise and rng is None else None,
                            rng=rng if adds_noise else None, v=v, thr=thr,
                            clip=opts.clip_sample and not opts.thresholding, var_mode=var_mode, write_x0=want_x0,
-                           backend=name)
-
-
-def plan_coefs_row(plan: SamplerPlan, i: int, guidance_scale: float | None = None) -> torch.Tensor:
-    """Row i of `plan_coefs` (float64, CPU)."""
-    one = dataclasses.replace(plan, abar_t=[plan.abar_t[i]], abar_p=[plan.abar_p[i]], sigma=[plan.sigma[i]],
-                              noise=[plan.noise[i]])
-    return plan_coefs(one, guidance_scale)[0]
+                           backend=backend)
 
 
 def _progress(it, enabled: bool, desc: str):
