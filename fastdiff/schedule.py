@@ -140,7 +140,7 @@ def timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", st
     """The descending grid of `steps` training timesteps (int64), as diffusers' `set_timesteps` builds it.
 
     leading:  t_i = i·⌊T/N⌋ + steps_offset;  linspace: round(linspace(0, T−1, N));
-    trailing: round(arange(T, 0, −T/N)) − 1;  quad (DDIM paper, CIFAR-10): ⌊linspace(0, √(0.8T), N)²⌋.
+    trailing: round(T − i·T/N) − 1, i < N;  quad (DDIM paper, CIFAR-10): ⌊linspace(0, √(0.8T), N)²⌋.
     `quad` repeats small timesteps when N is large (50 steps of T = 1000 give 0, 0, 1, …): the repeats are dropped,
     with a warning that gives the number of steps actually taken (a repeated DDIM step with η = 0 is the identity).
     """
@@ -155,7 +155,10 @@ def timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", st
     elif spacing == "linspace":
         ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
     elif spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+        # The first N values of diffusers' np.arange(T, 0, −T/N) (NumPy fills it as T + i·δ, δ = (T − T/N) − T); its
+        # float length also gives an (N+1)-th entry ≈ 0, i.e. timestep −1, for some (T, N) such as T = 1000, N = 61
+        delta = (T - T / steps) - T
+        ts = np.round(T + np.arange(steps) * delta).astype(np.int64) - 1
     elif spacing == "quad":
         ts = np.unique((np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64))[::-1]
         if len(ts) != steps:

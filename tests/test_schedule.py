@@ -36,6 +36,19 @@ def test_spacings_match_diffusers(spacing, steps):
     assert got.tolist() == ref.timesteps.tolist()
 
 
+@pytest.mark.parametrize("T,steps", [(1000, 61), (1000, 769), (17, 7), (15, 13)])
+def test_trailing_spacing_has_exactly_steps_entries(T, steps):
+    """diffusers' np.arange(T, 0, −T/N) has N + 1 entries for these (T, N) (the last one ≈ 0, i.e. timestep −1):
+    fastdiff gives exactly N, equal to diffusers' first N (it used to raise a misleading steps_offset error)."""
+    ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+    ref.set_timesteps(steps)
+    if len(ref.timesteps) != steps:  # diffusers 0.42: the quirk this guards against
+        assert len(ref.timesteps) == steps + 1 and ref.timesteps[-1] == -1
+    got = timesteps(T, steps, "trailing")
+    assert got.tolist() == ref.timesteps[:steps].tolist()
+    assert NoiseSchedule.linear(T).timesteps(steps, "trailing").min() >= 0
+
+
 def test_quad_spacing():
     ts = timesteps(1000, 20, "quad")
     want = (np.linspace(0, np.sqrt(800), 20) ** 2).astype(np.int64)[::-1]
