@@ -47,11 +47,12 @@ class SamplerOptions:
             raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {self.timestep_spacing!r}")
         if self.prev_timestep not in ("grid", "diffusers"):
             raise ValueError(f"prev_timestep must be 'grid' or 'diffusers', got {self.prev_timestep!r}")
-        if not self.clip_sample_range > 0:
+        # checked only where used: a diffusers config may carry any value for a setting it switches off
+        if self.clip_sample and not self.clip_sample_range > 0:
             raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
-        if not 0 < self.dynamic_thresholding_ratio <= 1:
+        if self.thresholding and not 0 < self.dynamic_thresholding_ratio <= 1:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}")
-        if not self.sample_max_value >= 1:
+        if self.thresholding and not self.sample_max_value >= 1:
             raise ValueError(f"sample_max_value must be >= 1, got {self.sample_max_value}")
         return self
 

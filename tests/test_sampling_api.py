@@ -166,3 +166,21 @@ def test_unknown_and_invalid_options():
         fastdiff.ddim_sample(eps_model, 3, shape=(1, 2), backend="metal")
     with pytest.raises(TypeError, match="schedule"):
         fastdiff.ddim_sample(eps_model, 3, shape=(1, 2), schedule=42)
+
+
+def test_settings_switched_off_are_not_validated():
+    """A diffusers config may carry any value for a setting it switches off (diffusers samples it): so does fastdiff;
+    the same values with the setting on raise, naming it."""
+    from diffusers import DDIMScheduler
+
+    odd = dict(clip_sample_range=0.0, dynamic_thresholding_ratio=1.5, sample_max_value=0.5)
+    sched = DDIMScheduler(clip_sample=False, thresholding=False, **odd)
+    x = fastdiff.ddim_sample(eps_model, 3, shape=(1, 2), schedule=sched, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="clip_sample_range"):
+        fastdiff.ddim_sample(eps_model, 3, shape=(1, 2), schedule=sched, clip_sample=True)
+    valid = dict(dynamic_thresholding_ratio=0.9, sample_max_value=2.0)
+    for name in valid:
+        with pytest.raises(ValueError, match=name):
+            fastdiff.ddim_sample(eps_model, 3, shape=(1, 2), schedule=sched, thresholding=True,
+                                 **{**valid, name: odd[name]})
