@@ -35,7 +35,8 @@ namespace {
 
 using gns::Stat;
 constexpr int64_t kTile = 2048;
-constexpr int64_t kFlatTile = 4096;   // NCHW without add: statistics tiles over the group's contiguous run (16 KiB fp32)
+// NCHW without add: statistics tiles over the group's contiguous run (16 KiB fp32).
+constexpr int64_t kFlatTile = 4096;
 constexpr int64_t kNhwcTile = 16384;  // channels_last statistics tile, elements (64 KiB fp32: the M2 pass reads L2)
 
 struct Params {
