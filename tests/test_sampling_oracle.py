@@ -8,6 +8,8 @@ import fastdiff
 from fastdiff.sampling import make_plan, resolve_schedule
 from fastdiff.toy import GaussianMixture, component_weights, moment_recursion
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small float64 tensors (tests/conftest.py)
+
 SCHED = fastdiff.NoiseSchedule.linear()
 N = 20000
 

@@ -62,6 +62,17 @@ def test_parity(backend, shape, groups, dtype):
         check(backend, shape, groups, dtype, channels_last=True)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS[:2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups", [((1, 64, 40, 36), 8), ((2, 30, 33, 17), 3), ((1, 512, 16, 16), 32)], ids=str)
+def test_parity_without_add(backend, shape, groups, dtype):
+    """Without the fused add the CPU kernel tiles a group's statistics across channel boundaries (tiles of 4096
+    elements; groups here are 11520, 5610 and 4096 elements): parity in both layouts, also at mean 1e3."""
+    for cl in (False, True):
+        check(backend, shape, groups, dtype, cl, add=False)
+    check(backend, shape, groups, dtype, False, add=False, offset=1e3)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("silu,affine,add", [(False, True, False), (True, False, True), (False, False, False)])
 def test_options(backend, silu, affine, add):
