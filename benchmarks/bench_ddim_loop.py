@@ -33,30 +33,42 @@ def _sync():
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("form", ["reference_eager", "fused_eager", "fused_graph", "diffusers_eager"])
+FORMS = ["reference_eager", "fused_eager", "fused_graph", "diffusers_eager"]
+
+
+def loop_forms(net, xT, forms=FORMS):
+    """{form: a callable running the 50-step loop from xT}; the graphed form only on CUDA."""
+    out = {}
+    for form in forms:
+        if form == "diffusers_eager":
+            diffusers = pytest.importorskip("diffusers")
+            sch = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+            sch.set_timesteps(STEPS)
+
+            @torch.no_grad()
+            def diff_loop(sch=sch):
+                x = xT
+                for t in sch.timesteps:
+                    x = sch.step(net(x, t.to(DEV).expand(x.shape[0])), t, x, eta=0.0).prev_sample
+                return x
+
+            out[form] = diff_loop
+        elif form != "fused_graph" or DEV == "cuda":
+            backend = "torch" if form == "reference_eager" else "auto"
+            graph = form == "fused_graph"
+            out[form] = lambda backend=backend, graph=graph: fastdiff.ddim_sample(net, STEPS, x_T=xT, backend=backend,
+                                                                                   cuda_graph=graph)
+    return out
+
+
+@pytest.mark.parametrize("form", FORMS)
 def test_ddim_loop(benchmark, form):
+    if form == "fused_graph" and DEV != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
     torch.manual_seed(0)
     net = TinyNet().to(DEV).eval()
     xT = torch.randn(SHAPE, device=DEV)
-    if form == "fused_graph" and DEV != "cuda":
-        pytest.skip("CUDA graphs need a CUDA device")
-    if form == "diffusers_eager":
-        diffusers = pytest.importorskip("diffusers")
-        sch = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
-        sch.set_timesteps(STEPS)
-
-        @torch.no_grad()
-        def fn():
-            x = xT
-            for t in sch.timesteps:
-                x = sch.step(net(x, t.to(DEV).expand(x.shape[0])), t, x, eta=0.0).prev_sample
-            return x
-    else:
-        backend = "torch" if form == "reference_eager" else "auto"
-        graph = form == "fused_graph"
-
-        def fn():
-            return fastdiff.ddim_sample(net, STEPS, x_T=xT, backend=backend, cuda_graph=graph)
+    fn = loop_forms(net, xT, [form])[form]
 
     def run():
         out = fn()
@@ -70,30 +82,15 @@ def test_ddim_loop(benchmark, form):
 
 
 def side_by_side(rounds=15):
-    """The eager forms interleaved round by round (plus the graphed one on a GPU): min and median per form and the
+    """Every form interleaved round by round (the graphed one on a GPU only): min and median per form and the
     median per-round ratio reference/form."""
     import statistics
     import time
 
-    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     net = TinyNet().to(DEV).eval()
     xT = torch.randn(SHAPE, device=DEV)
-    sch = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
-    sch.set_timesteps(STEPS)
-
-    @torch.no_grad()
-    def diff_loop():
-        x = xT
-        for t in sch.timesteps:
-            x = sch.step(net(x, t.to(DEV).expand(x.shape[0])), t, x, eta=0.0).prev_sample
-        return x
-
-    forms = {"reference_eager": lambda: fastdiff.ddim_sample(net, STEPS, x_T=xT, backend="torch", cuda_graph=False),
-             "fused_eager": lambda: fastdiff.ddim_sample(net, STEPS, x_T=xT, cuda_graph=False),
-             "diffusers_eager": diff_loop}
-    if DEV == "cuda":
-        forms["fused_graph"] = lambda: fastdiff.ddim_sample(net, STEPS, x_T=xT, cuda_graph=True)
+    forms = loop_forms(net, xT)
     times = {k: [] for k in forms}
     for f in forms.values():
         f()
