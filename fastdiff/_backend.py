@@ -9,6 +9,7 @@ An explicitly requested backend that cannot run raises a RuntimeError naming why
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -32,12 +33,17 @@ except ImportError:  # running from a source tree that was never built
 
 
 def _triton_status() -> tuple[bool, str]:
+    return _triton_status_for(os.environ.get("TRITON_INTERPRET") == "1", torch.cuda.is_available())
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status_for(interp: bool, cuda: bool) -> tuple[bool, str]:
+    """Cached per (interpreter flag, CUDA visible): resolve() runs once per op call, in sampling loops too."""
     try:
         import triton  # noqa: F401
     except ImportError as e:
         return False, f"triton not importable: {e}"
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    if torch.cuda.is_available():
+    if cuda:
         return True, f"triton {triton.__version__} on CUDA"
     if interp:
         return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU interpreter, slow)"
