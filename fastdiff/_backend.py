@@ -9,7 +9,6 @@ An explicitly requested backend that cannot run raises a RuntimeError naming why
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -32,13 +31,18 @@ except ImportError:  # running from a source tree that was never built
     _cfg = None
 
 
+_TRITON_STATUS: dict[tuple[bool, bool], tuple[bool, str]] = {}
+
+
 def _triton_status() -> tuple[bool, str]:
-    return _triton_status_for(os.environ.get("TRITON_INTERPRET") == "1", torch.cuda.is_available())
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_status_for(interp: bool, cuda: bool) -> tuple[bool, str]:
     """Cached per (interpreter flag, CUDA visible): resolve() runs once per op call, in sampling loops too."""
+    key = (os.environ.get("TRITON_INTERPRET") == "1", torch.cuda.is_available())
+    if key not in _TRITON_STATUS:
+        _TRITON_STATUS[key] = _probe_triton(*key)
+    return _TRITON_STATUS[key]
+
+
+def _probe_triton(interp: bool, cuda: bool) -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
     except ImportError as e:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a fresh GPU machine with no network: build the extension, run the whole test suite (GPU tests included),
 # run the benchmarks, and write a summary (markdown + pytest-benchmark JSON) to OUTDIR (default ./out).
-#   bash scripts/gpu_check.sh "$OUT"
+#   bash scripts/gpu_check.sh "$OUT"      (first, on the CPU machine: bash scripts/gpu_wheels.sh; carry .gpu_wheels)
 # Budget: about 8 minutes on an H100 (each phase has its own timeout).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,14 @@ t0=$(date +%s)
   echo "- device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -n1)"
   echo "- versions: $($PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' 2>&1)"
 } >"$S"
+
+# 0. wheels carried from the CPU machine (scripts/gpu_wheels.sh: diffusers, which the GPU image lacks)
+if ls .gpu_wheels/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps .gpu_wheels/*.whl >"$OUT/wheels.log" 2>&1
+  echo "- carried wheels: rc=$? ($(ls .gpu_wheels | tr '\n' ' '))" >>"$S"
+else
+  echo "- no .gpu_wheels carried: diffusers parity tests and the U-Net-vs-diffusers benchmark skip (scripts/gpu_wheels.sh)" >>"$S"
+fi
 
 # 1. build (no network: no deps resolution, no build isolation)
 export MAX_JOBS=${MAX_JOBS:-16}
