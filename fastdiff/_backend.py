@@ -54,6 +54,15 @@ def _probe_triton(interp: bool, cuda: bool) -> tuple[bool, str]:
     return False, "triton needs a CUDA device (or TRITON_INTERPRET=1 to run the interpreter on CPU)"
 
 
+def compiled_op_loaded(name: str) -> bool:
+    """Whether fastdiff._C registered the schema fastdiff::<name> (then its fake kernel can be registered)."""
+    try:
+        getattr(torch.ops.fastdiff, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def has_cpp() -> bool:
     return _EXT
 

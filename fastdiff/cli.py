@@ -21,16 +21,24 @@ class CliError(Exception):
     """A user-facing error: printed as `fastdiff <cmd>: error: ...`, exit status 2, no traceback."""
 
 
-def _positive_int(name):
+def _int_at_least(name, lo):
     def parse(s):
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {v}")
         return v
     return parse
+
+
+def _positive_int(name):
+    return _int_at_least(name, 1)
+
+
+def _nonneg_int(name):
+    return _int_at_least(name, 0)
 
 
 def _nonneg_float(name):
@@ -41,18 +49,6 @@ def _nonneg_float(name):
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
         if not v >= 0 or v == float("inf"):
             raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {s}")
-        return v
-    return parse
-
-
-def _nonneg_int(name):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
         return v
     return parse
 

@@ -307,18 +307,9 @@ def _backward(ctx, dy):
 torch.library.register_autograd("fastdiff::group_norm_silu_triton", _backward, setup_context=_setup_context)
 
 
-def _register_cpp_fake():
-    """The fake kernel of the C++/CUDA op, when the extension (its schema) is loaded."""
-    try:
-        torch.ops.fastdiff.group_norm_silu
-    except (AttributeError, RuntimeError):
-        return
-
+if _backend.compiled_op_loaded("group_norm_silu"):  # the C++/CUDA op's fake kernel and autograd, when the extension is loaded
     @torch.library.register_fake("fastdiff::group_norm_silu")
     def _(x, weight, bias, add, num_groups, eps, silu):
         return torch.empty_like(x)
 
     torch.library.register_autograd("fastdiff::group_norm_silu", _backward, setup_context=_setup_context)
-
-
-_register_cpp_fake()

@@ -17,6 +17,8 @@ import math
 import numpy as np
 import torch
 
+from fastdiff._backend import compiled_op_loaded
+
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 
@@ -346,21 +348,11 @@ def _sampler_step_triton(x: torch.Tensor, o: torch.Tensor, o_cond: torch.Tensor 
     return xp, x0
 
 
-@_sampler_step_triton.register_fake
-def _(x, o, o_cond, noise, rng, v, thr, coef, flags, write_x0):
+def _sampler_step_fake(x, o, o_cond, noise, rng, v, thr, coef, flags, write_x0):
     return _empty_outputs(x, write_x0)
 
 
-def _register_cpp_fake():
-    """The fake kernel of the C++/CUDA op, when the extension (its schema) is loaded."""
-    try:
-        torch.ops.fastdiff.sampler_step
-    except (AttributeError, RuntimeError):
-        return
-
-    @torch.library.register_fake("fastdiff::sampler_step")
-    def _(x, o, o_cond, noise, rng, v, thr, coef, flags, write_x0):
-        return _empty_outputs(x, write_x0)
+_sampler_step_triton.register_fake(_sampler_step_fake)
 
 
 # ---- the public op -----------------------------------------------------------------------------------------------
@@ -470,4 +462,5 @@ def threshold_scale(x, o, coef, *, o_cond=None, ratio: float = 0.995, max_value:
     return s.clamp(min=1.0, max=max_value).contiguous()
 
 
-_register_cpp_fake()
+if compiled_op_loaded("sampler_step"):  # the C++/CUDA op's fake kernel, when the extension is loaded
+    torch.library.register_fake("fastdiff::sampler_step")(_sampler_step_fake)
