@@ -2,14 +2,38 @@
 
     unet = UNet2D()                                   # google/ddpm-cifar10-32 architecture, random weights
     unet = UNet2D.from_diffusers(diffusers_unet)      # or (state_dict, config)
-    eps = unet(x, t)                                  # x (B, C, H, W), t LongTensor (B,) or scalar → (B, C_out, H, W)
+    eps = unet(x, t)                                  # x (B, C, H, W), t (B,) or scalar → (B, C_out, H, W)
+    eps = unet(x, t, class_labels)                    # class-conditional configs
     unet.save("model.safetensors"); unet = UNet2D.load("model.safetensors")
+
+What loads: every `UNet2DModel` config of the DDPM family, with diffusers' math and parameter names:
+  - blocks: DownBlock2D, AttnDownBlock2D, ResnetDownsampleBlock2D / UpBlock2D, AttnUpBlock2D, ResnetUpsampleBlock2D
+    (also with diffusers' "UNetRes" name prefix); mid_block_type "UNetMidBlock2D" or None, add_attention,
+    attn_norm_num_groups, mid_block_scale_factor;
+  - downsample_type / upsample_type "conv" or "resnet" (honoured, as in diffusers, by the Attn* blocks only; the
+    Resnet*sample blocks always resample with a ResnetBlock2D, DownBlock2D/UpBlock2D always with a conv);
+    downsample_padding 0 or 1;
+  - time_embedding_type "positional" (flip_sin_to_cos, freq_shift), "learned" (an nn.Embedding over
+    num_train_timesteps) or "fourier" (GaussianFourierProjection of log t, scale 16, [sin, cos]; the output is
+    divided by t, as diffusers does); time_embedding_dim;
+  - class conditioning: num_class_embeds (class_embed_type None: nn.Embedding), class_embed_type "timestep" (the
+    labels go through the time projection and their own TimestepEmbedding) or "identity" (labels are (B, temb) vectors);
+  - act_fn silu/swish/mish/gelu/relu (case-insensitive, as diffusers' get_activation) in the ResnetBlock2Ds (both
+    norms and the time-embedding input); the TimestepEmbedding MLP and the output conv_act are SiLU whatever act_fn
+    is, as in diffusers;
+  - in/out channels, block_out_channels, layers_per_block, norm_num_groups, norm_eps, attention_head_dim (None: one
+    head of width C; else C // attention_head_dim heads of that width, also when it does not divide C),
+    resnet_time_scale_shift "default" / "scale_shift", center_input_sample, dropout (identity at eval), sample_size
+    an int or an (H, W) pair.
+Not this family, rejected with a ValueError naming the key: Skip*, CrossAttn*, SimpleCrossAttn*, K* blocks, and
+resnet_time_scale_shift "spatial"/"ada_group".
 
 Module and parameter names are diffusers' (conv_in, time_embedding.linear_1, down_blocks.i.resnets.j.norm1, ...), so a
 diffusers state dict loads as is once the deprecated attention names (query/key/value/proj_attn) are renamed.
 Every GroupNorm(+SiLU) runs through `fastdiff.ops.group_norm_silu.group_norm_silu` (the time-embedding add fused into
-the second GroupNorm of each ResBlock) and attention through `fastdiff.ops.attention.attention`; both dispatch by
-device with `fastdiff._backend.resolve` (`backend=` on the model, or FASTDIFF_BACKEND; attention always uses SDPA).
+the second GroupNorm of each ResBlock; with an act_fn other than SiLU the op runs with silu=False and the activation
+follows) and attention through `fastdiff.ops.attention.attention`; both dispatch by device with
+`fastdiff._backend.resolve` (`backend=` on the model, or FASTDIFF_BACKEND; attention always uses SDPA).
 """
 from __future__ import annotations
 
@@ -22,13 +46,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fastdiff.ops.attention import attention
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
 FORMAT = "fastdiff.UNet2D/1"
-DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
-UP_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+# block type → (has attention, how it resamples: "conv", "resnet", or the config's downsample_type/upsample_type)
+DOWN_TYPES = {"DownBlock2D": (False, "conv"), "AttnDownBlock2D": (True, "config"),
+              "ResnetDownsampleBlock2D": (False, "resnet")}
+UP_TYPES = {"UpBlock2D": (False, "conv"), "AttnUpBlock2D": (True, "config"),
+            "ResnetUpsampleBlock2D": (False, "resnet")}
+# diffusers' get_activation (lower-cased names); TimestepEmbedding and conv_act are SiLU regardless
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, "relu": F.relu}
+TIME_EMBEDDING_TYPES = ("positional", "learned", "fourier")
+CLASS_EMBED_TYPES = (None, "timestep", "identity")
 
 # diffusers' UNet2DModel defaults: a diffusers config that leaves a key out means these values.
 DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
@@ -43,12 +75,17 @@ DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+def block_kind(name: str) -> str:
+    """diffusers' get_down_block/get_up_block strip a leading "UNetRes" from the type name."""
+    return name[7:] if name.startswith("UNetRes") else name
+
+
 @dataclass
 class UNet2DConfig:
     """The architecture. Field names and meanings are diffusers' `UNet2DModel` config keys; the defaults are the
     google/ddpm-cifar10-32 model (35,746,307 parameters). `attention_head_dim=None` means one head of width C."""
 
-    sample_size: int | None = 32
+    sample_size: int | tuple[int, int] | None = 32
     in_channels: int = 3
     out_channels: int = 3
     center_input_sample: bool = False
@@ -73,11 +110,16 @@ class UNet2DConfig:
     time_embedding_type: str = "positional"
     downsample_type: str = "conv"
     upsample_type: str = "conv"
+    class_embed_type: str | None = None
+    num_class_embeds: int | None = None
+    num_train_timesteps: int | None = None
 
     def __post_init__(self):
         self.down_block_types = tuple(self.down_block_types)
         self.up_block_types = tuple(self.up_block_types)
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        if isinstance(self.sample_size, (list, tuple)):
+            self.sample_size = tuple(int(s) for s in self.sample_size)
         self.validate()
 
     @classmethod
@@ -110,16 +152,38 @@ class UNet2DConfig:
             with open(config) as f:
                 config = json.load(f)
         cfg = {**DIFFUSERS_DEFAULTS, **{k: v for k, v in dict(config).items() if not k.startswith("_")}}
-        unsupported = {"class_embed_type": None, "num_class_embeds": None}
-        for k, ok in unsupported.items():
-            if cfg.get(k) != ok:
-                raise ValueError(f"{k}={cfg[k]!r} is not supported by fastdiff.nn.UNet2D (class conditioning)")
         names = {f.name for f in dataclasses.fields(cls)}
-        ignored = {"num_train_timesteps", "class_embed_type", "num_class_embeds"}
-        unknown = sorted(set(cfg) - names - ignored)
+        unknown = sorted(set(cfg) - names)
         if unknown:
             raise ValueError(f"unsupported UNet2DModel config key(s) {unknown}")
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+        return cls(**cfg)
+
+    # ---- derived settings, one place for the model and the checks
+
+    def level_resampling(self, i: int, up: bool) -> str | None:
+        """How level i's down (up) block resamples: "conv", "resnet", or None (the last level)."""
+        if i == len(self.block_out_channels) - 1:
+            return None
+        types, table = (self.up_block_types, UP_TYPES) if up else (self.down_block_types, DOWN_TYPES)
+        how = table[block_kind(types[i])][1]
+        if how == "config":
+            how = (self.upsample_type if up else self.downsample_type) or "conv"
+        return how
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(number of heads, head width) of an attention over `channels` channels, as diffusers: heads =
+        channels // attention_head_dim (attention_head_dim None: channels)."""
+        hd = channels if self.attention_head_dim is None else self.attention_head_dim
+        return channels // hd, hd
+
+    def mid_attn_groups(self) -> int | None:
+        if self.attn_norm_num_groups is not None:
+            return self.attn_norm_num_groups
+        return self.norm_num_groups if self.resnet_time_scale_shift == "default" else None
+
+    @property
+    def temb_dim(self) -> int:
+        return self.time_embedding_dim or self.block_out_channels[0] * 4
 
     def validate(self):
         n = len(self.block_out_channels)
@@ -129,34 +193,65 @@ class UNet2DConfig:
             raise ValueError(f"down_block_types ({len(self.down_block_types)}), up_block_types "
                              f"({len(self.up_block_types)}) and block_out_channels ({n}) must have the same length")
         for key, allowed in (("down_block_types", DOWN_TYPES), ("up_block_types", UP_TYPES)):
-            bad = [t for t in getattr(self, key) if t not in allowed]
+            bad = [t for t in getattr(self, key) if block_kind(t) not in allowed]
             if bad:
-                raise ValueError(f"{key}: unsupported block type(s) {bad}; supported: {allowed}")
+                raise ValueError(f"{key}: unsupported block type(s) {bad}; supported: {list(allowed)} (optionally "
+                                 f"prefixed with 'UNetRes')")
+        act = self.act_fn.lower() if isinstance(self.act_fn, str) else self.act_fn
         checks = [("mid_block_type", self.mid_block_type in ("UNetMidBlock2D", None)),
-                  ("act_fn", self.act_fn in ("silu", "swish")),
-                  ("time_embedding_type", self.time_embedding_type == "positional"),
+                  ("act_fn", act in ACTIVATIONS),
+                  ("time_embedding_type", self.time_embedding_type in TIME_EMBEDDING_TYPES),
                   ("resnet_time_scale_shift", self.resnet_time_scale_shift in ("default", "scale_shift")),
-                  ("downsample_type", self.downsample_type == "conv"),
-                  ("upsample_type", self.upsample_type == "conv"),
+                  ("downsample_type", self.downsample_type in ("conv", "resnet", None)),
+                  ("upsample_type", self.upsample_type in ("conv", "resnet", None)),
+                  ("downsample_padding", self.downsample_padding in (0, 1)),
+                  ("class_embed_type", self.class_embed_type in CLASS_EMBED_TYPES),
+                  ("in_channels", isinstance(self.in_channels, int) and self.in_channels >= 1),
+                  ("out_channels", isinstance(self.out_channels, int) and self.out_channels >= 1),
                   ("layers_per_block", isinstance(self.layers_per_block, int) and self.layers_per_block >= 1),
+                  ("time_embedding_dim", self.time_embedding_dim is None or self.time_embedding_dim >= 1),
                   ("norm_eps", self.norm_eps > 0), ("dropout", 0 <= self.dropout < 1)]
         for key, ok in checks:
             if not ok:
                 raise ValueError(f"unsupported {key}={getattr(self, key)!r}")
+        if self.time_embedding_type == "learned" and not (
+                isinstance(self.num_train_timesteps, int) and self.num_train_timesteps >= 1):
+            raise ValueError(f"num_train_timesteps must be a positive int for time_embedding_type='learned', got "
+                             f"{self.num_train_timesteps!r}")
+        if self.class_embed_type is None and self.num_class_embeds is not None and not (
+                isinstance(self.num_class_embeds, int) and self.num_class_embeds >= 1):
+            raise ValueError(f"num_class_embeds must be a positive int or None, got {self.num_class_embeds!r}")
         g = self.norm_num_groups
+        if not isinstance(g, int) or g < 1:
+            raise ValueError(f"norm_num_groups must be a positive int, got {g!r}")
         for c in self.block_out_channels:
             if c % g:
                 raise ValueError(f"norm_num_groups={g} must divide every block_out_channels entry, got {c}")
-            hd = self.attention_head_dim
-            if hd is not None and c % hd:
-                raise ValueError(f"attention_head_dim={hd} must divide every block_out_channels entry, got {c}")
+        hd = self.attention_head_dim
+        if hd is not None and (not isinstance(hd, int) or hd < 1):
+            raise ValueError(f"attention_head_dim must be a positive int or None, got {hd!r}")
+        attn_channels = [c for c, t in zip(self.block_out_channels, self.down_block_types)
+                         if DOWN_TYPES[block_kind(t)][0]]
+        attn_channels += [c for c, t in zip(reversed(self.block_out_channels), self.up_block_types)
+                          if UP_TYPES[block_kind(t)][0]]
+        if self.mid_block_type is not None and self.add_attention:
+            attn_channels.append(self.block_out_channels[-1])
+            ag = self.mid_attn_groups()
+            if ag is not None and (not isinstance(ag, int) or ag < 1 or self.block_out_channels[-1] % ag):
+                raise ValueError(f"attn_norm_num_groups={ag} must divide the mid block's channel count "
+                                 f"{self.block_out_channels[-1]}")
+        for c in attn_channels:
+            if hd is not None and hd > c:
+                raise ValueError(f"attention_head_dim={hd} is larger than the {c} channels of an attention block "
+                                 f"(zero heads)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["down_block_types"] = list(d["down_block_types"])
-        d["up_block_types"] = list(d["up_block_types"])
-        d["block_out_channels"] = list(d["block_out_channels"])
+        for k in ("down_block_types", "up_block_types", "block_out_channels"):
+            d[k] = list(d[k])
+        if isinstance(d["sample_size"], tuple):
+            d["sample_size"] = list(d["sample_size"])
         return d
 
     # dict-style access, so code written for diffusers' FrozenDict config (config["in_channels"]) works too
@@ -191,11 +286,51 @@ class _Ctx:
         self.backend = backend
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """What every ResBlock of one model shares."""
+
+    temb: int
+    groups: int
+    eps: float
+    dropout: float
+    time_scale_shift: str
+    act_fn: str
+
+
 def _gn(norm: nn.GroupNorm, x, ctx, silu: bool, add=None):
     return group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, add, backend=ctx.backend)
 
 
+class PositionalProjection(nn.Module):
+    """diffusers' `Timesteps`: t (B,) → (B, dim) float32 sinusoidal embedding (no parameters)."""
+
+    def __init__(self, dim: int, flip_sin_to_cos: bool, freq_shift: float):
+        super().__init__()
+        self.dim, self.flip_sin_to_cos, self.freq_shift = dim, flip_sin_to_cos, freq_shift
+
+    def forward(self, t):
+        return timestep_embedding(t, self.dim, self.flip_sin_to_cos, self.freq_shift)
+
+
+class FourierProjection(nn.Module):
+    """diffusers' `GaussianFourierProjection` as UNet2DModel builds it (log=True, flip_sin_to_cos=False):
+    t (B,) → [sin(2π·log t·w), cos(2π·log t·w)] (B, 2·dim). `weight` (dim,) is a frozen parameter (diffusers' key
+    time_proj.weight)."""
+
+    def __init__(self, dim: int, scale: float = 16.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim) * scale, requires_grad=False)
+
+    def forward(self, t):
+        x = torch.log(t)
+        x_proj = x[:, None] * self.weight[None, :] * 2 * math.pi  # diffusers' order of operations, to the last bit
+        return torch.cat([torch.sin(x_proj), torch.cos(x_proj)], dim=-1)
+
+
 class TimestepEmbedding(nn.Module):
+    """linear_2(SiLU(linear_1(x))): diffusers' TimestepEmbedding as UNet2DModel builds it (SiLU whatever act_fn)."""
+
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
@@ -207,20 +342,21 @@ class TimestepEmbedding(nn.Module):
 
 class ResBlock(nn.Module):
     """h = conv1(SiLU(GN(x))); h = conv2(dropout(SiLU(GN(h + temb)))); out = (skip(x) + h) / output_scale_factor.
-    With time_scale_shift="scale_shift": h = SiLU(GN(h)·(1 + s) + b) with (s, b) = time_emb_proj(SiLU(temb))."""
+    With time_scale_shift="scale_shift": h = SiLU(GN(h)·(1 + s) + b) with (s, b) = time_emb_proj(SiLU(temb)).
+    The common case (act_fn SiLU, no resampling), with every norm + SiLU in one fused op; `_resblock` builds
+    `ResBlockGeneral` for the others."""
 
-    def __init__(self, cin: int, cout: int, temb: int, groups: int, eps: float, dropout: float,
-                 output_scale_factor: float = 1.0, time_scale_shift: str = "default"):
+    def __init__(self, cin: int, cout: int, spec: _Spec, output_scale_factor: float = 1.0):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.norm1 = nn.GroupNorm(spec.groups, cin, eps=spec.eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb, cout * (2 if time_scale_shift == "scale_shift" else 1))
-        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.time_emb_proj = nn.Linear(spec.temb, cout * (2 if spec.time_scale_shift == "scale_shift" else 1))
+        self.norm2 = nn.GroupNorm(spec.groups, cout, eps=spec.eps)
+        self.dropout = nn.Dropout(spec.dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
         self.output_scale_factor = output_scale_factor
-        self.scale_shift = time_scale_shift == "scale_shift"
+        self.scale_shift = spec.time_scale_shift == "scale_shift"
 
     def forward(self, x, temb_act, ctx):
         h = self.conv1(_gn(self.norm1, x, ctx, True))
@@ -239,17 +375,70 @@ class ResBlock(nn.Module):
         return out
 
 
-class AttnBlock(nn.Module):
-    """x + to_out(attention(q, k, v)) over the H·W tokens of GN(x), `heads` heads of width C / heads."""
+class ResBlockGeneral(ResBlock):
+    """diffusers' ResnetBlock2D with any act_fn and optional resampling (up=True: nearest ×2; down=True: 2×2 average
+    pool) of both x and SiLU(GN(x)) between norm1 and conv1. Same parameters as ResBlock. With act_fn SiLU the norms
+    still use the fused op; otherwise GroupNorm(+temb add) runs fused with silu=False and the activation follows."""
 
-    def __init__(self, channels: int, heads: int, groups: int | None, eps: float, rescale: float = 1.0):
+    def __init__(self, cin: int, cout: int, spec: _Spec, output_scale_factor: float = 1.0,
+                 resample: str | None = None):
+        super().__init__(cin, cout, spec, output_scale_factor)
+        act = spec.act_fn.lower()
+        self.act = None if act in ("silu", "swish") else ACTIVATIONS[act]
+        self.resample = resample
+
+    def _norm_act(self, norm, h, ctx, add=None):
+        if self.act is None:
+            return _gn(norm, h, ctx, True, add)
+        return self.act(_gn(norm, h, ctx, False, add))
+
+    def forward(self, x, temb_act, ctx):
+        h = self._norm_act(self.norm1, x, ctx)
+        if self.resample == "up":
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        elif self.resample == "down":
+            x = F.avg_pool2d(x, kernel_size=2, stride=2)
+            h = F.avg_pool2d(h, kernel_size=2, stride=2)
+        h = self.conv1(h)
+        t = self.time_emb_proj(temb_act)  # temb_act = act_fn(temb), computed once per forward by UNet2D
+        if self.scale_shift:
+            scale, shift = t.chunk(2, dim=1)
+            h = _gn(self.norm2, h, ctx, False) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+            h = nn.functional.silu(h) if self.act is None else self.act(h)
+        else:
+            h = self._norm_act(self.norm2, h, ctx, add=t)
+        h = self.conv2(self.dropout(h))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        out = skip + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+def _resblock(cin: int, cout: int, spec: _Spec, output_scale_factor: float = 1.0,
+              resample: str | None = None) -> ResBlock:
+    """The fused ResBlock for the common case, ResBlockGeneral otherwise: the branch is taken here, once."""
+    if resample is None and spec.act_fn.lower() in ("silu", "swish"):
+        return ResBlock(cin, cout, spec, output_scale_factor)
+    return ResBlockGeneral(cin, cout, spec, output_scale_factor, resample)
+
+
+class AttnBlock(nn.Module):
+    """(x + to_out(attention(q, k, v))) / rescale over the H·W tokens of GN(x): `heads` heads of width `head_dim`
+    (heads·head_dim may differ from C, as in diffusers' Attention)."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, groups: int | None, eps: float,
+                 rescale: float = 1.0):
         super().__init__()
+        inner = heads * head_dim
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps) if groups is not None else None
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
+        self.to_q = nn.Linear(channels, inner)
+        self.to_k = nn.Linear(channels, inner)
+        self.to_v = nn.Linear(channels, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, channels), nn.Dropout(0.0)])
         self.heads = heads
+        self.head_dim = head_dim
         self.rescale = rescale
 
     def forward(self, x, ctx):
@@ -259,10 +448,10 @@ class AttnBlock(nn.Module):
         # one GEMM for q, k and v
         w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight], dim=0)
         b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias], dim=0)
-        qkv = nn.functional.linear(tok, w, b).view(B, H * W, 3, self.heads, C // self.heads)
+        qkv = nn.functional.linear(tok, w, b).view(B, H * W, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, D)
         o = attention(q, k, v)  # SDPA on every device (the only attention backend so far)
-        o = o.transpose(1, 2).reshape(B, H * W, C)
+        o = o.transpose(1, 2).reshape(B, H * W, self.heads * self.head_dim)
         o = self.to_out[0](o)
         o = o.transpose(1, 2).reshape(B, C, H, W)
         out = o + x
@@ -272,33 +461,42 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    """3×3 stride-2 conv (padding 1, or 0 after a right/bottom zero pad: diffusers' Downsample2D)."""
+
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.padding = padding
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
-    def forward(self, x):
+    def forward(self, x, temb_act=None, ctx=None):
         if self.padding == 0:
             x = nn.functional.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
 class Upsample(nn.Module):
+    """Nearest ×2 then a 3×3 conv (diffusers' Upsample2D with use_conv=True)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x):
+    def forward(self, x, temb_act=None, ctx=None):
         return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class DownBlock(nn.Module):
-    def __init__(self, cin, cout, temb, n, attn, heads, groups, eps, dropout, downsample, padding, tss):
+    """DownBlock2D / AttnDownBlock2D / ResnetDownsampleBlock2D: n ResBlocks (each followed by attention if `attn`),
+    then the downsampler (a conv, a ResBlock with down=True, or none)."""
+
+    def __init__(self, cin, cout, spec: _Spec, n, attn, heads, padding, downsample: str | None):
         super().__init__()
-        self.resnets = nn.ModuleList([ResBlock(cin if i == 0 else cout, cout, temb, groups, eps, dropout,
-                                               time_scale_shift=tss) for i in range(n)])
-        self.attentions = nn.ModuleList([AttnBlock(cout, heads, groups, eps) for _ in range(n)] if attn else [])
-        self.downsamplers = nn.ModuleList([Downsample(cout, padding)] if downsample else [])
+        self.resnets = nn.ModuleList([_resblock(cin if i == 0 else cout, cout, spec) for i in range(n)])
+        self.attentions = nn.ModuleList(
+            [AttnBlock(cout, *heads, spec.groups, spec.eps) for _ in range(n)] if attn else [])
+        self.downsamplers = nn.ModuleList(
+            [] if downsample is None else
+            [Downsample(cout, padding) if downsample == "conv" else _resblock(cout, cout, spec, resample="down")])
 
     def forward(self, x, temb_act, ctx):
         skips = []
@@ -308,19 +506,24 @@ class DownBlock(nn.Module):
                 x = self.attentions[i](x, ctx)
             skips.append(x)
         for d in self.downsamplers:
-            x = d(x)
+            x = d(x, temb_act, ctx)
             skips.append(x)
         return x, skips
 
 
 class UpBlock(nn.Module):
-    def __init__(self, cin, prev, cout, temb, n, attn, heads, groups, eps, dropout, upsample, tss):
+    """UpBlock2D / AttnUpBlock2D / ResnetUpsampleBlock2D: n ResBlocks over [x, skip] (each followed by attention if
+    `attn`), then the upsampler (nearest ×2 + conv, a ResBlock with up=True, or none)."""
+
+    def __init__(self, cin, prev, cout, spec: _Spec, n, attn, heads, upsample: str | None):
         super().__init__()
         self.resnets = nn.ModuleList([
-            ResBlock((prev if i == 0 else cout) + (cin if i == n - 1 else cout), cout, temb, groups, eps, dropout,
-                     time_scale_shift=tss) for i in range(n)])
-        self.attentions = nn.ModuleList([AttnBlock(cout, heads, groups, eps) for _ in range(n)] if attn else [])
-        self.upsamplers = nn.ModuleList([Upsample(cout)] if upsample else [])
+            _resblock((prev if i == 0 else cout) + (cin if i == n - 1 else cout), cout, spec) for i in range(n)])
+        self.attentions = nn.ModuleList(
+            [AttnBlock(cout, *heads, spec.groups, spec.eps) for _ in range(n)] if attn else [])
+        self.upsamplers = nn.ModuleList(
+            [] if upsample is None else
+            [Upsample(cout) if upsample == "conv" else _resblock(cout, cout, spec, resample="up")])
 
     def forward(self, x, skips, temb_act, ctx):
         for i, res in enumerate(self.resnets):
@@ -328,15 +531,16 @@ class UpBlock(nn.Module):
             if len(self.attentions):
                 x = self.attentions[i](x, ctx)
         for u in self.upsamplers:
-            x = u(x)
+            x = u(x, temb_act, ctx)
         return x
 
 
 class MidBlock(nn.Module):
-    def __init__(self, c, temb, heads, groups, attn_groups, eps, dropout, scale, add_attention, tss):
+    def __init__(self, c, spec: _Spec, heads, attn_groups, scale, add_attention):
         super().__init__()
-        self.resnets = nn.ModuleList([ResBlock(c, c, temb, groups, eps, dropout, scale, tss) for _ in range(2)])
-        self.attentions = nn.ModuleList([AttnBlock(c, heads, attn_groups, eps, scale)] if add_attention else [])
+        self.resnets = nn.ModuleList([_resblock(c, c, spec, scale) for _ in range(2)])
+        self.attentions = nn.ModuleList(
+            [AttnBlock(c, *heads, attn_groups, spec.eps, scale)] if add_attention else [])
 
     def forward(self, x, temb_act, ctx):
         x = self.resnets[0](x, temb_act, ctx)
@@ -348,8 +552,11 @@ class MidBlock(nn.Module):
 class UNet2D(nn.Module):
     """The DDPM U-Net. `UNet2D(config)`, `UNet2D(**config_fields)` or `UNet2D()` (google/ddpm-cifar10-32).
 
-    forward(x (B, in_channels, H, W), t LongTensor (B,) / 0-d / int) → (B, out_channels, H, W), H and W divisible by
-    2^(levels − 1). `backend` ("auto" | "torch" | "triton" | "cpp" | "cuda") applies to every fused op.
+    forward(x (B, in_channels, H, W), t (B,) / 0-d / number, class_labels=None) → (B, out_channels, H, W), H and W
+    divisible by 2^(levels − 1). t is integer for time_embedding_type "learned", > 0 for "fourier" (log t).
+    class_labels (class-conditional configs only): integer (B,) for num_class_embeds, (B,) timesteps-like for
+    class_embed_type "timestep", (B, temb_dim) for "identity"; a scalar / size-1 batch broadcasts.
+    `backend` ("auto" | "torch" | "triton" | "cpp" | "cuda") applies to every fused op.
     """
 
     def __init__(self, config: UNet2DConfig | dict | None = None, *, backend: str = "auto", **kwargs):
@@ -364,36 +571,51 @@ class UNet2D(nn.Module):
         self.backend = backend
         c = config
         ch = c.block_out_channels
-        temb = c.time_embedding_dim or ch[0] * 4
-        g, eps, tss = c.norm_num_groups, c.norm_eps, c.resnet_time_scale_shift
-
-        def heads(cout):
-            return 1 if c.attention_head_dim is None else cout // c.attention_head_dim
+        temb = c.temb_dim
+        spec = _Spec(temb, c.norm_num_groups, c.norm_eps, c.dropout, c.resnet_time_scale_shift, c.act_fn)
+        self._temb_act = ACTIVATIONS[c.act_fn.lower()]  # the ResnetBlock2Ds' act_fn(temb), applied once
+        self._fourier = c.time_embedding_type == "fourier"
+        self._learned = c.time_embedding_type == "learned"
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        if self._fourier:
+            self.time_proj = FourierProjection(ch[0])
+            t_in = 2 * ch[0]
+        elif self._learned:
+            self.time_proj = nn.Embedding(c.num_train_timesteps, ch[0])
+            t_in = ch[0]
+        else:
+            self.time_proj = PositionalProjection(ch[0], c.flip_sin_to_cos, c.freq_shift)
+            t_in = ch[0]
+        self.time_embedding = TimestepEmbedding(t_in, temb)
+        if c.class_embed_type is None and c.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(c.num_class_embeds, temb)
+        elif c.class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(t_in, temb)
+        elif c.class_embed_type == "identity":
+            self.class_embedding = nn.Identity()
+        else:
+            self.class_embedding = None
+
         self.down_blocks = nn.ModuleList()
         cout = ch[0]
         for i, kind in enumerate(c.down_block_types):
             cin, cout = cout, ch[i]
-            self.down_blocks.append(DownBlock(cin, cout, temb, c.layers_per_block, kind == "AttnDownBlock2D",
-                                              heads(cout), g, eps, c.dropout, i < len(ch) - 1,
-                                              c.downsample_padding, tss))
+            self.down_blocks.append(DownBlock(cin, cout, spec, c.layers_per_block, DOWN_TYPES[block_kind(kind)][0],
+                                              c.heads(cout), c.downsample_padding, c.level_resampling(i, up=False)))
         self.mid_block = None
         if c.mid_block_type is not None:
-            attn_groups = c.attn_norm_num_groups if c.attn_norm_num_groups is not None else (
-                g if tss == "default" else None)
-            self.mid_block = MidBlock(ch[-1], temb, heads(ch[-1]), g, attn_groups, eps, c.dropout,
-                                      c.mid_block_scale_factor, c.add_attention, tss)
+            self.mid_block = MidBlock(ch[-1], spec, c.heads(ch[-1]), c.mid_attn_groups(), c.mid_block_scale_factor,
+                                      c.add_attention)
         rev = list(reversed(ch))
         self.up_blocks = nn.ModuleList()
         cout = rev[0]
         for i, kind in enumerate(c.up_block_types):
             prev, cout = cout, rev[i]
             cin = rev[min(i + 1, len(ch) - 1)]
-            self.up_blocks.append(UpBlock(cin, prev, cout, temb, c.layers_per_block + 1, kind == "AttnUpBlock2D",
-                                          heads(cout), g, eps, c.dropout, i < len(ch) - 1, tss))
-        self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=eps)
+            self.up_blocks.append(UpBlock(cin, prev, cout, spec, c.layers_per_block + 1, UP_TYPES[block_kind(kind)][0],
+                                          c.heads(cout), c.level_resampling(i, up=True)))
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
 
     @property
@@ -404,7 +626,32 @@ class UNet2D(nn.Module):
     def device(self) -> torch.device:
         return self.conv_in.weight.device
 
-    def forward(self, x: torch.Tensor, t, backend: str | None = None) -> torch.Tensor:
+    def _class_embedding(self, class_labels, B: int, device) -> torch.Tensor:
+        c = self.config
+        if not torch.is_tensor(class_labels):
+            class_labels = torch.as_tensor(class_labels, device=device)
+        class_labels = class_labels.to(device)
+        if c.class_embed_type == "identity":
+            want = f"(B, {c.temb_dim}) = ({B}, {c.temb_dim})"
+            ok = class_labels.dim() in (1, 2) and class_labels.shape[-1] == c.temb_dim and (
+                class_labels.dim() == 1 or class_labels.shape[0] in (1, B)) and class_labels.is_floating_point()
+        else:
+            want = f"({B},) (or a scalar)"
+            ok = class_labels.dim() <= 1 and class_labels.numel() in (1, B)
+            if c.class_embed_type is None and (class_labels.is_floating_point() or class_labels.is_complex()):
+                raise ValueError(f"class_labels must be integer class indices in [0, {c.num_class_embeds}), got "
+                                 f"dtype {class_labels.dtype}")
+        if not ok:
+            raise ValueError(f"class_labels must have shape {want} for this model, got {tuple(class_labels.shape)} "
+                             f"{class_labels.dtype}")
+        if c.class_embed_type != "identity":
+            class_labels = class_labels.reshape(-1).expand(B)
+        if c.class_embed_type == "timestep":
+            class_labels = self.time_proj(class_labels).to(self.dtype)
+        return self.class_embedding(class_labels).to(self.dtype)
+
+    def forward(self, x: torch.Tensor, t, class_labels: torch.Tensor | None = None,
+                backend: str | None = None) -> torch.Tensor:
         c = self.config
         if x.dim() != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must have shape (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
@@ -418,12 +665,23 @@ class UNet2D(nn.Module):
             t = t[None]
         if t.dim() != 1 or t.shape[0] not in (1, B):
             raise ValueError(f"t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
+        if self._learned and (t.is_floating_point() or t.is_complex()):
+            raise ValueError(f"t must be integer timesteps in [0, {c.num_train_timesteps}) for the learned time "
+                             f"embedding, got dtype {t.dtype}")
         t = t.to(x.device).expand(B)
         ctx = _Ctx(backend or self.backend)
         if c.center_input_sample:
             x = 2 * x - 1.0
-        emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(self.dtype)
-        temb_act = nn.functional.silu(self.time_embedding(emb))  # every ResBlock applies SiLU to temb first
+        emb = self.time_embedding(self.time_proj(t).to(self.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("class_labels are required: this model is class-conditional (num_class_embeds="
+                                 f"{c.num_class_embeds}, class_embed_type={c.class_embed_type!r})")
+            emb = emb + self._class_embedding(class_labels, B, x.device)
+        elif class_labels is not None:
+            raise ValueError("class_labels given, but this model has no class embedding (num_class_embeds and "
+                             "class_embed_type are None)")
+        temb_act = self._temb_act(emb)  # every ResBlock applies act_fn to temb first
         h = self.conv_in(x)
         skips = [h]
         for blk in self.down_blocks:
@@ -433,8 +691,11 @@ class UNet2D(nn.Module):
             h = self.mid_block(h, temb_act, ctx)
         for blk in self.up_blocks:
             h = blk(h, skips, temb_act, ctx)
-        h = _gn(self.conv_norm_out, h, ctx, True)
-        return self.conv_out(h)
+        h = _gn(self.conv_norm_out, h, ctx, True)  # conv_act is SiLU whatever act_fn is
+        h = self.conv_out(h)
+        if self._fourier:
+            h = h / t.reshape(B, 1, 1, 1).to(h.dtype)
+        return h
 
     # ------------------------------------------------------------------ diffusers interop
 

@@ -144,10 +144,20 @@ def test_from_diffusers_errors():
         UNet2D.from_diffusers(bad, dict(ref.config))
     msg = str(e.value)
     assert "conv_in.weight" in msg and "conv_in.extra" in msg and "conv_out.bias" in msg
-    with pytest.raises(ValueError, match="class_embed_type"):
-        UNet2DConfig.from_diffusers(dict(SMALL, class_embed_type="timestep"))
-    with pytest.raises(ValueError, match="down_block_types"):
-        UNet2DConfig.from_diffusers(dict(SMALL, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"]))
+    # outside the DDPM family: each rejected with the key named
+    bad_configs = {"class_embed_type": dict(class_embed_type="projection"),
+                   "down_block_types": dict(down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"]),
+                   "up_block_types": dict(up_block_types=["AttnSkipUpBlock2D", "UpBlock2D"]),
+                   "resnet_time_scale_shift": dict(resnet_time_scale_shift="spatial"),
+                   "act_fn": dict(act_fn="tanh"),
+                   "time_embedding_type": dict(time_embedding_type="rotary"),
+                   "num_train_timesteps": dict(time_embedding_type="learned"),
+                   "attention_head_dim": dict(attention_head_dim=64),
+                   "attn_norm_num_groups": dict(attn_norm_num_groups=5),
+                   "downsample_type": dict(downsample_type="fir")}
+    for key, kw in bad_configs.items():
+        with pytest.raises(ValueError, match=key):
+            UNet2DConfig.from_diffusers(dict(SMALL, **kw))
 
 
 @torch.no_grad()
