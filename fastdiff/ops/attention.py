@@ -11,14 +11,19 @@ Backends:
            accumulator), so the L×L score matrix never reaches memory; scores, softmax and accumulation in float32
            whatever the I/O dtype (fp32 inputs use IEEE fp32 dots, not TF32). Backward: recomputed through the
            float32 reference (O(L²) memory), for completeness; sampling needs only the forward.
-backend="auto" picks SDPA on every device. SDPA is the measured winner on CPU (2-8x faster than the plain math
-reference, docs/benchmarks.md; the Triton kernel runs on CPU only under the slow TRITON_INTERPRET=1 interpreter). On
-GPU the choice waits for a measurement: benchmarks/bench_attention.py compares SDPA and the Triton kernel when CUDA is
-present; no GPU number has been taken yet.
+backend="auto": SDPA on CPU, where it is the measured winner (2-8x faster than the plain math reference,
+docs/benchmarks.md; the Triton kernel runs on CPU only under the slow TRITON_INTERPRET=1 interpreter). On CUDA the
+choice is made by measurement, once per (device, dtype, batch·heads, Lq, Lk, D, Dv) key: the first eager call times
+both backends on its own inputs (CUDA events, median of 5 after a warm-up) and checks the Triton output against SDPA's
+(it must agree within the dtype's tolerance, else SDPA is kept and a warning says so); later calls reuse the winner
+(`autotune_choices()` lists them). Under torch.compile tracing, and during CUDA-graph capture of a shape never
+measured, "auto" is SDPA (the CUDA-graph sampler's eager warm-up pass measures before it captures).
+FASTDIFF_ATTENTION_AUTOTUNE=0 turns the measurement off (SDPA).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +63,13 @@ def _check(q, k, v):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
               backend: str = "auto") -> torch.Tensor:
-    """softmax(q kᵀ · scale) v, scale defaulting to 1/√D; shapes in the module docstring. backend: "auto" (= SDPA,
-    see the module docstring) | "torch" | "triton"."""
+    """softmax(q kᵀ · scale) v, scale defaulting to 1/√D; shapes in the module docstring. backend: "auto" (SDPA on CPU,
+    measured choice on CUDA: see the module docstring) | "torch" | "triton"."""
     _check(q, k, v)
-    name = _backend.resolve(OP, backend, q.device, SUPPORTED) if backend != "auto" else "torch"
+    if backend == "auto":
+        name = _auto_backend(q, k, v, scale)
+    else:
+        name = _backend.resolve(OP, backend, q.device, SUPPORTED)
     if name == "torch":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if name == "triton":
@@ -70,6 +78,79 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         return torch.ops.fastdiff.attention_triton(q, k, v, scale)
     raise AssertionError(name)
+
+
+# ---- backend="auto": measured once per shape -------------------------------------------------------------------
+AUTOTUNE_DEVICE_TYPES = ("cuda",)  # where "auto" measures; elsewhere it is SDPA
+_AUTO_CHOICE: dict[tuple, str] = {}
+# agreement required of the Triton output before it may win: |triton - sdpa| <= tol · max(1, |sdpa|max)
+_AGREE_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def autotune_choices() -> dict[tuple, str]:
+    """The backends "auto" chose so far: {(device, dtype, batch·heads, Lq, Lk, D, Dv): "torch" | "triton"}."""
+    return dict(_AUTO_CHOICE)
+
+
+def _key(q, k, v):
+    return (str(q.device), q.dtype, q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
+
+
+def _auto_backend(q, k, v, scale) -> str:
+    if q.device.type not in AUTOTUNE_DEVICE_TYPES or torch.compiler.is_compiling():
+        return "torch"
+    key = _key(q, k, v)
+    hit = _AUTO_CHOICE.get(key)
+    if hit is not None:
+        return hit
+    if (os.environ.get("FASTDIFF_ATTENTION_AUTOTUNE", "1") == "0" or q.shape[-1] > 512 or v.shape[-1] > 512
+            or not _backend.backends()["triton"]["available"] or q.requires_grad or k.requires_grad
+            or v.requires_grad or (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        return "torch"
+    _AUTO_CHOICE[key] = choice = _measure(q, k, v, scale)
+    return choice
+
+
+def _time_ms(fn, device: torch.device, reps: int = 5) -> float:
+    """Median time of fn() in ms after one warm-up call (CUDA events on CUDA, the wall clock elsewhere)."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _measure(q, k, v, scale) -> str:
+    with torch.no_grad():
+        want = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        try:
+            got = attention(q, k, v, scale, backend="triton")
+        except Exception as e:  # a kernel that cannot compile or launch here loses, loudly
+            _backend._warn_once(OP, f"auto: the Triton kernel failed for {tuple(q.shape)} {q.dtype} "
+                                    f"({type(e).__name__}: {e}); using SDPA")
+            return "torch"
+        err = (got.float() - want.float()).abs().max().item()
+        bound = _AGREE_TOL[q.dtype] * max(1.0, want.float().abs().max().item())
+        if not err <= bound:
+            _backend._warn_once(OP, f"auto: the Triton kernel disagrees with SDPA for {tuple(q.shape)} {q.dtype} "
+                                    f"(max error {err:.3g} > {bound:.3g}); using SDPA")
+            return "torch"
+        t_sdpa = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), q.device)
+        t_triton = _time_ms(lambda: attention(q, k, v, scale, backend="triton"), q.device)
+    return "triton" if t_triton < t_sdpa else "torch"
 
 
 # ---- Triton ------------------------------------------------------------------------------------------------------

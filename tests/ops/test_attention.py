@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastdiff.ops.attention as attn_mod
 from fastdiff.ops.attention import attention, attention_ref
 from tests.conftest import TRITON_OK, requires_cuda
 
@@ -61,10 +62,65 @@ def test_strided_views_and_scale(backend):
     check(backend, q, k, v, scale=0.3)
 
 
-def test_auto_is_sdpa():
-    """backend="auto" stays on SDPA on every device (module docstring): bit-identical to calling SDPA."""
-    q, k, v = make(2, 1, 20, 20, 16, 16, torch.float32, DEV)
+def test_auto_is_sdpa_on_cpu():
+    """backend="auto" on CPU is SDPA (the measured winner there): bit-identical to calling SDPA, nothing measured."""
+    q, k, v = make(2, 1, 20, 20, 16, 16, torch.float32, "cpu")
+    before = attn_mod.autotune_choices()
     assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert attn_mod.autotune_choices() == before
+
+
+@pytest.fixture
+def autotune_here(monkeypatch):
+    """Let "auto" measure on this device (CPU: the Triton kernel runs under the interpreter), with a fresh cache and
+    scripted timings [sdpa ms, triton ms] per measurement."""
+    monkeypatch.setattr(attn_mod, "AUTOTUNE_DEVICE_TYPES", ("cpu", "cuda"))
+    monkeypatch.setattr(attn_mod, "_AUTO_CHOICE", {})
+    timings = []
+
+    def fake_time(fn, device, reps=5):
+        fn()  # the callable must run
+        return timings.pop(0)
+
+    monkeypatch.setattr(attn_mod, "_time_ms", fake_time)
+    return timings
+
+
+@needs_triton
+@pytest.mark.parametrize("t_sdpa,t_triton,winner", [(2.0, 1.0, "triton"), (1.0, 2.0, "torch")])
+def test_auto_measures_once_and_keeps_the_winner(autotune_here, t_sdpa, t_triton, winner):
+    autotune_here.extend([t_sdpa, t_triton])
+    q, k, v = make(1, 1, 20, 20, 16, 16, torch.float32, DEV)
+    first = attention(q, k, v)
+    assert list(attn_mod.autotune_choices().values()) == [winner]
+    assert autotune_here == []  # both backends were timed exactly once
+    second = attention(q, k, v)  # cached: no timing left to pop, so a second measurement would raise
+    direct = attention(q, k, v, backend=winner)
+    assert torch.equal(first, direct) and torch.equal(second, direct)
+    # another shape is another key, measured on its own
+    autotune_here.extend([1.0, 2.0])
+    attention(*make(1, 1, 24, 24, 16, 16, torch.float32, DEV))
+    assert len(attn_mod.autotune_choices()) == 2
+
+
+@needs_triton
+def test_auto_rejects_a_kernel_that_disagrees(autotune_here, monkeypatch):
+    """A Triton result outside the agreement bound never wins, however fast; SDPA is kept with a warning."""
+    monkeypatch.setattr(attn_mod, "_AGREE_TOL", {dt: -1.0 for dt in attn_mod._AGREE_TOL})
+    monkeypatch.setattr(attn_mod._backend, "_warned", set())
+    autotune_here.extend([2.0, 1.0])
+    q, k, v = make(1, 1, 20, 20, 16, 16, torch.float32, DEV)
+    with pytest.warns(RuntimeWarning, match="disagrees with SDPA"):
+        out = attention(q, k, v)
+    assert list(attn_mod.autotune_choices().values()) == ["torch"]
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_auto_measurement_can_be_turned_off(autotune_here, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_ATTENTION_AUTOTUNE", "0")
+    q, k, v = make(1, 1, 20, 20, 16, 16, torch.float32, DEV)
+    assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert attn_mod.autotune_choices() == {}
 
 
 @needs_triton
