@@ -221,6 +221,11 @@ class UNet2DConfig:
         if self.class_embed_type is None and self.num_class_embeds is not None and not (
                 isinstance(self.num_class_embeds, int) and self.num_class_embeds >= 1):
             raise ValueError(f"num_class_embeds must be a positive int or None, got {self.num_class_embeds!r}")
+        half = self.block_out_channels[0] // 2
+        if self.time_embedding_type == "positional" and half >= 1 and half == self.freq_shift:
+            raise ValueError(f"freq_shift={self.freq_shift} with block_out_channels[0]={self.block_out_channels[0]}: "
+                             f"the sinusoidal embedding divides by block_out_channels[0] // 2 - freq_shift = 0 "
+                             f"(diffusers' output is NaN)")
         g = self.norm_num_groups
         if not isinstance(g, int) or g < 1:
             raise ValueError(f"norm_num_groups must be a positive int, got {g!r}")

@@ -154,7 +154,8 @@ def test_from_diffusers_errors():
                    "num_train_timesteps": dict(time_embedding_type="learned"),
                    "attention_head_dim": dict(attention_head_dim=64),
                    "attn_norm_num_groups": dict(attn_norm_num_groups=5),
-                   "downsample_type": dict(downsample_type="fir")}
+                   "downsample_type": dict(downsample_type="fir"),
+                   "freq_shift": dict(freq_shift=12)}  # 24 // 2 - 12 = 0: a division by zero (NaN in diffusers)
     for key, kw in bad_configs.items():
         with pytest.raises(ValueError, match=key):
             UNet2DConfig.from_diffusers(dict(SMALL, **kw))
