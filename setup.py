@@ -4,10 +4,14 @@ Switches (environment):
   FASTDIFF_SKIP_BUILD=1       no extension at all (pure-Python install; the reference and Triton paths still work)
   FASTDIFF_SKIP_CUDA_BUILD=1  CPU C++ kernels only, even when torch has CUDA and nvcc is found
   FASTDIFF_CUDA_ARCHS="8.0;9.0"  compute capabilities to build for (default 8.0;9.0)
+  CUDA_HOME=/usr/local/cuda   the CUDA toolkit; when unset, torch guesses it from `which nvcc`, and setup.py asks nvcc
+                              itself where its toolkit is if that guess has no include/cuda_runtime.h (see _cuda_home)
 Build with `pip install --no-build-isolation .` so the build sees the installed torch.
 """
 import glob
 import os
+import shutil
+import subprocess
 
 from setuptools import setup
 
@@ -21,11 +25,44 @@ def _write_build_config(built_cpp, built_cuda, note):
         f.write(f"BUILT_CPP = {built_cpp!r}\nBUILT_CUDA = {built_cuda!r}\nNOTE = {note!r}\n")
 
 
+def _cuda_home() -> str:
+    """Set CUDA_HOME when torch's guess would be wrong; returns a note for the build record ("" when nothing to say).
+
+    With CUDA_HOME/CUDA_PATH unset, torch.utils.cpp_extension takes dirname(dirname(which nvcc)). When nvcc on PATH is
+    a wrapper script (e.g. /usr/local/bin/nvcc that execs /usr/local/cuda-13.0/bin/nvcc) that is /usr/local: no
+    cuda_runtime.h, no libcudart, and the glue fails to compile. nvcc --dryrun prints its real toolkit root (TOP=...).
+    Must run before torch.utils.cpp_extension is imported (it reads CUDA_HOME once, at import).
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return ""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return ""
+    guess = os.path.dirname(os.path.dirname(nvcc))
+    if os.path.exists(os.path.join(guess, "include", "cuda_runtime.h")):
+        return ""
+    try:
+        r = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                           capture_output=True, text=True, timeout=120)
+        lines = (r.stdout + r.stderr).splitlines()
+    except (OSError, subprocess.SubprocessError):
+        lines = []
+    for line in lines:
+        if line.startswith("#$ TOP="):
+            top = os.path.realpath(line.split("=", 1)[1].strip().strip('"'))
+            if os.path.exists(os.path.join(top, "include", "cuda_runtime.h")):
+                os.environ["CUDA_HOME"] = top
+                return f"CUDA_HOME={top} (from nvcc --dryrun; {nvcc} is outside its toolkit)"
+    return f"{nvcc} is outside a CUDA toolkit ({guess}/include/cuda_runtime.h missing) and nvcc --dryrun named none"
+
+
 def _extensions():
     if os.environ.get("FASTDIFF_SKIP_BUILD") == "1":
         _write_build_config(False, False, "extension not built: FASTDIFF_SKIP_BUILD=1")
         return [], {}
     import torch
+
+    home_note = _cuda_home() if torch.version.cuda is not None else ""
     from torch.utils import cpp_extension as ce
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -35,6 +72,10 @@ def _extensions():
         cuda_note = f"CUDA kernels not built: torch {torch.__version__} has no CUDA"
     elif ce.CUDA_HOME is None:
         cuda_note = "CUDA kernels not built: nvcc / CUDA_HOME not found"
+    elif not os.path.exists(os.path.join(ce.CUDA_HOME, "include", "cuda_runtime.h")):
+        cuda_note = (f"CUDA kernels not built: CUDA_HOME={ce.CUDA_HOME} has no include/cuda_runtime.h "
+                     f"(set CUDA_HOME to the toolkit root){'; ' + home_note if home_note else ''}")
+        print(f"setup.py: WARNING: {cuda_note}", flush=True)
     elif os.environ.get("FASTDIFF_SKIP_CUDA_BUILD") == "1":
         cuda_note = "CUDA kernels not built: FASTDIFF_SKIP_CUDA_BUILD=1"
     else:
@@ -59,7 +100,7 @@ def _extensions():
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode]},
             **kwargs,
         )
-        cuda_note = "CUDA kernels built for " + ";".join(archs)
+        cuda_note = "CUDA kernels built for " + ";".join(archs) + (f"; {home_note}" if home_note else "")
     else:
         ext = ce.CppExtension(sources=sources, define_macros=define_macros,
                               extra_compile_args={"cxx": cxx}, **kwargs)

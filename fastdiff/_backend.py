@@ -31,6 +31,37 @@ except ImportError:  # running from a source tree that was never built
     _cfg = None
 
 
+def _fix_triton_interpreter_index() -> None:
+    """Triton 3.6's CPU interpreter (TRITON_INTERPRET=1) on NumPy >= 2.4: make `range(tensor_bound)` work again.
+
+    Its scalar tensors get `__index__ = int(self.handle.data)`, a 1-element 1-d array, which NumPy 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"); every kernel whose loop bound is a runtime value
+    then fails. Triton 3.9 squeezes first: install the same `__index__` when the interpreter's own does not. The
+    interpreter patches tensor methods per launch (`_patch_lang_tensor`, restored after it), so this wraps that function.
+    Compiled kernels are untouched. Runs at import when TRITON_INTERPRET=1 (triton.jit picks the interpreter then).
+    """
+    try:
+        import inspect
+
+        from triton.runtime import interpreter as ti
+        patch = ti._patch_lang_tensor
+        if getattr(patch, "_fastdiff_index_fix", False) or "squeeze" in inspect.getsource(patch):
+            return
+    except (ImportError, AttributeError, OSError, TypeError):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _patch_lang_tensor._fastdiff_index_fix = True
+    ti._patch_lang_tensor = _patch_lang_tensor
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_triton_interpreter_index()
+
+
 _TRITON_STATUS: dict[tuple[bool, bool], tuple[bool, str]] = {}
 
 
