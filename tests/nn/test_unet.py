@@ -43,6 +43,17 @@ VARIANTS = {
                                 down_block_types=["AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
                                 up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D"], attn_norm_num_groups=4),
     "no_mid_block": dict(SMALL, mid_block_type=None),
+    # beyond the DDPM checkpoints' settings (tests/nn/test_unet_fuzz.py draws random combinations of all of these)
+    "learned_time_class_embeds_gelu": dict(SMALL, time_embedding_type="learned", num_train_timesteps=1000,
+                                           num_class_embeds=5, act_fn="gelu", attention_head_dim=20),
+    "fourier_identity_class_resnet_resampling_mish": dict(
+        SMALL, time_embedding_type="fourier", class_embed_type="identity", act_fn="mish", downsample_type="resnet",
+        upsample_type="resnet", down_block_types=["AttnDownBlock2D", "AttnDownBlock2D"],
+        up_block_types=["AttnUpBlock2D", "AttnUpBlock2D"], resnet_time_scale_shift="scale_shift"),
+    "resnet_blocks_timestep_class_relu": dict(
+        SMALL, class_embed_type="timestep", act_fn="relu", sample_size=(16, 8),
+        down_block_types=["ResnetDownsampleBlock2D", "AttnDownBlock2D"],
+        up_block_types=["AttnUpBlock2D", "UNetResUpBlock2D"]),
 }
 
 
@@ -58,9 +69,22 @@ def make_pair(cfg, seed=0, dtype=torch.float32):
 def inputs(cfg, batch, seed=1, size=None):
     g = torch.Generator().manual_seed(seed)
     s = size or cfg["sample_size"]
-    x = torch.randn(batch, cfg["in_channels"], s, s, generator=g)
+    h, w = s if isinstance(s, tuple) else (s, s)
+    x = torch.randn(batch, cfg["in_channels"], h, w, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     return x, t
+
+
+def class_labels(cfg, ours, batch, seed=2):
+    """Class labels of the kind the config takes (None for an unconditional one)."""
+    g = torch.Generator().manual_seed(seed)
+    if cfg.get("num_class_embeds") is not None:
+        return torch.randint(0, cfg["num_class_embeds"], (batch,), generator=g)
+    if cfg.get("class_embed_type") == "timestep":
+        return torch.randint(1, 1000, (batch,), generator=g)
+    if cfg.get("class_embed_type") == "identity":
+        return torch.randn(batch, ours.config.temb_dim, generator=g)
+    return None
 
 
 def rel_err(a, b):
@@ -112,7 +136,9 @@ def test_config_variants_match_diffusers(name):
     cfg = VARIANTS[name]
     ref, ours = make_pair(cfg)
     x, t = inputs(cfg, 3)
-    assert rel_err(ours(x, t), ref(x, t).sample) < 2e-4
+    t = t + 1  # the fourier embedding takes log t
+    y = class_labels(cfg, ours, 3)
+    assert rel_err(ours(x, t, y), ref(x, t, class_labels=y).sample) < 2e-4
 
 
 @torch.no_grad()
@@ -209,15 +235,19 @@ def test_load_rejects_bad_files(tmp_path):
         UNet2D.load(tmp_path / "nometa.safetensors")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype, name", [(torch.float16, "small"), (torch.bfloat16, "small"),
+                                         (torch.float16, "fourier_identity_class_resnet_resampling_mish")])
 @torch.no_grad()
-def test_half_precision(dtype):
-    ref, ours = make_pair(SMALL, dtype=dtype)
-    x, t = inputs(SMALL, 2)
-    want = ref(x, t).sample
+def test_half_precision(dtype, name):
+    cfg = VARIANTS[name]
+    ref, ours = make_pair(cfg, dtype=dtype)
+    x, t = inputs(cfg, 2)
+    t = t + 1
+    y = class_labels(cfg, ours, 2)
+    want = ref(x, t, class_labels=y).sample
     ref_lp = ref.to(dtype)
-    err_torch = rel_err(ref_lp(x.to(dtype), t).sample, want)
-    got = ours(x.to(dtype), t)
+    err_torch = rel_err(ref_lp(x.to(dtype), t, class_labels=y).sample, want)
+    got = ours(x.to(dtype), t, y)
     assert got.dtype == dtype
     assert rel_err(got, want) <= 3 * err_torch + 2e-3, (rel_err(got, want), err_torch)
 
@@ -233,6 +263,11 @@ def test_channels_last():
 
 
 TINY = dict(SMALL, block_out_channels=[8, 16], norm_num_groups=4, sample_size=8)
+# the ResBlockGeneral path (act_fn other than SiLU, resnet resampling), fourier time and timestep class embedding
+TINY_GENERAL = dict(TINY, act_fn="mish", time_embedding_type="fourier", class_embed_type="timestep",
+                    down_block_types=["AttnDownBlock2D", "AttnDownBlock2D"],
+                    up_block_types=["AttnUpBlock2D", "ResnetUpsampleBlock2D"], downsample_type="resnet",
+                    resnet_time_scale_shift="scale_shift")
 
 
 @pytest.mark.parametrize("compile_backend", [
@@ -252,6 +287,18 @@ def test_torch_compile(compile_backend):
     want = ours(x, t)
     compiled = torch.compile(ours, fullgraph=True, backend=compile_backend)
     assert rel_err(compiled(x, t), want) < 1e-4
+
+
+@torch.no_grad()
+def test_torch_compile_general_path():
+    """The non-SiLU / resampling ResBlock, the fourier embedding and class labels also trace with no graph break."""
+    torch._dynamo.reset()
+    _, ours = make_pair(TINY_GENERAL)
+    x, t = inputs(TINY_GENERAL, 2)
+    t, y = t + 1, class_labels(TINY_GENERAL, ours, 2)
+    want = ours(x, t, y)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(x, t, y), want) < 1e-4
 
 
 @torch.no_grad()
@@ -280,17 +327,39 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="norm_num_groups"):
         UNet2DConfig(block_out_channels=(30, 64), down_block_types=("DownBlock2D",) * 2,
                      up_block_types=("UpBlock2D",) * 2)
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="class_labels given"):
+        ours(x, 1, torch.tensor([0, 1]))
+
+
+def test_class_labels_errors():
+    x = torch.randn(2, 3, 16, 16)
+    _, embeds = make_pair(VARIANTS["learned_time_class_embeds_gelu"])
+    with pytest.raises(ValueError, match="class_labels are required"):
+        embeds(x, 1)
+    with pytest.raises(ValueError, match="class_labels must have shape"):
+        embeds(x, 1, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="class_labels must be integer"):
+        embeds(x, 1, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="t must be integer"):
+        embeds(x, torch.tensor([1.5, 2.0]), torch.tensor([0, 1]))
+    assert embeds(x, 1, 3).shape == (2, 3, 16, 16)  # a scalar label broadcasts over the batch
+    _, identity = make_pair(VARIANTS["fourier_identity_class_resnet_resampling_mish"])
+    with pytest.raises(ValueError, match=r"class_labels must have shape \(B, 96\)"):
+        identity(x, 1, torch.randn(2, 95))
 
 
 @pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 @torch.no_grad()
-def test_backends_agree():
-    """The same tiny model with every GroupNorm through each available backend."""
-    _, ours = make_pair(TINY)
-    x, t = inputs(TINY, 2)
-    want = ours(x, t, backend="torch")
+@pytest.mark.parametrize("cfg", [TINY, TINY_GENERAL], ids=["fused_silu", "general"])
+def test_backends_agree(cfg):
+    """The same tiny model with every GroupNorm through each available backend (with silu=False and the add too)."""
+    _, ours = make_pair(cfg)
+    x, t = inputs(cfg, 2)
+    t, y = t + 1, class_labels(cfg, ours, 2)
+    want = ours(x, t, y, backend="torch")
     for b in ["triton"] + (["cpp"] if _backend.has_cpp() else []):
-        assert rel_err(ours(x, t, backend=b), want) < 1e-4, b
+        assert rel_err(ours(x, t, y, backend=b), want) < 1e-4, b
 
 
 def test_attention_levels_config():

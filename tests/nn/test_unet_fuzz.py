@@ -31,6 +31,16 @@ TOL = 2e-4
 ACTS = ["silu", "swish", "mish", "gelu", "relu"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: intra-op threads buy nothing and, when the 2 cores are shared, OpenMP barriers under
+    oversubscription made the file ~10x slower (measured). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def random_case(seed: int) -> dict:
     """One random config (diffusers keyword arguments) plus the inputs' shape and kinds, from `seed` alone."""
     r = random.Random(seed)
