@@ -554,6 +554,16 @@ class MidBlock(nn.Module):
         return self.resnets[1](x, temb_act, ctx)
 
 
+def _check_indices(name: str, v: torch.Tensor, n: int, what: str) -> None:
+    """v must be integer indices into an n-row nn.Embedding. The range is checked only for CPU tensors (elsewhere it
+    would cost a device sync; a CUDA nn.Embedding raises its own device-side assert)."""
+    if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+        raise ValueError(f"{name} must be integer {what} in [0, {n}), got dtype {v.dtype}")
+    if v.device.type == "cpu" and v.numel() and not torch.compiler.is_compiling() and (
+            int(v.min()) < 0 or int(v.max()) >= n):
+        raise ValueError(f"{name} must be integer {what} in [0, {n}), got values in [{int(v.min())}, {int(v.max())}]")
+
+
 class UNet2D(nn.Module):
     """The DDPM U-Net. `UNet2D(config)`, `UNet2D(**config_fields)` or `UNet2D()` (google/ddpm-cifar10-32).
 
@@ -639,13 +649,14 @@ class UNet2D(nn.Module):
         if c.class_embed_type == "identity":
             want = f"(B, {c.temb_dim}) = ({B}, {c.temb_dim})"
             ok = class_labels.dim() in (1, 2) and class_labels.shape[-1] == c.temb_dim and (
-                class_labels.dim() == 1 or class_labels.shape[0] in (1, B)) and class_labels.is_floating_point()
+                class_labels.dim() == 1 or class_labels.shape[0] in (1, B))
         else:
             want = f"({B},) (or a scalar)"
             ok = class_labels.dim() <= 1 and class_labels.numel() in (1, B)
-            if c.class_embed_type is None and (class_labels.is_floating_point() or class_labels.is_complex()):
-                raise ValueError(f"class_labels must be integer class indices in [0, {c.num_class_embeds}), got "
-                                 f"dtype {class_labels.dtype}")
+            if c.class_embed_type is None:  # nn.Embedding(num_class_embeds)
+                _check_indices("class_labels", class_labels, c.num_class_embeds, "class indices")
+            elif self._learned:  # the labels index the learned time embedding
+                _check_indices("class_labels", class_labels, c.num_train_timesteps, "timesteps")
         if not ok:
             raise ValueError(f"class_labels must have shape {want} for this model, got {tuple(class_labels.shape)} "
                              f"{class_labels.dtype}")
@@ -670,9 +681,8 @@ class UNet2D(nn.Module):
             t = t[None]
         if t.dim() != 1 or t.shape[0] not in (1, B):
             raise ValueError(f"t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
-        if self._learned and (t.is_floating_point() or t.is_complex()):
-            raise ValueError(f"t must be integer timesteps in [0, {c.num_train_timesteps}) for the learned time "
-                             f"embedding, got dtype {t.dtype}")
+        if self._learned:
+            _check_indices("t", t, c.num_train_timesteps, "timesteps (learned time embedding)")
         t = t.to(x.device).expand(B)
         ctx = _Ctx(backend or self.backend)
         if c.center_input_sample:

@@ -341,8 +341,12 @@ def test_class_labels_errors():
         embeds(x, 1, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="class_labels must be integer"):
         embeds(x, 1, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"class_labels must be integer class indices in \[0, 5\), got values"):
+        embeds(x, 1, torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="t must be integer"):
         embeds(x, torch.tensor([1.5, 2.0]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"t must be integer timesteps.*\[0, 1000\)"):
+        embeds(x, torch.tensor([1, 1000]), torch.tensor([0, 1]))
     assert embeds(x, 1, 3).shape == (2, 3, 16, 16)  # a scalar label broadcasts over the batch
     _, identity = make_pair(VARIANTS["fourier_identity_class_resnet_resampling_mish"])
     with pytest.raises(ValueError, match=r"class_labels must have shape \(B, 96\)"):
