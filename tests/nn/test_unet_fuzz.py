@@ -164,7 +164,7 @@ def test_random_config_matches_diffusers(seed, tmp_path):
 
 def test_fuzz_covers_the_family():
     """The seeds above do reach every option (else the fuzz proves less than it claims)."""
-    cases = [random_case(s)for s in CASES]
+    cases = [random_case(s) for s in CASES]
     cfgs = [c["config"] for c in cases]
     seen = {
         "levels": {len(c["block_out_channels"]) for c in cfgs},
