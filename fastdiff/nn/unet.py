@@ -568,7 +568,8 @@ class UNet2D(nn.Module):
     """The DDPM U-Net. `UNet2D(config)`, `UNet2D(**config_fields)` or `UNet2D()` (google/ddpm-cifar10-32).
 
     forward(x (B, in_channels, H, W), t (B,) / 0-d / number, class_labels=None) → (B, out_channels, H, W), H and W
-    divisible by 2^(levels − 1). t is integer for time_embedding_type "learned", > 0 for "fourier" (log t).
+    divisible by 2^(levels − 1). t is integer for time_embedding_type "learned", > 0 for "fourier" (log t); a Python
+    float t stays a float (diffusers casts a non-tensor t to long), and the fourier output keeps the model's dtype.
     class_labels (class-conditional configs only): integer (B,) for num_class_embeds, (B,) timesteps-like for
     class_embed_type "timestep", (B, temb_dim) for "identity"; a scalar / size-1 batch broadcasts.
     `backend` ("auto" | "torch" | "triton" | "cpp" | "cuda") applies to every fused op.
