@@ -31,13 +31,40 @@ export MAX_JOBS=${MAX_JOBS:-16}
 timeout 300 $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
 echo "- build: rc=$? ($(( $(date +%s) - t0 ))s) — log in build.log" >>"$S"
 $PY -c "import fastdiff, json; print(json.dumps(fastdiff.backends(), indent=1))" >>"$OUT/build.log" 2>&1
+# One line each: is a GPU visible to torch (a driver too old for torch's CUDA makes it False, with torch's warning),
+# and were the CUDA kernels built (if not, the CUDA-kernel tests SKIP, so a silent CPU-only build must be loud here).
+$PY - >>"$S" 2>&1 <<'PYEOF'
+import warnings
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import torch
+    ok = torch.cuda.is_available()
+why = "; ".join(str(x.message).splitlines()[0] for x in w)
+if ok:
+    print(f"- cuda visible: True ({torch.cuda.device_count()} device(s), {torch.cuda.get_device_name(0)})")
+else:
+    print("- cuda visible: False — NO GPU: GPU tests skip, benchmarks are skipped" + (f" ({why})" if why else ""))
+try:
+    import fastdiff._backend as b
+    built = bool(getattr(b._cfg, "BUILT_CUDA", False)) and b.has_cpp()
+    note = getattr(b._cfg, "NOTE", "no build record") if b._cfg else "no build record"
+    print(f"- CUDA kernels: {'built' if built else 'NOT BUILT (their tests skip)'} — {note}"
+          + ("" if b.has_cpp() else f"; fastdiff._C: {b._ext_error}"))
+except Exception as e:
+    print(f"- CUDA kernels: fastdiff import failed: {type(e).__name__}: {e}")
+PYEOF
 
 # 2. tests (GPU tests run here; CPU-only ones too)
 timeout 240 $PY -m pytest -q -x -p no:cacheprovider tests -m "not slow" --benchmark-disable >"$OUT/tests.log" 2>&1
 rc=$?
 echo "- tests: rc=$rc: $(tail -n 1 "$OUT/tests.log")" >>"$S"
 
-# 3. benchmarks
+# 3. benchmarks (GPU only: on CPU they would only run out the timeout)
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "- benchmarks: skipped (no CUDA device visible)" >>"$S"
+  cat "$S"
+  exit 0
+fi
 timeout 300 $PY -m pytest -q -p no:cacheprovider benchmarks --benchmark-only \
   --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=min,median,mean,rounds >"$OUT/bench.log" 2>&1
 echo "- benchmarks: rc=$? ($(( $(date +%s) - t0 ))s total) — table in bench.log, JSON in benchmarks.json" >>"$S"
