@@ -209,9 +209,10 @@ def _sample(a) -> int:
             raise CliError(f"--steps {steps} exceeds the model's {T} training timesteps")
         cfg = jobs.SampleConfig(a.sampler, steps, a.eta, a.seed, a.dtype, a.batch_size).validate()
         c = int(meta["config"]["in_channels"])
-        size = int(meta["config"].get("sample_size") or meta["image"]["size"])
-        shape = (c, size, size)
-        scale = a.grid_scale or max(1, -(-48 // size))
+        size = meta["config"].get("sample_size") or meta["image"]["size"]
+        h, w = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+        shape = (c, h, w)
+        scale = a.grid_scale or max(1, -(-48 // min(h, w)))
         progress = not a.no_progress
         log = (lambda m: print(m, file=sys.stderr)) if info.rank == 0 else (lambda m: None)
         desc = f"{a.sampler.upper()} {steps if steps is not None else T} steps" + (f", eta={a.eta}" if a.eta else "")

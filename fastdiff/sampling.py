@@ -174,10 +174,11 @@ def _initial_sample(model, shape, x_T, generator, dtype, device):
     mdtype, mdevice = _model_dtype_device(model)
     if shape is None:
         cfg = getattr(model, "config", None)
-        try:
-            shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        except AttributeError:
-            raise ValueError("shape: pass shape=(B, ...) or x_T (the model does not say its sample size)") from None
+        size = getattr(cfg, "sample_size", None)
+        if size is None or not hasattr(cfg, "in_channels"):
+            raise ValueError("shape: pass shape=(B, ...) or x_T (the model does not say its sample size)")
+        h, w = (size, size) if isinstance(size, int) else tuple(size)  # diffusers allows an (H, W) pair
+        shape = (1, cfg.in_channels, h, w)
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape}")

@@ -52,6 +52,11 @@ def test_shape_inferred_from_model_config():
             return torch.zeros_like(x)
 
     assert fastdiff.ddim_sample(M(), 3).shape == (1, 2, 6, 6)
+    M.config.sample_size = (4, 6)  # diffusers allows an (H, W) pair
+    assert fastdiff.ddim_sample(M(), 3).shape == (1, 2, 4, 6)
+    del M.config.sample_size
+    with pytest.raises(ValueError, match="shape"):
+        fastdiff.ddim_sample(M(), 3)
 
 
 def test_ddim_eta1_clipped_equals_ddpm_fixed_small():

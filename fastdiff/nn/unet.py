@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fastdiff.nn.layers import Conv2d, Linear, linear
 from fastdiff.ops.attention import attention
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
@@ -338,8 +339,8 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, x):
         return self.linear_2(nn.functional.silu(self.linear_1(x)))
@@ -354,12 +355,12 @@ class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, spec: _Spec, output_scale_factor: float = 1.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(spec.groups, cin, eps=spec.eps)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = nn.Linear(spec.temb, cout * (2 if spec.time_scale_shift == "scale_shift" else 1))
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = Linear(spec.temb, cout * (2 if spec.time_scale_shift == "scale_shift" else 1))
         self.norm2 = nn.GroupNorm(spec.groups, cout, eps=spec.eps)
         self.dropout = nn.Dropout(spec.dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
         self.output_scale_factor = output_scale_factor
         self.scale_shift = spec.time_scale_shift == "scale_shift"
 
@@ -438,10 +439,10 @@ class AttnBlock(nn.Module):
         super().__init__()
         inner = heads * head_dim
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps) if groups is not None else None
-        self.to_q = nn.Linear(channels, inner)
-        self.to_k = nn.Linear(channels, inner)
-        self.to_v = nn.Linear(channels, inner)
-        self.to_out = nn.ModuleList([nn.Linear(inner, channels), nn.Dropout(0.0)])
+        self.to_q = Linear(channels, inner)
+        self.to_k = Linear(channels, inner)
+        self.to_v = Linear(channels, inner)
+        self.to_out = nn.ModuleList([Linear(inner, channels), nn.Dropout(0.0)])
         self.heads = heads
         self.head_dim = head_dim
         self.rescale = rescale
@@ -453,9 +454,9 @@ class AttnBlock(nn.Module):
         # one GEMM for q, k and v
         w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight], dim=0)
         b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias], dim=0)
-        qkv = nn.functional.linear(tok, w, b).view(B, H * W, 3, self.heads, self.head_dim)
+        qkv = linear(tok, w, b).view(B, H * W, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, D)
-        o = attention(q, k, v)  # SDPA on every device (the only attention backend so far)
+        o = attention(q, k, v)  # SDPA, or the Triton kernel where it measured faster (fastdiff.ops.attention)
         o = o.transpose(1, 2).reshape(B, H * W, self.heads * self.head_dim)
         o = self.to_out[0](o)
         o = o.transpose(1, 2).reshape(B, C, H, W)
@@ -471,7 +472,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x, temb_act=None, ctx=None):
         if self.padding == 0:
@@ -484,7 +485,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, temb_act=None, ctx=None):
         return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -593,7 +594,7 @@ class UNet2D(nn.Module):
         self._fourier = c.time_embedding_type == "fourier"
         self._learned = c.time_embedding_type == "learned"
 
-        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, ch[0], 3, padding=1)
         if self._fourier:
             self.time_proj = FourierProjection(ch[0])
             t_in = 2 * ch[0]
@@ -632,7 +633,7 @@ class UNet2D(nn.Module):
             self.up_blocks.append(UpBlock(cin, prev, cout, spec, c.layers_per_block + 1, UP_TYPES[block_kind(kind)][0],
                                           c.heads(cout), c.level_resampling(i, up=True)))
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], c.out_channels, 3, padding=1)
 
     @property
     def dtype(self) -> torch.dtype:
