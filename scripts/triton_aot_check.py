@@ -83,12 +83,45 @@ def record(out_path: str, pytest_args: list[str]) -> int:
     return int(rc)
 
 
+# Largest shared memory one block can opt in to (bytes), per compute capability: A100, H100 (CUDA programming guide).
+_SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def _gpu_variants(spec: dict) -> list[dict]:
+    """The tiles the launchers pick on a GPU, which the interpreter runs never use (they take small CPU tiles).
+
+    Mirrors the `gpu=True` branches: attention's `_blocks(D, Dv, Lq, Lk, gpu=True)` at long sequences, for the
+    tested head widths and 64..512, with tensor-core dots for fp16/bf16 (IEEE only for fp32); group_norm_silu's
+    4096-element tiles and a wide split.
+    """
+    c, name = spec["constexprs"], spec["name"]
+    out = []
+    if name == "_attn_fwd_kernel":
+        from fastdiff.ops.attention import _blocks, _num_stages
+        ieee = spec["signature"]["q_ptr"] == "*fp32"
+        for d, dv in {(c["BLOCK_D"], c["BLOCK_DV"]), (64, 64), (128, 128), (256, 256), (512, 512)}:
+            bm, bn, bd, bdv, warps = _blocks(d, dv, 4096, 4096, gpu=True)
+            out.append({**spec, "constexprs": {**c, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DV": bdv,
+                                               "IEEE": ieee},
+                        "options": {**spec["options"], "num_warps": warps, "num_stages": _num_stages(bd, bdv, ieee)}})
+    elif name in ("_gns_stats_kernel", "_gns_apply_kernel"):
+        extra = {"SPLIT_P2": 512} if "SPLIT_P2" in c else {}
+        out.append({**spec, "constexprs": {**c, "BLOCK_P": max(1, 4096 // c["BLOCK_C"]), **extra}})
+    return [v for v in out if v != spec]
+
+
 def compile_all(spec_path: str, ccs: list[int]) -> int:
-    """Phase 2 (no interpreter): triton.compile each recorded specialization for each compute capability."""
+    """Phase 2 (no interpreter): triton.compile each recorded specialization (and its GPU tiles) per capability."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     specs = json.load(open(spec_path))
+    seen = {json.dumps(s, sort_keys=True) for s in specs}
+    for s in list(specs):
+        for v in _gpu_variants(s):
+            if json.dumps(v, sort_keys=True) not in seen:
+                seen.add(json.dumps(v, sort_keys=True))
+                specs.append(v)
     failed = 0
     t0 = time.time()
     for cc in ccs:
@@ -100,6 +133,9 @@ def compile_all(spec_path: str, ccs: list[int]) -> int:
                 k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=s["options"])
                 if not k.asm.get("cubin"):
                     raise RuntimeError("no cubin produced")
+                smem = getattr(k.metadata, "shared", 0)
+                if smem > _SMEM_LIMIT.get(cc, 48 * 1024):
+                    raise RuntimeError(f"needs {smem} bytes of shared memory, sm_{cc} allows {_SMEM_LIMIT.get(cc)}")
             except Exception as e:  # report every failing specialization, then fail
                 failed += 1
                 print(f"FAIL {what}\n  {type(e).__name__}: {str(e).strip()[:2000]}")

@@ -229,6 +229,17 @@ def _blocks(d: int, dv: int, lq: int, lk: int, gpu: bool) -> tuple[int, int, int
     return bm, bn, bd, bdv, 4 if w <= 128 else 8
 
 
+def _num_stages(bd: int, bdv: int, ieee: bool) -> int:
+    """Pipelining depth of the key loop. Triton's default, 3, keeps three k/v tiles in shared memory: with fp32 (IEEE)
+    dots that is 297 KB at D = 512 and 168 KB at D = 256 (triton.compile for sm_90, triton 3.6 and 3.9), over the
+    H100's 227 KB and the A100's 163 KB per block, so the launch fails (OutOfResources). 2 stages: 103 KB at D = 256;
+    1 stage: 100 KB at D = 512. fp16/bf16 tiles need <= 50 KB at any depth. scripts/triton_aot_check.py checks this."""
+    w = max(bd, bdv)
+    if not ieee or w <= 128:
+        return 3
+    return 2 if w <= 256 else 1
+
+
 def _ieee(q: torch.Tensor) -> bool:
     """fp32 inputs dot in IEEE fp32. So do bf16 inputs under TRITON_INTERPRET=1: the interpreter's bf16 tl.dot
     returns garbage (triton 3.9), so on CPU the bf16 operands are upcast (exactly) before the dot; on GPU bf16 and fp16
@@ -248,9 +259,11 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         raise ValueError("attention: k and v must have at least one token")
     bm, bn, bd, bdv, warps = _blocks(D, Dv, Lq, Lk, q.device.type == "cuda")
     grid = (triton.cdiv(Lq, bm), B * H)
+    ieee = _ieee(q)
     _attn_fwd_kernel[grid](q, k, v, o, H, Lq, Lk, D, Dv, scale * math.log2(math.e),
-                           *q.stride(), *k.stride(), *v.stride(), IEEE=_ieee(q),
-                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps)
+                           *q.stride(), *k.stride(), *v.stride(), IEEE=ieee,
+                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps,
+                           num_stages=_num_stages(bd, bdv, ieee))
     return o
 
 
