@@ -336,15 +336,31 @@ LOOP_CASES = [  # (kind, options, eta/variance, guidance)
 ]
 
 
-def _loop(kind, opts, ev, w, backend, dtype, steps=6, noise="randn", shape=(2, 3, 5, 4), device="cpu"):
+class _DrawIn:
+    """Noise source drawing each tensor in `dtype` from `g` (the values a loop in `dtype` draws), cast to the loop's
+    dtype: a float64 loop then sees exactly the noise of the low-precision loop it is the reference for."""
+
+    def __init__(self, g, dtype):
+        self.g, self.dtype = g, dtype
+
+    def draw(self, shape, device, dtype):
+        return torch.randn(shape, generator=self.g, dtype=self.dtype).to(device, dtype)
+
+
+def _loop(kind, opts, ev, w, backend, dtype, steps=6, noise="randn", shape=(2, 3, 5, 4), device="cpu",
+          inputs_dtype=None):
+    """A short sampling loop in `dtype`; with inputs_dtype, x_T, the model weight and every noise draw are those of
+    a loop in inputs_dtype (rounded to it), so a float64 run is that loop's exact-arithmetic reference."""
     g = torch.Generator().manual_seed(5)
-    xT = torch.randn(shape, generator=g).to(device, dtype)
+    src = inputs_dtype or dtype
+    xT = torch.randn(shape, generator=g).to(device, src).to(dtype)
     learned = kind == "ddpm" and ev.startswith("learned") and ev
-    model = _Model(learned=learned, guided=w is not None).to(device, dtype)
+    model = _Model(learned=learned, guided=w is not None).to(device, src).to(dtype)
+    gen = _DrawIn(g, src) if inputs_dtype is not None else g
     if kind == "ddim":
-        return fastdiff.ddim_sample(model, steps, x_T=xT, eta=ev, generator=g, backend=backend, guidance_scale=w,
+        return fastdiff.ddim_sample(model, steps, x_T=xT, eta=ev, generator=gen, backend=backend, guidance_scale=w,
                                     noise=noise, **opts)
-    return fastdiff.ddpm_sample(model, steps=steps, x_T=xT, variance=ev, generator=g, backend=backend,
+    return fastdiff.ddpm_sample(model, steps=steps, x_T=xT, variance=ev, generator=gen, backend=backend,
                                 guidance_scale=w, noise=noise, **opts)
 
 
@@ -353,22 +369,25 @@ def _loop(kind, opts, ev, w, backend, dtype, steps=6, noise="randn", shape=(2, 3
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(LOOP_CASES)))
 def test_fused_loop_equals_reference_loop(backend, dtype, case):
-    """6-step loops, noise drawn with the same generator in diffusers' order: the fused loop vs the reference loop in
-    the same dtype, |diff| <= tol·max|x| with tol = 5e-6 (fp32), 4e-3 (fp16), 3e-2 (bf16: the reference also rounds
-    the guided output and each step's terms to bf16, the fused step keeps them in fp32; measured <= 1.4e-2).
-    Deterministic cases (DDIM η = 0) are also held to the float64 reference loop: err <= 2·err(reference) + atol."""
+    """6-step loops, noise drawn with the same generator in diffusers' order.
+    fp32 / fp16: the fused loop vs the reference loop in the same dtype, |diff| <= tol·max|x|, tol = 5e-6 / 4e-3.
+    Every dtype, and the rule for bf16: against the float64 reference loop on the same inputs (x_T, weights and every
+    noise draw rounded as in the bf16/fp16/fp32 loop), err <= 2·err(reference loop in the dtype) + 4·atol·max|x|
+    (STYLE.md). bf16 is not held to the same-dtype loop: the reference rounds the guided output and each step's terms
+    to bf16 where the fused step keeps them in fp32, so the two differ by up to ~6e-2 of max|x| depending on the draw
+    (torch 2.11 and 2.13 draw different bf16 noise from one seed)."""
     kind, opts, ev, w = LOOP_CASES[case]
     dev = _dev(backend)
     got = _loop(kind, opts, ev, w, backend, dtype, device=dev)
     want = _loop(kind, opts, ev, w, "torch", dtype, device=dev)
     assert got.dtype == dtype and got.shape == want.shape
     scale = want.float().abs().max().item()
-    err = (got.float() - want.float()).abs().max().item()
-    assert err <= {torch.float32: 5e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype] * scale, (err, scale)
-    if kind == "ddim" and ev == 0.0:
-        want64 = _loop(kind, opts, ev, w, "torch", torch.float64, device=dev)
-        err, err_ref = (got.double() - want64).abs().max().item(), (want.double() - want64).abs().max().item()
-        assert err <= 2 * err_ref + 4 * ATOL[dtype] * scale, (err, err_ref, scale)
+    if dtype != torch.bfloat16:
+        err = (got.float() - want.float()).abs().max().item()
+        assert err <= {torch.float32: 5e-6, torch.float16: 4e-3}[dtype] * scale, (err, scale)
+    want64 = _loop(kind, opts, ev, w, "torch", torch.float64, device=dev, inputs_dtype=dtype)
+    err, err_ref = (got.double() - want64).abs().max().item(), (want.double() - want64).abs().max().item()
+    assert err <= 2 * err_ref + 4 * ATOL[dtype] * scale, (err, err_ref, scale)
 
 
 @requires_cpp
