@@ -68,17 +68,24 @@ def _call(model, x, t):
     return o
 
 
-def _interleaved_ratio(ref, x_ref, model, x, t):
-    """median(ref) / median(model), timed alternately so both see the same clocks and background load."""
+def _alternate(ref, x_ref, model, x, t, rounds, log=False):
+    """Times of ref and model called alternately (same clocks and background load for both): (ref_s, model_s)."""
     tr, tm = [], []
-    for _ in range(ROUNDS_AB):
+    for _ in range(rounds):
         t0 = time.perf_counter()
         _call(ref, x_ref, t)
         t1 = time.perf_counter()
         _call(model, x, t)
-        t2 = time.perf_counter()
         tr.append(t1 - t0)
-        tm.append(t2 - t1)
+        tm.append(time.perf_counter() - t1)
+        if log:
+            print(f"  round: diffusers {tr[-1]:.3f} s, fastdiff {tm[-1]:.3f} s", flush=True)
+    return tr, tm
+
+
+def _interleaved_ratio(ref, x_ref, model, x, t):
+    """median(ref) / median(model) over ROUNDS_AB alternating pairs."""
+    tr, tm = _alternate(ref, x_ref, model, x, t, ROUNDS_AB)
     return statistics.median(tr) / statistics.median(tm)
 
 
@@ -128,15 +135,7 @@ def side_by_side(batch, dtype, rounds, threads):
     e_ours = (_call(ours, xs[:8], t[:8]).double() - want).abs().max().item() / scale
     print(f"max error vs diffusers fp32 (relative to max {scale:.3g}): diffusers {e_ref:.3g}, fastdiff {e_ours:.3g}",
           flush=True)
-    tr, tm = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        _call(ref, xs, t)
-        t1 = time.perf_counter()
-        _call(ours, xs, t)
-        tr.append(t1 - t0)
-        tm.append(time.perf_counter() - t1)
-        print(f"  round: diffusers {tr[-1]:.3f} s, fastdiff {tm[-1]:.3f} s", flush=True)
+    tr, tm = _alternate(ref, xs, ours, xs, t, rounds, log=True)
     ratio = statistics.median(a / b for a, b in zip(tr, tm))
     print(f"diffusers {statistics.median(tr):.3f} s, fastdiff {statistics.median(tm):.3f} s, "
           f"speedup {ratio:.2f}x", flush=True)

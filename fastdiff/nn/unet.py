@@ -373,6 +373,10 @@ class ResBlock(nn.Module):
             h = nn.functional.silu(h * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
         else:
             h = _gn(self.norm2, h, ctx, True, add=t)
+        return self._out(x, h)
+
+    def _out(self, x, h):
+        """(skip(x) + conv2(dropout(h))) / output_scale_factor: the end both ResBlock forms share."""
         h = self.conv2(self.dropout(h))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = skip + h
@@ -414,12 +418,7 @@ class ResBlockGeneral(ResBlock):
             h = nn.functional.silu(h) if self.act is None else self.act(h)
         else:
             h = self._norm_act(self.norm2, h, ctx, add=t)
-        h = self.conv2(self.dropout(h))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        out = skip + h
-        if self.output_scale_factor != 1.0:
-            out = out / self.output_scale_factor
-        return out
+        return self._out(x, h)
 
 
 def _resblock(cin: int, cout: int, spec: _Spec, output_scale_factor: float = 1.0,
