@@ -80,10 +80,12 @@ def test_group_norm_silu(benchmark, form, size, dtype, layout):
 
 
 def side_by_side(threads, rounds, isas=("auto",)):
-    """Eager vs fused in one process, interleaved round by round (so load from other jobs hits both alike); prints the
+    """Eager vs fused in one process, interleaved round by round in a shuffled order (so load from other jobs and the
+    allocator's state hit every form alike); prints the
     median times and the median of the per-round ratios eager/fused. Each call allocates its output, as in a model.
     isas: builds of the C++ kernels to time side by side (FASTDIFF_CPU_ISA: auto, avx512, avx2, base)."""
     import os
+    import random
     import statistics
     import time
 
@@ -99,6 +101,7 @@ def side_by_side(threads, rounds, isas=("auto",)):
         return f
 
     forms = [("eager", _eager)] + [(isa, fused_for(isa)) for isa in isas]
+    rng = random.Random(0)
     for dtype in (torch.float32, torch.bfloat16):
         for shape in sizes:
             for layout in ("nchw", "channels_last"):
@@ -113,8 +116,10 @@ def side_by_side(threads, rounds, isas=("auto",)):
                 times = {name: [] for name, _ in forms}
                 for name, f in forms * 2:
                     f(x, w, b)
+                order = list(forms)
                 for _ in range(rounds):
-                    for name, f in forms:
+                    rng.shuffle(order)  # no form always runs right after another (allocator state, caches)
+                    for name, f in order:
                         t0 = time.perf_counter()
                         f(x, w, b)
                         times[name].append(time.perf_counter() - t0)
