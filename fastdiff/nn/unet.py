@@ -676,8 +676,8 @@ class UNet2D(nn.Module):
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"x: H and W must be divisible by {f} (one halving per level), got {tuple(x.shape[2:])}")
         B = x.shape[0]
-        if not torch.is_tensor(t):
-            t = torch.tensor([t], device=x.device)
+        if not torch.is_tensor(t):  # a Python number becomes a long timestep, as in diffusers (500.7 -> 500)
+            t = torch.tensor([t], dtype=torch.long, device=x.device)
         if t.dim() == 0:
             t = t[None]
         if t.dim() != 1 or t.shape[0] not in (1, B):

@@ -105,6 +105,11 @@ def test_cifar10_config_matches_diffusers():
     want1 = ref(x, t[0]).sample
     assert rel_err(ours(x, t[0]), want1) < 2e-4
     assert rel_err(ours(x, int(t[0])), want1) < 2e-4
+    # a Python float is a long timestep in diffusers (truncated); so here
+    assert rel_err(ours(x, float(t[0]) + 0.7), ref(x, float(t[0]) + 0.7).sample) < 2e-4
+    # a float tensor stays float in both (fractional timesteps reach the sinusoidal embedding)
+    tf = t.float() + 0.25
+    assert rel_err(ours(x, tf), ref(x, tf).sample) < 2e-4
 
 
 def test_celebahq_parameter_count():
