@@ -199,7 +199,7 @@ def _sample(a) -> int:
     try:
         model, meta = ckpt.load_checkpoint(path, device=dev, dtype=jobs.DTYPES[a.dtype])
         sch = meta["scheduler"]
-        from fastdiff.sampling import OPTION_NAMES, resolve_schedule
+        from fastdiff.sampling import OPTION_NAMES, resolve_schedule, sample_hw
 
         schedule, _, _ = resolve_schedule(sch or None, {})
         options = {k: sch[k] for k in OPTION_NAMES if k in sch}
@@ -209,8 +209,7 @@ def _sample(a) -> int:
             raise CliError(f"--steps {steps} exceeds the model's {T} training timesteps")
         cfg = jobs.SampleConfig(a.sampler, steps, a.eta, a.seed, a.dtype, a.batch_size).validate()
         c = int(meta["config"]["in_channels"])
-        size = meta["config"].get("sample_size") or meta["image"]["size"]
-        h, w = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+        h, w = sample_hw(meta["config"].get("sample_size") or meta["image"]["size"])
         shape = (c, h, w)
         scale = a.grid_scale or max(1, -(-48 // min(h, w)))
         progress = not a.no_progress

@@ -162,6 +162,14 @@ def _model_dtype_device(model):
     return None, None
 
 
+def sample_hw(size) -> tuple[int, int]:
+    """(H, W) of a model config's sample_size: an int (square) or an (H, W) pair, as diffusers allows."""
+    if isinstance(size, (int, float)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
 def _initial_sample(model, shape, x_T, generator, dtype, device):
     if x_T is not None:
         if not torch.is_tensor(x_T) or not x_T.is_floating_point():
@@ -177,8 +185,7 @@ def _initial_sample(model, shape, x_T, generator, dtype, device):
         size = getattr(cfg, "sample_size", None)
         if size is None or not hasattr(cfg, "in_channels"):
             raise ValueError("shape: pass shape=(B, ...) or x_T (the model does not say its sample size)")
-        h, w = (size, size) if isinstance(size, int) else tuple(size)  # diffusers allows an (H, W) pair
-        shape = (1, cfg.in_channels, h, w)
+        shape = (1, cfg.in_channels, *sample_hw(size))
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape}")
