@@ -240,6 +240,23 @@ __device__ __forceinline__ NhwcCtx<T, VEC> nhwc_ctx(const LaunchArgs& a, const P
   return c;
 }
 
+// y = act(x·A[c] + B[c]) over the block's slice of pixels (A, B per channel, in shared memory).
+template <typename T, int VEC>
+__device__ __forceinline__ void nhwc_write(const LaunchArgs& a, const NhwcCtx<T, VEC>& cx, const float* A,
+                                           const float* B) {
+  T* y = static_cast<T*>(a.y) + (cx.n * a.HW + cx.p0) * a.C;
+  const int64_t items = cx.np * cx.CV;
+  for (int64_t it = threadIdx.x; it < items; it += kThreads) {
+    const int64_t p = (uint32_t)it / (uint32_t)cx.CV;  // it < slice·C/VEC < 2^31 (gns::plan caps slice·C)
+    const int cv = (int)(it - p * cx.CV);
+    float v[VEC];
+    load_vec<T, VEC>(cx.x + p * a.C + (int64_t)cv * VEC, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = act(v[j] * A[cv * VEC + j] + B[cv * VEC + j], a.silu);
+    store_vec<T, VEC>(y + p * a.C + (int64_t)cv * VEC, v);
+  }
+}
+
 // chs[c] = Σ over the slice's pixels of (x[p, c] − shift[c]) (SQUARE: of its square); shift == nullptr: 0.
 template <typename T, int VEC, bool SQUARE>
 __device__ void nhwc_channel_sums(const LaunchArgs& a, const NhwcCtx<T, VEC>& cx, const float* shift, float* chs,
@@ -323,17 +340,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_stats_kernel(LaunchArgs a, Plan
                      param(a.add, a.add_dtype, cx.n * a.C + c, 0.f), &chs[c], &mu[c]);
     }
     __syncthreads();
-    T* y = static_cast<T*>(a.y) + (cx.n * a.HW + cx.p0) * a.C;
-    const int64_t items = cx.np * cx.CV;
-    for (int64_t it = t; it < items; it += kThreads) {
-      const int64_t p = (uint32_t)it / (uint32_t)cx.CV;
-      const int cv = (int)(it - p * cx.CV);
-      float v[VEC];
-      load_vec<T, VEC>(cx.x + p * a.C + (int64_t)cv * VEC, v);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = act(v[j] * chs[cv * VEC + j] + mu[cv * VEC + j], a.silu);
-      store_vec<T, VEC>(y + p * a.C + (int64_t)cv * VEC, v);
-    }
+    nhwc_write(a, cx, chs, mu);
   } else {
     for (int g = t; g < a.G; g += kThreads) {
       float m2 = 0.f;
@@ -362,17 +369,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_apply_kernel(LaunchArgs a, Plan
                    param(a.add, a.add_dtype, cx.n * a.C + c, 0.f), &A[c], &B[c]);
   }
   __syncthreads();
-  T* y = static_cast<T*>(a.y) + (cx.n * a.HW + cx.p0) * a.C;
-  const int64_t items = cx.np * cx.CV;
-  for (int64_t it = t; it < items; it += kThreads) {
-    const int64_t p = (uint32_t)it / (uint32_t)cx.CV;  // it < slice·C/VEC < 2^31 (gns::plan caps slice·C)
-    const int cv = (int)(it - p * cx.CV);
-    float v[VEC];
-    load_vec<T, VEC>(cx.x + p * a.C + (int64_t)cv * VEC, v);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = act(v[j] * A[cv * VEC + j] + B[cv * VEC + j], a.silu);
-    store_vec<T, VEC>(y + p * a.C + (int64_t)cv * VEC, v);
-  }
+  nhwc_write(a, cx, A, B);
 }
 
 // ---- launch -------------------------------------------------------------------------------------------------------
