@@ -125,6 +125,13 @@ def backends() -> dict[str, dict[str, object]]:
 _warned: set[tuple[str, str]] = set()
 
 
+def cpu_half(x: torch.Tensor) -> bool:
+    """float16 on the CPU: where fastdiff's convolutions, linears and attention compute in float32 and round once.
+    PyTorch's CPU fp16 kernels for these are slow paths on CPUs without fp16 arithmetic (fastdiff/nn/layers.py has
+    the figures), and products of fp16 values are exact in fp32: the result a GPU's fp16 kernels return."""
+    return x.dtype == torch.float16 and x.device.type == "cpu"
+
+
 def _warn_once(op: str, msg: str) -> None:
     if (op, msg) not in _warned:
         _warned.add((op, msg))

@@ -12,10 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-def cpu_half(x: torch.Tensor) -> bool:
-    """True where fp16 math goes through fp32 (float16 on the CPU)."""
-    return x.dtype == torch.float16 and x.device.type == "cpu"
+from fastdiff._backend import cpu_half
 
 
 def _up(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -71,7 +71,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     else:
         name = _backend.resolve(OP, backend, q.device, SUPPORTED)
     if name == "torch":
-        if q.dtype == torch.float16 and q.device.type == "cpu":
+        if _backend.cpu_half(q):
             # PyTorch's CPU fp16 SDPA is a slow path (2.6x slower than fp32 at 64x256 tokens x 256 on this
             # project's CPU); fp32 math rounded once is also the more accurate result
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).half()
