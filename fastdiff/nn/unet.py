@@ -32,8 +32,10 @@ Module and parameter names are diffusers' (conv_in, time_embedding.linear_1, dow
 diffusers state dict loads as is once the deprecated attention names (query/key/value/proj_attn) are renamed.
 Every GroupNorm(+SiLU) runs through `fastdiff.ops.group_norm_silu.group_norm_silu` (the time-embedding add fused into
 the second GroupNorm of each ResBlock; with an act_fn other than SiLU the op runs with silu=False and the activation
-follows) and attention through `fastdiff.ops.attention.attention`; both dispatch by device with
-`fastdiff._backend.resolve` (`backend=` on the model, or FASTDIFF_BACKEND; attention always uses SDPA).
+follows), dispatched by device with `fastdiff._backend.resolve` (`backend=` on the model, or FASTDIFF_BACKEND), and
+attention through `fastdiff.ops.attention.attention` with backend "auto" (SDPA on CPU; on CUDA SDPA or the Triton
+kernel, whichever measured faster for the shape). float16 on the CPU: convolutions, linears and attention compute in
+float32 and round once (fastdiff/nn/layers.py).
 """
 from __future__ import annotations
 
