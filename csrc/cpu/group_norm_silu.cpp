@@ -9,9 +9,10 @@
 // sample is in L2); otherwise (batch 1) pixel segments with partial statistics merged per group, then the output pass
 // over the same segments. Tiles of ~4096 elements are reduced per channel with the accumulators in registers.
 // SiLU: polynomial exp (relative error 2.5e-7) and a Newton-refined reciprocal instead of a division, 4 vectors
-// interleaved; fp16/bf16 converted in registers. The hot loops are compiled for AVX2+FMA+F16C, for AVX2 plus
-// AVX512-BF16 (bfloat16 stores as one vcvtneps2bf16) and for the baseline ISA (group_norm_silu_kernels.inc compiled
-// three times), picked at run time.
+// interleaved (16-lane vectors, exact at the extremes, in the AVX-512 build); fp16/bf16 converted in registers. The
+// hot loops are compiled for AVX-512 (F/VL/BW/DQ/BF16), for AVX2+FMA+F16C and for the baseline ISA
+// (group_norm_silu_kernels.inc compiled three times); the widest the CPU supports runs, or the one FASTDIFF_CPU_ISA
+// names (pick_isa below).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
