@@ -1,11 +1,15 @@
 """What was built, and the one dispatch rule every op uses.
 
 Backends: "torch" (plain-PyTorch reference), "triton", "cuda" (csrc/cuda), "cpp" (csrc/cpu).
-Rule for backend="auto" (overridable with the environment variable FASTDIFF_BACKEND):
+Rule for backend="auto" (the environment variable FASTDIFF_BACKEND, when set, replaces "auto" for every op):
   CUDA tensor -> "cuda" if the CUDA kernels were built, else "triton" if triton imports, else "torch";
-  CPU tensor  -> "cpp" if the extension was built, else "torch".
+  CPU tensor  -> "cpp" if the extension was built, else "torch"
+  (among the backends the op implements; an op may refine an automatic choice afterwards: attention on CUDA
+  measures SDPA against its Triton kernel, fastdiff/ops/attention.py).
 Falling back from the preferred backend warns once per (op, reason); it is never silent.
-An explicitly requested backend that cannot run raises a RuntimeError naming why.
+An explicitly requested backend that cannot run raises a RuntimeError naming why. FASTDIFF_BACKEND naming a backend
+an op does not implement (e.g. "cpp" for attention) leaves that op on its automatic choice, with a one-time warning.
+`resolve` caches its answers, so the per-call cost is a dictionary lookup (ops call it on every call).
 """
 from __future__ import annotations
 
@@ -138,15 +142,70 @@ def _warn_once(op: str, msg: str) -> None:
         warnings.warn(f"fastdiff.{op}: {msg}", RuntimeWarning, stacklevel=3)
 
 
-def resolve(op: str, backend: str, device: torch.device, supported: tuple[str, ...] = BACKENDS) -> str:
-    """The backend `op` runs on for tensors on `device`, given the request `backend`.
-
-    `supported` lists the backends this op implements (the reference "torch" always).
-    """
+def requested(backend: str) -> str:
+    """The request after the environment: `backend`, or FASTDIFF_BACKEND's value when `backend` is "auto"."""
     if backend == "auto":
-        backend = os.environ.get("FASTDIFF_BACKEND", "auto")
+        raw = _env_get(_K_BACKEND)
+        if raw is not None:
+            return _env_decode(raw) or "auto"
+    return backend
+
+
+# os.environ.get costs ~0.7 µs (it encodes the key and decodes the value on every call); the cache key needs two
+# variables per resolve() call, so read os.environ's own mapping of encoded keys (what os.environ[...] = ... and
+# monkeypatch.setenv update) and decode only on a cache miss. Platforms without that mapping use os.environ.get.
+_ENV_DATA = getattr(os.environ, "_data", None)
+if isinstance(_ENV_DATA, dict) and callable(getattr(os.environ, "encodekey", None)):
+    _env_get = _ENV_DATA.get
+    _K_BACKEND = os.environ.encodekey("FASTDIFF_BACKEND")
+    _K_INTERP = os.environ.encodekey("TRITON_INTERPRET")
+
+    def _env_decode(raw) -> str:
+        return os.environ.decodevalue(raw)
+else:  # pragma: no cover - not CPython's posix/nt os.environ
+    _env_get = os.environ.get
+    _K_BACKEND, _K_INTERP = "FASTDIFF_BACKEND", "TRITON_INTERPRET"
+
+    def _env_decode(raw) -> str:
+        return raw
+
+
+_RESOLVED: dict[tuple, str] = {}
+
+
+def clear_resolve_cache() -> None:
+    """Forget every cached resolve() answer (they depend on what was built and which devices are visible, which is
+    fixed for a process; the environment variables are part of the cache key and need no clearing)."""
+    _RESOLVED.clear()
+    _TRITON_STATUS.clear()
+
+
+def resolve(op: str, backend: str, device: torch.device, supported: tuple[str, ...] = BACKENDS) -> str:
+    """The backend `op` runs on for tensors on `device`, given the request `backend` (the rule in the module
+    docstring). `supported` lists the backends this op implements (the reference "torch" always).
+
+    Cached per (op, backend, device, supported, FASTDIFF_BACKEND, TRITON_INTERPRET): a hit is one dict lookup
+    (~0.2 µs, docs/benchmarks.md "Dispatch cost"); the rule itself runs once per key. Requests that raise are not
+    cached (they raise every time).
+    """
+    key = (op, backend, device, supported, _env_get(_K_BACKEND), _env_get(_K_INTERP))
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _RESOLVED[key] = _resolve_uncached(op, backend, device, supported)
+    return hit
+
+
+def _resolve_uncached(op: str, backend: str, device, supported: tuple[str, ...]) -> str:
+    from_env = backend == "auto"
+    backend = requested(backend)
     if backend not in (*BACKENDS, "auto"):
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        where = "FASTDIFF_BACKEND" if from_env else "backend"
+        raise ValueError(f"{where} must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if from_env and backend != "auto" and backend not in supported:
+        # FASTDIFF_BACKEND is one setting for every op: an op without that backend keeps its own rule, and says so
+        _warn_once(op, f"FASTDIFF_BACKEND={backend!r} is not implemented for this op (supported: {supported}); "
+                       f"using the automatic choice")
+        backend = "auto"
     info = backends()
     device = torch.device(device)
     if backend != "auto":

@@ -18,7 +18,9 @@ both backends on its own inputs (CUDA events, median of 5 after a warm-up) and c
 (it must agree within the dtype's tolerance, else SDPA is kept and a warning says so); later calls reuse the winner
 (`autotune_choices()` lists them). Under torch.compile tracing, and during CUDA-graph capture of a shape never
 measured, "auto" is SDPA (the CUDA-graph sampler's eager warm-up pass measures before it captures).
-FASTDIFF_ATTENTION_AUTOTUNE=0 turns the measurement off (SDPA).
+FASTDIFF_ATTENTION_AUTOTUNE=0 turns the measurement off (SDPA). Dispatch goes through `fastdiff._backend.resolve`
+like every op: an explicit backend= or FASTDIFF_BACKEND=torch|triton is used as is (never measured); the measurement
+only refines backend="auto".
 """
 from __future__ import annotations
 
@@ -64,12 +66,12 @@ def _check(q, k, v):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
               backend: str = "auto") -> torch.Tensor:
     """softmax(q kᵀ · scale) v, scale defaulting to 1/√D; shapes in the module docstring. backend: "auto" (SDPA on CPU,
-    measured choice on CUDA: see the module docstring) | "torch" | "triton"."""
+    measured choice on CUDA: see the module docstring) | "torch" | "triton". Dispatch: fastdiff._backend.resolve,
+    so FASTDIFF_BACKEND=torch|triton replaces "auto" here as for every op."""
     _check(q, k, v)
-    if backend == "auto":
+    name = _backend.resolve(OP, backend, q.device, SUPPORTED)
+    if _backend.requested(backend) == "auto":  # the rule's automatic choice, refined by measurement where it runs
         name = _auto_backend(q, k, v, scale)
-    else:
-        name = _backend.resolve(OP, backend, q.device, SUPPORTED)
     if name == "torch":
         if _backend.cpu_half(q):
             # PyTorch's CPU fp16 SDPA is a slow path (2.6x slower than fp32 at 64x256 tokens x 256 on this

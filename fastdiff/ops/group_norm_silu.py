@@ -23,8 +23,6 @@ GroupNorm backward (eager PyTorch's own), in float32 for fp16/bf16.
 """
 from __future__ import annotations
 
-import os as _os
-
 import torch
 import torch.nn.functional as F
 
@@ -38,8 +36,6 @@ except ImportError:  # the Triton backend reports itself unavailable (fastdiff.b
 
 OP = "group_norm_silu"
 SUPPORTED = ("torch", "triton", "cpp", "cuda")
-_ENV_KEY = "FASTDIFF_BACKEND"
-_CPP = _backend.has_cpp()  # the C++ op fastdiff::group_norm_silu is registered
 
 
 def group_norm_silu_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
@@ -77,24 +73,20 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     """act(GroupNorm(x + add)) with fp32 statistics; see the module docstring for shapes. Dispatch:
     fastdiff._backend.resolve (backend "auto" | "torch" | "triton" | "cpp" | "cuda")."""
     _check(x, weight, bias, num_groups, eps, add)
-    if x.device.type == "cpu" and _CPP and (backend == "cpp" or (backend == "auto" and _ENV_KEY not in _os.environ)):
-        # The CPU fast path: what _backend.resolve returns for these requests ("cpp"), without its per-call
-        # availability probe (~4 µs). When no input needs a gradient, the op is called below the autograd key: the
-        # Python autograd kernel of register_autograd costs ~4 µs more per call (0.15 ms calls at the 16² sizes).
-        if not _dense(x):
-            x = x.contiguous()
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-                x.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias, add)))):
-            return torch.ops.fastdiff.group_norm_silu(x, weight, bias, add, num_groups, float(eps), bool(silu))
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.fastdiff.group_norm_silu(x, weight, bias, add, num_groups, float(eps), bool(silu))
     name = _backend.resolve(OP, backend, x.device, SUPPORTED)
     if name == "torch":
         return group_norm_silu_ref(x, weight, bias, num_groups, eps, silu, add)
     if not _dense(x):
         x = x.contiguous()
     op = torch.ops.fastdiff.group_norm_silu_triton if name == "triton" else torch.ops.fastdiff.group_norm_silu
-    return op(x, weight, bias, add, num_groups, float(eps), bool(silu))
+    args = (x, weight, bias, add, num_groups, float(eps), bool(silu))
+    if name == "cpp" and not (torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            x.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias, add))))):
+        # When no input needs a gradient, the C++ op is called below the autograd key: the Python autograd kernel
+        # of register_autograd costs ~4 µs more per call (0.15 ms calls at the 16² sizes).
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return op(*args)
 
 
 def _dense(x: torch.Tensor) -> bool:
