@@ -8,112 +8,20 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <tuple>
-#include <type_traits>
 
 #include "sampler_step_math.h"
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#define FD_X86_AVX2 1  // an AVX2+FMA+F16C copy of the tile loop, picked at run time (the build targets baseline x86-64)
-#endif
+#include "sampler_step_tiles.h"
 
 namespace fastdiff {
 namespace {
 
 using namespace sstep;
+using tiles::load_any;
+using tiles::store_any;
+using tiles::check_like;
+constexpr const char* kOp = "sampler_step";
 constexpr int64_t kTile = 512;
-
-template <typename T>
-inline void load_tile(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-template <typename T>
-inline void store_tile(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
-}
-
-#ifdef FD_X86_AVX2
-__attribute__((target("avx2,fma,f16c"))) inline void load_tile_f16c(const c10::Half* __restrict__ src,
-                                                                     float* __restrict__ dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
-  for (; j < n; ++j) dst[j] = _cvtsh_ss(src[j].x);
-}
-
-__attribute__((target("avx2,fma,f16c"))) inline void store_tile_f16c(const float* __restrict__ src,
-                                                                      c10::Half* __restrict__ dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
-  for (; j < n; ++j) dst[j].x = _cvtss_sh(src[j], _MM_FROUND_TO_NEAREST_INT);
-}
-
-// bfloat16 <-> float32 as c10::BFloat16 does it: widen by a 16-bit shift; narrow rounding to nearest even, NaN → 0x7FC0.
-__attribute__((target("avx2,fma,f16c"))) inline void load_tile_bf16(const c10::BFloat16* __restrict__ src,
-                                                                     float* __restrict__ dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
-    _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-  }
-  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-__attribute__((target("avx2,fma,f16c"))) inline void store_tile_bf16(const float* __restrict__ src,
-                                                                      c10::BFloat16* __restrict__ dst, int64_t n) {
-  int64_t j = 0;
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF), qnan = _mm256_set1_epi32(0x7FC0);
-  for (; j + 8 <= n; j += 8) {
-    __m256 f = _mm256_loadu_ps(src + j);
-    __m256i u = _mm256_castps_si256(f);
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), one),
-                                                                        bias)), 16);
-    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, qnan, nan);
-    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), packed);
-  }
-  for (; j < n; ++j) dst[j] = static_cast<c10::BFloat16>(src[j]);
-}
-#endif
-
-// Tile loads/stores: F16C conversions for Half inside the AVX2 copy, plain (vectorizable) loops otherwise.
-template <bool AVX2, typename T>
-inline void load_any(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
-#ifdef FD_X86_AVX2
-  if constexpr (AVX2 && std::is_same_v<T, c10::Half>) {
-    load_tile_f16c(src, dst, n);
-    return;
-  }
-  if constexpr (AVX2 && std::is_same_v<T, c10::BFloat16>) {
-    load_tile_bf16(src, dst, n);
-    return;
-  }
-#endif
-  load_tile(src, dst, n);
-}
-
-template <bool AVX2, typename T>
-inline void store_any(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
-#ifdef FD_X86_AVX2
-  if constexpr (AVX2 && std::is_same_v<T, c10::Half>) {
-    store_tile_f16c(src, dst, n);
-    return;
-  }
-  if constexpr (AVX2 && std::is_same_v<T, c10::BFloat16>) {
-    store_tile_bf16(src, dst, n);
-    return;
-  }
-#endif
-  store_tile(src, dst, n);
-}
 
 struct Args {
   const void *x, *o, *oc, *z, *v;
@@ -212,22 +120,9 @@ template <typename T>
 void run_cpu(const Args& a) {
   void (*fn)(const Args&, int64_t, int64_t) = &step_tiles_base<T>;
 #ifdef FD_X86_AVX2
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("f16c");
-  const char* off = std::getenv("FASTDIFF_CPU_NO_AVX2");  // tests run the baseline copy with this set to 1
-  if (avx2 && !(off && off[0] == '1')) fn = &step_tiles_avx2<T>;
+  if (tiles::use_avx2()) fn = &step_tiles_avx2<T>;
 #endif
   at::parallel_for(0, (a.n + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
-}
-
-void check_like(const at::Tensor& x, const c10::optional<at::Tensor>& t, const char* name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->device() == x.device(), "sampler_step: ", name, " is on ", t->device(), ", x on ", x.device());
-  TORCH_CHECK(t->scalar_type() == x.scalar_type(), "sampler_step: ", name, " has dtype ", t->scalar_type(),
-              ", x has ", x.scalar_type());
-  TORCH_CHECK(t->sizes() == x.sizes(), "sampler_step: ", name, " has shape ", t->sizes(), ", x has ", x.sizes());
-  TORCH_CHECK(t->numel() <= 1 || t->strides() == x.strides(), "sampler_step: ", name, " has strides ", t->strides(),
-              ", x has ", x.strides(), " (all tensors must share x's memory layout)");
 }
 
 }  // namespace
@@ -242,10 +137,10 @@ int64_t sampler_step_check(const at::Tensor& x, const at::Tensor& o, const c10::
   TORCH_CHECK(x.dim() >= 1, "sampler_step: x must have shape (B, ...), got a 0-dim tensor");
   TORCH_CHECK(x.is_non_overlapping_and_dense(), "sampler_step: x must be dense (contiguous or channels_last), got "
               "strides ", x.strides(), " for shape ", x.sizes());
-  check_like(x, o, "o");
-  check_like(x, o_cond, "o_cond");
-  check_like(x, noise, "noise");
-  check_like(x, v, "v");
+  check_like(kOp, x, o, "o");
+  check_like(kOp, x, o_cond, "o_cond");
+  check_like(kOp, x, noise, "noise");
+  check_like(kOp, x, v, "v");
   TORCH_CHECK(coef.scalar_type() == at::kDouble && coef.dim() == 1 && coef.numel() == kNumCoef &&
               coef.is_contiguous() && coef.device() == x.device(),
               "sampler_step: coef must be a contiguous float64 tensor of ", (int)kNumCoef, " values on x's device");
@@ -271,19 +166,27 @@ int64_t sampler_step_check(const at::Tensor& x, const at::Tensor& o, const c10::
   return per_sample;
 }
 
+// Checks of the out= buffers (CPU and CUDA entries): out of x's dtype, shape and strides, x0_out the same in
+// float32, neither overlapping an input or the other.
+void sampler_step_out_check(const at::Tensor& x, const at::Tensor& o, const c10::optional<at::Tensor>& o_cond,
+                            const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& v,
+                            const at::Tensor& out, const c10::optional<at::Tensor>& x0_out) {
+  check_like(kOp, x, out, "out");
+  check_like(kOp, x, x0_out, "x0_out", at::kFloat);
+  const std::pair<const char*, const at::Tensor*> ins[] = {
+      {"x", &x}, {"o", &o}, {"o_cond", o_cond ? &*o_cond : nullptr}, {"noise", noise ? &*noise : nullptr},
+      {"v", v ? &*v : nullptr}, {"out", &out}};
+  tiles::check_no_overlap(kOp, "out", out, ins, 5);
+  if (x0_out) tiles::check_no_overlap(kOp, "x0_out", *x0_out, ins, 6);
+}
+
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const at::Tensor& o,
-                                                    const c10::optional<at::Tensor>& o_cond,
-                                                    const c10::optional<at::Tensor>& noise,
-                                                    const c10::optional<at::Tensor>& rng,
-                                                    const c10::optional<at::Tensor>& v,
-                                                    const c10::optional<at::Tensor>& thr, const at::Tensor& coef,
-                                                    int64_t flags, bool write_x0) {
-  const int64_t per_sample = sampler_step_check(x, o, o_cond, noise, rng, v, thr, coef, flags);
-  at::Tensor xp = at::empty_like(x);
-  at::Tensor x0 = write_x0 ? at::empty_like(x, x.options().dtype(at::kFloat))
-                           : at::empty({0}, x.options().dtype(at::kFloat));
+// The step into preallocated outputs (already checked): xp like x, x0 float32 like x or undefined.
+void run_into(const at::Tensor& x, const at::Tensor& o, const c10::optional<at::Tensor>& o_cond,
+              const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& rng,
+              const c10::optional<at::Tensor>& v, const c10::optional<at::Tensor>& thr, const at::Tensor& coef,
+              int64_t flags, int64_t per_sample, const at::Tensor& xp, const at::Tensor& x0) {
   Args a{};
   a.x = x.data_ptr();
   a.o = o.data_ptr();
@@ -292,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
   a.v = v.has_value() ? v->data_ptr() : nullptr;
   a.thr = thr.has_value() ? thr->data_ptr<float>() : nullptr;
   a.xp = xp.data_ptr();
-  a.x0 = write_x0 ? x0.data_ptr<float>() : nullptr;
+  a.x0 = x0.defined() ? x0.data_ptr<float>() : nullptr;
   a.n = x.numel();
   a.per_sample = per_sample;
   a.clip = flags & kFlagClip;
@@ -306,13 +209,42 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
   a.k = load_coefs(coef.data_ptr<double>());
   a.linear = !a.clip && !a.thr && !a.x0 && !a.oc;
   fold_linear(coef.data_ptr<double>(), &a.cx, &a.co);
-  if (a.n == 0) return {xp, x0};
+  if (a.n == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cpu",
                                   [&] { run_cpu<scalar_t>(a); });
+}
+
+std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const at::Tensor& o,
+                                                    const c10::optional<at::Tensor>& o_cond,
+                                                    const c10::optional<at::Tensor>& noise,
+                                                    const c10::optional<at::Tensor>& rng,
+                                                    const c10::optional<at::Tensor>& v,
+                                                    const c10::optional<at::Tensor>& thr, const at::Tensor& coef,
+                                                    int64_t flags, bool write_x0) {
+  const int64_t per_sample = sampler_step_check(x, o, o_cond, noise, rng, v, thr, coef, flags);
+  at::Tensor xp = at::empty_like(x);
+  at::Tensor x0 = write_x0 ? at::empty_like(x, x.options().dtype(at::kFloat))
+                           : at::empty({0}, x.options().dtype(at::kFloat));
+  run_into(x, o, o_cond, noise, rng, v, thr, coef, flags, per_sample, xp, write_x0 ? x0 : at::Tensor());
   return {xp, x0};
+}
+
+// fastdiff::sampler_step_out: the same step written into the caller's out (x's dtype and strides) and x0_out
+// (float32, x's strides; x̂0 is written exactly when it is given).
+void sampler_step_out_cpu(const at::Tensor& x, const at::Tensor& o, const c10::optional<at::Tensor>& o_cond,
+                          const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& rng,
+                          const c10::optional<at::Tensor>& v, const c10::optional<at::Tensor>& thr,
+                          const at::Tensor& coef, int64_t flags, const at::Tensor& out,
+                          const c10::optional<at::Tensor>& x0_out) {
+  const int64_t per_sample = sampler_step_check(x, o, o_cond, noise, rng, v, thr, coef, flags);
+  sampler_step_out_check(x, o, o_cond, noise, v, out, x0_out);
+  run_into(x, o, o_cond, noise, rng, v, thr, coef, flags, per_sample, out, x0_out.value_or(at::Tensor()));
 }
 
 }  // namespace
 }  // namespace fastdiff
 
-TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("sampler_step", &fastdiff::sampler_step_cpu); }
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("sampler_step", &fastdiff::sampler_step_cpu);
+  m.impl("sampler_step_out", &fastdiff::sampler_step_out_cpu);
+}

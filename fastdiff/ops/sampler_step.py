@@ -328,24 +328,47 @@ def _empty_outputs(x, write_x0):
     return torch.empty_like(x), x0
 
 
+def _launch_triton(x, o, o_cond, noise, rng, v, thr, coef, flags, xp, x0):
+    """Run the Triton kernel writing x_prev into xp and, when x0 is not None, x̂0 (float32) into x0."""
+    n = x.numel()
+    if n == 0:
+        return
+    BLOCK = 1024
+    _sampler_step_kernel[(triton.cdiv(n, BLOCK),)](
+        x, o, o_cond if o_cond is not None else x, noise if noise is not None else x,
+        rng if rng is not None else coef, v if v is not None else x, thr if thr is not None else coef, coef,
+        xp, x0 if x0 is not None else xp, n, n // x.shape[0],
+        HAS_COND=o_cond is not None, NOISE=1 if noise is not None else (2 if rng is not None else 0),
+        VAR_MODE=(flags >> 1) & 3, CLIP=bool(flags & FLAG_CLIP), HAS_THR=thr is not None, WRITE_X0=x0 is not None,
+        BLOCK=BLOCK)
+
+
 @torch.library.custom_op("fastdiff::sampler_step_triton", mutates_args=())
 def _sampler_step_triton(x: torch.Tensor, o: torch.Tensor, o_cond: torch.Tensor | None, noise: torch.Tensor | None,
                          rng: torch.Tensor | None, v: torch.Tensor | None, thr: torch.Tensor | None,
                          coef: torch.Tensor, flags: int, write_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launcher (same contract as the C++ op fastdiff::sampler_step; the wrapper checks the arguments)."""
     xp, x0 = _empty_outputs(x, write_x0)
-    n = x.numel()
-    if n == 0:
-        return xp, x0
-    BLOCK = 1024
-    _sampler_step_kernel[(triton.cdiv(n, BLOCK),)](
-        x, o, o_cond if o_cond is not None else x, noise if noise is not None else x,
-        rng if rng is not None else coef, v if v is not None else x, thr if thr is not None else coef, coef,
-        xp, x0 if write_x0 else xp, n, n // x.shape[0],
-        HAS_COND=o_cond is not None, NOISE=1 if noise is not None else (2 if rng is not None else 0),
-        VAR_MODE=(flags >> 1) & 3, CLIP=bool(flags & FLAG_CLIP), HAS_THR=thr is not None, WRITE_X0=write_x0,
-        BLOCK=BLOCK)
+    if triton is None:
+        raise RuntimeError("fastdiff.sampler_step: backend 'triton' needs triton")
+    _launch_triton(x, o, o_cond, noise, rng, v, thr, coef, flags, xp, x0 if write_x0 else None)
     return xp, x0
+
+
+@torch.library.custom_op("fastdiff::sampler_step_out_triton", mutates_args=("out", "x0_out"))
+def _sampler_step_out_triton(x: torch.Tensor, o: torch.Tensor, o_cond: torch.Tensor | None,
+                             noise: torch.Tensor | None, rng: torch.Tensor | None, v: torch.Tensor | None,
+                             thr: torch.Tensor | None, coef: torch.Tensor, flags: int, out: torch.Tensor,
+                             x0_out: torch.Tensor | None) -> None:
+    """Triton launcher of the out= variant (the contract of fastdiff::sampler_step_out)."""
+    if triton is None:
+        raise RuntimeError("fastdiff.sampler_step: backend 'triton' needs triton")
+    _launch_triton(x, o, o_cond, noise, rng, v, thr, coef, flags, out, x0_out)
+
+
+@_sampler_step_out_triton.register_fake
+def _sampler_step_out_fake(x, o, o_cond, noise, rng, v, thr, coef, flags, out, x0_out):
+    return None
 
 
 def _sampler_step_fake(x, o, o_cond, noise, rng, v, thr, coef, flags, write_x0):
@@ -367,28 +390,66 @@ def _dense_format(x):
     return None
 
 
-def _like_x(t, x, name):
+def _check_tensor_like(t, x, name, op, dtype=None):
+    """`t` is a tensor of x's shape, device and dtype (or `dtype`); errors name the op and the argument."""
+    if not torch.is_tensor(t):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.shape != x.shape:
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, x has {tuple(x.shape)}")
+    want = x.dtype if dtype is None else dtype
+    if t.dtype != want:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {want}" if dtype is not None else
+                        f"{op}: {name} has dtype {t.dtype}, x has {x.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
+
+
+def _like_x(t, x, name, op="sampler_step"):
     """`t` checked against x (shape, dtype, device) and laid out with x's strides (a copy only if they differ)."""
     if t is None:
         return None
-    if not torch.is_tensor(t):
-        raise TypeError(f"sampler_step: {name} must be a tensor, got {type(t).__name__}")
-    if t.shape != x.shape:
-        raise ValueError(f"sampler_step: {name} has shape {tuple(t.shape)}, x has {tuple(x.shape)}")
-    if t.dtype != x.dtype:
-        raise TypeError(f"sampler_step: {name} has dtype {t.dtype}, x has {x.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"sampler_step: {name} is on {t.device}, x on {x.device}")
+    _check_tensor_like(t, x, name, op)
     if t.stride() != x.stride():
         t = torch.empty_like(x).copy_(t)
     return t
+
+
+def _check_out(t, x, name, op, dtype=None):
+    """A preallocated output: x's shape, device, dtype (or `dtype`) and strides (x is dense); it is written, never
+    copied, so a different layout is an error."""
+    _check_tensor_like(t, x, name, op, dtype)
+    if t.numel() > 1 and t.stride() != x.stride():
+        raise ValueError(f"{op}: {name} has strides {t.stride()}, x has {x.stride()} (outputs take x's layout)")
+    return t
+
+
+def _span(t):
+    """[first, last byte + 1) of a tensor's elements in memory."""
+    start = t.data_ptr()
+    return start, start + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+
+
+def _check_no_alias(op, inputs: dict, outputs: dict):
+    """No output overlaps an input or an earlier output in memory (None entries are absent arguments)."""
+    seen = [(k, t) for k, t in inputs.items() if t is not None and t.numel() > 0]
+    for name, t in outputs.items():
+        if t is None or t.numel() == 0:
+            continue
+        a0, a1 = _span(t)
+        for other, u in seen:
+            b0, b1 = _span(u)
+            if u.device == t.device and a0 < b1 and b0 < a1:
+                raise ValueError(f"{op}: output {name} overlaps {other} (outputs may alias no input and no other "
+                                 f"output)")
+        seen.append((name, t))
 
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 
 
 def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=None, rng=None, v=None, thr=None,
-                 clip: bool = False, var_mode: str = "scalar", write_x0: bool = False, backend: str = "auto"):
+                 clip: bool = False, var_mode: str = "scalar", write_x0: bool = False, backend: str = "auto",
+                 out=None, x0_out=None):
     """One fused sampler step (the formula at the top of this section) → (x_prev, x̂0 float32 or None).
 
     x, o, o_cond, noise, v: (B, ...) of one dtype (fp32/fp16/bf16; math in fp32). coef: (NUM_COEF,) float64 from
@@ -397,6 +458,9 @@ def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=N
     noise. thr: (B,) float32 dynamic-thresholding scales (see `threshold_scale`). Layouts: contiguous, channels_last
     (3d) run in place; any other layout of x is copied to contiguous first, and inputs whose strides differ from x's
     are copied to x's layout (documented copies). x_prev has x's (dense) layout.
+    out, x0_out: preallocated outputs, written in place (the fastdiff::sampler_step_out ops, no copy; bit for bit the
+    functional op's values): out of x's dtype, x0_out float32 (given, it implies write_x0), both of x's shape and
+    (dense) strides, overlapping no input and each other. Returned as (out, x0_out); a missing out is allocated.
     """
     from fastdiff._backend import resolve
 
@@ -421,15 +485,34 @@ def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=N
     if thr is not None and (thr.dtype != torch.float32 or thr.shape != (x.shape[0],) or thr.device != x.device):
         raise ValueError(f"sampler_step: thr must be a float32 tensor of shape ({x.shape[0]},) on {x.device}")
     name = resolve("sampler_step", backend, x.device)
+    into = out is not None or x0_out is not None
+    if into:
+        if _dense_format(x) is None:
+            x = x.contiguous()
+        out = torch.empty_like(x) if out is None else _check_out(out, x, "out", "sampler_step")
+        if x0_out is not None:
+            _check_out(x0_out, x, "x0_out", "sampler_step", torch.float32)
+        elif write_x0:
+            x0_out = torch.empty_like(x, dtype=torch.float32)
+        _check_no_alias("sampler_step", dict(x=x, o=o, o_cond=o_cond, noise=noise, v=v),
+                        dict(out=out, x0_out=x0_out))
     if name == "torch":
-        return sampler_step_ref(x, o, coef, o_cond=o_cond, noise=noise if rng is None else _philox_like(x, rng),
-                                v=v, thr=thr, clip=clip, var_mode=var_mode, write_x0=write_x0)
+        xp, x0 = sampler_step_ref(x, o, coef, o_cond=o_cond, noise=noise if rng is None else _philox_like(x, rng),
+                                  v=v, thr=thr, clip=clip, var_mode=var_mode, write_x0=x0_out is not None or write_x0)
+        if not into:
+            return xp, x0
+        out.copy_(xp)
+        return out, (x0_out.copy_(x0) if x0_out is not None else None)
     if _dense_format(x) is None:
         x = x.contiguous()
     o, o_cond, noise, v = (_like_x(t, x, n) for t, n in ((o, "o"), (o_cond, "o_cond"), (noise, "noise"), (v, "v")))
     flags = (FLAG_CLIP if clip else 0) | (VAR_MODES[var_mode] << 1)
     args = (x, o, o_cond, noise, rng.contiguous() if rng is not None else None, v,
             thr.contiguous() if thr is not None else None, coef.contiguous(), flags, bool(write_x0))
+    if into:
+        op = torch.ops.fastdiff.sampler_step_out_triton if name == "triton" else torch.ops.fastdiff.sampler_step_out
+        op(*args[:-1], out, x0_out)
+        return out, x0_out
     op = torch.ops.fastdiff.sampler_step_triton if name == "triton" else torch.ops.fastdiff.sampler_step
     xp, x0 = op(*args)
     return xp, (x0 if write_x0 else None)
@@ -448,19 +531,29 @@ def threshold_scale(x, o, coef, *, o_cond=None, ratio: float = 0.995, max_value:
     x̂0 is formed from the coefficient *tensor* (no host read), so this is safe inside a CUDA graph.
     """
     c = coef.to(torch.float32)
+    return linear_threshold_scale(x, o, o_cond, c[COEF["p"]], c[COEF["q"]], c[COEF["w"]], ratio, max_value)
+
+
+def linear_threshold_scale(x, o, o_cond, p, q, w, ratio: float, max_value: float) -> torch.Tensor:
+    """clamp(quantile(|d_b|, ratio), 1, max_value) per sample b of d = p·x + q·o (o guided with w when o_cond is
+    given): (B,) float32. p, q, w: 0-dim float32 tensors (slices of a coefficient tensor), so nothing is read back to
+    the host: torch.quantile's linear interpolation (rank = q·(n−1) in float32, lerp between floor and ceil) on a
+    sort gives the same numbers, with positions that depend only on the shape (CUDA-graph safe). Shared by the
+    sampler step and fastdiff.ops.multistep.
+    """
     o32 = o.float()
     if o_cond is not None:
-        o32 = o32 + c[COEF["w"]] * (o_cond.float() - o32)
-    x0 = c[COEF["p"]] * x.float() + c[COEF["q"]] * o32
-    # torch.quantile's linear interpolation (rank = q·(n−1) in float32, lerp between floor and ceil) on a sort: the
-    # same numbers, with nothing read back to the host (positions depend only on the shape)
-    n = x0[0].numel()
+        o32 = o32 + w * (o_cond.float() - o32)
+    d = p * x.float() + q * o32
+    n = d[0].numel()
     pos = np.float32(ratio) * np.float32(n - 1)
     lo, hi = int(np.floor(pos)), int(np.ceil(pos))
-    srt = x0.reshape(x.shape[0], -1).abs().sort(dim=1).values
+    srt = d.reshape(d.shape[0], -1).abs().sort(dim=1).values
     s = torch.lerp(srt[:, lo], srt[:, hi], float(np.float32(pos - np.float32(lo))))
     return s.clamp(min=1.0, max=max_value).contiguous()
 
 
 if compiled_op_loaded("sampler_step"):  # the C++/CUDA op's fake kernel, when the extension is loaded
     torch.library.register_fake("fastdiff::sampler_step")(_sampler_step_fake)
+if compiled_op_loaded("sampler_step_out"):
+    torch.library.register_fake("fastdiff::sampler_step_out")(_sampler_step_out_fake)

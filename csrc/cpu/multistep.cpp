@@ -1,0 +1,226 @@
+// fastdiff::multistep_step_ on the CPU: one pass over x, o (o_c, h_0..h_3, z), writing out (out2, d_out) into the
+// caller's buffers. Threads split the tensor with at::parallel_for; each walks tiles of kTile elements: float32
+// tensors are read and written in place, fp16/bf16 tiles are converted to float32 once, and each term of the update
+// is a simple loop over the tile that the compiler vectorizes (which terms run is decided outside the loops).
+// Per-element math: csrc/include/multistep_math.h; tile I/O and the AVX2 copy: sampler_step_tiles.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "multistep_math.h"
+#include "sampler_step_tiles.h"
+
+namespace fastdiff {
+namespace {
+
+using namespace mstep;
+using tiles::check_like;
+constexpr int64_t kTile = 512;
+constexpr const char* kOp = "multistep_step";
+
+struct Args {
+  const void *x, *o, *oc, *z;
+  const void* h[kMaxHist];
+  int nh;
+  const float* thr;
+  void *out, *out2, *dout;
+  int64_t n, per_sample;
+  uint64_t seed, offset;
+  bool clip, philox;
+  Coefs k;
+};
+
+// Tiles [t0, t1). always_inline: compiled into both copies below (baseline and AVX2).
+template <typename T, bool AVX2>
+__attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_t t0, int64_t t1) {
+  using tiles::as_f32;
+  using tiles::flush;
+  using tiles::out_f32;
+  const Coefs k = a.k;
+  T* OUT = static_cast<T*>(a.out);
+  T* OUT2 = static_cast<T*>(a.out2);
+  T* DOUT = static_cast<T*>(a.dout);
+  alignas(64) float xb[kTile], ob[kTile], tb[kTile], db[kTile], yb[kTile], y2b[kTile];
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t base = t * kTile;
+    const int64_t m = std::min(kTile, a.n - base);
+    const float* xs = as_f32<AVX2>(static_cast<const T*>(a.x) + base, xb, m);
+    const float* os = as_f32<AVX2>(static_cast<const T*>(a.o) + base, ob, m);
+    if (a.oc) {
+      const float* cs = as_f32<AVX2>(static_cast<const T*>(a.oc) + base, tb, m);
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) ob[j] = sstep::guide(os[j], cs[j], k.w);
+      os = ob;
+    }
+    float* ds = DOUT ? out_f32(DOUT + base, db) : db;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) ds[j] = predict_d(k, xs[j], os[j]);
+    if (a.clip) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) ds[j] = sstep::clampf(ds[j], -k.clip, k.clip);
+    }
+    if (a.thr) {  // a tile may straddle two samples: runs of one sample each
+      for (int64_t j = 0; j < m;) {
+        const int64_t b = (base + j) / a.per_sample;
+        const int64_t e = std::min(m, (b + 1) * a.per_sample - base);
+        const float s = a.thr[b];
+#pragma omp simd
+        for (int64_t i = j; i < e; ++i) ds[i] = threshold(ds[i], s);
+        j = e;
+      }
+    }
+    float* ys = out_f32(OUT + base, yb);
+    float* y2s = OUT2 ? out_f32(OUT2 + base, y2b) : y2b;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) ys[j] = combine_y(k, xs[j], os[j], ds[j]);
+    if (OUT2) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) y2s[j] = combine_y2(k, xs[j], os[j], ds[j]);
+    }
+    for (int h = 0; h < a.nh; ++h) {  // each history tile is read (converted) once for both sums
+      const float* hs = as_f32<AVX2>(static_cast<const T*>(a.h[h]) + base, tb, m);
+      const float c = k.yh[h], c2 = k.y2h[h];
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) ys[j] += c * hs[j];
+      if (OUT2) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) y2s[j] += c2 * hs[j];
+      }
+    }
+    if (a.z || a.philox) {
+      const float* zs = tb;
+      if (a.z) {
+        zs = as_f32<AVX2>(static_cast<const T*>(a.z) + base, tb, m);
+      } else {
+        for (int64_t j = 0; j < m; ++j) tb[j] = sstep::philox_normal(a.seed, a.offset + (uint64_t)(base + j));
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) ys[j] += k.yz * zs[j];
+    }
+    flush<AVX2>(yb, OUT + base, m);
+    if (OUT2) flush<AVX2>(y2b, OUT2 + base, m);
+    if (DOUT) flush<AVX2>(db, DOUT + base, m);
+  }
+}
+
+template <typename T>
+void multistep_tiles_base(const Args& a, int64_t t0, int64_t t1) { multistep_tiles<T, false>(a, t0, t1); }
+
+#ifdef FD_X86_AVX2
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) void multistep_tiles_avx2(const Args& a, int64_t t0, int64_t t1) {
+  multistep_tiles<T, true>(a, t0, t1);
+}
+#endif
+
+template <typename T>
+void run_cpu(const Args& a) {
+  void (*fn)(const Args&, int64_t, int64_t) = &multistep_tiles_base<T>;
+#ifdef FD_X86_AVX2
+  if (tiles::use_avx2()) fn = &multistep_tiles_avx2<T>;
+#endif
+  at::parallel_for(0, (a.n + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+}
+
+}  // namespace
+
+// Checks shared by the CPU and CUDA entries; returns the per-sample element count.
+int64_t multistep_check(const at::Tensor& x, const at::Tensor& o, const c10::optional<at::Tensor>& o_cond,
+                        at::TensorList hist, const c10::optional<at::Tensor>& noise,
+                        const c10::optional<at::Tensor>& rng, const c10::optional<at::Tensor>& thr,
+                        const at::Tensor& coef, int64_t flags, const at::Tensor& out,
+                        const c10::optional<at::Tensor>& out2, const c10::optional<at::Tensor>& d_out) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "multistep_step: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, "multistep_step: x must have shape (B, ...), got a 0-dim tensor");
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "multistep_step: x must be dense (contiguous or channels_last), got "
+              "strides ", x.strides(), " for shape ", x.sizes());
+  TORCH_CHECK(hist.size() <= (size_t)kMaxHist, "multistep_step: hist has ", hist.size(), " tensors, at most ",
+              (int)kMaxHist);
+  static const char* const hname[kMaxHist] = {"hist[0]", "hist[1]", "hist[2]", "hist[3]"};
+  check_like(kOp, x, o, "o");
+  check_like(kOp, x, o_cond, "o_cond");
+  for (size_t h = 0; h < hist.size(); ++h) check_like(kOp, x, hist[h], hname[h]);
+  check_like(kOp, x, noise, "noise");
+  check_like(kOp, x, out, "out");
+  check_like(kOp, x, out2, "out2");
+  check_like(kOp, x, d_out, "d_out");
+  TORCH_CHECK(coef.scalar_type() == at::kDouble && coef.dim() == 1 && coef.numel() == kNumCoef &&
+              coef.is_contiguous() && coef.device() == x.device(),
+              "multistep_step: coef must be a contiguous float64 tensor of ", (int)kNumCoef, " values on x's device, got ",
+              coef.scalar_type(), " ", coef.sizes(), " on ", coef.device());
+  TORCH_CHECK(!(noise.has_value() && rng.has_value()), "multistep_step: pass noise or rng, not both");
+  if (rng.has_value()) {
+    TORCH_CHECK(rng->scalar_type() == at::kLong && rng->numel() == 2 && rng->is_contiguous() &&
+                rng->device() == x.device(), "multistep_step: rng must be a contiguous int64 tensor [seed, offset] "
+                "on x's device");
+  }
+  TORCH_CHECK(flags == 0 || flags == kFlagClip, "multistep_step: invalid flags ", flags, " (bit 0: clip)");
+  const int64_t B = x.size(0);
+  const int64_t per_sample = B > 0 ? x.numel() / B : 0;
+  if (thr.has_value()) {
+    TORCH_CHECK(thr->scalar_type() == at::kFloat && thr->dim() == 1 && thr->numel() == B && thr->is_contiguous() &&
+                thr->device() == x.device(), "multistep_step: thr must be a contiguous float32 tensor (B,) on x's "
+                "device");
+    TORCH_CHECK(x.numel() == 0 || x.stride(0) == per_sample, "multistep_step: thr needs the batch dimension "
+                "outermost in memory, got strides ", x.strides());
+  }
+  using Named = std::pair<const char*, const at::Tensor*>;
+  Named all[4 + kMaxHist + 4];
+  int n = 0;
+  auto add = [&](const char* name, const at::Tensor* t) { all[n++] = Named{name, t}; };
+  add("x", &x);
+  add("o", &o);
+  add("o_cond", o_cond ? &*o_cond : nullptr);
+  for (size_t h = 0; h < hist.size(); ++h) add(hname[h], &hist[h]);
+  add("noise", noise ? &*noise : nullptr);
+  const int n_in = n;
+  add("out", &out);
+  add("out2", out2 ? &*out2 : nullptr);
+  add("d_out", d_out ? &*d_out : nullptr);
+  for (int i = n_in; i < n; ++i)  // each output against every input and the outputs before it
+    if (all[i].second) tiles::check_no_overlap(kOp, all[i].first, *all[i].second, all, i);
+  return per_sample;
+}
+
+namespace {
+
+void multistep_cpu(const at::Tensor& x, const at::Tensor& o, const c10::optional<at::Tensor>& o_cond,
+                   at::TensorList hist, const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& rng,
+                   const c10::optional<at::Tensor>& thr, const at::Tensor& coef, int64_t flags, const at::Tensor& out,
+                   const c10::optional<at::Tensor>& out2, const c10::optional<at::Tensor>& d_out) {
+  const int64_t per_sample = multistep_check(x, o, o_cond, hist, noise, rng, thr, coef, flags, out, out2, d_out);
+  Args a{};
+  a.x = x.data_ptr();
+  a.o = o.data_ptr();
+  a.oc = o_cond ? o_cond->data_ptr() : nullptr;
+  a.nh = (int)hist.size();
+  for (int h = 0; h < a.nh; ++h) a.h[h] = hist[h].data_ptr();
+  a.z = noise ? noise->data_ptr() : nullptr;
+  a.thr = thr ? thr->data_ptr<float>() : nullptr;
+  a.out = out.data_ptr();
+  a.out2 = out2 ? out2->data_ptr() : nullptr;
+  a.dout = d_out ? d_out->data_ptr() : nullptr;
+  a.n = x.numel();
+  a.per_sample = per_sample;
+  a.clip = flags & kFlagClip;
+  a.philox = rng.has_value();
+  if (a.philox) {
+    const int64_t* r = rng->data_ptr<int64_t>();
+    a.seed = (uint64_t)r[0];
+    a.offset = (uint64_t)r[1];
+  }
+  a.k = load_coefs(coef.data_ptr<double>());
+  if (a.n == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multistep_cpu",
+                                  [&] { run_cpu<scalar_t>(a); });
+}
+
+}  // namespace
+}  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("multistep_step_", &fastdiff::multistep_cpu); }
