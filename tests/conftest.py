@@ -1,13 +1,30 @@
+"""Shared test fixtures and the skip markers: one marker per condition, used by every test file.
+
+    requires_cuda          a CUDA device is visible
+    requires_triton        Triton can run: a CUDA device, or TRITON_INTERPRET=1 (its CPU interpreter)
+    requires_cpp           fastdiff._C (the C++ CPU kernels) is importable
+    requires_cuda_kernels  the CUDA kernels were built and a CUDA device is visible
+
+Tests marked `gpu` (a label for `-m gpu`) skip cleanly, with a reason, on a machine without CUDA (pytest_collection_modifyitems).
+A build that was recorded as done but does not load is not a skip: tests/test_build_record.py fails then.
+"""
 import os
 
 import pytest
 import torch
 
+from fastdiff import _backend
+
 HAS_CUDA = torch.cuda.is_available()
 TRITON_OK = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CPP = _backend.has_cpp()
+HAS_CUDA_KERNELS = _backend.has_cuda_kernels()
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 requires_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton needs a CUDA device or TRITON_INTERPRET=1")
+requires_cpp = pytest.mark.skipif(not HAS_CPP, reason="fastdiff._C (C++ kernels) not built")
+requires_cuda_kernels = pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="fastdiff CUDA kernels not built (or no CUDA "
+                                           "device)")
 
 
 @pytest.fixture(scope="module")
