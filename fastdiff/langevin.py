@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from fastdiff._util import model_output, progress as _progress
 from fastdiff.schedule import NoiseSchedule
 
 
@@ -31,7 +32,7 @@ def score_from_eps(eps_model: Callable, schedule: NoiseSchedule) -> Callable:
         t = torch.as_tensor(t, dtype=torch.long).reshape(-1)
         tb = t.expand(x.shape[0]) if t.numel() == 1 else t
         out = eps_model(x, tb.to(x.device))
-        out = getattr(out, "sample", out)
+        out = model_output(out)
         sig = (1.0 - abar[tb.cpu()]).sqrt().to(device=x.device, dtype=torch.float64)
         return (-out.to(torch.float64) / sig.reshape(-1, *([1] * (x.dim() - 1)))).to(x.dtype)
 
@@ -96,15 +97,7 @@ def langevin_sample(score_model: Callable, sigmas: Sequence[float], steps_per_le
             raise TypeError("x_init must be a floating-point tensor")
         x = x_init.to(device=device or x_init.device, dtype=dtype or x_init.dtype).clone()
     rd = generator.device if generator is not None else x.device
-    it = range(len(sig))
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            it = tqdm(it, desc=f"langevin {len(sig)}×{steps_per_level}")
-        except ImportError:
-            import warnings
-            warnings.warn("progress=True needs tqdm; continuing without a bar", stacklevel=2)
-    for i in it:
+    for i in _progress(range(len(sig)), progress, desc=f"langevin {len(sig)}×{steps_per_level}"):
         alpha = step_size * (sig[i] / sig[-1]) ** 2
         for _ in range(steps_per_level):
             z = torch.randn(x.shape, generator=generator, device=rd, dtype=x.dtype).to(x.device)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from fastdiff._util import model_output
 from fastdiff.schedule import NoiseSchedule
 
 
@@ -63,7 +64,7 @@ def training_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, *, t: torch.
                             dtype=x0.dtype).to(x0.device)
     x_t = q_sample(x0, t, schedule, noise)
     out = model(x_t, t)
-    out = getattr(out, "sample", out)
+    out = model_output(out)
     if out.shape != x0.shape:
         raise ValueError(f"model output has shape {tuple(out.shape)}, expected {tuple(x0.shape)}")
     if prediction_type == "epsilon":

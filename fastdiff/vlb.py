@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from fastdiff._util import progress as _progress
 from fastdiff.sampling import _call_model
 from fastdiff.schedule import NoiseSchedule
 
@@ -147,18 +148,6 @@ def prior_bpd(x0: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     return _mean_flat(kl) / _LN2
 
 
-def _progress(it, enabled, total, desc):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        import warnings
-        warnings.warn("progress=True needs tqdm (pip install tqdm); continuing without a bar", stacklevel=3)
-        return it
-    return tqdm(it, total=total, desc=desc)
-
-
 @torch.no_grad()
 def vlb(model: Callable, x0: torch.Tensor, schedule=None, *, prediction_type: str = "epsilon",
         variance_type: str = "fixed_small", clip_denoised: bool = True, batch_timesteps: int = 1,
@@ -202,7 +191,7 @@ def vlb(model: Callable, x0: torch.Tensor, schedule=None, *, prediction_type: st
     xmse, mse = torch.zeros_like(terms), torch.zeros_like(terms)
     order = list(range(T - 1, -1, -1))
     chunks = [order[i:i + batch_timesteps] for i in range(0, T, batch_timesteps)]
-    for ts in _progress(chunks, progress, len(chunks), f"vlb T={T}"):
+    for ts in _progress(chunks, progress, total=len(chunks), desc=f"vlb T={T}"):
         noise = torch.cat([torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
                                        device=generator.device if generator is not None else x0.device)
                            .to(x0.device, torch.float64) for _ in ts])
