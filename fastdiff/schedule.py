@@ -41,6 +41,7 @@ class NoiseSchedule:
             raise ValueError("betas: need at least one timestep")
         if not torch.isfinite(b).all() or (b <= 0).any() or (b > 1).any():
             raise ValueError("betas: every β_t must be finite and in (0, 1]")
+        raw32 = b.to(torch.float32)  # diffusers: torch.tensor(trained_betas, dtype=torch.float32)
         if rescale_zero_snr:
             b = _rescale_zero_terminal_snr(b)
         elif (b >= 1).any():
@@ -50,18 +51,33 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)
         self.rescale_zero_snr = bool(rescale_zero_snr)
         self.name = name
+        self._betas_f32 = lambda: raw32  # how diffusers builds β in float32 (the named builders refine it)
+
+    def alphas_cumprod_f32(self) -> torch.Tensor:
+        """ᾱ as diffusers' schedulers compute it: β built in float32, then cumprod in float32. The σ solvers take
+        their *timesteps* from this table (rounding and interpolation in σ then match diffusers exactly); every
+        coefficient comes from the float64 table."""
+        b = self._betas_f32()
+        if self.rescale_zero_snr:
+            b = _rescale_zero_terminal_snr(b)
+        return torch.cumprod(1.0 - b, 0)
 
     # ---- builders (as diffusers builds them, but in float64) ----
     @classmethod
     def linear(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, **kw):
         _check_T(num_train_timesteps)
-        return cls(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64), name="linear", **kw)
+        s = cls(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64), name="linear", **kw)
+        s._betas_f32 = lambda: torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+        return s
 
     @classmethod
     def scaled_linear(cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, **kw):
         _check_T(num_train_timesteps)
         b = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        return cls(b, name="scaled_linear", **kw)
+        s = cls(b, name="scaled_linear", **kw)
+        s._betas_f32 = lambda: torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps,
+                                              dtype=torch.float32) ** 2
+        return s
 
     @classmethod
     def cosine(cls, num_train_timesteps: int = 1000, max_beta: float = 0.999, **kw):

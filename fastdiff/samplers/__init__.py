@@ -1,0 +1,138 @@
+"""Solver plans, one module per family, each citing its paper (docs/math.md has the formulas in one place).
+
+    dpm_solver  DPM-Solver / DPM-Solver++ multistep, orders 1–3, ODE and SDE (Lu et al. 2022a, 2022b)
+    unipc       UniPC predictor-corrector, bh1/bh2, orders 1–3 (Zhao et al. 2023)
+    euler       Euler, Euler ancestral, Heun on the σ grid (Karras et al. 2022)
+    pndm        PLMS with PRK warm-up or without (Liu et al. 2022)
+
+DDIM and DDPM plans live in fastdiff.sampling (their fused step, fastdiff.ops.sampler_step, predates these).
+`build_plan(sampler, schedule, steps, options)` compiles a solver to a `SolverPlan` (plan.py) that the one loop
+(loop.py) runs on the fused op fastdiff.ops.multistep. `resolve(sampler, schedule, options)` turns the user's
+`sampler=`/`schedule=`/keyword options (or a diffusers scheduler and its config) into (sampler, NoiseSchedule,
+options), with clear errors for unknown samplers, options that do not apply and schedulers without an equivalent.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastdiff.samplers import dpm_solver, euler, pndm, unipc
+from fastdiff.samplers.plan import COEF, NUM_COEF, Lin, PlanBuilder, PlanError, SolverPlan
+
+# name -> (plan function, diffusers defaults of the matching scheduler class, fixed settings)
+_FAMILIES = {
+    "dpmsolver++": (dpm_solver.plan, dpm_solver.DEFAULTS, {}),
+    "sde-dpmsolver++": (dpm_solver.plan, dpm_solver.DEFAULTS, {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": (unipc.plan, unipc.DEFAULTS, {}),
+    "euler": (euler.euler_plan, euler.EULER_DEFAULTS, {}),
+    "euler_ancestral": (euler.ancestral_plan, euler.ANCESTRAL_DEFAULTS, {}),
+    "heun": (euler.heun_plan, euler.HEUN_DEFAULTS, {}),
+    "pndm": (pndm.plan, pndm.DEFAULTS, {}),
+    "plms": (pndm.plan, pndm.DEFAULTS, {"skip_prk_steps": True}),
+}
+SAMPLERS = ("ddim", "ddpm", *_FAMILIES)
+SOLVERS = tuple(_FAMILIES)
+
+# diffusers scheduler class -> sampler
+SCHEDULER_CLASSES = {
+    "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmsolver++",
+    "UniPCMultistepScheduler": "unipc", "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral", "HeunDiscreteScheduler": "heun",
+    "PNDMScheduler": "pndm",
+}
+
+# Settings of diffusers' schedulers that change the math but have no fastdiff equivalent: an error when set to
+# anything but the value that leaves the math alone.
+_UNSUPPORTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
+                "use_flow_sigmas": False, "use_dynamic_shifting": False, "timestep_type": "discrete",
+                "solver_p": None, "shift_terminal": None}
+
+
+def scheduler_class_name(schedule: Any) -> str | None:
+    """The diffusers class a `schedule=` argument names: a scheduler instance, or a config with `_class_name`."""
+    if schedule is None:
+        return None
+    cfg = getattr(schedule, "config", None)
+    if cfg is not None and type(schedule).__module__.startswith("diffusers"):
+        return type(schedule).__name__
+    src = cfg if cfg is not None else schedule
+    if hasattr(src, "get"):
+        return src.get("_class_name")
+    return None
+
+
+def sampler_for(schedule: Any) -> str | None:
+    """The sampler a diffusers scheduler (or config) stands for; an error for a class without an equivalent."""
+    name = scheduler_class_name(schedule)
+    if name is None:
+        return None
+    if name not in SCHEDULER_CLASSES:
+        raise ValueError(f"schedule: diffusers' {name} has no fastdiff equivalent; supported: "
+                         f"{sorted(SCHEDULER_CLASSES)}")
+    return SCHEDULER_CLASSES[name]
+
+
+def check_sampler(sampler: Any) -> str:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return sampler
+
+
+def solver_options(sampler: str, config: dict | None, options: dict) -> dict:
+    """The full option dict of a solver: diffusers' defaults for its class, then the settings a diffusers config
+    carries (those the solver has), then the caller's keywords; unknown keywords are an error naming them."""
+    _, defaults, fixed = _FAMILIES[sampler]
+    bad = sorted(set(options) - set(defaults))
+    if bad:
+        raise TypeError(f"option(s) {bad} do not apply to sampler={sampler!r}; its options: {sorted(defaults)}")
+    for k, v in fixed.items():
+        if k in options and options[k] != v:
+            raise ValueError(f"sampler={sampler!r} fixes {k}={v!r}; got {k}={options[k]!r}")
+    o = dict(defaults)
+    if config:
+        for k, v in config.items():
+            if k in _UNSUPPORTED and v != _UNSUPPORTED[k] and not (v is False and _UNSUPPORTED[k] is None):
+                raise ValueError(f"schedule: the diffusers setting {k}={v!r} has no fastdiff equivalent")
+            if k in o:
+                o[k] = v
+    o.update(fixed)
+    o.update(options)
+    for k in ("dynamic_thresholding_ratio", "sample_max_value", "clip_sample_range"):
+        if k in o and o[k] is not None:
+            _number(k, o[k])
+            o[k] = float(o[k])
+    for k in ("solver_order", "steps_offset"):
+        if k in o and (isinstance(o[k], bool) or not isinstance(o[k], int)):
+            raise TypeError(f"{k} must be an int, got {o[k]!r}")
+    if o.get("thresholding"):
+        if not 0 < o["dynamic_thresholding_ratio"] <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {o['dynamic_thresholding_ratio']}")
+        if not o["sample_max_value"] >= 1:
+            raise ValueError(f"sample_max_value must be >= 1, got {o['sample_max_value']}")
+    if o.get("clip_sample") and not o["clip_sample_range"] > 0:
+        raise ValueError(f"clip_sample_range must be > 0, got {o['clip_sample_range']}")
+    if "disable_corrector" in o:
+        o["disable_corrector"] = tuple(o["disable_corrector"] or ())
+    return o
+
+
+def _number(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        raise TypeError(f"{name} must be a finite number, got {v!r}")
+
+
+def build_plan(sampler: str, schedule, steps: int, options: dict) -> SolverPlan:
+    """Compile `sampler` over `schedule` (a NoiseSchedule) in `steps` steps with the full `options` dict
+    (solver_options) to a SolverPlan."""
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if not 1 <= steps <= len(schedule):
+        raise ValueError(f"steps must be in [1, num_train_timesteps={len(schedule)}], got {steps}")
+    fn, _, _ = _FAMILIES[sampler]
+    p = fn(schedule, steps, options)
+    p.sampler = sampler
+    return p
+
+
+__all__ = ["COEF", "NUM_COEF", "Lin", "PlanBuilder", "PlanError", "SAMPLERS", "SCHEDULER_CLASSES", "SOLVERS",
+           "SolverPlan", "build_plan", "check_sampler", "sampler_for", "solver_options"]

@@ -1,0 +1,203 @@
+"""DPM-Solver and DPM-Solver++ multistep (Lu et al. 2022a, arXiv 2206.00927; Lu et al. 2022b, arXiv 2211.01095).
+
+In λ_t = log(α_t/σ_t) the probability-flow ODE has the exact solution of the variation-of-constants form (2022b,
+eq. 8); DPM-Solver++ integrates the data prediction x̂0 with a Taylor expansion of order k in λ, the multistep
+variant reusing earlier x̂0's for the derivatives (2022b, Alg. 2 for order 2; the order-3 and the SDE variants as
+diffusers' DPMSolverMultistepScheduler writes them, which this module follows term by term, incl. its warm-up,
+`lower_order_final` and `final_sigmas_type`). With h = λ_t − λ_s and D0 = x̂0(s):
+
+    order 1 (= DDIM):       x_t = (σ_t/σ_s)·x_s − α_t(e^{−h} − 1)·D0                         (2022b, eq. 9)
+    order 2 (midpoint):     … − ½·α_t(e^{−h} − 1)·D1,  D1 = (D0 − D_{−1})/r0,  r0 = h_{−1}/h  (2022b, Alg. 2)
+    sde-dpmsolver++:        x_t = (σ_t/σ_s)e^{−h}·x_s + α_t(1 − e^{−2h})·D0 + … + σ_t√(1 − e^{−2h})·z
+
+docs/math.md ("DPM-Solver++") has the derivation in fastdiff's notation. Every update is linear in x_s, the current
+x̂0 (or ε̂ for the non-++ variants) and the stored ones, which is what `PlanBuilder` compiles.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fastdiff.samplers import grids
+from fastdiff.samplers.plan import PlanBuilder, PlanError
+from fastdiff.schedule import NoiseSchedule
+
+DEFAULTS = dict(solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
+                sample_max_value=1.0, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+                euler_at_final=False, use_karras_sigmas=False, final_sigmas_type="zero",
+                lambda_min_clipped=-math.inf, variance_type=None, timestep_spacing="linspace", steps_offset=0)
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+
+
+def validate(o: dict):
+    if o["solver_order"] not in (1, 2, 3) or isinstance(o["solver_order"], bool):
+        raise ValueError(f"solver_order must be 1, 2 or 3, got {o['solver_order']!r}")
+    if o["algorithm_type"] not in ALGORITHMS:
+        raise ValueError(f"algorithm_type must be one of {ALGORITHMS}, got {o['algorithm_type']!r}")
+    if o["solver_type"] not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {o['solver_type']!r}")
+    if o["final_sigmas_type"] not in ("zero", "sigma_min"):
+        raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {o['final_sigmas_type']!r}")
+    if o["algorithm_type"] in ("dpmsolver", "sde-dpmsolver") and o["final_sigmas_type"] == "zero":
+        raise ValueError(f"final_sigmas_type='zero' is not supported for algorithm_type={o['algorithm_type']!r} "
+                         "(as in diffusers): use final_sigmas_type='sigma_min'")
+    if o["variance_type"] not in (None, "learned", "learned_range"):
+        raise ValueError(f"variance_type must be None, 'learned' or 'learned_range', got {o['variance_type']!r}")
+
+
+def grid(schedule: NoiseSchedule, steps: int, o: dict, *, unipc: bool = False):
+    """(model timesteps as int64 values, σ's float64 with the final one appended) as DPMSolverMultistepScheduler
+    builds them (unipc=True: UniPCMultistepScheduler's variant: no λ clipping, Karras timesteps always rounded,
+    config sigma_min/sigma_max honoured, final σ_min = the last Karras σ)."""
+    a64, a32 = grids.abar_tables(schedule)
+    T = len(a64)
+    last_t = T
+    if not unipc and o["lambda_min_clipped"] > -math.inf:
+        lam32 = (torch.log(torch.from_numpy(a32).sqrt()) - torch.log((1 - torch.from_numpy(a32)).sqrt()))
+        last_t = T - int(torch.searchsorted(torch.flip(lam32, [0]), float(o["lambda_min_clipped"])))
+    ts = grids.spaced_timesteps(T, steps, o["timestep_spacing"], o["steps_offset"], plus_one=True,
+                                last_timestep=last_t)
+    s32, s64 = grids.sigma_table(a32), grids.sigma_table(a64)
+    if o["use_karras_sigmas"]:
+        lo32, hi32, lo64, hi64 = float(s32[0]), float(s32[-1]), float(s64[0]), float(s64[-1])
+        if unipc:
+            if o.get("sigma_min") is not None:
+                lo32 = lo64 = float(o["sigma_min"])
+            if o.get("sigma_max") is not None:
+                hi32 = hi64 = float(o["sigma_max"])
+        k32 = grids.karras(lo32, hi32, steps)
+        tf = np.array([grids.sigma_to_t(s, np.log(s32)) for s in k32])
+        if unipc or schedule.name != "cosine":
+            tf = tf.round()
+        ts = tf.astype(np.int64)  # diffusers: .to(torch.int64) truncates what was not rounded
+        sig = [float(v) for v in grids.karras(lo64, hi64, steps)]
+    else:
+        sig = [float(v) for v in np.interp(ts, np.arange(T), s64)]
+    if o["final_sigmas_type"] == "sigma_min":
+        last = sig[-1] if unipc and o["use_karras_sigmas"] else float(s64[0])
+    else:
+        last = 0.0
+    return [int(t) for t in ts], sig + [last]
+
+
+def convert(c, sig: float, o: dict, *, to_x0: bool):
+    """The model output as x̂0 (DPM-Solver++) or ε̂ (DPM-Solver), thresholded as diffusers' convert_model_output."""
+    a, s, _ = grids.vp(sig)
+    pt = o["prediction_type"]
+    if to_x0:
+        if pt == "epsilon":
+            v = (c.x - s * c.o) / a
+        elif pt == "sample":
+            v = 1.0 * c.o
+        elif pt == "v_prediction":
+            v = a * c.x - s * c.o
+        else:
+            raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {pt!r}")
+        return c.convert(v, threshold=o["thresholding"])
+    if o["thresholding"]:
+        raise PlanError("thresholding with the noise-prediction algorithm types (dpmsolver, sde-dpmsolver) is not "
+                        "supported by fastdiff: use algorithm_type='dpmsolver++' or 'sde-dpmsolver++'")
+    if pt == "epsilon":
+        v = 1.0 * c.o
+    elif pt == "sample":
+        v = (c.x - a * c.o) / s
+    elif pt == "v_prediction":
+        v = a * c.o + s * c.x
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {pt!r}")
+    return c.convert(v)
+
+
+def _update(alg, solver_type, order, x, ms, sig_t, sigs, z):
+    """x_t from x_s and the outputs ms = [m0, m1, m2] (newest first) at σ's sigs = [σ_s0, σ_s1, σ_s2]."""
+    a_t, s_t, l_t = grids.vp(sig_t)
+    a0, s0, l0 = grids.vp(sigs[0])
+    h = l_t - l0
+    em, ep = math.exp(-h), (math.exp(h) if h < math.inf else math.inf)
+    ratio = s_t / s0
+    if order == 1:
+        if alg == "dpmsolver++":
+            return ratio * x - (a_t * (em - 1.0)) * ms[0]
+        if alg == "dpmsolver":
+            return (a_t / a0) * x - (s_t * (ep - 1.0)) * ms[0]
+        if alg == "sde-dpmsolver++":
+            return (ratio * em) * x + (a_t * (1 - math.exp(-2 * h))) * ms[0] + s_t * math.sqrt(1 - math.exp(-2 * h)) * z
+        return (a_t / a0) * x - 2.0 * (s_t * (ep - 1.0)) * ms[0] + s_t * math.sqrt(math.exp(2 * h) - 1.0) * z
+    _, _, l1 = grids.vp(sigs[1])
+    h0 = l0 - l1
+    r0 = h0 / h
+    m0, m1 = ms[0], ms[1]
+    if order == 2:
+        D0, D1 = m0, (1.0 / r0) * (m0 - m1)
+        if alg == "dpmsolver++":
+            if solver_type == "midpoint":
+                return ratio * x - (a_t * (em - 1.0)) * D0 - 0.5 * (a_t * (em - 1.0)) * D1
+            return ratio * x - (a_t * (em - 1.0)) * D0 + (a_t * ((em - 1.0) / h + 1.0)) * D1
+        if alg == "dpmsolver":
+            if solver_type == "midpoint":
+                return (a_t / a0) * x - (s_t * (ep - 1.0)) * D0 - 0.5 * (s_t * (ep - 1.0)) * D1
+            return (a_t / a0) * x - (s_t * (ep - 1.0)) * D0 - (s_t * ((ep - 1.0) / h - 1.0)) * D1
+        noise = s_t * math.sqrt(1.0 - math.exp(-2 * h)) * z if alg == "sde-dpmsolver++" else \
+            s_t * math.sqrt(math.exp(2 * h) - 1.0) * z
+        if alg == "sde-dpmsolver++":
+            e2 = 1 - math.exp(-2.0 * h)
+            if solver_type == "midpoint":
+                return (ratio * em) * x + (a_t * e2) * D0 + 0.5 * (a_t * e2) * D1 + noise
+            return (ratio * em) * x + (a_t * e2) * D0 + (a_t * (e2 / (-2.0 * h) + 1.0)) * D1 + noise
+        if solver_type == "midpoint":
+            return (a_t / a0) * x - 2.0 * (s_t * (ep - 1.0)) * D0 - (s_t * (ep - 1.0)) * D1 + noise
+        return (a_t / a0) * x - 2.0 * (s_t * (ep - 1.0)) * D0 - 2.0 * (s_t * ((ep - 1.0) / h - 1.0)) * D1 + noise
+    _, _, l2 = grids.vp(sigs[2])
+    h1 = l1 - l2
+    r1 = h1 / h
+    m2 = ms[2]
+    D0 = m0
+    D1_0, D1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
+    D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+    D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
+    if alg == "dpmsolver++":
+        return (ratio * x - (a_t * (em - 1.0)) * D0 + (a_t * ((em - 1.0) / h + 1.0)) * D1
+                - (a_t * ((em - 1.0 + h) / h**2 - 0.5)) * D2)
+    if alg == "dpmsolver":
+        return ((a_t / a0) * x - (s_t * (ep - 1.0)) * D0 - (s_t * ((ep - 1.0) / h - 1.0)) * D1
+                - (s_t * ((ep - 1.0 - h) / h**2 - 0.5)) * D2)
+    if alg == "sde-dpmsolver++":
+        e2 = 1.0 - math.exp(-2.0 * h)
+        return ((ratio * em) * x + (a_t * e2) * D0 + (a_t * (e2 / (-2.0 * h) + 1.0)) * D1
+                + (a_t * ((e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2 + s_t * math.sqrt(e2) * z)
+    raise PlanError("solver_order=3 with algorithm_type='sde-dpmsolver' is not implemented by diffusers either")
+
+
+def plan(schedule: NoiseSchedule, steps: int, o: dict):
+    validate(o)
+    ts, sig = grid(schedule, steps, o)
+    N = len(ts)
+    alg, order = o["algorithm_type"], o["solver_order"]
+    b = PlanBuilder("dpmsolver++" if alg.endswith("++") else "dpmsolver")
+    lower_nums = 0
+    names = [f"m{k}" for k in range(order - 1)]  # the previous order−1 outputs, m0 the newest
+    for i in range(N):
+        c = b.call(ts[i])
+        d = convert(c, sig[i], o, to_x0=alg.endswith("++"))
+        lof = i == N - 1 and (o["euler_at_final"] or (o["lower_order_final"] and N < 15)
+                              or o["final_sigmas_type"] == "zero")
+        los = i == N - 2 and o["lower_order_final"] and N < 15
+        ms = [d] + [c.get(n) for n in names if c.has(n)]
+        if order == 1 or lower_nums < 1 or lof:
+            k = 1
+        elif order == 2 or lower_nums < 2 or los:
+            k = 2
+        else:
+            k = 3
+        x_next = _update(alg, o["solver_type"], k, c.x, ms, sig[i + 1], [sig[i - j] for j in range(k)], c.z)
+        for j in range(len(names) - 1, 0, -1):
+            if c.has(names[j - 1]):
+                c.put(names[j], c.get(names[j - 1]))
+        if names and i < N - 1:
+            c.put(names[0], d)
+        c.next(x_next)
+        lower_nums = min(lower_nums + 1, order)
+    return b.build(t_dtype=torch.int64, init_noise_sigma=1.0, sigmas=sig, timesteps=ts, options=dict(o),
+                   noise_dtype=torch.float32, d_is_x0=alg.endswith("++"))
