@@ -300,7 +300,7 @@ __device__ void nhwc_channel_sums(const LaunchArgs& a, const NhwcCtx<T, VEC>& cx
 
 template <typename T, int VEC, bool FUSED>
 __global__ void __launch_bounds__(kThreads) nhwc_stats_kernel(LaunchArgs a, Plan pl) {
-  extern __shared__ float smem[];
+  FD_DYNAMIC_SMEM(float, smem);
   float* chs = smem;
   float* mu = chs + a.C;
   float* gm = mu + a.C;
@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_stats_kernel(LaunchArgs a, Plan
 // grid (N, split); shared memory: A[C], B[C].
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) nhwc_apply_kernel(LaunchArgs a, Plan pl) {
-  extern __shared__ float smem[];
+  FD_DYNAMIC_SMEM(float, smem);
   float* A = smem;
   float* B = A + a.C;
   const NhwcCtx<T, VEC> cx = nhwc_ctx<T, VEC>(a, pl);
@@ -382,24 +382,24 @@ cudaError_t launch_layout(const LaunchArgs& a, const Plan& pl, cudaStream_t stre
   const dim3 block(kThreads);
   if (!a.channels_last) {
     if (pl.split == 1) {
-      nchw_stats_kernel<T, VEC, true><<<grid, block, 0, stream>>>(a, pl);
+      FD_LAUNCH(grid, block, 0, stream, nchw_stats_kernel<T, VEC, true>)(a, pl);
       return cudaGetLastError();
     }
-    nchw_stats_kernel<T, VEC, false><<<grid, block, 0, stream>>>(a, pl);
-    merge_kernel<<<(unsigned)((a.N * a.G + kWarps - 1) / kWarps), block, 0, stream>>>(a, pl);
-    nchw_apply_kernel<T, VEC><<<grid, block, 0, stream>>>(a, pl);
+    FD_LAUNCH(grid, block, 0, stream, nchw_stats_kernel<T, VEC, false>)(a, pl);
+    FD_LAUNCH((unsigned)((a.N * a.G + kWarps - 1) / kWarps), block, 0, stream, merge_kernel)(a, pl);
+    FD_LAUNCH(grid, block, 0, stream, nchw_apply_kernel<T, VEC>)(a, pl);
     return cudaGetLastError();
   }
   const size_t stats_smem = sizeof(float) * (size_t)(2 * a.C + 2 * a.G + kThreads * VEC);
   const size_t apply_smem = sizeof(float) * (size_t)(2 * a.C);
   if (stats_smem > 48 * 1024) return cudaErrorInvalidConfiguration;  // C > ~5000: the glue reports it
   if (pl.split == 1) {
-    nhwc_stats_kernel<T, VEC, true><<<grid, block, stats_smem, stream>>>(a, pl);
+    FD_LAUNCH(grid, block, stats_smem, stream, nhwc_stats_kernel<T, VEC, true>)(a, pl);
     return cudaGetLastError();
   }
-  nhwc_stats_kernel<T, VEC, false><<<grid, block, stats_smem, stream>>>(a, pl);
-  merge_kernel<<<(unsigned)((a.N * a.G + kWarps - 1) / kWarps), block, 0, stream>>>(a, pl);
-  nhwc_apply_kernel<T, VEC><<<grid, block, apply_smem, stream>>>(a, pl);
+  FD_LAUNCH(grid, block, stats_smem, stream, nhwc_stats_kernel<T, VEC, false>)(a, pl);
+  FD_LAUNCH((unsigned)((a.N * a.G + kWarps - 1) / kWarps), block, 0, stream, merge_kernel)(a, pl);
+  FD_LAUNCH(grid, block, apply_smem, stream, nhwc_apply_kernel<T, VEC>)(a, pl);
   return cudaGetLastError();
 }
 

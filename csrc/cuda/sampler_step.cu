@@ -130,9 +130,9 @@ cudaError_t launch_typed(const LaunchArgs& a, cudaStream_t stream) {
   const bool aligned = aligned16(a.x) && aligned16(a.o) && aligned16(a.oc) && aligned16(a.z) && aligned16(a.v) &&
                        aligned16(a.xp) && aligned16(a.x0);
   if (aligned) {
-    sampler_step_kernel<T, true><<<(unsigned)blocks, kThreads, 0, stream>>>(a);
+    FD_LAUNCH((unsigned)blocks, kThreads, 0, stream, sampler_step_kernel<T, true>)(a);
   } else {
-    sampler_step_kernel<T, false><<<(unsigned)blocks, kThreads, 0, stream>>>(a);
+    FD_LAUNCH((unsigned)blocks, kThreads, 0, stream, sampler_step_kernel<T, false>)(a);
   }
   return cudaGetLastError();
 }
