@@ -497,6 +497,9 @@ def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=N
         _check_no_alias("sampler_step", dict(x=x, o=o, o_cond=o_cond, noise=noise, v=v),
                         dict(out=out, x0_out=x0_out))
     if name == "torch":
+        for t, n in ((o, "o"), (o_cond, "o_cond"), (noise, "noise"), (v, "v")):
+            if t is not None:  # the fused path's checks (_like_x), without its layout copies
+                _check_tensor_like(t, x, n, "sampler_step")
         xp, x0 = sampler_step_ref(x, o, coef, o_cond=o_cond, noise=noise if rng is None else _philox_like(x, rng),
                                   v=v, thr=thr, clip=clip, var_mode=var_mode, write_x0=x0_out is not None or write_x0)
         if not into:

@@ -1,24 +1,24 @@
-"""fastdiff.ops.sampler_step: the fused step on every backend against the reference step functions.
+"""fastdiff.ops.sampler_step: the fused step on every backend against the reference step functions, and the
+reference step functions against the papers' formulas written out here in float64 NumPy.
 
-Tolerances (flash-attention style): the fused result and the reference run in the same I/O dtype are both compared
-with a float64 reference; err(fused) <= 2·err(reference, same dtype) + atol·scale, with atol = 2e-6 (fp32),
-1e-3 (fp16), 8e-3 (bf16) and scale = max|x_prev|. Both compute in float32, so the gap is float32 rounding of the
-reordered arithmetic (the fused step folds the step into p, q, r, s, u, A, B, C scalars).
+Tolerances (tests/_tol.py, flash-attention style): the fused result and the reference run in the same I/O dtype are
+both compared with a float64 reference; err(fused) <= 2·err(reference, same dtype) + atol·scale, with atol = 2e-6
+(fp32), 1e-3 (fp16), 8e-3 (bf16) and scale = max|x_prev|. Both compute in float32, so the gap is float32 rounding of
+the reordered arithmetic (the fused step folds the step into p, q, r, s, u, A, B, C scalars). fp16/bf16 outputs are
+also checked to be the float64 result rounded once (tests/_tol.assert_rounded_once).
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import fastdiff
-from fastdiff._backend import backends, has_cuda_kernels
 from fastdiff.ops import sampler_step as ss
-from tests.conftest import requires_triton
+from tests._tol import TRITON_INTERPRETER_TRUNCATES_BF16, assert_rounded_once, interpreted_triton_bf16, max_err
+from tests.conftest import HAS_CPP, requires_cpp, requires_cuda_kernels, requires_triton
 
-HAS_CPP = backends()["cpp"]["available"]
-requires_cpp = pytest.mark.skipif(not HAS_CPP, reason="fastdiff._C not built")
-requires_cuda_kernels = [pytest.mark.gpu, pytest.mark.skipif(not has_cuda_kernels(), reason="CUDA kernels not built")]
-CUDA = pytest.param("cuda", marks=requires_cuda_kernels)
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda_kernels])
 BACKENDS = [pytest.param("cpp", marks=requires_cpp), pytest.param("triton", marks=requires_triton), "torch", CUDA]
 HAS_CUDA = torch.cuda.is_available()
 
@@ -74,31 +74,39 @@ STEPS = [(0.5, 0.7), (0.02, 0.05), (0.9999, 1.0)]  # mid, high noise, the last s
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["ddim", "ddpm"])
-@pytest.mark.parametrize("pred", PREDS)
-def test_parity_matrix(backend, dtype, kind, pred):
-    """Every backend × dtype × DDIM/DDPM × prediction type × clip × CFG × three (ᾱ_t, ᾱ_p) against the reference."""
+@pytest.mark.parametrize("clip,cfg", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["plain", "clip", "cfg", "clip-cfg"])
+# x0-prediction skips the last step: ε̂ = (x − √ᾱ·x̂0)/√(1−ᾱ) is ill-conditioned at ᾱ_t → 1 (in the reference too)
+@pytest.mark.parametrize("pred,j", [(p, j) for p in PREDS for j in range(len(STEPS)) if not (p == "sample" and j == 2)],
+                         ids=lambda v: {0: "mid", 1: "high-noise", 2: "last"}.get(v, v) if isinstance(v, int) else v)
+def test_parity_matrix(backend, dtype, kind, pred, clip, cfg, j):
+    """Every backend × dtype × DDIM/DDPM × prediction type × clip × CFG × three (ᾱ_t, ᾱ_p) against the reference
+    step functions (an independent implementation: ddim_step_ref / ddpm_step_ref work term by term, the fused step
+    folds the coefficients)."""
+    at, ap = STEPS[j]
     x, o, o_c, z = _inputs(SHAPE, dtype, seed=PREDS.index(pred) * 2 + (kind == "ddpm"), device=_dev(backend))
-    for clip in (False, True):
-        for cfg in (False, True):
-            for j, (at, ap) in enumerate(STEPS):
-                if pred == "sample" and at > 0.99:
-                    continue  # ε̂ = (x − √ᾱ·x̂0)/√(1−ᾱ) is ill-conditioned at ᾱ_t → 1 (in the reference too)
-                eta = 0.5
-                kw = dict(eta=eta) if kind == "ddim" else {}
-                zz = z if j != 2 else None
-                # j == 1 without x̂0: with neither clip nor CFG, the kernels' linear path x' = c_x·x + c_o·o
-                got, x0 = _fused(kind, x, o, at, ap, z=zz, pred=pred, clip=clip, cfg=cfg, o_c=o_c, backend=backend,
-                                 write_x0=j != 1)
-                want, x0w = _ref_step(kind, x, o, at, ap, z=zz, pred=pred, clip=clip, cfg=cfg, o_c=o_c, **kw)
-                d = torch.float64
-                want64, x0_64 = _ref_step(kind, x.to(d), o.to(d), at, ap, z=None if zz is None else zz.to(d),
-                                          pred=pred, clip=clip, cfg=cfg, o_c=o_c.to(d), **kw)
-                assert got.dtype == dtype and got.shape == x.shape
-                _check(got, want.to(dtype), want64, dtype)
-                if j != 1:
-                    _check(x0, x0w, x0_64, torch.float32 if dtype == torch.float32 else dtype)
-                else:
-                    assert x0 is None
+    kw = dict(eta=0.5) if kind == "ddim" else {}
+    zz = z if j != 2 else None
+    # j == 1 without x̂0: with neither clip nor CFG, the kernels' linear path x' = c_x·x + c_o·o
+    got, x0 = _fused(kind, x, o, at, ap, z=zz, pred=pred, clip=clip, cfg=cfg, o_c=o_c, backend=backend,
+                     write_x0=j != 1)
+    want, x0w = _ref_step(kind, x, o, at, ap, z=zz, pred=pred, clip=clip, cfg=cfg, o_c=o_c, **kw)
+    d = torch.float64
+    want64, x0_64 = _ref_step(kind, x.to(d), o.to(d), at, ap, z=None if zz is None else zz.to(d),
+                              pred=pred, clip=clip, cfg=cfg, o_c=o_c.to(d), **kw)
+    assert got.dtype == dtype and got.shape == x.shape
+    _check(got, want.to(dtype), want64, dtype)
+    if j != 1:
+        _check(x0, x0w, x0_64, torch.float32 if dtype == torch.float32 else dtype)
+    else:
+        assert x0 is None
+    if dtype != torch.float32 and backend != "torch" and not interpreted_triton_bf16(backend, dtype, x.device):
+        # rounded once: the fused step on the float32 copies of the same inputs measures float32's own error
+        f = [t.float() for t in (x, o, o_c, z)]
+        got32, _ = _fused(kind, f[0], f[1], at, ap, z=None if zz is None else f[3], pred=pred, clip=clip, cfg=cfg,
+                          o_c=f[2], backend=backend)
+        err32 = 2 * max_err(got32, want64) + 2.0**-24 * want64.abs().max().item()
+        assert_rounded_once(got, want64, err32, what=f"{backend} {dtype} {kind} {pred}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -116,13 +124,17 @@ def test_clipped_model_output_thresholding_learned_variance(backend, dtype):
         want, _ = _ref_step("ddim", x, o, 0.3, 0.6, z=z, pred=pred, clip=True, cfg=False, **kw)
         want64, _ = _ref_step("ddim", x.to(d), o.to(d), 0.3, 0.6, z=z.to(d), pred=pred, clip=True, cfg=False, **kw)
         _check(got, want, want64, dtype)
-    # dynamic thresholding: the per-sample scale from threshold_scale, then the fused pass
+    # dynamic thresholding: the per-sample scale from threshold_scale, then the fused pass. Samples scaled 1x and 2x
+    # (x/3: undo the 3x above), sample_max_value 10: both scales lie strictly inside (1, 10) and differ (neither clamped), so a kernel
+    # that ignores the per-sample scale, or takes sample 0's for all, is off
+    xt = x * torch.tensor([1 / 3, 2 / 3], device=dev).to(dtype).view(-1, 1, 1, 1)
     c = torch.tensor(ss.step_coefs("ddim", 0.3, 0.6, sigma=ss.ddim_sigma(0.3, 0.6, 0.5)), dtype=d, device=dev)
-    thr = ss.threshold_scale(x, o, c, ratio=0.9, max_value=2.0)
-    got, _ = ss.sampler_step(x, o, c, noise=z, thr=thr, backend=backend)
-    kw = dict(eta=0.5, thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0)
-    want, _ = ss.ddim_step_ref(x, o, 0.3, 0.6, noise=z, **kw)
-    want64, _ = ss.ddim_step_ref(x.to(d), o.to(d), 0.3, 0.6, noise=z.to(d), **kw)
+    thr = ss.threshold_scale(xt, o, c, ratio=0.9, max_value=10.0)
+    assert (thr > 1.5).all() and (thr < 10).all() and thr[1] > 1.5 * thr[0], thr
+    got, _ = ss.sampler_step(xt, o, c, noise=z, thr=thr, backend=backend)
+    kw = dict(eta=0.5, thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=10.0)
+    want, _ = ss.ddim_step_ref(xt, o, 0.3, 0.6, noise=z, **kw)
+    want64, _ = ss.ddim_step_ref(xt.to(d), o.to(d), 0.3, 0.6, noise=z.to(d), **kw)
     _check(got, want, want64, dtype)
     # DDPM learned / learned_range variance: σ per element from the model's v
     for vt in ("learned", "learned_range"):
@@ -135,35 +147,125 @@ def test_clipped_model_output_thresholding_learned_variance(backend, dtype):
         _check(got, want, want64, dtype)
 
 
+def _step64(x, o, c, *, o_cond=None, noise=None, thr=None, clip=False):
+    """The fused step's definition (the formula atop the fused section of fastdiff/ops/sampler_step.py), float64."""
+    g = {k: float(c[i]) for k, i in ss.COEF.items()}
+    x, o = x.double().cpu(), o.double().cpu()
+    if o_cond is not None:
+        o = o + g["w"] * (o_cond.double().cpu() - o)
+    x0 = g["p"] * x + g["q"] * o
+    if clip:
+        x0 = x0.clamp(-g["clip"], g["clip"])
+    if thr is not None:
+        t = thr.double().cpu().view(-1, *([1] * (x.dim() - 1)))
+        x0 = torch.maximum(torch.minimum(x0, t), -t) / t
+    eps = g["r"] * x + g["s"] * o + g["u"] * x0
+    out = g["A"] * x0 + g["B"] * eps + g["C"] * x
+    if noise is not None:
+        out = out + g["sigma"] * noise.double().cpu()
+    return out, x0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layouts_and_odd_shapes(backend):
+    """Odd shapes, channels_last, mixed layouts, non-dense x, empty batch: every backend (the reference too) against
+    the step's float64 formula."""
     dev = _dev(backend)
     c = ss.step_coefs("ddim", 0.4, 0.8, prediction_type="v_prediction", sigma=0.1)
     for shape in [(1,), (5, 1), (1, 1, 1, 1), (3, 7, 2, 5, 3), (2, 3, 33, 31)]:
         x, o, _, z = _inputs(shape, torch.float32, seed=len(shape), device=dev)
         got, x0 = ss.sampler_step(x, o, c, noise=z, write_x0=True, backend=backend)
-        want, x0w = ss.sampler_step_ref(x, o, c, noise=z, write_x0=True)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(x0, x0w, rtol=1e-5, atol=1e-6)
+        want, x0w = _step64(x, o, c, noise=z)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x0.double().cpu(), x0w, rtol=1e-5, atol=1e-6)
     x, o, _, z = _inputs((2, 3, 6, 5), torch.float16, seed=9, device=dev)
-    want, _ = ss.sampler_step_ref(x, o, c, noise=z)
+    want, _ = _step64(x, o, c, noise=z)
     # channels_last everywhere: runs in place and keeps the layout
     xl, ol, zl = (t.contiguous(memory_format=torch.channels_last) for t in (x, o, z))
     got, _ = ss.sampler_step(xl, ol, c, noise=zl, backend=backend)
     if backend != "torch":
         assert got.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-3, atol=1e-3)
     # mixed layouts and a non-dense x (a transposed slice): documented copies, same values
     xt = x.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :, :]
     got, _ = ss.sampler_step(xt[:, :, ::1], ol, c, noise=z, backend=backend)
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-3, atol=1e-3)
     big = torch.randn(2, 3, 12, 5, dtype=torch.float16, device=dev)
     xs = big[:, :, ::2]  # non-dense
     got, _ = ss.sampler_step(xs, o, c, noise=z, backend=backend)
-    torch.testing.assert_close(got, ss.sampler_step_ref(xs, o, c, noise=z)[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got.double().cpu(), _step64(xs, o, c, noise=z)[0], rtol=1e-3, atol=1e-3)
     # empty batch
     e = torch.empty(0, 3, device=dev)
     assert ss.sampler_step(e, e, c, backend=backend)[0].shape == (0, 3)
+
+
+# ---- the reference step functions against the papers' formulas (float64 NumPy, written out here) -------------
+
+def _x0_eps64(x, o, at, pred):
+    a, b = np.sqrt(at), np.sqrt(1 - at)
+    if pred == "epsilon":  # x_t = √ᾱ x0 + √(1−ᾱ) ε (Ho et al. eq. 4)
+        return (x - b * o) / a, o
+    if pred == "sample":
+        return o, (x - a * o) / b
+    return a * x - b * o, a * o + b * x  # v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho 2022)
+
+
+def _ddim64(x, o, at, ap, eta, z, pred):
+    """Song et al. 2021 eq. 12 and 16."""
+    x0, eps = _x0_eps64(x, o, at, pred)
+    sig = eta * np.sqrt((1 - ap) / (1 - at)) * np.sqrt(1 - at / ap)
+    return np.sqrt(ap) * x0 + np.sqrt(max(1 - ap - sig**2, 0.0)) * eps + sig * z, sig
+
+
+def _ddpm64(x, o, at, ap, z, pred, variance_type):
+    """Ho et al. 2020 eq. 6-7 between timesteps with ᾱ_t, ᾱ_p (β' = 1 − ᾱ_t/ᾱ_p)."""
+    x0, _ = _x0_eps64(x, o, at, pred)
+    beta = 1 - at / ap
+    mean = np.sqrt(ap) * beta / (1 - at) * x0 + np.sqrt(1 - beta) * (1 - ap) / (1 - at) * x
+    var = (1 - ap) / (1 - at) * beta if variance_type == "fixed_small" else beta
+    return mean + np.sqrt(var) * z, var
+
+
+@pytest.mark.parametrize("pred", PREDS)
+@pytest.mark.parametrize("at,ap", [(0.3, 0.6), (0.02, 0.05), (0.9, 0.97)])
+def test_reference_steps_match_the_papers(pred, at, ap):
+    """ddim_step_ref / ddpm_step_ref / ddim_sigma / ddpm_variance / step_coefs (via sampler_step_ref) in float64
+    against the formulas written above: agree to 1e-12 relative."""
+    x, o, _, z = (t.double() for t in _inputs((2, 3, 4, 5), torch.float32, seed=11))
+    xn, on, zn = x.numpy(), o.numpy(), z.numpy()
+    for eta in (0.0, 0.5, 1.0):
+        want, sig = _ddim64(xn, on, at, ap, eta, zn, pred)
+        assert ss.ddim_sigma(at, ap, eta) == pytest.approx(sig, rel=1e-12, abs=1e-15)
+        got, _ = ss.ddim_step_ref(x, o, at, ap, eta=eta, noise=z, prediction_type=pred)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+        c = ss.step_coefs("ddim", at, ap, prediction_type=pred, sigma=sig)
+        np.testing.assert_allclose(_step64(x, o, c, noise=z if eta > 0 else None)[0].numpy(), want, rtol=1e-10,
+                                   atol=1e-10)
+    for vt in ("fixed_small", "fixed_large"):
+        want, var = _ddpm64(xn, on, at, ap, zn, pred, vt)
+        assert ss.ddpm_variance(at, ap, vt) == pytest.approx(var, rel=1e-12)
+        got, _ = ss.ddpm_step_ref(x, o, at, ap, noise=z, prediction_type=pred, variance_type=vt)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+        c = ss.step_coefs("ddpm", at, ap, prediction_type=pred, sigma=math.sqrt(var))
+        np.testing.assert_allclose(_step64(x, o, c, noise=z)[0].numpy(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_thresholding_and_clipping_match_the_formulas():
+    """Imagen's dynamic thresholding (Saharia et al. 2022): s = clamp(quantile(|x̂0|, p), 1, max) per sample,
+    x̂0 ← clamp(x̂0, ±s)/s; threshold_scale (the fused path's scales) gives the same s."""
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(3, 2, 7, 5, generator=g, dtype=torch.float64) * torch.tensor([0.5, 2.0, 6.0]).view(-1, 1, 1, 1)
+    flat = x0.reshape(3, -1).numpy()
+    s = np.clip(np.quantile(np.abs(flat), 0.9, axis=1), 1.0, 4.0)
+    assert s[0] == 1.0 and 1.0 < s[1] < 4.0 and s[2] == 4.0  # clamped below, free, clamped above
+    want = (np.clip(flat, -s[:, None], s[:, None]) / s[:, None]).reshape(x0.shape)
+    got = ss.dynamic_threshold_ref(x0, 0.9, 4.0)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+    c = torch.tensor(ss.step_coefs("ddim", 0.25, 0.5, prediction_type="sample"), dtype=torch.float64)
+    thr = ss.threshold_scale(x0.float(), x0.float(), c, ratio=0.9, max_value=4.0)  # x̂0 = o for x0-prediction
+    np.testing.assert_allclose(thr.double().numpy(), s, rtol=1e-5)
+    np.testing.assert_allclose(ss.clip_or_threshold_ref(x0, clip_sample=True, clip_sample_range=1.5).numpy(),
+                               np.clip(x0.numpy(), -1.5, 1.5))
 
 
 # ---- in-kernel Philox noise ----------------------------------------------------------------------------------
@@ -272,15 +374,21 @@ def test_torch_compile_fullgraph():
 
 # ---- errors --------------------------------------------------------------------------------------------------
 
-def test_bad_inputs_name_the_argument():
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_bad_inputs_name_the_argument(backend):
+    """The reference path ("torch") makes the fused ops' argument checks too."""
     x = torch.randn(2, 3)
     c = ss.step_coefs("ddim", 0.3, 0.6)
     with pytest.raises(TypeError, match="o has dtype"):
-        ss.sampler_step(x, x.half(), c, backend="auto")
+        ss.sampler_step(x, x.half(), c, backend=backend)
+    with pytest.raises(TypeError, match="o_cond has dtype"):
+        ss.sampler_step(x, x, c, o_cond=x.half(), backend=backend)
     with pytest.raises(ValueError, match="noise has shape"):
-        ss.sampler_step(x, x, c, noise=torch.randn(2, 4), backend="auto")
+        ss.sampler_step(x, x, c, noise=torch.randn(2, 4), backend=backend)
+    with pytest.raises(ValueError, match="v has shape"):
+        ss.sampler_step(x, x, c, v=torch.randn(3, 3), var_mode="learned", backend=backend)
     with pytest.raises(ValueError, match="coef"):
-        ss.sampler_step(x, x, c[:5], backend="auto")
+        ss.sampler_step(x, x, c[:5], backend=backend)
     with pytest.raises(TypeError, match="x must be"):
         ss.sampler_step(x.double(), x.double(), c)
     with pytest.raises(ValueError, match="var_mode"):
@@ -413,10 +521,10 @@ def test_auto_uses_the_fused_op_and_writes_x0_only_for_callbacks(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_cpp),
-                                     pytest.param("triton", marks=requires_triton), "torch", CUDA])
+                                     pytest.param("triton", marks=requires_triton), CUDA])
 def test_philox_noise_loop(backend):
-    """noise='philox': the same seed → the same sample on every backend (the reference draws philox_randn_ref);
-    a different generator seed → a different sample."""
+    """noise='philox': the same seed → the same sample on every fused backend as on the reference (which draws
+    philox_randn_ref); a different generator seed → a different sample."""
     kind, opts, ev, w = LOOP_CASES[4]
     dev = _dev(backend)
     a = _loop(kind, opts, ev, w, backend, torch.float32, noise="philox", device=dev)
