@@ -1,0 +1,145 @@
+"""benchmarks/gpu_model.py: the counts on cases whose answer is known by hand, the cost formula, and the script on tiny
+settings (it must stay quick: CI runs it, and scripts/gpu_check.sh does on the GPU machine)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fastdiff  # noqa: F401  (registers the fastdiff ops)
+from fastdiff.ops import sampler_step as ss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_model.py")
+_spec = importlib.util.spec_from_file_location("gpu_model", SCRIPT)
+gm = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("gpu_model", gm)  # dataclasses look their module up
+_spec.loader.exec_module(gm)
+
+META16 = dict(device="meta", dtype=torch.float16)
+
+
+def test_add_is_one_kernel_of_three_tensors():
+    a, b = torch.empty(1000, 7, **META16), torch.empty(1000, 7, **META16)
+    with gm.counting() as c:
+        a + b
+    assert [(k.op, k.launches, k.bytes, k.flops) for k in c.kernels] == [("add", 1, 3 * 7000 * 2, 0)]
+    assert c.host_ops == [] and c.syncs == []
+
+
+def test_views_and_allocations_are_free_inplace_and_out_are_not_double_counted():
+    a, b = torch.empty(64, 32, **META16), torch.empty(64, 32, **META16)
+    n = 64 * 32 * 2
+    with gm.counting() as c:
+        a.t().transpose(0, 1).reshape(-1).view(32, 64)
+        torch.empty_like(a)
+        a.add_(b)  # reads a and b, writes a
+        torch.add(a, b, out=torch.empty_like(a))  # reads a and b, writes out (never reads it)
+        a[:, None, :].expand(64, 5, 32).float()  # the broadcast dimension is read once; written 5 times in fp32
+    assert [(k.op, k.bytes) for k in c.kernels] == [("add_", 3 * n), ("add", 3 * n), ("_to_copy", n + 5 * 2 * n)]
+
+
+def test_cpu_scalar_is_a_kernel_argument_and_cpu_only_ops_are_host_ops():
+    x = torch.empty(4096, **META16)
+    s = torch.tensor(0.25)
+    with gm.counting() as c:
+        y = (1 - s) ** 0.5  # two host ops: a CPU 0-d tensor is no launch
+        x * y
+    assert c.host_ops == ["rsub", "pow"]
+    assert [(k.op, k.bytes) for k in c.kernels] == [("mul", 2 * 4096 * 2)]
+
+
+def test_syncs_on_device_resident_tensors():
+    ts = torch.arange(10, 0, -1)  # stands for GPU-resident timesteps
+    with gm.counting(resident=(ts,)) as c:
+        idx = (ts == 7).nonzero()
+        idx[0].item()
+        ts.sum().item()
+        torch.arange(3).sum().item()  # CPU only: host ops, no device sync
+    assert c.syncs == ["nonzero", "_local_scalar_dense", "_local_scalar_dense"]
+    assert [k.op for k in c.kernels] == ["eq", "nonzero", "sum"]
+    assert c.host_ops == ["arange", "sum", "_local_scalar_dense"]
+
+
+def test_fused_sampler_step_is_one_kernel_moving_exactly_its_arguments():
+    x, o = torch.empty(3, 5, 7, 11, **META16), torch.empty(3, 5, 7, 11, **META16)
+    table = torch.empty(50, ss.NUM_COEF, dtype=torch.float64, device="meta")
+    with gm.counting() as c:
+        ss.sampler_step(x, o, table[10])
+    n = x.numel() * 2
+    assert [(k.op, k.launches, k.bytes) for k in c.kernels] == [("fastdiff.sampler_step", 1, 3 * n + 8 * ss.NUM_COEF)]
+
+
+def test_gemm_conv_and_attention_flops():
+    a, b, bias = torch.empty(8, 16, **META16), torch.empty(16, 4, **META16), torch.empty(4, **META16)
+    x, w = torch.empty(2, 3, 10, 10, **META16), torch.empty(6, 3, 3, 3, **META16)
+    q, k = torch.empty(2, 1, 9, 8, **META16), torch.empty(2, 1, 5, 8, **META16)
+    v = torch.empty(2, 1, 5, 4, **META16)
+    with gm.counting() as c:
+        a @ b
+        torch.addmm(bias, a, b)
+        torch.nn.functional.conv2d(x, w, padding=1)
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    flops = [(kk.op, kk.flops) for kk in c.kernels]
+    assert flops == [("mm", 2 * 8 * 4 * 16), ("addmm", 2 * 8 * 4 * 16), ("convolution", 2 * (2 * 6 * 10 * 10) * 27),
+                     ("scaled_dot_product_attention", 2 * 2 * 9 * 5 * (8 + 4))]
+    assert c.kernels[-1].bytes == 2 * (2 * 9 * 8 + 2 * 5 * 8 + 2 * 5 * 4 + 2 * 9 * 4)
+
+
+def test_group_norm_launches():
+    w = torch.empty(128, **META16)
+    with gm.counting() as c:
+        torch.nn.functional.group_norm(torch.empty(4, 128, 8, 8, **META16), 32, w, w)
+    assert [(k.op, k.launches, k.bytes) for k in c.kernels][:1] == [
+        ("native_group_norm", 3, 3 * 4 * 128 * 64 * 2 + 2 * 128 * 2 + 2 * 4 * 32 * 2)]  # mean, rstd in x's dtype
+    # gns::plan: batch 1 × 32 groups of 4·1024 elements splits 8 ways (kMinSlice 512); batch 256 does not split
+    assert gm.gns_plan_split(1, 128, 1024, 32, False) == 8
+    assert gm.gns_plan_split(256, 128, 1024, 32, False) == 1
+    assert gm.gns_plan_split(256, 256, 16, 32, True) == 4  # channels_last: one unit per sample
+
+
+def test_cost_model():
+    dev = dict(bw=2e12, peak=1e15)
+    assert gm.Kernel("add", 1, 4e6).seconds(dev, 2e-6) == pytest.approx(2e-6 + 2e-6)  # memory-bound
+    assert gm.Kernel("mm", 1, 4e6, 1e10).seconds(dev, 1e-6) == pytest.approx(1e-6 + 1e-5)  # compute-bound
+    assert gm.Kernel("gn", 3, 0).seconds(dev, 2e-6) == pytest.approx(6e-6)
+
+
+def test_script_tiny_settings(tmp_path):
+    out = tmp_path / "gpu_model.json"
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, SCRIPT, "--markdown", "--json", str(out), "--shapes", "2x3x8x8",
+                        "--batches", "1"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    took = time.perf_counter() - t0
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    # the counting itself within 20 s; the whole run (torch + diffusers imports: ~9 s on a loaded 2-core machine)
+    # within 60 s, so that a busy CI machine does not fail it
+    assert res["count_seconds"] < 20 and took < 60, f"counting {res['count_seconds']} s, run {took:.1f} s"
+    assert "Predicted (not measured)" in p.stdout
+    rows = {r["what"]: r for r in res["sampler"]}
+    n = 2 * 3 * 8 * 8 * 2
+    fused = rows["fastdiff sampler_step (DDIM η=0, fused)"]
+    assert (fused["kernels"], fused["bytes"]) == (1, 3 * n + 8 * ss.NUM_COEF)
+    # diffusers' DDIM step, η = 0, by hand: ε-term mul, sub, div (x̂0), mul, mul, add (x_prev): 6 kernels, 14 passes
+    ddim = rows["diffusers DDIMScheduler.step (η=0)"]
+    assert (ddim["kernels"], ddim["bytes"], ddim["syncs"]) == (6, 14 * n, [])
+    first = rows["diffusers DPMSolverMultistep.step, first step (1st order + timestep lookup)"]
+    assert first["syncs"] == ["nonzero", "_local_scalar_dense"]
+    dpm = rows["diffusers DPMSolverMultistep.step (2M)"]
+    assert dpm["syncs"] == [] and dpm["kernels"] > 1
+    # the op (when importable) moves what its contract says: x, o, one history read; out, d_out written; 24 coefs
+    ms = rows["fastdiff multistep (DPM-Solver++ 2M, fused)"]
+    assert (ms["kernels"], ms["bytes"]) == (1, 5 * n + 24 * 8) and ms["note"]
+    u = {r["what"]: r for r in res["unet"]}
+    ours, ref = u["fastdiff UNet2D"], u["diffusers UNet2DModel"]
+    assert ours["flops"] == ref["flops"] > 1e10  # the same architecture: ~12 GFLOP per 32×32 image
+    assert ours["kernels"] < ref["kernels"] and ours["bytes"] < ref["bytes"]
+    for r in res["sampler"] + res["unet"]:
+        for d in gm.DEVICES:
+            assert 0 < r[d]["graph_us"] < r[d]["eager_us"]
