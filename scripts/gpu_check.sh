@@ -71,4 +71,11 @@ echo "- benchmarks: rc=$? ($(( $(date +%s) - t0 ))s total) — table in bench.lo
 if [ -f "$OUT/benchmarks.json" ]; then
   $PY scripts/bench_summary.py "$OUT/benchmarks.json" >>"$S" 2>&1
 fi
+
+# --- predicted GPU cost beside the measured medians (benchmarks/gpu_model.py: a model from published figures, not a
+# measurement; counts on meta tensors, ~10 s, no GPU work). JSON: gpu_model.json; table appended to the summary.
+echo >>"$S"
+timeout 120 $PY benchmarks/gpu_model.py --json "$OUT/gpu_model.json" --measured "$OUT/benchmarks.json" >>"$S" 2>"$OUT/gpu_model.log"
+echo "- gpu_model (predicted, not measured): rc=$? — all predictions in gpu_model.json, log in gpu_model.log" >>"$S"
+# ---
 cat "$S"
