@@ -15,6 +15,7 @@ import time
 from typing import Sequence
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
 class CliError(Exception):
@@ -112,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default="digits", help="'digits' (scikit-learn, no download) or a folder of images")
     t.add_argument("--out", default="fastdiff-model.safetensors", help="checkpoint path")
     t.add_argument("--resume", action="store_true", help="continue the run recorded in OUT.train-state")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (and OUT.train-state) with a new run (default: refuse)")
     t.add_argument("--steps", type=_positive_int("--steps"), default=3000, help="optimizer steps in total")
     t.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
     t.add_argument("--lr", type=_nonneg_float("--lr"), default=2e-3)
@@ -166,6 +169,34 @@ def _device(name: str | None):
 # ---------------------------------------------------------------------------------------------------------------
 # sample
 
+def _sampler_spec(a) -> tuple[str, int | None, float]:
+    """(sampler, steps, eta) of `fastdiff sample`'s options: the one place that maps --sampler and its options to
+    what jobs.SampleConfig records in the manifest (a new --sampler is one more branch here)."""
+    if a.sampler == "ddim":
+        return "ddim", a.steps if a.steps is not None else 50, a.eta
+    if a.sampler == "ddpm":
+        if a.eta:
+            raise CliError("--eta applies to --sampler ddim only")
+        return "ddpm", a.steps, 0.0
+    raise CliError(f"--sampler {a.sampler!r} is not known")
+
+
+def _check_sample_outputs(a) -> None:
+    """Every output can be written, checked before the model is loaded or any image sampled."""
+    from fastdiff.fsutil import check_output_dir, check_output_file
+
+    try:
+        if a.out is not None:
+            check_output_dir(a.out, "--out")
+        else:
+            png = check_output_file(a.png or "samples.png", "--png")
+            npz = check_output_file(a.npz or "samples.npz", "--npz")
+            if png == npz:
+                raise CliError(f"--png and --npz name the same file {png!r}")
+    except OSError as e:
+        raise CliError(e.strerror or str(e)) from None
+
+
 def _sample(a) -> int:
     import torch
 
@@ -175,10 +206,10 @@ def _sample(a) -> int:
     path = a.checkpoint or ckpt.bundled_checkpoint()
     if a.checkpoint is None and not os.path.isfile(path):
         raise CliError(f"the bundled checkpoint {path} is missing from this install; pass --checkpoint")
-    if a.sampler == "ddpm" and a.eta:
-        raise CliError("--eta applies to --sampler ddim only")
+    _sampler_spec(a)  # the option combination, before anything is loaded
     if a.out is not None and (a.npz is not None or a.png is not None):
         raise CliError("--npz/--png: with --out the merged set is OUT/samples.npz and the grid OUT/grid.png")
+    _check_sample_outputs(a)
     info = jobs.DistInfo()
     dev = _device(a.device)
     if a.backend != "auto":
@@ -201,15 +232,18 @@ def _sample(a) -> int:
         sch = meta["scheduler"]
         from fastdiff.sampling import OPTION_NAMES, resolve_schedule, sample_hw
 
-        schedule, _, _ = resolve_schedule(sch or None, {})
+        schedule, _ = resolve_schedule(sch or None, {})
         options = {k: sch[k] for k in OPTION_NAMES if k in sch}
         T = len(schedule)
-        steps = a.steps if a.steps is not None else (50 if a.sampler == "ddim" else None)
+        sampler, steps, eta = _sampler_spec(a)
         if steps is not None and steps > T:
             raise CliError(f"--steps {steps} exceeds the model's {T} training timesteps")
-        cfg = jobs.SampleConfig(a.sampler, steps, a.eta, a.seed, a.dtype, a.batch_size).validate()
-        c = int(meta["config"]["in_channels"])
-        h, w = sample_hw(meta["config"].get("sample_size") or meta["image"]["size"])
+        cfg = jobs.SampleConfig(sampler, steps, eta, a.seed, a.dtype, a.batch_size).validate()
+        c = int(model.config.in_channels)
+        size = model.config.sample_size or meta["image"].get("size")
+        if size is None:
+            raise CliError(f"checkpoint {path!r} records no sample size (config sample_size, image size)")
+        h, w = sample_hw(size)
         shape = (c, h, w)
         scale = a.grid_scale or max(1, -(-48 // min(h, w)))
         progress = not a.no_progress
@@ -220,7 +254,8 @@ def _sample(a) -> int:
             run_id = {"checkpoint_sha256": jobs.file_digest(path)}
             res = jobs.sample_to_dir(model, a.out, a.num, cfg, schedule=schedule, options=options,
                                      image_shape=shape, device=dev, run_id=run_id, shard_size=a.shard_size,
-                                     backend=a.backend, progress=progress, dist_info=info, grid_scale=scale, log=log)
+                                     backend=a.backend, progress=progress, dist_info=info, grid_scale=scale, log=log,
+                                     check_nan=True)
             ips = res["images_per_second"]
             rate = f"{ips:.1f} images/s" if ips else "nothing left to sample"
             if info.world > 1:
@@ -236,7 +271,8 @@ def _sample(a) -> int:
 
                 bar = tqdm(total=a.num, unit="img", desc="sampling")
             t0 = time.perf_counter()
-            imgs = jobs.sample_images(model, list(range(a.num)), cfg, schedule, options, shape, dev, a.backend, bar)
+            imgs = jobs.sample_images(model, list(range(a.num)), cfg, schedule, options, shape, dev, a.backend, bar,
+                                      check_nan=True)
             dt = time.perf_counter() - t0
             if bar is not None:
                 bar.close()
@@ -279,8 +315,12 @@ def _train(a) -> int:
                        f"{2 ** (len(a.block_out_channels) - 1)}")
     dev = _device(a.device)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    try:
+        trainer.check_outputs(a.out, resume=a.resume, overwrite=a.overwrite)
+    except OSError as e:
+        raise CliError(e.strerror or str(e)) from None
     res = trainer.train(cfg, a.out, resume=a.resume, device=dev, save_every=a.save_every,
-                        progress=not a.no_progress, log=log)
+                        progress=not a.no_progress, log=log, overwrite=a.overwrite)
     done = res["steps"] - res["start"]
     rate = f" ({done / res['seconds']:.2f} steps/s)" if done and res["seconds"] > 0 else ""
     log(f"trained {res['parameters']:,}-parameter UNet2D to step {res['steps']}{rate}; final loss "
@@ -321,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from fastdiff.checkpoint import CheckpointError
-    from fastdiff.jobs import RunMismatch
+    from fastdiff.jobs import RunBusy, RunMismatch
 
     _set_threads(a)
     try:
@@ -337,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fastdiff {a.cmd}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (FloatingPointError, RunBusy, OSError, RuntimeError) as e:  # the run failed: nothing half-written
+        if os.environ.get("FASTDIFF_DEBUG") == "1":
+            raise
+        print(f"fastdiff {a.cmd}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"fastdiff {a.cmd}: interrupted" + ("; rerun the same command to resume" if
                                                    getattr(a, "out", None) or getattr(a, "resume", False) else ""),

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import time
 import zipfile
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from fastdiff import sampling
+from fastdiff.fsutil import DirLock, atomic_write, clean_temps, exclusive_create, is_fastdiff_temp, LOCK_NAME
 from fastdiff.schedule import NoiseSchedule
 
 MANIFEST = "manifest.json"
@@ -75,23 +77,19 @@ class SampleConfig:
     batch_size: int = 64
 
     def validate(self) -> "SampleConfig":
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
-                                       or self.steps < 1):
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        from fastdiff.validate import check_choice, check_number
+
+        check_choice("sampler", self.sampler, SAMPLERS)
+        if self.steps is not None:
+            self.steps = check_number("steps", self.steps, integer=True, min=1)
         if self.sampler == "ddim" and self.steps is None:
             raise ValueError("steps: DDIM needs a number of steps")
-        if not (isinstance(self.eta, (int, float)) and math.isfinite(self.eta) and self.eta >= 0):
-            raise ValueError(f"eta must be a finite number >= 0, got {self.eta!r}")
+        self.eta = check_number("eta", self.eta, min=0)
         if self.sampler == "ddpm" and self.eta != 0:
             raise ValueError("eta applies to DDIM only (DDPM's noise scale is set by its variance type)")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        check_choice("dtype", self.dtype, tuple(DTYPES))
+        self.batch_size = check_number("batch_size", self.batch_size, integer=True, min=1)
+        self.seed = check_number("seed", self.seed, integer=True, min=0)
         return self
 
 
@@ -103,29 +101,38 @@ def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def sample_batch(model: Callable, indices: Sequence[int], cfg: SampleConfig, schedule: NoiseSchedule,
-                 options: dict[str, Any], image_shape: Sequence[int], device, backend: str = "auto") -> torch.Tensor:
+                 options: dict[str, Any], image_shape: Sequence[int], device, backend: str = "auto",
+                 check_nan: bool = False) -> torch.Tensor:
     """Sample the images `indices` of a run as one batch; returns (B, C, H, W) in the model's space.
 
     Row b depends only on (cfg.seed, indices[b]) and on the batch's composition through the model's rounding.
     """
     dtype = DTYPES[cfg.dtype]
-    sched, opts, _ = sampling.resolve_schedule(schedule, dict(options))
+    sched, opts = sampling.resolve_schedule(schedule, dict(options))
     plan = sampling.make_plan(cfg.sampler, sched, opts, cfg.steps, cfg.eta)
     noise = IndexedNoise(cfg.seed, indices, image_shape)
     x = noise.draw(device=device, dtype=dtype)
     # the public loop (fused kernels and CUDA graphs included), drawing step noise from the per-image streams
-    return sampling.run_plan(plan, model, x, generator=noise, backend=backend)
+    x = sampling.run_plan(plan, model, x, generator=noise, backend=backend, check_nan=check_nan)
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+    if bad.any():
+        rows = [int(indices[b]) for b in bad.nonzero().flatten().tolist()]
+        raise FloatingPointError(f"non-finite samples (NaN/inf) for image(s) {rows[:8]}"
+                                 f"{' ...' if len(rows) > 8 else ''} of seed {cfg.seed}: the model or the sampler "
+                                 "options diverge; nothing was written for them")
+    return x
 
 
 def sample_images(model: Callable, indices: Sequence[int], cfg: SampleConfig, schedule: NoiseSchedule,
                   options: dict[str, Any], image_shape: Sequence[int], device, backend: str = "auto",
-                  bar=None) -> np.ndarray:
+                  bar=None, check_nan: bool = False) -> np.ndarray:
     """Images `indices` in batches of cfg.batch_size, as uint8 NHWC; `bar` (tqdm) is advanced per batch."""
     out = []
     bs = cfg.batch_size
     for s in range(0, len(indices), bs):
         idx = list(indices[s:s + bs])
-        out.append(to_uint8_nhwc(sample_batch(model, idx, cfg, schedule, options, image_shape, device, backend)))
+        out.append(to_uint8_nhwc(sample_batch(model, idx, cfg, schedule, options, image_shape, device, backend,
+                                              check_nan)))
         if bar is not None:
             bar.update(len(idx))
     if not out:
@@ -135,35 +142,6 @@ def sample_images(model: Callable, indices: Sequence[int], cfg: SampleConfig, sc
 
 # ---------------------------------------------------------------------------------------------------------------
 # files
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not every platform can open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Write `path` through a temporary file in the same directory, fsync, then os.replace (all or nothing)."""
-    d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(d)
-
 
 def save_npz(path: str, images: np.ndarray, **extra) -> None:
     """uint8 NHWC images under "arr_0" (the key FID tools read), written atomically."""
@@ -237,34 +215,94 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def check_manifest(out_dir: str, run: dict) -> bool:
-    """Create DIR/manifest.json for `run`, or check that the one there records the same run.
+class RunBusy(RuntimeError):
+    """Another process is writing DIR right now."""
 
-    Returns True when resuming. Raises RunMismatch naming each differing option, or when DIR holds shards but no
-    manifest.
+
+def _read_manifest(path: str) -> dict:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        if doc.get("format") != "fastdiff-samples" or not isinstance(doc.get("run"), dict):
+            raise ValueError("no fastdiff-samples 'run' record")
+        return doc["run"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise RunMismatch(f"{path} is not a fastdiff sampling manifest ({e}); use another --out") from None
+
+
+def _compare(out_dir: str, have: dict, want: dict) -> None:
+    if have != want:
+        diffs = [f"{k}: {have.get(k)!r} in {out_dir}, {want.get(k)!r} now"
+                 for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+        raise RunMismatch(f"refusing to resume: {out_dir} holds a run made with other options ("
+                          + "; ".join(diffs) + "). Rerun with the recorded options, or use another --out.")
+
+
+def _foreign_entries(out_dir: str) -> list[str]:
+    return sorted(n for n in os.listdir(out_dir) if n != LOCK_NAME and not is_fastdiff_temp(n))
+
+
+def check_manifest(out_dir: str, run: dict) -> bool:
+    """Create DIR/manifest.json for `run` exclusively, or check that the one there records the same run.
+
+    Call it holding DIR's lock (`claim_run_dir`). Returns True when resuming. Raises RunMismatch naming each
+    differing option, or when DIR is not empty but holds no manifest (naming what is there).
     """
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MANIFEST)
     want = json.loads(json.dumps(run))  # the JSON round trip the stored copy went through
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                have = json.load(f)["run"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise RunMismatch(f"{path} is not a fastdiff sampling manifest ({e}); use another --out") from None
-        if have != want:
-            diffs = [f"{k}: {have.get(k)!r} in {out_dir}, {want.get(k)!r} now"
-                     for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
-            raise RunMismatch(f"refusing to resume: {out_dir} holds a run made with other options ("
-                              + "; ".join(diffs) + "). Rerun with the recorded options, or use another --out.")
+    if os.path.lexists(path):
+        _compare(out_dir, _read_manifest(path), want)
         return True
-    if any(n.startswith("shard_") for n in os.listdir(out_dir)):
-        raise RunMismatch(f"refusing to resume: {out_dir} holds shards but no {MANIFEST}; use another --out")
+    foreign = _foreign_entries(out_dir)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f", ... ({len(foreign)} entries)" if len(foreign) > 8 else "")
+        what = "shards but" if any(n.startswith("shard_") for n in foreign) else "files but"
+        raise RunMismatch(f"refusing to use {out_dir}: it holds {what} no {MANIFEST} ({shown}); it is not a "
+                          "fastdiff run directory: use a new or empty --out")
     doc = {"format": "fastdiff-samples", "version": 1, "run": want,
            "layout": "shard_{k:06d}.npz: arr_0 uint8 (n, H, W, C), indices int64 (n,); images k*shard_size ...",
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write(path, lambda f: f.write(json.dumps(doc, indent=1, sort_keys=True).encode()))
+    if not exclusive_create(path, json.dumps(doc, indent=1, sort_keys=True).encode()):
+        # someone not holding the lock created it meanwhile: the generic path compares it
+        _compare(out_dir, _read_manifest(path), want)
+        return True
     return False
+
+
+def claim_run_dir(out_dir: str, run: dict, *, wait: bool = True, log: Callable[[str], None] = print,
+                  poll_s: float = 0.05, manifest_timeout_s: float = 10.0) -> tuple[DirLock, bool]:
+    """Claim DIR for `run`: (the held lock, resuming?). Creates DIR if needed; takes DIR/.fastdiff.lock (flock,
+    held until `lock.release()` or the process ends), then checks or creates the manifest.
+
+    If another process holds DIR: a run with other options is refused (RunMismatch naming them) as soon as the
+    holder's manifest shows it; a run with the same options waits for the holder (`wait=True`; then resumes what
+    it left, usually nothing) or is refused with RunBusy (`wait=False`). Nothing is written to DIR before the claim.
+    """
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise RunMismatch(f"--out {out_dir!r} exists and is not a directory")
+    os.makedirs(out_dir, exist_ok=True)
+    lock = DirLock(out_dir)
+    if not lock.acquire():
+        path = os.path.join(out_dir, MANIFEST)
+        t_end = time.monotonic() + manifest_timeout_s
+        while not os.path.lexists(path) and time.monotonic() < t_end:
+            if lock.acquire():  # the holder finished (or died) meanwhile
+                break
+            time.sleep(poll_s)
+        if lock.fd is None:
+            if os.path.lexists(path):
+                _compare(out_dir, _read_manifest(path), json.loads(json.dumps(run)))
+            if not wait or not os.path.lexists(path):
+                raise RunBusy(f"{out_dir} is being written by another fastdiff run ({lock.holder()}); wait for it "
+                              "to finish, or use another --out")
+            log(f"{out_dir} is being written by another fastdiff run with the same options ({lock.holder()}): "
+                "waiting for it")
+            lock.acquire(blocking=True)
+    try:
+        return lock, check_manifest(out_dir, run)
+    except BaseException:
+        lock.release()
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,35 +363,40 @@ def _barrier(info: DistInfo) -> None:
 
 
 def missing_shards(out_dir: str, n_shards: int) -> list[int]:
-    have = set(os.listdir(out_dir))
-    return [k for k in range(n_shards) if os.path.basename(shard_path(out_dir, k)) not in have]
-
-
-def _clean_temps(out_dir: str) -> None:
-    for n in os.listdir(out_dir):
-        if n.startswith(".") and ".tmp" in n:
-            try:
-                os.remove(os.path.join(out_dir, n))
-            except FileNotFoundError:
-                pass
+    """Shards not on disk yet; a shard name that is not a regular file (a symlink, a directory) is an error."""
+    todo = []
+    for k in range(n_shards):
+        p = shard_path(out_dir, k)
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            todo.append(k)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise RuntimeError(f"{p} is not a regular file (a symlink or a directory?); fastdiff writes shards as "
+                               "plain files: remove it and rerun")
+    return todo
 
 
 def sample_to_dir(model: Callable, out_dir: str, num: int, cfg: SampleConfig, *, schedule: NoiseSchedule,
                   options: dict[str, Any], image_shape: Sequence[int], device, run_id: dict[str, Any],
                   shard_size: int = 1000, backend: str = "auto", progress: bool = True,
                   dist_info: DistInfo | None = None, grid_count: int = 64, grid_scale: int = 1,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, check_nan: bool = False, wait: bool = True) -> dict[str, Any]:
     """Sample images 0 … num−1 into DIR as shards, resuming what is there; merge them on rank 0.
 
     `run_id`: what identifies the model (e.g. the checkpoint's sha256); recorded with cfg, num, shard_size, the image
-    shape, the sampler options and the device type in the manifest. Returns a summary dict (rank 0 has the merged
-    paths; every rank its own images/second).
+    shape, the sampler options and the device type in the manifest. Rank 0 claims DIR for the whole run
+    (`claim_run_dir`: a second run with other options is refused, one with the same options waits if `wait`, else
+    is refused). Non-finite samples are an error (FloatingPointError naming the images); `check_nan` also checks the
+    model's output at every step. Returns a summary dict (rank 0 has the merged paths; every rank its own
+    images/second).
     """
+    from fastdiff.validate import check_number
+
     cfg.validate()
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be a positive int, got {num!r}")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+    num = check_number("num", num, integer=True, min=1)
+    shard_size = check_number("shard_size", shard_size, integer=True, min=1)
     info = dist_info or DistInfo()
     device = torch.device(device)
     c, h, w = (int(s) for s in image_shape)
@@ -369,6 +412,7 @@ def sample_to_dir(model: Callable, out_dir: str, num: int, cfg: SampleConfig, *,
     runs = _gather(run, info)
     todo: dict[str, Any] = {}
     err: Exception | None = None
+    lock = None
     if info.rank == 0:
         try:
             odd = [r for r, other in enumerate(runs) if other != run]
@@ -376,16 +420,29 @@ def sample_to_dir(model: Callable, out_dir: str, num: int, cfg: SampleConfig, *,
                 diffs = sorted(k for r in odd for k in set(run) | set(runs[r]) if runs[r].get(k) != run.get(k))
                 raise RunMismatch(f"ranks {odd} differ from rank 0 in {diffs}: every rank must run the same "
                                   "software with the same options")
-            resumed = check_manifest(out_dir, run)
-            _clean_temps(out_dir)
+            lock, resumed = claim_run_dir(out_dir, run, wait=wait, log=log)
+            clean_temps(out_dir)
             todo = {"shards": missing_shards(out_dir, n_shards), "resumed": resumed}
         except Exception as e:  # every rank must learn of it, or the others would wait forever below
+            if lock is not None:
+                lock.release()
             err, todo = e, {"error": str(e), "mismatch": isinstance(e, RunMismatch)}
-    todo = _broadcast(todo, info)
-    if err is not None:
-        raise err
-    if "error" in todo:
-        raise (RunMismatch if todo["mismatch"] else RuntimeError)(f"rank 0: {todo['error']}")
+    try:
+        todo = _broadcast(todo, info)
+        if err is not None:
+            raise err
+        if "error" in todo:
+            raise (RunMismatch if todo["mismatch"] else RuntimeError)(f"rank 0: {todo['error']}")
+        return _fill_and_merge(model, out_dir, num, cfg, schedule, options, (c, h, w), device, shard_size, backend,
+                               progress, info, todo, grid_count, grid_scale, log, check_nan)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fill_and_merge(model, out_dir, num, cfg, schedule, options, chw, device, shard_size, backend, progress, info,
+                    todo, grid_count, grid_scale, log, check_nan) -> dict[str, Any]:
+    c, h, w = chw
     mine = todo["shards"][info.rank::info.world]
     done_before = num - sum(min((k + 1) * shard_size, num) - k * shard_size for k in todo["shards"])
     if info.rank == 0 and todo["resumed"]:
@@ -403,7 +460,8 @@ def sample_to_dir(model: Callable, out_dir: str, num: int, cfg: SampleConfig, *,
     for k in mine:
         lo, hi = k * shard_size, min((k + 1) * shard_size, num)
         idx = list(range(lo, hi))
-        imgs = sample_images(model, idx, cfg, schedule, options, (c, h, w), device, backend, bar)
+        imgs = sample_images(model, idx, cfg, schedule, options, (c, h, w), device, backend, bar,
+                             check_nan=check_nan)
         save_npz(shard_path(out_dir, k), imgs, indices=np.asarray(idx, np.int64))
     dt = time.perf_counter() - t0
     if bar is not None:

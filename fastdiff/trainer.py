@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -66,7 +67,32 @@ def _dataset_from_digits(size: int) -> torch.Tensor:
     return (x * 2 - 1).clamp(-1, 1)
 
 
+MAX_IMAGE_PIXELS = 1 << 26  # 67 M pixels (8192²): larger images in --data are refused as decompression bombs
+
+
+def _high_depth_gray(im, path: str):
+    """A 16/32-bit integer ("I;16*", "I") or float ("F") grayscale image as an "F" image on the 0 … 255 scale (PIL's
+    convert("L") would clip every value above 255): integers are scaled by their range (65535 for 16-bit)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(im).astype(np.float64)
+    if im.mode == "F":
+        if not np.isfinite(a).all():
+            raise ValueError(f"--data: image {path!r} holds NaN/inf pixels")
+        hi = 1.0 if a.size == 0 or (a.min() >= 0 and a.max() <= 1) else None
+        if hi is None:
+            raise ValueError(f"--data: float image {path!r} has values in [{a.min():.4g}, {a.max():.4g}]; "
+                             "expected [0, 1]")
+    else:
+        hi = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) <= 65535 else 2.0**32 - 1
+    return Image.fromarray((a.clip(0, hi) * (255.0 / hi)).astype(np.float32), mode="F")
+
+
 def _dataset_from_folder(path: str, size: int, channels: int) -> torch.Tensor:
+    import warnings
+
+    import numpy as np
     from PIL import Image
 
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
@@ -76,15 +102,35 @@ def _dataset_from_folder(path: str, size: int, channels: int) -> torch.Tensor:
     out = []
     for f in files:
         try:
-            im = Image.open(f).convert(mode)
-        except OSError as e:
-            raise ValueError(f"--data: cannot read image {f!r}: {e}") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as src:
+                    if src.width * src.height > MAX_IMAGE_PIXELS:
+                        raise Image.DecompressionBombError(f"{src.width}x{src.height} pixels")
+                    src.load()
+                    if src.mode.startswith("I;16") or src.mode in ("I", "F"):
+                        im = _high_depth_gray(src, f)
+                    else:
+                        im = src.convert(mode)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"--data: image {f!r} is too large ({e}); refused as a possible decompression bomb "
+                             f"(limit {MAX_IMAGE_PIXELS:,} pixels)") from None
+        except ValueError as e:
+            if str(e).startswith("--data"):
+                raise
+            raise ValueError(f"--data: cannot read image {f!r}: {type(e).__name__}: {e}") from None
+        except (OSError, SyntaxError, EOFError) as e:
+            raise ValueError(f"--data: cannot read image {f!r}: {type(e).__name__}: {e}") from None
         s = min(im.size)  # center crop to a square, then resize
         l, t = (im.width - s) // 2, (im.height - s) // 2
         im = im.crop((l, t, l + s, t + s)).resize((size, size), Image.BICUBIC)
-        a = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size, size, channels)
-        out.append(a.permute(2, 0, 1))
-    return torch.stack(out).float() / 127.5 - 1
+        if im.mode == "F":  # high bit depth: kept in float, on the 0 … 255 scale
+            a = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).clamp(0, 255).unsqueeze(0)
+            out.append(a.expand(channels, size, size))
+        else:
+            a = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size, size, channels)
+            out.append(a.permute(2, 0, 1).float())
+    return torch.stack(out) / 127.5 - 1
 
 
 def load_dataset(cfg: TrainConfig) -> torch.Tensor:
@@ -123,11 +169,54 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Training diverged: a NaN/inf loss (or weights). The last checkpoint written before it is kept."""
+
+
+def check_config(cfg: TrainConfig, save_every: int = 500) -> None:
+    """Every number of `cfg` of a number type and in range (ValueError/TypeError naming the field)."""
+    from fastdiff.validate import check_number
+
+    for name in ("steps", "batch_size", "image_size", "layers_per_block", "norm_num_groups", "num_train_timesteps"):
+        check_number(name, getattr(cfg, name), integer=True, min=1)
+    for name in ("warmup", "seed"):
+        check_number(name, getattr(cfg, name), integer=True, min=0)
+    check_number("lr", cfg.lr, min=0, min_exclusive=True)
+    check_number("ema_decay", cfg.ema_decay, min=0)
+    if not cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay must be < 1, got {cfg.ema_decay}")
+    check_number("save_every", save_every, integer=True, min=1)
+
+
+def check_outputs(out: str, *, resume: bool, overwrite: bool) -> str:
+    """Up front: `out` and `out`.train-state can be written, and an existing model is not overwritten by a new
+    run unless `overwrite` (a resumed run rewrites its own checkpoint)."""
+    from fastdiff.fsutil import check_output_file
+
+    check_output_file(out, "--out")
+    spath = ckpt.state_path(out)
+    check_output_file(spath, "--out (train state)")
+    if resume:
+        if not os.path.exists(spath):
+            raise ValueError(f"--resume: {spath} does not exist (nothing to resume)")
+    elif os.path.exists(spath) and not overwrite:
+        raise ValueError(f"{spath} exists: pass --resume to continue that run, --overwrite to start again, or "
+                         "choose another --out")
+    elif os.path.lexists(out) and not overwrite:
+        raise ValueError(f"--out {out} exists and no train state says it is this run's: refusing to overwrite it "
+                         "(pass --overwrite to replace it, or choose another --out)")
+    return spath
+
+
 def train(cfg: TrainConfig, out: str, *, resume: bool = False, device="cpu", save_every: int = 500,
-          progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or resume) and write `out` (EMA weights + config + schedule) and `out`.train-state."""
-    if cfg.steps < 1 or cfg.batch_size < 1 or not cfg.lr > 0 or not 0 <= cfg.ema_decay < 1 or save_every < 1:
-        raise ValueError("steps, batch_size, lr and save_every must be positive, ema_decay in [0, 1)")
+          progress: bool = True, log: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
+    """Train (or resume) and write `out` (EMA weights + config + schedule) and `out`.train-state.
+
+    Refuses, before any work, an existing `out` without its train state (unless `overwrite`), outputs that cannot
+    be written, and bad numbers. Stops with NonFiniteLoss at the first NaN/inf loss; no non-finite weights are
+    ever written (the last good checkpoint stays)."""
+    check_config(cfg, save_every)
+    check_outputs(out, resume=resume, overwrite=overwrite)
     data = load_dataset(cfg)
     channels = data.shape[1]
     sched = NoiseSchedule.from_name(cfg.beta_schedule, cfg.num_train_timesteps)
@@ -151,8 +240,6 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, device="cpu", sav
             log(f"{spath} is already at step {start} >= --steps {cfg.steps}: nothing to do")
         else:
             log(f"resuming from step {start} of {cfg.steps}")
-    elif os.path.exists(spath):
-        raise ValueError(f"{spath} exists: pass --resume to continue that run, or delete it / choose another --out")
     if ema is None:
         ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     else:
@@ -161,12 +248,23 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, device="cpu", sav
     data = data.to(device)
     image = {"channels": channels, "size": cfg.image_size, "source": "digits" if cfg.data == "digits" else "folder"}
 
+    saved = [start if resume else None]
+
     def save(step: int):
+        from fastdiff.validate import check_finite_tensors
+
+        try:
+            check_finite_tensors(f"weights at step {step}", model.state_dict())
+            check_finite_tensors(f"EMA weights at step {step}", ema)
+        except FloatingPointError as e:
+            raise NonFiniteLoss(f"training diverged: {e}; nothing written for step {step} (the last checkpoint "
+                                "is kept): lower --lr or raise --warmup") from None
         train_meta = {"step": step, "config": cfg.identity(), "steps": cfg.steps}
         ckpt.save_train_state(spath, model=model, ema=ema, optimizer=opt, meta=train_meta)
         ckpt.save_checkpoint(out, model, scheduler=scheduler_config(cfg), image=image,
                              train={**train_meta, "command": "fastdiff train", "dataset_size": n},
                              state_dict={k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
+        saved[0] = step
 
     bar = None
     if progress and start < cfg.steps:
@@ -201,6 +299,11 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, device="cpu", sav
                 else:
                     ema[k].copy_(v)
         lv = float(loss.detach())
+        if not math.isfinite(lv):
+            kept = (f"{out} and its train state are those of step {saved[0]}" if saved[0] is not None
+                    else "no checkpoint was written")
+            raise NonFiniteLoss(f"training diverged: loss is {lv} at step {step + 1} (lr {cfg.lr:g}); stopped "
+                                f"({kept}): lower --lr or raise --warmup")
         loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
         if bar is not None:
             bar.update(1)

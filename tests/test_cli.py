@@ -1,4 +1,5 @@
 """The `fastdiff` command line end to end on the CPU: train → sample → files, resume of training, bad input."""
+import json
 import os
 import subprocess
 import sys
@@ -196,12 +197,17 @@ def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path, trained, capsy
     for name, msg in expect.items():
         rc, _, err = run(capsys, "sample", "--checkpoint", str(tmp_path / name), "--num", "1", "--no-progress")
         assert rc == 2 and msg in err and name in err, (name, err)
-    # right format, wrong tensors: names the offending keys
+    # right format, wrong tensors: the checksum catches it; without a checksum, the check names the offending keys
     t, raw = checkpoint._read(trained, "x")
     t.pop("conv_in.weight")
     from safetensors.torch import save_file as sf
 
     sf(t, str(tmp_path / "short.safetensors"), metadata=raw)
+    rc, _, err = run(capsys, "sample", "--checkpoint", str(tmp_path / "short.safetensors"), "--no-progress")
+    assert rc == 2 and "fails its checksum" in err
+    meta = json.loads(raw["fastdiff"])
+    del meta["sha256"]
+    sf(t, str(tmp_path / "short.safetensors"), metadata={**raw, "fastdiff": json.dumps(meta)})
     rc, _, err = run(capsys, "sample", "--checkpoint", str(tmp_path / "short.safetensors"), "--no-progress")
     assert rc == 2 and "conv_in.weight" in err
 

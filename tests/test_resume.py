@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import jobs, trainer
+from fastdiff import fsutil, jobs, trainer
 from fastdiff.schedule import NoiseSchedule
 
 # checkpoints and shards use safetensors and Pillow: a machine without them (the lent GPU box) skips this file
@@ -103,17 +103,22 @@ def test_to_uint8_nhwc_range_and_layout():
 def test_resume_after_lost_shards_is_bit_identical(tmp_path):
     out, res, ref = _run_dir(tmp_path, "a")
     assert ref.shape == (11, 6, 5, 1) and sorted(os.listdir(out)) == sorted(
-        ["manifest.json", "samples.npz", "grid.png"] + [f"shard_{k:06d}.npz" for k in range(4)])
-    # a killed run: some shards never written, a stale temporary file left behind, no merged set
+        [".fastdiff.lock", "manifest.json", "samples.npz", "grid.png"] + [f"shard_{k:06d}.npz" for k in range(4)])
+    # a killed run: some shards never written, a stale temporary file of a dead process left behind, no merged set;
+    # and a user's own dotfile that looks like a temp file, which must survive
     os.remove(jobs.shard_path(out, 1))
     os.remove(jobs.shard_path(out, 3))
     os.remove(os.path.join(out, "samples.npz"))
-    with open(os.path.join(out, ".shard_000001.npz.tmp999"), "wb") as f:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = f".shard_000001.npz.fdtmp-{fsutil.host_tag()}-{int(dead.stdout)}-abc123"
+    with open(os.path.join(out, stale), "wb") as f:
         f.write(b"half a shard")
+    (tmp_path / "a" / ".notes.tmp1").write_bytes(b"mine")
     _, res2, again = _run_dir(tmp_path, "a")
     assert res2["images"] == 3 + 2  # only shards 1 and 3 were sampled again
     np.testing.assert_array_equal(again, ref)
-    assert not [n for n in os.listdir(out) if ".tmp" in n]
+    assert not [n for n in os.listdir(out) if ".fdtmp" in n]
+    assert (tmp_path / "a" / ".notes.tmp1").read_bytes() == b"mine"
 
 
 def test_shard_boundaries_do_not_matter_when_batches_align(tmp_path):

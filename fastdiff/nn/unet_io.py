@@ -43,42 +43,25 @@ def from_diffusers(cls, unet_or_state_dict, config=None, *, backend: str = "auto
 
 def save(model, path: str | os.PathLike) -> None:
     """`model` (a UNet2D): weights and config in one safetensors file (config as JSON in the metadata); no pickle."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as to_bytes
 
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(path), metadata={"format": FORMAT, "config": json.dumps(model.config.to_dict())})
+    from fastdiff.fsutil import atomic_write
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = to_bytes(sd, metadata={"format": FORMAT, "config": json.dumps(model.config.to_dict())})
+    atomic_write(os.fspath(path), lambda f: f.write(data))  # all or nothing: a killed save leaves the old file
 
 
 def load(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
          backend: str = "auto"):
-    """A `cls` (UNet2D) from what `save` wrote. A corrupt file, a missing config, or tensors that do not match the config is a
-    ValueError naming the bad keys and shapes; the model is built only after every check passed."""
-    from safetensors import safe_open
+    """A `cls` (UNet2D) from what `save` wrote (or a fastdiff checkpoint). A corrupt file, a missing config, or
+    tensors that do not match the config is a ValueError naming the bad keys and shapes; the model is built only
+    after every check passed. The reader and its checks are fastdiff.checkpoint's (one for every file kind)."""
+    from fastdiff import checkpoint
 
-    path = str(path)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for truncated / malformed headers
-        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
-    if meta.get("format") != FORMAT or "config" not in meta:
-        raise ValueError(f"{path}: metadata lacks format={FORMAT!r} and a config: not saved by UNet2D.save "
-                         f"(for diffusers weights use UNet2D.from_diffusers)")
-    try:
-        cfg = UNet2DConfig(**json.loads(meta["config"]))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: bad config in metadata: {e}") from e
-    with torch.device("meta"):
-        model = cls(cfg, backend=backend)
-    _check_state_dict(model, sd, source=path)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(sd, strict=True)
-    if dtype is None:
-        dtype = next(iter(sd.values())).dtype
-    return model.to(device=device or "cpu", dtype=dtype).eval()
+    meta, sd = checkpoint.read_unet(os.fspath(path), "UNet2D file")
+    return checkpoint.build_unet(meta["model"], meta["config"], sd, os.fspath(path), device=device, dtype=dtype,
+                                 backend=backend, cls=cls)
 
 
 def convert_deprecated_attention_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -94,22 +77,6 @@ def convert_deprecated_attention_keys(sd: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def _check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    bad = sorted(f"{k}: expected {want[k]}, got {tuple(sd[k].shape)}" for k in set(want) & set(sd)
-                 if tuple(sd[k].shape) != want[k])
-    if missing or unexpected or bad:
-        def cut(xs):
-            return xs[:10] + ([f"... {len(xs) - 10} more"] if len(xs) > 10 else [])
-        msg = [f"{source}: does not match the UNet2D config"]
-        if missing:
-            msg.append(f"missing keys ({len(missing)}): {cut(missing)}")
-        if unexpected:
-            msg.append(f"unexpected keys ({len(unexpected)}): {cut(unexpected)}")
-        if bad:
-            msg.append(f"shape mismatches ({len(bad)}): {cut(bad)}")
-        raise ValueError("; ".join(msg))
-    dtypes = {v.dtype for v in sd.values()}
-    if len(dtypes) > 1 or not all(d.is_floating_point for d in dtypes):
-        raise ValueError(f"{source}: tensors must share one floating dtype, got {sorted(map(str, dtypes))}")
+    from fastdiff.checkpoint import check_state_dict
+
+    check_state_dict(model, sd, source)
