@@ -7,49 +7,21 @@
 
 #include "fd_cuda_io.cuh"
 #include "sampler_step_math.h"
+#include "sampler_step_vec.cuh"
 
 namespace fastdiff {
 namespace sstep {
 namespace {
-
-
-// VEC elements of T at p[i .. i+VEC) as floats; one 16-byte load when VECTOR (aligned, full chunk).
-template <typename T, int VEC, bool VECTOR>
-__device__ __forceinline__ void load(const T* __restrict__ p, int64_t i, int64_t n, float (&out)[VEC]) {
-  if (VECTOR) {
-    union { uint4 u; T t[VEC]; } buf;
-    buf.u = __ldg(reinterpret_cast<const uint4*>(p + i));
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = to_f(buf.t[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = i + j < n ? to_f(p[i + j]) : 0.0f;
-  }
-}
-
-template <typename T, int VEC, bool VECTOR>
-__device__ __forceinline__ void store(T* __restrict__ p, int64_t i, int64_t n, const float (&in)[VEC]) {
-  if (VECTOR) {
-    union { uint4 u; T t[VEC]; } buf;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) buf.t[j] = from_f<T>(in[j]);
-    *reinterpret_cast<uint4*>(p + i) = buf.u;
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      if (i + j < n) p[i + j] = from_f<T>(in[j]);
-  }
-}
 
 template <typename T, int VEC, bool VECTOR>
 __device__ __forceinline__ void step_chunk(const LaunchArgs& a, const Coefs& k, int64_t i, uint64_t seed,
                                            uint64_t offset) {
   const int var_mode = (a.flags & kVarMask) >> kVarShift;
   float x[VEC], o[VEC], t[VEC], x0[VEC], out[VEC];
-  load<T, VEC, VECTOR>(static_cast<const T*>(a.x), i, a.n, x);
-  load<T, VEC, VECTOR>(static_cast<const T*>(a.o), i, a.n, o);
+  vload<T, VEC, VECTOR>(static_cast<const T*>(a.x), i, a.n, x);
+  vload<T, VEC, VECTOR>(static_cast<const T*>(a.o), i, a.n, o);
   if (a.oc) {
-    load<T, VEC, VECTOR>(static_cast<const T*>(a.oc), i, a.n, t);
+    vload<T, VEC, VECTOR>(static_cast<const T*>(a.oc), i, a.n, t);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) o[j] = guide(o[j], t[j], k.w);
   }
@@ -65,13 +37,13 @@ __device__ __forceinline__ void step_chunk(const LaunchArgs& a, const Coefs& k, 
   }
   if (a.z || a.rng) {
     if (a.z) {
-      load<T, VEC, VECTOR>(static_cast<const T*>(a.z), i, a.n, t);
+      vload<T, VEC, VECTOR>(static_cast<const T*>(a.z), i, a.n, t);
     } else {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) t[j] = philox_normal(seed, offset + (uint64_t)(i + j));
     }
     if (a.v) {
-      load<T, VEC, VECTOR>(static_cast<const T*>(a.v), i, a.n, x);  // x is free now: reuse it for v
+      vload<T, VEC, VECTOR>(static_cast<const T*>(a.v), i, a.n, x);  // x is free now: reuse it for v
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out[j] += learned_sigma(k, var_mode, x[j]) * t[j];
     } else {
@@ -79,7 +51,7 @@ __device__ __forceinline__ void step_chunk(const LaunchArgs& a, const Coefs& k, 
       for (int j = 0; j < VEC; ++j) out[j] += k.sigma * t[j];
     }
   }
-  store<T, VEC, VECTOR>(static_cast<T*>(a.xp), i, a.n, out);
+  vstore<T, VEC, VECTOR>(static_cast<T*>(a.xp), i, a.n, out);
   if (a.x0) {
     if (VECTOR && VEC % 4 == 0) {
 #pragma unroll
@@ -114,19 +86,12 @@ __global__ void sampler_step_kernel(LaunchArgs a) {
   }
 }
 
-bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 template <typename T>
 cudaError_t launch_typed(const LaunchArgs& a, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
   constexpr int kThreads = 256;
   const int64_t chunks = (a.n + VEC - 1) / VEC;
-  int64_t blocks = (chunks + kThreads - 1) / kThreads;
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) == cudaSuccess &&
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && sms > 0) {
-    blocks = blocks < (int64_t)sms * 16 ? blocks : (int64_t)sms * 16;  // grid-stride beyond 16 blocks per SM
-  }
+  const int64_t blocks = grid_blocks(chunks, kThreads);
   const bool aligned = aligned16(a.x) && aligned16(a.o) && aligned16(a.oc) && aligned16(a.z) && aligned16(a.v) &&
                        aligned16(a.xp) && aligned16(a.x0);
   if (aligned) {

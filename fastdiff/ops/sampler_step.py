@@ -6,8 +6,8 @@ Fused op (second half of this file): `sampler_step(x, o, coef, ...)` does a whol
 `philox_randn_ref` is the in-kernel noise generator in NumPy. Registered as fastdiff::sampler_step (C++/CUDA) and
 fastdiff::sampler_step_triton, both with fake kernels (torch.compile, opcheck).
 
-Every `*_ref` function here follows REFERENCE.md and the order of operations of diffusers' `DDPMScheduler.step` /
-`DDIMScheduler.step`, so that a reference loop and a diffusers loop agree to float32 rounding. Per-step scalars are
+Every `*_ref` function here follows docs/math.md ("Model outputs", "DDPM", "DDIM") and the order of operations of
+diffusers' `DDPMScheduler.step` / `DDIMScheduler.step`, so that a reference loop and a diffusers loop agree to float32 rounding. Per-step scalars are
 Python floats computed in float64; tensor math runs in float32 (fp16/bf16 inputs are upcast, the result cast back).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 
 
 def predict_x0_eps_ref(x_t: torch.Tensor, o: torch.Tensor, abar_t: float, prediction_type: str = "epsilon"):
-    """x̂0 and ε̂ from the model output `o` at a timestep with cumulative ᾱ_t (REFERENCE.md table).
+    """x̂0 and ε̂ from the model output `o` at a timestep with cumulative ᾱ_t (docs/math.md, "Model outputs").
 
     x_t, o: (B, ...) same shape. Returns float32 (or float64) tensors (x̂0, ε̂).
     """
@@ -430,7 +430,10 @@ def _span(t):
 
 
 def _check_no_alias(op, inputs: dict, outputs: dict):
-    """No output overlaps an input or an earlier output in memory (None entries are absent arguments)."""
+    """No output overlaps an input or an earlier output in memory (None entries are absent arguments). Skipped while
+    torch.compile traces (no data pointers then; the C++ ops check again when they run)."""
+    if torch.compiler.is_compiling():
+        return
     seen = [(k, t) for k, t in inputs.items() if t is not None and t.numel() > 0]
     for name, t in outputs.items():
         if t is None or t.numel() == 0:

@@ -1,0 +1,56 @@
+// 16-byte vector I/O of the elementwise CUDA kernels (csrc/cuda/sampler_step.cu, csrc/cuda/multistep.cu): a chunk
+// of VEC = 16 / sizeof(T) elements as float32 registers, one uint4 load/store when the chunk is full and aligned,
+// element by element (bounds-checked) otherwise. nvcc only; CUDA toolkit headers only.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "fd_cuda_io.cuh"
+
+namespace fastdiff {
+
+// VEC elements of T at p[i .. i+VEC) as floats; one 16-byte load when VECTOR (aligned, full chunk).
+template <typename T, int VEC, bool VECTOR>
+__device__ __forceinline__ void vload(const T* __restrict__ p, int64_t i, int64_t n, float (&out)[VEC]) {
+  if (VECTOR) {
+    union { uint4 u; T t[VEC]; } buf;
+    buf.u = __ldg(reinterpret_cast<const uint4*>(p + i));
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = to_f(buf.t[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = i + j < n ? to_f(p[i + j]) : 0.0f;
+  }
+}
+
+template <typename T, int VEC, bool VECTOR>
+__device__ __forceinline__ void vstore(T* __restrict__ p, int64_t i, int64_t n, const float (&in)[VEC]) {
+  if (VECTOR) {
+    union { uint4 u; T t[VEC]; } buf;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) buf.t[j] = from_f<T>(in[j]);
+    *reinterpret_cast<uint4*>(p + i) = buf.u;
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      if (i + j < n) p[i + j] = from_f<T>(in[j]);
+  }
+}
+
+// Null or 16-byte aligned: a tensor whose full chunks can use vector accesses.
+inline bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Blocks of `threads` for `chunks` work items, at most 16 per SM (a grid-stride loop covers the rest).
+inline int64_t grid_blocks(int64_t chunks, int threads) {
+  int64_t blocks = (chunks + threads - 1) / threads;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && sms > 0) {
+    blocks = blocks < (int64_t)sms * 16 ? blocks : (int64_t)sms * 16;
+  }
+  return blocks;
+}
+
+}  // namespace fastdiff
