@@ -1,4 +1,5 @@
-"""Discretization error vs number of steps on a 2-D Gaussian mixture, with the exact oracle (seed 001 Part 7).
+"""Discretization error vs number of steps on a 2-D Gaussian mixture, with the exact oracle
+(docs/math.md, "Discretization error vs steps").
 
 No network: the model is `fastdiff.toy.GaussianMixture.model`, the exact ε*, so the only error left is the sampler's
 discretization (and the prior mismatch of q(x_{T−1}) vs N(0, I), ~1e-5 here). The distance between the sampled and

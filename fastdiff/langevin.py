@@ -1,4 +1,4 @@
-"""Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1; seed 001 Part 2).
+"""Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1; docs/math.md, "Annealed Langevin dynamics").
 
 For noise levels σ_1 > σ_2 > … > σ_L and a score s(x, σ) ≈ ∇_x log p_σ(x) (p_σ = data ∗ N(0, σ²I)):
 

@@ -1,4 +1,5 @@
-"""An exact oracle: Gaussian-mixture data and its exact noise / x0 / v predictors (seed 001 Part 5, REFERENCE.md).
+"""An exact oracle: Gaussian-mixture data and its exact noise / x0 / v predictors
+(docs/math.md, "Exact oracle: Gaussian mixtures").
 
 Data x0 ~ Σ_k w_k N(m_k, s²I) in D dimensions. Noised with cumulative ᾱ (a = √ᾱ, σ² = 1 − ᾱ), the marginal is again a
 mixture, q_t = Σ_k w_k N(a·m_k, v·I) with v = a²s² + σ², so the optimal denoiser is known in closed form:
@@ -275,7 +276,8 @@ def component_moments(samples: torch.Tensor, mixture: GaussianMixture):
 def step_affine(plan, i: int, mixture: GaussianMixture):
     """For K = 1 data N(m, s²I), step i of a sampler plan maps x ↦ c_x·x + c_0 + σ·z exactly: (c_x, c_0 (D,), σ²).
 
-    Follows REFERENCE.md: x̂0 = A·x + B and ε̂ = C·x + E are affine for the exact oracle; DDIM and DDPM combine them.
+    docs/math.md, "Exact oracle: Gaussian mixtures":
+    x̂0 = A·x + B and ε̂ = C·x + E are affine for the exact oracle; DDIM and DDPM combine them.
     """
     from fastdiff.ops import sampler_step as ss
 
@@ -310,7 +312,8 @@ def moment_recursion(plan_or_schedule, mixture: GaussianMixture, *, kind: str = 
                      eta: float = 0.0, mean0=0.0, var0: float = 1.0, **options):
     """Exact per-coordinate mean and variance of a sampler's x after each step, for K = 1 data N(m, s²I).
 
-    M′ = c_x·M + c_0, V′ = c_x²·V + σ² (REFERENCE.md), starting from x_T ~ N(mean0, var0·I) (the sampler's prior:
+    M′ = c_x·M + c_0, V′ = c_x²·V + σ² (docs/math.md, "Exact oracle"),
+    starting from x_T ~ N(mean0, var0·I) (the sampler's prior:
     N(0, I)). `plan_or_schedule`: a SamplerPlan (from fastdiff.sampling.make_plan) or a NoiseSchedule plus
     kind ("ddim"/"ddpm"), steps, eta and SamplerOptions fields. Returns (M (N+1, D), V (N+1,)) float64; row 0 is x_T.
     """

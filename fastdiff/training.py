@@ -32,7 +32,8 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, noise: 
 
 
 def elbo_weights(schedule: NoiseSchedule) -> torch.Tensor:
-    """Per-timestep weight that turns ‖ε − ε̂‖² into the true-ELBO term (seed 004, approach 3; float64, (T,)).
+    """Per-timestep weight that turns ‖ε − ε̂‖² into the true-ELBO term (float64, (T,); Ho et al. 2020
+    eq. 12; docs/math.md, "Training loss weighting").
 
     w_t = β_t² / (2σ_t²·α_t·(1−ᾱ_t)) with σ_t² = β̃_t; at t = 0, where β̃_0 = 0, σ_0² = β_0 is used (w_0 = 1/(2α_0)).
     """

@@ -1,4 +1,5 @@
-"""The variational bound in bits per dimension, as improved-diffusion's `calc_bpd_loop` computes it (REFERENCE.md).
+"""The variational bound in bits per dimension, as improved-diffusion's `calc_bpd_loop` computes it
+(docs/math.md, "Variational bound").
 
     −log p_θ(x0) ≤ L_T + Σ_{t≥1} L_t + L_0                                    (Ho et al. eq. 5, in code timesteps)
     L_T = KL(q(x_{T−1}|x0) ‖ N(0, I))                                         prior

@@ -60,7 +60,7 @@ def test_shape_inferred_from_model_config():
 
 
 def test_ddim_eta1_clipped_equals_ddpm_fixed_small():
-    """REFERENCE.md: η = 1 with the clipped model output is DDPM's fixed_small posterior (same noise)."""
+    """docs/math.md, "DDIM": η = 1 with the clipped model output is DDPM's fixed_small posterior (same noise)."""
     x = torch.randn(4, 6, dtype=torch.float64)
     o = torch.randn(4, 6, dtype=torch.float64)
     z = torch.randn(4, 6, dtype=torch.float64)

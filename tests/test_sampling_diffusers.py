@@ -1,7 +1,7 @@
 """Full sampling loops against diffusers' schedulers with the same seeds.
 
 Tolerance: diffusers keeps β, ᾱ and every per-step scalar in float32; fastdiff computes them in float64 and casts once.
-REFERENCE.md measures the scalar difference at ~3e-6 (DDIM) to ~5e-5 (DDPM at t = 1, cancellation in 1 − ᾱ_t/ᾱ_p).
+docs/math.md ("Precision"): the scalars differ by ~3e-6 (DDIM) to ~5e-5 (DDPM at t = 1, cancellation in 1 − ᾱ_t/ᾱ_p).
 Over a loop these relative errors add up and are amplified where x̂0 = (x − √(1−ᾱ)ε̂)/√ᾱ divides by a small √ᾱ, so
 we compare with rtol = 1e-3 relative to the sample's scale (measured worst case over this matrix: 1.5e-4 relative,
 DDPM with ε-prediction and no clipping, whose samples the stand-in model drives to |x| ~ 1e4).

@@ -14,7 +14,7 @@ def test_tables_match_diffusers_float32(name):
     s = NoiseSchedule.from_diffusers(ref)
     assert s.betas.dtype == torch.float64 and len(s) == 1000
     torch.testing.assert_close(s.betas.float(), ref.betas, rtol=1e-6, atol=1e-9)
-    # ᾱ: diffusers' float32 cumprod drifts from the float64 one by a few 1e-6 relative (REFERENCE.md).
+    # ᾱ: diffusers' float32 cumprod drifts from the float64 one by a few 1e-6 relative (docs/math.md, "Precision").
     torch.testing.assert_close(s.alphas_cumprod.float(), ref.alphas_cumprod, rtol=2e-5, atol=1e-7)
 
 

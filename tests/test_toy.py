@@ -133,7 +133,8 @@ def test_moment_recursion_deterministic_ddim_exact():
         assert V.abs().max() == 0
         row = [float(t[xT[:, 0].tolist().index(x0), 0]) for t in traj]
         torch.testing.assert_close(M[1:, 0], torch.tensor(row, dtype=torch.float64), rtol=1e-12, atol=1e-12)
-    # More steps, closer to the data law N(0.7, 0.04): the discretization error of seed 001 Part 7, exactly.
+    # More steps, closer to the data law N(0.7, 0.04): the discretization error
+    # (docs/math.md, "Discretization error vs steps"), exactly.
     lin = NoiseSchedule.linear()
     err = []
     for steps in (10, 100, 1000):

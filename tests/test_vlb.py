@@ -1,4 +1,5 @@
-"""fastdiff.vlb: the variational bound in bits/dim (improved-diffusion calc_bpd_loop, REFERENCE.md)."""
+"""fastdiff.vlb: the variational bound in bits/dim (improved-diffusion calc_bpd_loop;
+docs/math.md, "Variational bound")."""
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ from fastdiff.schedule import NoiseSchedule
 from fastdiff.vlb import vlb
 
 
-# ---- a direct float64 implementation of the REFERENCE.md formulas, scalar by scalar in numpy ----
+# ---- a direct float64 implementation of the docs/math.md formulas, scalar by scalar in numpy ----
 
 def _phi(y):
     return 0.5 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * y**3)))

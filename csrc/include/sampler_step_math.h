@@ -40,7 +40,8 @@ FD_HD Coefs load_coefs(const double* c) {
   return k;
 }
 
-// Without clipping or thresholding the step is linear: x' = c_x·x + c_o·o (+ σ·z), REFERENCE.md's fused form.
+// Without clipping or thresholding the step is linear: x' = c_x·x + c_o·o (+ σ·z), the linear form of
+// docs/math.md, "The fused DDPM/DDIM step".
 // The two scalars are folded in float64 from the coefficient vector.
 FD_HD void fold_linear(const double* c, float* cx, float* co) {
   *cx = (float)(c[kA] * c[kP] + c[kB] * (c[kR] + c[kU] * c[kP]) + c[kC]);

@@ -60,7 +60,8 @@ static void test_philox_normal_moments() {
   CHECK(sstep::philox_normal(7u, 99u) != sstep::philox_normal(8u, 99u), "seed ignored");
 }
 
-// Without clipping, the folded linear step equals the step written out term by term (REFERENCE.md's fused form).
+// Without clipping, the folded linear step equals the step written out term by term
+// (docs/math.md, "The fused DDPM/DDIM step", linear form).
 static void test_fold_linear() {
   std::mt19937 rng(0);
   std::uniform_real_distribution<double> U(-2.0, 2.0);

@@ -7,8 +7,9 @@ Fused op (second half of this file): `sampler_step(x, o, coef, ...)` does a whol
 fastdiff::sampler_step_triton, both with fake kernels (torch.compile, opcheck).
 
 Every `*_ref` function here follows docs/math.md ("Model outputs", "DDPM", "DDIM") and the order of operations of
-diffusers' `DDPMScheduler.step` / `DDIMScheduler.step`, so that a reference loop and a diffusers loop agree to float32 rounding. Per-step scalars are
-Python floats computed in float64; tensor math runs in float32 (fp16/bf16 inputs are upcast, the result cast back).
+diffusers' `DDPMScheduler.step` / `DDIMScheduler.step`, so that a reference loop and a diffusers loop agree to float32
+rounding. Per-step scalars are Python floats computed in float64; tensor math runs in float32 (fp16/bf16 inputs are
+upcast, the result cast back).
 """
 from __future__ import annotations
 

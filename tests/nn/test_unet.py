@@ -3,7 +3,7 @@
 Tolerances. fp32: both models run the same float32 math in a different order (fused GroupNorm statistics, one
 QKV GEMM, SDPA), so we allow 2e-4 relative to the output's max magnitude (measured: ~1e-6). fp16/bf16: compared with
 the fp32 diffusers output, with a budget of 3x diffusers' own error in that dtype (+ a small floor), the
-flash-attention rule of STYLE.md applied to the whole network.
+flash-attention rule of docs/math.md ("Precision") applied to the whole network.
 """
 import json
 import os

@@ -1,6 +1,6 @@
 """fastdiff.ops.attention: SDPA dispatch and the Triton flash-attention kernel (fastdiff::attention_triton).
 
-Tolerance (STYLE.md, flash-attention rule): with o64 the float64 reference on the same (already rounded) inputs,
+Tolerance (docs/math.md, "Precision"): with o64 the float64 reference on the same (already rounded) inputs,
 err(backend) <= 2 * err(SDPA in the same dtype) + atol, atol = 1e-5 (fp32), 2e-3 (fp16), 1.6e-2 (bf16): about one
 rounding of an O(1) output in that dtype. The Triton kernel runs under TRITON_INTERPRET=1 on CPU, so these shapes are
 small: L = 16..40 tokens (not powers of two, not multiples of the 16-row tiles), head width 16/32, batch 1 and 2.

@@ -481,7 +481,7 @@ def test_fused_loop_equals_reference_loop(backend, dtype, case):
     fp32 / fp16: the fused loop vs the reference loop in the same dtype, |diff| <= tol·max|x|, tol = 5e-6 / 4e-3.
     Every dtype, and the rule for bf16: against the float64 reference loop on the same inputs (x_T, weights and every
     noise draw rounded as in the bf16/fp16/fp32 loop), err <= 2·err(reference loop in the dtype) + 4·atol·max|x|
-    (STYLE.md). bf16 is not held to the same-dtype loop: the reference rounds the guided output and each step's terms
+    (docs/math.md). bf16 is not held to the same-dtype loop: the reference rounds the guided output and each step's terms
     to bf16 where the fused step keeps them in fp32, so the two differ by up to ~6e-2 of max|x| depending on the draw
     (torch 2.11 and 2.13 draw different bf16 noise from one seed)."""
     kind, opts, ev, w = LOOP_CASES[case]
