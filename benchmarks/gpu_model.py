@@ -22,7 +22,7 @@ on a device tensor are device→host syncs (counted separately).
 The cost model, per kernel k: t_k = launches_k · L + max(bytes_k / BW, flops_k / P); a step or a forward is Σ_k t_k
 (kernels run one after another, as on one stream). L = 2.5 µs per eager launch or 1.3 µs per CUDA-graph node; BW:
 H100 SXM 3.35 TB/s (HBM3 spec), H200 4.8 TB/s (spec) and 4.3 TB/s (a published measured copy rate); P = 989 TFLOP/s,
-the dense fp16 tensor-core peak of both (published). bytes_k = every tensor the op reads plus every tensor it writes
+the dense fp16 tensor-core peak of both (published; fp32: PEAKS below). bytes_k = every tensor the op reads plus every tensor it writes
 (a broadcast dimension counted once, views and allocations free); flops_k = 2·M·N·K for GEMMs and convolutions
 (attention: its two GEMMs), 0 for element-wise ops. Peak bandwidth and peak FLOP/s are upper bounds on what a kernel
 achieves, so each t_k is a lower bound on its GPU time; host ops and syncs are not in the time.
@@ -57,11 +57,15 @@ aten = torch.ops.aten
 # ---- published inputs (not measured here) ------------------------------------------------------------------------
 LAUNCH_EAGER_S = 2.5e-6  # per eager kernel launch
 LAUNCH_GRAPH_S = 1.3e-6  # per CUDA-graph node
-FP16_PEAK = 989e12  # dense fp16 tensor-core FLOP/s, H100 SXM and H200
+FP16_PEAK = 989e12  # dense fp16/bf16 tensor-core FLOP/s, H100 SXM and H200
+# float32 (only with --dtype float32 or a float32 benchmark in --measured): PyTorch's defaults run convolutions in TF32
+# (torch.backends.cudnn.allow_tf32 = True: 495 TFLOP/s dense) and GEMMs in plain FP32 (matmul.allow_tf32 = False:
+# 67 TFLOP/s); attention in fp32 is taken at the FP32 rate
+PEAKS = {"fp16": FP16_PEAK, "tf32": 495e12, "fp32": 67e12}
 DEVICES = OrderedDict([
-    ("H100 SXM", dict(bw=3.35e12, peak=FP16_PEAK, note="3.35 TB/s HBM3 (spec)")),
-    ("H200 spec", dict(bw=4.8e12, peak=FP16_PEAK, note="4.8 TB/s HBM3e (spec)")),
-    ("H200 copy", dict(bw=4.3e12, peak=FP16_PEAK, note="~4.3 TB/s (published measured copy)")),
+    ("H100 SXM", dict(bw=3.35e12, peaks=PEAKS, note="3.35 TB/s HBM3 (spec)")),
+    ("H200 spec", dict(bw=4.8e12, peaks=PEAKS, note="4.8 TB/s HBM3e (spec)")),
+    ("H200 copy", dict(bw=4.3e12, peaks=PEAKS, note="~4.3 TB/s (published measured copy)")),
 ])
 SMS = 132  # SMs of an H100 SXM and of an H200: fastdiff's group_norm_silu plans its split for 8 blocks per SM
 
@@ -74,9 +78,10 @@ class Kernel:
     launches: int
     bytes: int
     flops: int = 0
+    math: str = "fp16"  # which peak of PEAKS its FLOPs run at
 
     def seconds(self, dev: dict, launch_s: float) -> float:
-        return self.launches * launch_s + max(self.bytes / dev["bw"], self.flops / dev["peak"])
+        return self.launches * launch_s + max(self.bytes / dev["bw"], self.flops / dev["peaks"][self.math])
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -157,8 +162,11 @@ class Counter(TorchDispatchMode):
         finally:
             self._paused = old
 
-    def add(self, op: str, launches: int, nbytes: int, flops: int = 0):
-        self.kernels.append(Kernel(op, launches, int(nbytes), int(flops)))
+    def add(self, op: str, launches: int, nbytes: int, flops: int = 0, dtype=torch.float16):
+        math = "fp32" if dtype == torch.float32 else "fp16"
+        if math == "fp32" and op == "convolution":
+            math = "tf32"
+        self.kernels.append(Kernel(op, launches, int(nbytes), int(flops), math))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -210,7 +218,7 @@ class Counter(TorchDispatchMode):
             cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
             if gns_plan_split(x.shape[0], x.shape[1], x[0, 0].numel(), G, cl) > 1:
                 launches, read = 3, read + nb(x)
-        self.add(name, launches, read + write, _flops(func, args, out))
+        self.add(name, launches, read + write, _flops(func, args, out), outs[0].dtype if outs else torch.float16)
         return out
 
 
@@ -230,7 +238,7 @@ class _SDPA(TorchFunctionMode):
         q, k, v = args[:3]
         bh = q.shape[:-2].numel()
         flops = 2 * bh * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-        self.c.add("scaled_dot_product_attention", 1, sum(map(tensor_bytes, (q, k, v, out))), flops)
+        self.c.add("scaled_dot_product_attention", 1, sum(map(tensor_bytes, (q, k, v, out))), flops, q.dtype)
         return out
 
 
@@ -394,7 +402,7 @@ def markdown(res: dict) -> str:
          f"- inputs (published, not measured here): launch {LAUNCH_EAGER_S * 1e6:g} µs eager, "
          f"{LAUNCH_GRAPH_S * 1e6:g} µs per CUDA-graph node; "
          + "; ".join(f"{d}: {v['note']}" for d, v in DEVICES.items())
-         + f"; fp16 dense tensor-core peak {FP16_PEAK / 1e12:g} TFLOP/s",
+         + f"; fp16 dense tensor-core peak {FP16_PEAK / 1e12:g} TFLOP/s (both GPUs)",
          "- model: per kernel launches·L + max(bytes/BW, flops/peak), summed; host ops and syncs are counted, "
          "not timed", "",
          "One sampling step (the model call excluded):", "",

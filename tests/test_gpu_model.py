@@ -103,10 +103,18 @@ def test_group_norm_launches():
 
 
 def test_cost_model():
-    dev = dict(bw=2e12, peak=1e15)
+    dev = dict(bw=2e12, peaks=dict(fp16=1e15, tf32=5e14, fp32=1e14))
     assert gm.Kernel("add", 1, 4e6).seconds(dev, 2e-6) == pytest.approx(2e-6 + 2e-6)  # memory-bound
     assert gm.Kernel("mm", 1, 4e6, 1e10).seconds(dev, 1e-6) == pytest.approx(1e-6 + 1e-5)  # compute-bound
+    assert gm.Kernel("mm", 1, 4e6, 1e10, "fp32").seconds(dev, 1e-6) == pytest.approx(1e-6 + 1e-4)
     assert gm.Kernel("gn", 3, 0).seconds(dev, 2e-6) == pytest.approx(6e-6)
+    # float32: convolutions at the TF32 rate (cuDNN's default in PyTorch), GEMMs at the FP32 rate
+    a = torch.empty(8, 8, device="meta")
+    with gm.counting() as c:
+        a @ a
+        torch.nn.functional.conv2d(torch.empty(1, 3, 4, 4, device="meta"), torch.empty(2, 3, 1, 1, device="meta"))
+        torch.empty(8, 8, **META16) @ torch.empty(8, 8, **META16)
+    assert [(k.op, k.math) for k in c.kernels] == [("mm", "fp32"), ("convolution", "tf32"), ("mm", "fp16")]
 
 
 def test_script_tiny_settings(tmp_path):
