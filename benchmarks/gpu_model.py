@@ -216,7 +216,7 @@ class Counter(TorchDispatchMode):
         elif name == "fastdiff.group_norm_silu":
             x, G = args[0], args[4]
             cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-            if gns_plan_split(x.shape[0], x.shape[1], x[0, 0].numel(), G, cl) > 1:
+            if gns_plan_split(x.shape[0], x.shape[1], x.shape[2:].numel(), G, cl) > 1:
                 launches, read = 3, read + nb(x)
         self.add(name, launches, read + write, _flops(func, args, out), outs[0].dtype if outs else torch.float16)
         return out
@@ -235,7 +235,7 @@ class _SDPA(TorchFunctionMode):
             return func(*args, **kwargs)
         with self.c.paused():
             out = func(*args, **kwargs)
-        q, k, v = args[:3]
+        q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(("query", "key", "value")))
         bh = q.shape[:-2].numel()
         flops = 2 * bh * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
         self.c.add("scaled_dot_product_attention", 1, sum(map(tensor_bytes, (q, k, v, out))), flops, q.dtype)

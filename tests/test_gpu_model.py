@@ -151,3 +151,25 @@ def test_script_tiny_settings(tmp_path):
     for r in res["sampler"] + res["unet"]:
         for d in gm.DEVICES:
             assert 0 < r[d]["graph_us"] < r[d]["eager_us"]
+
+
+def test_measured_beside_predicted(tmp_path):
+    """--measured: each benchmark this model predicts gets its prediction; the others are left out."""
+    bench = {"benchmarks": [
+        {"name": "test_sampler_step[2x3x8x8-fp16-fused]", "stats": {"median": 5e-5}, "extra_info": {"device": "X"},
+         "params": {"shape": [2, 3, 8, 8], "dtype": "UNSERIALIZABLE[torch.float16]", "impl": "fused"}},
+        {"name": "test_sampler_step[2x3x8x8-fp16-copy]", "stats": {"median": 1e-5},
+         "params": {"shape": [2, 3, 8, 8], "dtype": "UNSERIALIZABLE[torch.float16]", "impl": "copy"}},
+        {"name": "test_unet_forward[diffusers-1-torch.float16]", "stats": {"median": 2e-3},
+         "params": {"form": "diffusers", "batch": 1, "dtype": "UNSERIALIZABLE[torch.float16]"}},
+    ]}
+    path = tmp_path / "benchmarks.json"
+    path.write_text(json.dumps(bench))
+    table, rows = gm.compare(str(path))
+    assert [r["predicted"] for r in rows] == [gm.FUSED_DDIM, gm.DIFFUSERS_UNET]
+    col = rows[0]["device_column"]
+    pred = gm.sampler_rows((2, 3, 8, 8), torch.float16)[0]
+    assert rows[0]["predicted_eager_us"] == pytest.approx(pred[col]["eager_us"])
+    assert rows[0]["measured_over_predicted"] == pytest.approx(50.0 / pred[col]["eager_us"])
+    assert rows[0]["measured_on"] == "X" and "Predicted (not measured" in table
+    assert "No measured benchmarks" in gm.compare(str(tmp_path / "missing.json"))[0]
