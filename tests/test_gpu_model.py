@@ -12,6 +12,7 @@ import torch
 
 import fastdiff  # noqa: F401  (registers the fastdiff ops)
 from fastdiff.ops import sampler_step as ss
+from tests.conftest import requires_cpp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_model.py")
@@ -65,6 +66,7 @@ def test_syncs_on_device_resident_tensors():
     assert c.host_ops == ["arange", "sum", "_local_scalar_dense"]
 
 
+@requires_cpp  # on meta tensors the fused ops resolve to the C++ op's fake kernel
 def test_fused_sampler_step_is_one_kernel_moving_exactly_its_arguments():
     x, o = torch.empty(3, 5, 7, 11, **META16), torch.empty(3, 5, 7, 11, **META16)
     table = torch.empty(50, ss.NUM_COEF, dtype=torch.float64, device="meta")
@@ -117,6 +119,7 @@ def test_cost_model():
     assert [(k.op, k.math) for k in c.kernels] == [("mm", "fp32"), ("convolution", "tf32"), ("mm", "fp16")]
 
 
+@requires_cpp
 def test_script_tiny_settings(tmp_path):
     out = tmp_path / "gpu_model.json"
     t0 = time.perf_counter()
@@ -153,6 +156,7 @@ def test_script_tiny_settings(tmp_path):
             assert 0 < r[d]["graph_us"] < r[d]["eager_us"]
 
 
+@requires_cpp
 def test_measured_beside_predicted(tmp_path):
     """--measured: each benchmark this model predicts gets its prediction; the others are left out."""
     bench = {"benchmarks": [
