@@ -1,0 +1,900 @@
+"""Drop-in diffusers schedulers that run every step as one fused fastdiff kernel.
+
+    import fastdiff.diffusers as fd
+    pipe.scheduler = fd.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+
+DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+HeunDiscreteScheduler, UniPCMultistepScheduler and PNDMScheduler carry diffusers' names, `__init__` parameters and
+defaults (taken from the installed diffusers' classes, so `from_config`, `save_config` and `_compatibles` behave as
+diffusers'), `order`, `timesteps` (int64; float32 for the Euler family), `sigmas`, `init_noise_sigma`,
+`scale_model_input`, `add_noise`, `set_begin_index` / `begin_index` / `step_index`, and `set_timesteps` / `step`
+with the signatures of diffusers' classes (pipelines inspect them).
+
+How a step runs. `set_timesteps` reads the config (pipelines rewrite `steps_offset` / `clip_sample` after
+construction, so nothing is cached from `__init__`) and computes every coefficient of the run once, in float64:
+the σ-grid and multistep solvers compile to a `fastdiff.samplers` plan (one row of `fastdiff.ops.multistep` per
+model call, rows in diffusers' sample scale: `SolverPlan.diffusers_rows`), DDIM and DDPM to a table of
+`fastdiff.ops.sampler_step` rows over the timesteps they may be given (they step from the timestep passed, as
+diffusers' do: img2img starts mid-schedule). The tables live on the sample's device. `step` is then one fused kernel
+over the sample, the model output, the history slots this scheduler owns and the noise; it returns a freshly
+allocated `prev_sample` (pipelines keep references to latents). Where the step is depends on no tensor value: a
+timestep taken from `self.timesteps` (as every pipeline passes it) is located by its address in that tensor, a
+Python number by value; only a foreign timestep tensor falls back to reading it, on the first step, exactly where
+diffusers reads it too. No host sync, no host-side tensor math per step (tests/diffusers/test_syncs.py counts).
+
+Noise is drawn with diffusers' `randn_tensor` (lists of generators included), only where diffusers draws it: DDIM
+when η > 0, DDPM when t > 0, Euler ancestral every step, the SDE DPM-Solvers every step.
+
+Starting mid-schedule (img2img: `set_begin_index(k)`, or the first timestep passed): the Euler family steps on from
+row k; DPM-Solver, UniPC and PLMS restart their history there, as diffusers' do (its warm-up orders from step k),
+from a plan of the remaining grid. Not offered (a clear error): custom `timesteps=` / `sigmas=` grids for the solver
+classes (DDPM takes custom timesteps), `s_churn` > 0, PNDM's PRK warm-up started mid-schedule, and the diffusers
+settings that fastdiff's solvers lack (`fastdiff.samplers.solver_options` names them).
+
+`pred_original_sample`: written (one extra output of the fused pass) when `step(..., return_dict=True)`; the tuple
+form (`return_dict=False`, what pipelines use) returns `(prev_sample, None)` where diffusers returns x̂0, to keep
+one write per step.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import threading
+import warnings
+
+import numpy as np
+import torch
+
+import diffusers as _hf  # the real library (absolute import; this module is fastdiff.diffusers)
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from fastdiff import samplers as S
+from fastdiff.ops import multistep as M
+from fastdiff.ops import sampler_step as SS
+from fastdiff.samplers import dpm_solver as _dpm
+from fastdiff.samplers import pndm as _pndm
+from fastdiff.schedule import NoiseSchedule
+
+__all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+           "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
+           "SCHEDULERS", "equivalent"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shared machinery
+
+def _init_like(hf_cls):
+    """An `__init__` with exactly the parameters and defaults of diffusers' `hf_cls.__init__` (so ConfigMixin
+    records the same config), decorated with register_to_config."""
+    sig = inspect.signature(hf_cls.__init__)
+
+    def __init__(self, *args, **kwargs):
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        self._setup(dict(list(bound.arguments.items())[1:]))
+
+    __init__.__signature__ = sig
+    __init__.__doc__ = f"The parameters and defaults of diffusers' {hf_cls.__name__}."
+    return register_to_config(__init__)
+
+
+def _check_steps(n, T):
+    if n is None:
+        raise ValueError("num_inference_steps: pass the number of steps (got None)")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"num_inference_steps must be an int, got {type(n).__name__}")
+    n = int(n)
+    if not 1 <= n <= T:
+        raise ValueError(f"num_inference_steps must be in [1, num_train_timesteps={T}], got {n}")
+    return n
+
+
+class _Base(SchedulerMixin, ConfigMixin):
+    """What every fastdiff scheduler shares: config reading, the timestep → position rule, add_noise tables."""
+
+    _hf_class: type
+    order = 1
+
+    def _setup(self, args: dict):
+        self._check_config(args)
+        self._schedule = NoiseSchedule.from_diffusers(args)
+        self.betas = self._schedule.betas.to(torch.float32)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = self._schedule.alphas_cumprod_f32()
+        self.num_inference_steps = None
+        self._step_index = None
+        self._begin_index = None
+        self._host_ts: list = []
+        self._dev_cache: dict = {}
+        self._planned_cfg = None
+        T = args["num_train_timesteps"]
+        self.timesteps = torch.from_numpy(np.arange(0, T)[::-1].copy())
+
+    def _check_config(self, cfg: dict):
+        """Refuse, at construction, settings this class cannot run (the same check runs at set_timesteps)."""
+
+    def __len__(self):
+        return self.config.num_train_timesteps
+
+    # ---- step position ----
+    @property
+    def step_index(self):
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        self._begin_index = begin_index
+
+    def _position(self, timestep):
+        """(index into self.timesteps, host value) of a timestep without reading the device: a view into
+        self.timesteps (what pipelines pass) is located by address; a Python number is its own value; otherwise
+        (None, None)."""
+        ts = self.timesteps
+        if torch.is_tensor(timestep):
+            if timestep.numel() == 1 and timestep.dtype == ts.dtype and timestep.device == ts.device \
+                    and ts.dim() == 1 and ts.numel() == len(self._host_ts) and ts.is_contiguous() \
+                    and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr():
+                off, size = timestep.data_ptr() - ts.data_ptr(), ts.element_size()
+                if off % size == 0 and 0 <= off // size < len(self._host_ts):
+                    p = off // size
+                    return p, self._host_ts[p]
+            return None, None
+        if isinstance(timestep, (int, float, np.integer, np.floating)):
+            return None, timestep
+        raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
+
+    def _timestep_value(self, timestep):
+        """The host value of a timestep: without a device read where _position can tell, else read (the read
+        diffusers makes too)."""
+        p, v = self._position(timestep)
+        if v is None:
+            v = timestep.reshape(-1)[0].item()
+        return p, v
+
+    def _index_for_value(self, v, missing_last: bool = True) -> int:
+        """diffusers' index_for_timestep on the host list: the second match when there are several, the only one
+        otherwise, the last index when none (DPM/UniPC) or an error (Euler family)."""
+        hits = [i for i, t in enumerate(self._host_ts) if t == v]
+        if not hits:
+            if missing_last:
+                return len(self._host_ts) - 1
+            raise ValueError(f"timestep {v} is not one of this scheduler's timesteps {self._host_ts}")
+        return hits[1] if len(hits) > 1 else hits[0]
+
+    # ---- device tables ----
+    def _cached(self, key, make):
+        t = self._dev_cache.get(key)
+        if t is None:
+            t = self._dev_cache[key] = make()
+        return t
+
+    def _abar_sqrt(self, device, dtype):
+        """(√ᾱ_t, √(1 − ᾱ_t)) over all training timesteps, float64 math, on `device` in `dtype`."""
+        def make():
+            a = self._schedule.alphas_cumprod
+            return a.sqrt().to(device=device, dtype=dtype), (1 - a).sqrt().to(device=device, dtype=dtype)
+        return self._cached(("abar", str(device), dtype), make)
+
+    def _bcast(self, v, like):
+        v = v.flatten()
+        return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+    def _vp_add_noise(self, original_samples, noise, timesteps):
+        """√ᾱ_t·x0 + √(1 − ᾱ_t)·ε at training timesteps (DDIM/DDPM/PNDM), indexed on the device."""
+        a, b = self._abar_sqrt(original_samples.device, original_samples.dtype)
+        idx = timesteps.to(original_samples.device).long().reshape(-1)
+        return self._bcast(a.index_select(0, idx), original_samples) * original_samples + \
+            self._bcast(b.index_select(0, idx), original_samples) * noise
+
+    def get_velocity(self, sample, noise, timesteps):
+        a, b = self._abar_sqrt(sample.device, sample.dtype)
+        idx = timesteps.to(sample.device).long().reshape(-1)
+        return self._bcast(a.index_select(0, idx), sample) * noise - self._bcast(b.index_select(0, idx), sample) * sample
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return sample
+
+
+def _draw(shape, generator, device, dtype):
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _model_output(model_output, sample, variance_type):
+    """The prediction half of a learned-variance output (diffusers takes the first C channels), in x's dtype."""
+    if model_output.dim() == sample.dim() and model_output.shape[1] == 2 * sample.shape[1] and \
+            variance_type in ("learned", "learned_range"):
+        model_output = model_output[:, : sample.shape[1]]
+    if model_output.shape != sample.shape:
+        raise ValueError(f"model_output has shape {tuple(model_output.shape)}, sample {tuple(sample.shape)}")
+    return model_output if model_output.dtype == sample.dtype else model_output.to(sample.dtype)
+
+
+def _fast_layout(x, *ts):
+    """True when the raw op may run unchecked: x dense contiguous, every tensor of x's shape/dtype/strides."""
+    if not x.is_contiguous():
+        return False
+    return all(t is None or (t.shape == x.shape and t.dtype == x.dtype and t.stride() == x.stride()
+                             and t.device == x.device) for t in ts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the solver-plan schedulers (DPM-Solver, UniPC, Euler, Euler ancestral, Heun, PNDM)
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _patched(module, name, fn):
+    """Swap a module-level function of a plan builder while one plan of a partial grid is built (under a lock)."""
+    with _PATCH_LOCK:
+        old = getattr(module, name)
+        setattr(module, name, fn)
+        try:
+            yield old
+        finally:
+            setattr(module, name, old)
+
+
+class _PlanScheduler(_Base):
+    _sampler = ""  # the fastdiff sampler of this class
+    _restarts = True  # history restarts at the first step (multistep solvers); False: rows are per step
+    _euler_family = False
+
+    def _check_config(self, cfg):
+        S.solver_options(self._sampler, dict(cfg), {})
+
+    def _setup(self, args):
+        super()._setup(args)
+        self._plans: dict = {}
+        self._start = 0
+        self._slots: list = []
+        self.sigmas = None
+        self._checked = False
+
+    # ---- set_timesteps ----
+    def _set(self, num_inference_steps, device, **custom):
+        for name, v in custom.items():
+            if v is not None:
+                raise NotImplementedError(
+                    f"{type(self).__name__}.set_timesteps: custom {name}= is not supported by fastdiff (its plans "
+                    f"are compiled from num_inference_steps on the configured grid); pass num_inference_steps, or "
+                    f"use diffusers' {type(self).__name__} for a custom grid")
+        cfg = dict(self.config)
+        T = cfg["num_train_timesteps"]
+        n = _check_steps(num_inference_steps, T)
+        self._schedule = NoiseSchedule.from_diffusers(cfg)
+        self._opts = S.solver_options(self._sampler, cfg, {})
+        plan = S.build_plan(self._sampler, self._schedule, n, self._opts)
+        if len(plan.timesteps) != len(plan.calls):
+            raise AssertionError("plan has one call per timestep")
+        self._planned_cfg = self._internal_dict
+        self.num_inference_steps = n
+        self._plans = {0: plan}
+        self._host_ts = [type(t)(t) for t in plan.timesteps]
+        self.timesteps = torch.tensor(plan.timesteps, dtype=plan.t_dtype).to(device)
+        self.sigmas = torch.tensor(plan.sigmas, dtype=torch.float32) if plan.sigmas is not None else None
+        self._init_sigma = float(plan.init_noise_sigma)
+        self._step_index = None
+        self._begin_index = None
+        self._start = 0
+        self._dev_cache = {}
+        self._checked = False
+        if device is not None:
+            self._rows(0, torch.device(device))
+
+    @property
+    def init_noise_sigma(self):
+        if not self._plans:  # before set_timesteps: diffusers' value for the full training grid
+            if not self._euler_family:
+                return 1.0
+            a = self.alphas_cumprod
+            smax = float((((1 - a) / a) ** 0.5).max())
+            return smax if self.config.timestep_spacing in ("linspace", "trailing") else math.sqrt(smax**2 + 1)
+        return self._init_sigma
+
+    def _rows(self, start, device):
+        return self._cached(("rows", start, str(device)), lambda: self._plans[start].diffusers_rows().to(device))
+
+    # ---- plans of a partial grid (history restarted at call k) ----
+    def _tail_plan(self, k: int):
+        n = self.num_inference_steps
+        o = dict(self._opts)
+        if self._sampler == "pndm":
+            if not o["skip_prk_steps"]:
+                raise NotImplementedError("PNDMScheduler: starting mid-schedule (img2img) with the PRK warm-up "
+                                          "(skip_prk_steps=False) is not supported by fastdiff; set skip_prk_steps=True")
+            tail = self._plans[0].timesteps[k:]
+            with _patched(_pndm, "timesteps", lambda T, steps, o: ([], list(tail))):
+                return S.build_plan(self._sampler, self._schedule, n, o)
+        if self._sampler == "dpmsolver++" and n >= 15:
+            o["lower_order_final"] = False  # diffusers' "len(timesteps) < 15" is about the full grid
+        if self._sampler == "unipc":
+            o["disable_corrector"] = tuple(int(j) - k for j in o["disable_corrector"])
+        orig = _dpm.grid
+
+        def tail_grid(schedule, steps, opts, **kw):
+            ts, sig = orig(schedule, n, opts, **kw)
+            return ts[k:], sig[k:]
+
+        with _patched(_dpm, "grid", tail_grid):
+            return S.build_plan(self._sampler, self._schedule, n, o)
+
+    def set_begin_index(self, begin_index: int = 0):
+        self._begin_index = begin_index
+        if self._plans and self._restarts and 0 < begin_index < len(self._host_ts) and begin_index not in self._plans:
+            self._plans[begin_index] = self._tail_plan(begin_index)  # built here, off the denoising loop
+
+    def _init_step_index(self, timestep):
+        if self._begin_index is not None:
+            i = int(self._begin_index)
+        else:
+            p, v = self._timestep_value(timestep)
+            i = p if self._sampler == "pndm" and p is not None else \
+                self._index_for_value(v, missing_last=not self._euler_family)
+        if not 0 <= i < len(self._host_ts):
+            raise IndexError(f"{type(self).__name__}: step index {i} is outside the {len(self._host_ts)} timesteps")
+        self._step_index = i
+        self._start = i if self._restarts else 0
+        if self._start and self._start not in self._plans:
+            self._plans[self._start] = self._tail_plan(self._start)
+        if not self._restarts and self._sampler == "heun" and i % 2 == 1:
+            raise NotImplementedError("HeunDiscreteScheduler: starting at a second-order call (odd step index "
+                                      f"{i}) is not supported by fastdiff")
+
+    def _require_plan(self):
+        if not self._plans:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps before step (num_inference_steps is None)")
+        if self._internal_dict is not self._planned_cfg:
+            raise RuntimeError(f"{type(self).__name__}: the config changed after set_timesteps; call set_timesteps "
+                               "again")
+
+    # ---- the step ----
+    def _fused_step(self, model_output, timestep, sample, generator=None, variance_noise=None, want_x0=False):
+        self._require_plan()
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        plan = self._plans[self._start]
+        k = i - self._start
+        if k >= len(plan.calls):
+            raise IndexError(f"{type(self).__name__}.step: called {i + 1} times for {len(self._host_ts)} timesteps; "
+                             "call set_timesteps to start a new run")
+        row = plan.calls[k]
+        x = sample
+        o = _model_output(model_output, x, self._opts.get("variance_type"))
+        coef = self._rows(self._start, x.device)[k]
+        if k == 0 or len(self._slots) != plan.num_slots or (self._slots and (
+                self._slots[0].shape != x.shape or self._slots[0].dtype != x.dtype
+                or self._slots[0].device != x.device)):
+            if k != 0:
+                raise RuntimeError(f"{type(self).__name__}.step: the sample's shape/dtype/device changed mid-run")
+            self._slots = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(plan.num_slots)]
+        noise = None
+        if row.noise:
+            noise = variance_noise if variance_noise is not None else \
+                _draw(o.shape, generator, o.device, plan.noise_dtype or o.dtype)
+            if noise.dtype != x.dtype:
+                noise = noise.to(x.dtype)
+        thr = None
+        if row.threshold:
+            thr = M.threshold_scale(x, o, coef, ratio=self._opts["dynamic_thresholding_ratio"],
+                                    max_value=self._opts["sample_max_value"])
+        hist = [self._slots[s] for s in row.reads]
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out2 = self._slots[row.y2_slot] if row.y2_slot is not None else None
+        d_out = self._slots[row.d_slot] if row.d_slot is not None else None
+        x0 = None
+        if want_x0 and d_out is None:
+            x0 = d_out = torch.empty_like(out)
+        backend = "torch" if x.dtype == torch.float64 else "auto"
+        if self._checked and backend == "auto" and _fast_layout(x, o, noise):
+            M.resolve_op(backend, x.device)(x, o, None, hist, noise, None, thr, coef, M.FLAG_CLIP if row.clip else 0,
+                                            out, out2, d_out)
+        else:
+            M.multistep_step(x, o, coef, hist=hist, noise=noise, thr=thr, clip=row.clip, out=out, out2=out2,
+                             d_out=d_out, backend=backend)
+            self._checked = True
+        if want_x0 and x0 is None and plan.d_is_x0:
+            x0 = d_out.clone()
+        self._step_index += 1
+        return out, (x0 if plan.d_is_x0 else None)
+
+
+def _scaled_input(self, sample, timestep):
+    """Euler family: sample / √(σ² + 1) at the current step (σ in float64, divided once)."""
+    self._require_plan()
+    if self._step_index is None:
+        self._init_step_index(timestep)
+    k = self._step_index - self._start
+    self.is_scale_input_called = True
+    return sample / self._plans[self._start].calls[k].scale_in
+
+
+def _sigma_noise(self, original_samples, noise, timesteps, vp: bool):
+    """add_noise of the σ schedulers: x0 + σ·ε (Euler family) or α·x0 + σ_t·ε (vp: DPM/UniPC), σ at the step
+    diffusers would pick: begin_index / step_index when set, else each timestep's position (found on the device)."""
+    self._require_plan()
+    dev, dt = original_samples.device, original_samples.dtype
+    sig = torch.tensor(self._plans[0].sigmas, dtype=torch.float64)
+    B = timesteps.shape[0] if torch.is_tensor(timesteps) and timesteps.dim() else 1
+    if self._begin_index is not None:  # diffusers: the current step (inpainting), else the begin index (img2img)
+        i = self._step_index if self._step_index is not None else self._begin_index
+        s = sig[i].reshape(1).expand(B).to(device=dev)
+    else:  # each timestep's position, as index_for_timestep finds it, on the device
+        sched = self._cached(("ts", str(dev)), lambda: self.timesteps.to(dev))
+        t = timesteps.to(dev).reshape(-1, 1).to(sched.dtype)
+        eq = sched.reshape(1, -1) == t
+        cnt = eq.sum(1)
+        first = eq.to(torch.int32).argmax(1)
+        second = (eq & (eq.cumsum(1) == 2)).to(torch.int32).argmax(1)
+        pos = torch.where(cnt > 1, second, torch.where(cnt > 0, first, torch.full_like(first, len(self._host_ts) - 1)))
+        s = self._cached(("sig", str(dev)), lambda: sig.to(dev)).index_select(0, pos)
+    if vp:
+        a = 1.0 / torch.sqrt(s * s + 1.0)
+        return self._bcast(a.to(dt), original_samples) * original_samples + \
+            self._bcast((s * a).to(dt), original_samples) * noise
+    return original_samples + noise * self._bcast(s.to(dt), original_samples)
+
+
+class DPMSolverMultistepScheduler(_PlanScheduler):
+    """diffusers' DPMSolverMultistepScheduler (DPM-Solver(++) 1–3, ODE and SDE) on fastdiff's fused multistep op."""
+
+    _hf_class = _hf.DPMSolverMultistepScheduler
+    _compatibles = list(_hf.DPMSolverMultistepScheduler._compatibles)
+    order = _hf.DPMSolverMultistepScheduler.order
+    _sampler = "dpmsolver++"
+    __init__ = _init_like(_hf.DPMSolverMultistepScheduler)
+
+    def set_timesteps(self, num_inference_steps: int = None, device=None, mu: float | None = None,
+                      timesteps: list[int] | None = None):
+        if mu is not None:
+            raise NotImplementedError("DPMSolverMultistepScheduler.set_timesteps: mu= (dynamic shifting) is not "
+                                      "supported by fastdiff")
+        self._set(num_inference_steps, device, timesteps=timesteps)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             variance_noise: torch.Tensor | None = None, return_dict: bool = True):
+        prev, _ = self._fused_step(model_output, timestep, sample, generator, variance_noise)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
+
+
+class UniPCMultistepScheduler(_PlanScheduler):
+    """diffusers' UniPCMultistepScheduler (bh1/bh2 predictor + corrector) on fastdiff's fused multistep op."""
+
+    _hf_class = _hf.UniPCMultistepScheduler
+    _compatibles = list(_hf.UniPCMultistepScheduler._compatibles)
+    order = _hf.UniPCMultistepScheduler.order
+    _sampler = "unipc"
+    __init__ = _init_like(_hf.UniPCMultistepScheduler)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas: list[float] | None = None,
+                      mu: float | None = None):
+        if mu is not None:
+            raise NotImplementedError("UniPCMultistepScheduler.set_timesteps: mu= (dynamic shifting) is not "
+                                      "supported by fastdiff")
+        self._set(num_inference_steps, device, sigmas=sigmas)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        prev, _ = self._fused_step(model_output, timestep, sample)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
+
+
+class EulerDiscreteScheduler(_PlanScheduler):
+    """diffusers' EulerDiscreteScheduler (Karras et al. 2022, Alg. 1 without churn) on fastdiff's fused op."""
+
+    _hf_class = _hf.EulerDiscreteScheduler
+    _compatibles = list(_hf.EulerDiscreteScheduler._compatibles)
+    order = _hf.EulerDiscreteScheduler.order
+    _sampler = "euler"
+    _restarts = False
+    _euler_family = True
+    __init__ = _init_like(_hf.EulerDiscreteScheduler)
+    is_scale_input_called = False
+
+    def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps: list[int] | None = None,
+                      sigmas: list[float] | None = None):
+        self._set(num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
+        self.is_scale_input_called = False
+
+    scale_model_input = _scaled_input
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
+             return_dict: bool = True):
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             "`EulerDiscreteScheduler.step()` is not supported. Make sure to pass one of the "
+                             "`scheduler.timesteps` as a timestep.")
+        if s_churn != 0.0:
+            raise NotImplementedError("EulerDiscreteScheduler.step: s_churn > 0 (stochastic churn) is not supported "
+                                      "by fastdiff")
+        prev, x0 = self._fused_step(model_output, timestep, sample, generator, want_x0=return_dict)
+        if not return_dict:
+            return prev, None
+        return _hf.schedulers.scheduling_euler_discrete.EulerDiscreteSchedulerOutput(prev_sample=prev,
+                                                                                   pred_original_sample=x0)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+
+
+class EulerAncestralDiscreteScheduler(_PlanScheduler):
+    """diffusers' EulerAncestralDiscreteScheduler (σ_up noise each step) on fastdiff's fused multistep op."""
+
+    _hf_class = _hf.EulerAncestralDiscreteScheduler
+    _compatibles = list(_hf.EulerAncestralDiscreteScheduler._compatibles)
+    order = _hf.EulerAncestralDiscreteScheduler.order
+    _sampler = "euler_ancestral"
+    _restarts = False
+    _euler_family = True
+    __init__ = _init_like(_hf.EulerAncestralDiscreteScheduler)
+    is_scale_input_called = False
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        self._set(num_inference_steps, device)
+        self.is_scale_input_called = False
+
+    scale_model_input = _scaled_input
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             "`EulerAncestralDiscreteScheduler.step()` is not supported. Make sure to pass one of "
+                             "the `scheduler.timesteps` as a timestep.")
+        prev, x0 = self._fused_step(model_output, timestep, sample, generator, want_x0=return_dict)
+        if not return_dict:
+            return prev, None
+        out = _hf.schedulers.scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput
+        return out(prev_sample=prev, pred_original_sample=x0)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+
+
+class HeunDiscreteScheduler(_PlanScheduler):
+    """diffusers' HeunDiscreteScheduler (Karras et al. 2022, Alg. 2; 2N − 1 model calls) on fastdiff's fused op."""
+
+    _hf_class = _hf.HeunDiscreteScheduler
+    _compatibles = list(_hf.HeunDiscreteScheduler._compatibles)
+    order = _hf.HeunDiscreteScheduler.order
+    _sampler = "heun"
+    _restarts = False
+    _euler_family = True
+    __init__ = _init_like(_hf.HeunDiscreteScheduler)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, num_train_timesteps: int | None = None,
+                      timesteps: list[int] | None = None):
+        if num_train_timesteps is not None and num_train_timesteps != self.config.num_train_timesteps:
+            raise NotImplementedError("HeunDiscreteScheduler.set_timesteps: num_train_timesteps other than the "
+                                      "config's is not supported by fastdiff")
+        self._set(num_inference_steps, device, timesteps=timesteps)
+
+    scale_model_input = _scaled_input
+
+    @property
+    def state_in_first_order(self):
+        return self._step_index is None or (self._step_index - self._start) % 2 == 0
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        prev, x0 = self._fused_step(model_output, timestep, sample, want_x0=return_dict)
+        if not return_dict:
+            return (prev,)
+        return _hf.schedulers.scheduling_heun_discrete.HeunDiscreteSchedulerOutput(prev_sample=prev,
+                                                                                 pred_original_sample=x0)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+
+
+class PNDMScheduler(_PlanScheduler):
+    """diffusers' PNDMScheduler (PLMS, with PRK warm-up or skip_prk_steps) on fastdiff's fused multistep op."""
+
+    _hf_class = _hf.PNDMScheduler
+    _compatibles = list(_hf.PNDMScheduler._compatibles)
+    order = _hf.PNDMScheduler.order
+    _sampler = "pndm"
+    __init__ = _init_like(_hf.PNDMScheduler)
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        self._set(num_inference_steps, device)
+
+    # diffusers' PNDMScheduler has no begin index (pipelines check hasattr): the start is the first timestep passed
+    set_begin_index = property(doc="not offered, as in diffusers' PNDMScheduler")  # hasattr(...) is False
+
+    def _init_step_index(self, timestep):
+        self._begin_index = None
+        super()._init_step_index(timestep)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        prev, _ = self._fused_step(model_output, timestep, sample)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return self._vp_add_noise(original_samples, noise, timesteps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDIM and DDPM: fused sampler_step rows indexed by the timestep
+
+def _spaced(T, n, spacing, offset):
+    """diffusers' DDIM/DDPM timestep grid (descending int64), trailing's occasional N + 1 entries included."""
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64) + offset
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    raise ValueError(f"timestep_spacing must be one of ('linspace', 'leading', 'trailing'), got {spacing!r}")
+
+
+def _row(kind, at, ap, **kw):
+    try:
+        return SS.step_coefs(kind, at, ap, **kw)
+    except ZeroDivisionError:  # ε-prediction at ᾱ_t = 0 (zero terminal SNR): NaN, as diffusers' arithmetic gives
+        return [math.nan] * SS.NUM_COEF
+
+
+class _StepScheduler(_Base):
+    _kind = ""
+
+    def _check_config(self, cfg):
+        from fastdiff.sampling import resolve_schedule
+
+        resolve_schedule(dict(cfg), {})  # every setting that changes the math, validated (errors name it)
+
+    def _options(self):
+        from fastdiff.sampling import resolve_schedule
+
+        cfg = dict(self.config)
+        res = resolve_schedule(cfg, {})  # (schedule, options[, ...])
+        self._schedule = res[0]
+        return res[1]
+
+    def _require(self):
+        if self._kind == "ddim" and self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps before step (num_inference_steps is None)")
+        if self._internal_dict is not self._planned_cfg:  # a pipeline rewrote the config: re-read it
+            self._opts = self._options()
+            self._planned_cfg = self._internal_dict
+            self._dev_cache = {}
+
+    def _finish_set(self, ts, device):
+        self._host_ts = [int(t) for t in ts]
+        self.timesteps = torch.from_numpy(np.asarray(ts, dtype=np.int64).copy()).to(device)
+        self._planned_cfg = self._internal_dict
+        self._dev_cache = {}
+        self._pos_of = {}
+        for j, t in enumerate(self._host_ts):
+            self._pos_of.setdefault(t, j)
+
+    def _table(self, key_extra, device, fill):
+        """(T, NUM_COEF) float64 rows on `device`: row t steps from training timestep t."""
+        return self._cached(("tab", key_extra, str(device)), lambda: torch.tensor(fill(), dtype=torch.float64)
+                            .to(device))
+
+    def _run(self, x, o, coef, noise, v, opts, want_x0):
+        thr = None
+        if opts.thresholding:
+            thr = SS.threshold_scale(x, o, coef, ratio=opts.dynamic_thresholding_ratio,
+                                     max_value=opts.sample_max_value)
+        var_mode = opts.variance_type if (self._kind == "ddpm" and opts.variance_type.startswith("learned")) \
+            else "scalar"
+        clip = opts.clip_sample and not opts.thresholding
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if x.dtype == torch.float64:
+            y, x0 = SS.sampler_step_ref(x, o, coef, noise=noise, v=v if var_mode != "scalar" else None, thr=thr,
+                                        clip=clip, var_mode=var_mode, write_x0=want_x0)
+            return out.copy_(y), x0
+        y, x0 = SS.sampler_step(x, o, coef, noise=noise, v=v if var_mode != "scalar" else None, thr=thr, clip=clip,
+                                var_mode=var_mode, write_x0=want_x0, out=out)
+        return y, x0
+
+
+class DDIMScheduler(_StepScheduler):
+    """diffusers' DDIMScheduler (Song et al. 2021, eq. 12) on fastdiff's fused sampler_step."""
+
+    _hf_class = _hf.DDIMScheduler
+    _compatibles = list(_hf.DDIMScheduler._compatibles)
+    order = _hf.DDIMScheduler.order
+    _kind = "ddim"
+    __init__ = _init_like(_hf.DDIMScheduler)
+    init_noise_sigma = 1.0
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        self._opts = self._options()
+        T = self.config.num_train_timesteps
+        if num_inference_steps is not None and num_inference_steps > T:
+            raise ValueError(f"`num_inference_steps`: {num_inference_steps} cannot be larger than "
+                             f"`self.config.train_timesteps`: {T}")
+        n = _check_steps(num_inference_steps, T)
+        self.num_inference_steps = n
+        self._finish_set(_spaced(T, n, self._opts.timestep_spacing, self._opts.steps_offset), device)
+        if device is not None:
+            self._coefs(0.0, False, torch.device(device))
+
+    def _coefs(self, eta, ucmo, device):
+        opts, T, n = self._opts, self.config.num_train_timesteps, self.num_inference_steps
+        abar = self._schedule.alphas_cumprod.tolist()
+        final = 1.0 if opts.set_alpha_to_one else abar[0]
+
+        def fill():
+            rows = []
+            for t in range(T):
+                p = t - T // n
+                ap = abar[p] if p >= 0 else final
+                rows.append(_row("ddim", abar[t], ap, prediction_type=opts.prediction_type,
+                                 sigma=SS.ddim_sigma(abar[t], ap, eta), use_clipped_model_output=ucmo,
+                                 clip_sample_range=opts.clip_sample_range))
+            return rows
+        return self._table((float(eta), bool(ucmo)), device, fill)
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator=None, variance_noise: torch.Tensor | None = None,
+             return_dict: bool = True):
+        self._require()
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or math.isnan(eta) or eta < 0:
+            raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+        x = sample
+        o = _model_output(model_output, x, None)
+        table = self._coefs(float(eta), bool(use_clipped_model_output), x.device)
+        _, t = self._position(timestep)
+        if t is not None:
+            t = int(t)
+            if not 0 <= t < len(table):
+                raise ValueError(f"timestep {t} is outside [0, num_train_timesteps={len(table)})")
+            coef = table[t]
+            if math.isnan(self._host_nan(t)):
+                raise ValueError(f"DDIMScheduler.step: prediction_type='epsilon' cannot step from timestep {t}, "
+                                 "where ᾱ_t = 0 (zero terminal SNR): use prediction_type='v_prediction' or 'sample'")
+        else:  # a timestep tensor from elsewhere: indexed on the device (no read)
+            coef = table.index_select(0, timestep.to(table.device).long().reshape(1)).reshape(-1)
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
+                                 "`generator` or `variance_noise` stays `None`.")
+            noise = variance_noise if variance_noise is not None else _draw(o.shape, generator, o.device, o.dtype)
+            noise = noise.to(x.dtype)
+        prev, x0 = self._run(x, o, coef, noise, None, self._opts, return_dict)
+        if not return_dict:
+            return prev, None
+        return _hf.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _host_nan(self, t):
+        a = float(self._schedule.alphas_cumprod[t])
+        return math.nan if (a <= 0.0 and self._opts.prediction_type == "epsilon") else 0.0
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return self._vp_add_noise(original_samples, noise, timesteps)
+
+
+class DDPMScheduler(_StepScheduler):
+    """diffusers' DDPMScheduler (Ho et al. 2020, Alg. 2; strided grids, learned variances) on fastdiff's fused
+    sampler_step."""
+
+    _hf_class = _hf.DDPMScheduler
+    _compatibles = list(_hf.DDPMScheduler._compatibles)
+    order = _hf.DDPMScheduler.order
+    _kind = "ddpm"
+    __init__ = _init_like(_hf.DDPMScheduler)
+    init_noise_sigma = 1.0
+
+    def _setup(self, args):
+        super()._setup(args)
+        self.custom_timesteps = False
+        self.variance_type = args["variance_type"]
+        self._host_ts = [int(t) for t in self.timesteps.tolist()]
+        self._pos_of = {t: j for j, t in enumerate(self._host_ts)}
+        self._opts = None
+
+    def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps: list[int] | None = None):
+        self._opts = self._options()
+        T = self.config.num_train_timesteps
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
+        if timesteps is not None:
+            ts = [int(t) for t in timesteps]
+            if any(ts[i] >= ts[i - 1] for i in range(1, len(ts))):
+                raise ValueError("`custom_timesteps` must be in descending order.")
+            if not ts or ts[0] >= T or ts[-1] < 0:
+                raise ValueError(f"`timesteps` must be in [0, num_train_timesteps={T}), descending, got {ts}")
+            self.custom_timesteps = True
+            grid = np.array(ts, dtype=np.int64)
+        else:
+            if num_inference_steps is not None and num_inference_steps > T:
+                raise ValueError(f"`num_inference_steps`: {num_inference_steps} cannot be larger than "
+                                 f"`self.config.train_timesteps`: {T}")
+            self.num_inference_steps = _check_steps(num_inference_steps, T)
+            self.custom_timesteps = False
+            grid = _spaced(T, self.num_inference_steps, self._opts.timestep_spacing, self._opts.steps_offset)
+        self._finish_set(grid, device)
+        if device is not None:
+            self._coefs(torch.device(device))
+
+    def _coefs(self, device):
+        """Rows for the grid's timesteps, in grid order (the previous timestep of each is the next on the grid)."""
+        opts = self._opts
+        abar = self._schedule.alphas_cumprod.tolist()
+
+        def fill():
+            rows = []
+            for j, t in enumerate(self._host_ts):
+                p = self._host_ts[j + 1] if j + 1 < len(self._host_ts) else -1
+                ap = abar[p] if p >= 0 else 1.0
+                sigma = 0.0 if opts.variance_type.startswith("learned") else \
+                    math.sqrt(SS.ddpm_variance(abar[t], ap, opts.variance_type))
+                rows.append(_row("ddpm", abar[t], ap, prediction_type=opts.prediction_type, sigma=sigma,
+                                 clip_sample_range=opts.clip_sample_range, variance_type=opts.variance_type))
+            return rows
+        return self._table("ddpm", device, fill)
+
+    def previous_timestep(self, timestep):
+        _, t = self._timestep_value(timestep)
+        j = self._pos_of[int(t)]
+        return self._host_ts[j + 1] if j + 1 < len(self._host_ts) else -1
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        if self._opts is None:
+            self._opts = self._options()
+        self._require()
+        x, opts = sample, self._opts
+        v = None
+        learned = opts.variance_type.startswith("learned")
+        if learned:
+            if model_output.shape[1] != 2 * x.shape[1]:
+                raise ValueError(f"variance_type={opts.variance_type!r}: the model must return 2·C = "
+                                 f"{2 * x.shape[1]} channels (prediction and variance), got {model_output.shape[1]}")
+            model_output, v = torch.split(model_output, x.shape[1], dim=1)
+            v = v.to(x.dtype)
+        o = _model_output(model_output, x, None)
+        _, t = self._timestep_value(timestep)  # DDPM adds noise iff t > 0: diffusers reads t here too
+        t = int(t)
+        j = self._pos_of.get(t)
+        if j is None:
+            raise ValueError(f"DDPMScheduler.step: timestep {t} is not one of the scheduler's timesteps")
+        if opts.prediction_type == "epsilon" and float(self._schedule.alphas_cumprod[t]) <= 0.0:
+            raise ValueError(f"DDPMScheduler.step: prediction_type='epsilon' cannot step from timestep {t}, where "
+                             "ᾱ_t = 0 (zero terminal SNR): use prediction_type='v_prediction' or 'sample'")
+        coef = self._coefs(x.device)[j]
+        noise = _draw(o.shape, generator, o.device, o.dtype).to(x.dtype) if t > 0 else None
+        prev, x0 = self._run(x, o, coef, noise, v if noise is not None else None, opts, return_dict)
+        if not return_dict:
+            return prev, None
+        return _hf.schedulers.scheduling_ddpm.DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return self._vp_add_noise(original_samples, noise, timesteps)
+
+
+SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                                      EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+                                      UniPCMultistepScheduler, PNDMScheduler)}
+
+
+def equivalent(scheduler):
+    """fastdiff's scheduler for a diffusers scheduler (same config), or None when fastdiff has no equivalent of its
+    class or cannot run its settings (the reason is warned). A fastdiff scheduler is returned as is."""
+    if type(scheduler) in SCHEDULERS.values():
+        return scheduler
+    cls = SCHEDULERS.get(type(scheduler).__name__)
+    if cls is None or not type(scheduler).__module__.startswith("diffusers"):
+        return None
+    try:
+        return cls.from_config(scheduler.config)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        warnings.warn(f"fastdiff: keeping diffusers' {type(scheduler).__name__}: {e}", stacklevel=3)
+        return None
