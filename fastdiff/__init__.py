@@ -1,4 +1,5 @@
-"""fastdiff: fused kernels and CUDA-graph samplers for DDPM / DDIM sampling.
+"""fastdiff: fused kernels and CUDA-graph samplers for diffusion sampling (DDIM, DDPM, DPM-Solver++, UniPC, Euler,
+Heun, PLMS).
 
     import fastdiff
     x = fastdiff.ddim_sample(model, steps=50, shape=(4, 3, 32, 32))
@@ -7,11 +8,12 @@ from fastdiff import toy
 from fastdiff._backend import backends
 from fastdiff.langevin import langevin_sample
 from fastdiff.ops.sampler_step import sampler_step
-from fastdiff.sampling import ddim_sample, ddpm_sample
+from fastdiff.sampling import ddim_sample, ddpm_sample, sample
 from fastdiff.schedule import NoiseSchedule, timesteps
 from fastdiff.training import q_sample, training_loss
 from fastdiff.vlb import vlb
 
 __version__ = "0.1.0"
-__all__ = ["NoiseSchedule", "backends", "ddim_sample", "ddpm_sample", "langevin_sample", "q_sample", "sampler_step",
+__all__ = ["NoiseSchedule", "backends", "ddim_sample", "ddpm_sample", "langevin_sample", "q_sample", "sample",
+           "sampler_step",
            "timesteps", "toy", "training_loss", "vlb"]

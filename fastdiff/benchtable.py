@@ -119,7 +119,7 @@ def _loop_rows(device: torch.device, repeat: int, quick: bool):
     from fastdiff.sampling import OPTION_NAMES, resolve_schedule
 
     sch = meta["scheduler"]
-    schedule, _, _ = resolve_schedule(sch or None, {})
+    schedule, _ = resolve_schedule(sch or None, {})
     opts = {k: sch[k] for k in OPTION_NAMES if k in sch}
     c, s = meta["config"]["in_channels"], meta["config"]["sample_size"]
     idx = list(range(B))

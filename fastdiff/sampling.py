@@ -1,6 +1,8 @@
-"""DDPM and DDIM samplers: plain functions over a precomputed schedule.
+"""Samplers: `sample` (every solver), `ddim_sample`, `ddpm_sample` — plain functions over a precomputed plan.
 
-The data path reads top to bottom: schedule → per-step plan (float64, once) → loop { model → fused step }.
+The data path reads top to bottom: schedule → plan (float64 coefficient rows, once; DDIM/DDPM here, the other
+solvers in fastdiff.samplers) → one loop (fastdiff.samplers.loop: eager, or the same step body captured in a CUDA
+graph) → model → fused update (fastdiff.ops.sampler_step for DDIM/DDPM, fastdiff.ops.multistep for the rest).
 Noise is drawn with `torch.randn(..., generator=generator)` in the order diffusers' pipelines draw it (x_T first, then
 one draw per step that adds noise), so a seeded generator reproduces a diffusers scheduler loop.
 """
@@ -9,12 +11,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from fastdiff.ops import sampler_step as ss
+from fastdiff.samplers.loop import Loop, call_model, finite_float, initial_scale, philox_table, randn
+from fastdiff.samplers.plan import SolverPlan
 from fastdiff.schedule import SPACINGS, NoiseSchedule, diffusers_config, timesteps
 
 
@@ -60,15 +64,14 @@ class SamplerOptions:
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SamplerOptions))
 
 
-def resolve_schedule(schedule: Any, options: dict[str, Any]) -> tuple[NoiseSchedule, SamplerOptions, bool]:
-    """(NoiseSchedule, SamplerOptions, from_diffusers) from `schedule=` and the caller's option overrides.
+def resolve_schedule(schedule: Any, options: dict[str, Any]) -> tuple[NoiseSchedule, SamplerOptions]:
+    """(NoiseSchedule, SamplerOptions) from `schedule=` and the caller's option overrides.
 
     A diffusers scheduler (or its config) contributes every setting that changes the math; explicit options win.
     """
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; valid options: {list(OPTION_NAMES)}")
-    from_diffusers = False
     base: dict[str, Any] = {}
     if schedule is None:
         sched = NoiseSchedule.linear()
@@ -77,14 +80,13 @@ def resolve_schedule(schedule: Any, options: dict[str, Any]) -> tuple[NoiseSched
     else:
         cfg = diffusers_config(schedule)
         sched = NoiseSchedule.from_diffusers(cfg)
-        from_diffusers = True
         base = {k: cfg[k] for k in OPTION_NAMES if k in cfg}
         base["prev_timestep"] = "diffusers"
         for k in ("clip_sample_range", "dynamic_thresholding_ratio", "sample_max_value"):
             if k in base:
                 base[k] = float(base[k])
     base.update(options)
-    return sched, SamplerOptions(**base).validate(), from_diffusers
+    return sched, SamplerOptions(**base).validate()
 
 
 @dataclass
@@ -104,7 +106,6 @@ class SamplerPlan:
     sigma: list[float]
     noise: list[bool]
     eta: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -144,14 +145,7 @@ def make_plan(kind: str, schedule: NoiseSchedule, opts: SamplerOptions, steps: i
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
 
-def _randn(shape, generator, device, dtype):
-    """One noise draw. With a torch.Generator (or None): torch.randn as diffusers' `randn_tensor` draws it, on the
-    generator's device, then moved. `generator` may also be a noise source with `draw(shape, device, dtype)`
-    (e.g. fastdiff.jobs.IndexedNoise: one stream per image), called in the same order: x_T, then each noisy step."""
-    if hasattr(generator, "draw"):
-        return generator.draw(shape, device, dtype)
-    rand_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
+_randn = randn  # the one noise draw (fastdiff.samplers.loop.randn); this name is kept for fastdiff.jobs
 
 
 def _model_dtype_device(model):
@@ -192,33 +186,10 @@ def _initial_sample(model, shape, x_T, generator, dtype, device):
     return _randn(shape, generator, torch.device(device or mdevice or "cpu"), dtype or mdtype or torch.float32)
 
 
-def _call_model(model, x, t, i, learned: bool, check_nan: bool):
-    """model(x, t) checked against x (shape, device, dtype; NaN/inf if `check_nan`): (o, v), v the variance half of a
-    2·C-channel output when `learned`, else None. `i` is the step index reported in errors."""
-    out = model(x, t)
-    out = getattr(out, "sample", out)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not torch.is_tensor(out):
-        raise TypeError(f"model output must be a tensor or have .sample, got {type(out).__name__}")
-    want = list(x.shape)
-    if learned:
-        want[1] *= 2
-    if list(out.shape) != want:
-        hint = " (variance_type learned* expects 2·C channels: prediction and variance)" if learned else ""
-        raise ValueError(f"model output has shape {tuple(out.shape)}, expected {tuple(want)}{hint}")
-    if out.device != x.device:
-        raise ValueError(f"model output is on {out.device}, the sample on {x.device}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"model output has dtype {out.dtype}, the sample {x.dtype}: cast the model or pass dtype=")
-    if check_nan and not torch.isfinite(out).all():
-        raise FloatingPointError(f"model produced NaN/inf at step {i} (timestep {int(t[0])})")
-    if learned:
-        return out.split(x.shape[1], dim=1)
-    return out, None
+_call_model = call_model
 
 
-def _step_backend(x: torch.Tensor, backend: str) -> str:
+def _step_backend(x: torch.Tensor, backend: str, solver: bool = False) -> str:
     """The backend of the per-step update: "torch" (the reference step functions) or a fused-kernel backend.
 
     float64 samples run the reference in float64 under backend="auto" (the fused kernels are fp32/fp16/bf16);
@@ -233,7 +204,7 @@ def _step_backend(x: torch.Tensor, backend: str) -> str:
             return "torch"
         raise RuntimeError(f"fastdiff.sampler_step: backend {backend!r} runs float32/float16/bfloat16 samples, got "
                            f"{x.dtype}; use backend='torch' (or 'auto') for {x.dtype}")
-    return resolve("sampler_step", backend, x.device)
+    return resolve("multistep_step" if solver else "sampler_step", backend, x.device)
 
 
 def plan_coefs(plan: SamplerPlan, guidance_scale: float | None = None) -> torch.Tensor:
@@ -292,27 +263,9 @@ def _step(plan: SamplerPlan, i: int, x, o, z, v, backend: str, *, o_cond=None, g
 
 
 def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but a bare GPU box may lack it: say so once, then go on
-        import warnings
-        warnings.warn("progress=True needs tqdm (pip install tqdm); continuing without a bar", stacklevel=3)
-        return it
-    return tqdm(it, desc=desc)
+    from fastdiff._util import progress
 
-
-def _model_outputs(model, x, t, i, learned, check_nan, guided: bool):
-    """(o, o_cond, v): with classifier-free guidance the model sees the doubled batch [x, x] and returns the
-    unconditional half first (as diffusers pipelines chunk it); v (learned variances) comes from the conditional
-    half."""
-    if not guided:
-        o, v = _call_model(model, x, t, i, learned, check_nan)
-        return o, None, v
-    o2, v2 = _call_model(model, torch.cat([x, x]), torch.cat([t, t]), i, learned, check_nan)
-    o, o_cond = o2.chunk(2)
-    return o, o_cond, (v2.chunk(2)[1] if v2 is not None else None)
+    return progress(it, enabled, desc=desc)
 
 
 def _check_noise_mode(noise):
@@ -321,54 +274,59 @@ def _check_noise_mode(noise):
                          f"(in-kernel, from a seed drawn from the generator), got {noise!r}")
 
 
-def _philox_table(plan: SamplerPlan, x: torch.Tensor, generator) -> torch.Tensor:
-    """(steps, 2) int64 [seed, offset]: one seed drawn from the generator, step i's counters start at i·numel."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator,
-                             device=generator.device if generator is not None else "cpu").item())
-    n = x.numel()
-    return torch.tensor([[seed, i * n] for i in range(plan.steps)], dtype=torch.long)
+def _philox_table(plan, x: torch.Tensor, generator) -> torch.Tensor:
+    return philox_table(plan.steps, x, generator)
+
+
+def _plan_name(plan) -> str:
+    return plan.sampler if isinstance(plan, SolverPlan) else plan.kind
 
 
 @torch.no_grad()
-def run_plan(plan: SamplerPlan, model: Callable, x: torch.Tensor, *, generator=None, backend="auto",
-             progress=False, callback=None, check_nan=False, guidance_scale: float | None = None,
-             noise: str = "randn", cuda_graph="auto") -> torch.Tensor:
-    """Run `plan` from x = x_T. `callback(d)` gets a dict with i, t, x (x_t), x_prev and x0 (x̂0) after each step.
+def run_plan(plan, model: Callable, x: torch.Tensor, *, generator=None, backend="auto", progress=False,
+             callback=None, check_nan=False, guidance_scale: float | None = None, noise: str = "randn",
+             cuda_graph="auto", scale_x_T: bool = False) -> torch.Tensor:
+    """Run `plan` (a DDIM/DDPM SamplerPlan or a solver SolverPlan) from x = x_T; x_T itself is never written.
 
-    guidance_scale: classifier-free guidance o = o_u + w·(o_c − o_u); the model is called on [x, x] and returns
-    (2B, ...) with the unconditional half first. noise: "randn" (torch.randn with `generator`, in diffusers' order)
-    or "philox" (in-kernel from a seed drawn once from `generator`; no noise tensor is written or read).
-    cuda_graph: "auto" (capture and replay on CUDA when the fused kernels run and no callback, progress bar or NaN
-    check needs the host each step), True (capture or raise), False. Ignored on CPU (a one-time note if True).
+    `callback(d)` gets a dict with i, t, x (the model's input), x_prev (the next one) and x0 (x̂0, or None for a
+    solver that keeps ε̂) after each model call. guidance_scale: classifier-free guidance o = o_u + w·(o_c − o_u);
+    the model is called on [x, x] and returns (2B, ...) with the unconditional half first. noise: "randn"
+    (torch.randn with `generator`, in diffusers' order) or "philox" (in-kernel from a seed drawn once from
+    `generator`; no noise tensor is written or read). cuda_graph: "auto" (capture and replay on CUDA when the fused
+    kernels run and no callback, progress bar or NaN check needs the host each step), True (capture or raise), False.
+    scale_x_T: x_T is in diffusers' scale (multiplied by the plan's init_noise_sigma and brought to the model's
+    input scale here, as pipelines scale given latents).
     """
     _check_noise_mode(noise)
-    learned = plan.kind == "ddpm" and plan.options.variance_type.startswith("learned")
-    guided = guidance_scale is not None
-    name = _step_backend(x, backend)
+    solver = isinstance(plan, SolverPlan)
+    name = _step_backend(x, backend, solver)
+    scale = initial_scale(plan) if scale_x_T else 1.0
     if _use_graph(cuda_graph, x, name, callback=callback, progress=progress, check_nan=check_nan) and \
             _graph_noise_fits(cuda_graph, plan, x, noise):
         try:
-            return _graphed(plan, model, x, name, generator, guidance_scale, noise, learned)
+            return _graphed(plan, model, x, name, generator, guidance_scale, noise, scale)
         except _CaptureError as e:
             if cuda_graph is True:
                 raise
             from fastdiff._backend import _warn_once
 
             _warn_once("sampling", f"cuda_graph='auto': running eagerly: {e}")
-    B = x.shape[0]
-    tb = [torch.full((B,), int(t), dtype=torch.long, device=x.device) for t in plan.timesteps.tolist()]
-    coefs = plan_coefs(plan, guidance_scale).to(x.device) if name != "torch" else None
-    rngs = _philox_table(plan, x, generator).to(x.device) if noise == "philox" and any(plan.noise) else None
-    for i in _progress(range(plan.steps), progress, f"{plan.kind} {plan.steps} steps"):
-        o, o_cond, v = _model_outputs(model, x, tb[i], i, learned, check_nan, guided)
-        z = _randn(o.shape, generator, x.device, o.dtype) if plan.noise[i] and rngs is None else None
-        x_prev, x0 = _step(plan, i, x, o, z, v, name, o_cond=o_cond, guidance_scale=guidance_scale, coefs=coefs,
-                           rng=rngs[i] if rngs is not None and plan.noise[i] else None,
-                           want_x0=callback is not None)
-        if callback is not None:
-            callback({"i": i, "t": int(plan.timesteps[i]), "x": x, "x_prev": x_prev, "x0": x0})
-        x = x_prev
-    return x
+    loop = Loop(plan, model, x, name, guidance_scale=guidance_scale, noise_mode=noise)
+    if noise == "philox" and any(plan.noise):
+        loop.rngs = _philox_table(plan, x, generator).to(x.device)
+    loop.draw = lambda i, shape, dtype: randn(shape, generator, x.device, dtype)
+    xs = loop.start(x, scale)
+    want_x0 = callback is not None
+    if want_x0:
+        xs = xs.clone()  # the callback's d["x"] of step 0 outlives the loop's buffers
+    ts = [c.t for c in plan.calls] if solver else plan.timesteps.tolist()
+    for i in _progress(range(plan.steps), progress, f"{_plan_name(plan)} {plan.steps} steps"):
+        x_prev, x0 = loop.body(i, xs, check_nan=check_nan, want_x0=want_x0)
+        if callback is not None:  # a callback may keep what it gets: hand it tensors the loop will not overwrite
+            x_prev, x0 = x_prev.clone(), (x0.clone() if x0 is not None else None)
+            callback({"i": i, "t": ts[i], "x": xs, "x_prev": x_prev, "x0": x0})
+        xs = x_prev
+    return xs  # the loop's own buffer (the loop is dropped here), or the callback's copy
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,69 +383,65 @@ class _CaptureError(RuntimeError):
 
 
 class _GraphedLoop:
-    """A captured sampling loop. Static device buffers hold everything that changes between calls: x_T, the
-    timesteps fed to the model, the per-step coefficients, the Philox [seed, offset] rows or the pre-drawn noise; a
-    call copies the new values in and replays, so a replay never sees stale coefficients or noise."""
+    """A captured sampling loop: the eager loop's `Loop.body` calls, recorded once. Static device buffers hold
+    everything that changes between calls: x_T, the timesteps fed to the model, the per-step coefficients, the
+    Philox [seed, offset] rows or the pre-drawn noise; a call copies the new values in and replays, so a replay
+    never sees stale coefficients or noise."""
 
-    def __init__(self, plan, model, x, name, guidance_scale, noise, learned):
-        self.model, self.name, self.guided, self.learned, self.noise = model, name, guidance_scale is not None, \
-            learned, noise
-        self.kind_noise = list(plan.noise)
-        dev, N = x.device, plan.steps
-        Bm = x.shape[0] * (2 if self.guided else 1)
+    def __init__(self, plan, model, x, name, guidance_scale, noise, learned=None):
+        self.model = model  # (learned: read off the plan; the argument is accepted for older callers)
+        self.loop = Loop(plan, model, x, name, guidance_scale=guidance_scale, noise_mode=noise)
+        dev = x.device
         self.x_in = torch.empty_like(x)
-        self.tb = torch.empty((N, Bm), dtype=torch.long, device=dev)
-        self.coefs = torch.empty((N, ss.NUM_COEF), dtype=torch.float64, device=dev)
-        self.rngs = torch.zeros((N, 2), dtype=torch.long, device=dev)
-        self.znoise = torch.zeros((sum(plan.noise), *x.shape), dtype=x.dtype, device=dev) \
-            if noise == "randn" and any(plan.noise) else None
-        self.plan = plan
+        self.zidx = []
+        k = 0
+        for on in plan.noise:
+            self.zidx.append(k)
+            k += bool(on)
+        ndt = (getattr(plan, "noise_dtype", None) if isinstance(plan, SolverPlan) else None) or x.dtype
+        self.noise_dtype = ndt
+        self.znoise = torch.zeros((k, *x.shape), dtype=x.dtype, device=dev) if noise == "randn" and k else None
+        if noise == "philox" and k:
+            self.loop.rngs = torch.zeros((plan.steps, 2), dtype=torch.long, device=dev)
+        self.loop.draw = lambda i, shape, dtype: self.znoise[self.zidx[i]]
         self.error: str | None = None
 
-    def _loop(self):
-        x, plan, zi = self.x_in, self.plan, 0
-        for i in range(plan.steps):
-            if self.guided:
-                o2, v2 = _call_model(self.model, torch.cat([x, x]), self.tb[i], i, self.learned, False)
-                o, o_cond = o2.chunk(2)
-                v = v2.chunk(2)[1] if v2 is not None else None
-            else:
-                (o, v), o_cond = _call_model(self.model, x, self.tb[i], i, self.learned, False), None
-            z = rng = None
-            if plan.noise[i]:
-                if self.znoise is not None:
-                    z, zi = self.znoise[zi], zi + 1
-                else:
-                    rng = self.rngs[i]
-            x, _ = _step(plan, i, x, o, z, v, self.name, o_cond=o_cond, coefs=self.coefs, rng=rng, want_x0=False)
+    def _run(self):
+        x = self.x_in
+        for i in range(self.loop.plan.steps):
+            x, _ = self.loop.body(i, x)
         return x
 
-    def load(self, plan, x, generator, guidance_scale):
+    _loop = _run  # the captured body, run eagerly (tests)
+
+    def load(self, plan, x, generator, guidance_scale, scale=1.0):
         """Copy this call's data into the static buffers (host → device copies, outside the graph)."""
-        B = x.shape[0]
-        ts = plan.timesteps.to(torch.long).view(-1, 1).expand(-1, B)
-        if self.guided:
-            ts = torch.cat([ts, ts], 1)
-        self.tb.copy_(ts)
-        self.coefs.copy_(plan_coefs(plan, guidance_scale))
-        self.x_in.copy_(x)
+        loop = self.loop
+        ts = [c.t for c in plan.calls] if isinstance(plan, SolverPlan) else plan.timesteps.tolist()
+        tb = torch.tensor(ts, dtype=loop.tb.dtype).view(-1, 1).expand(-1, loop.tb.shape[1])
+        loop.tb.copy_(tb)
+        loop.coefs.copy_(loop._coef_table(guidance_scale) if plan is loop.plan else _coef_table_of(plan, guidance_scale))
+        loop.plan = plan
+        if scale == 1.0:
+            self.x_in.copy_(x)
+        else:
+            torch.mul(x, scale, out=self.x_in)
         if self.znoise is not None:
             for j in range(self.znoise.shape[0]):  # diffusers' order: one draw per noisy step
-                self.znoise[j].copy_(_randn(x.shape, generator, x.device, x.dtype))
-        elif any(plan.noise):
-            self.rngs.copy_(_philox_table(plan, x, generator))
-        self.plan = plan
+                self.znoise[j].copy_(randn(x.shape, generator, x.device, self.noise_dtype))
+        elif loop.rngs is not None:
+            loop.rngs.copy_(_philox_table(plan, x, generator))
 
     def capture(self):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: lazy initialisation (cuBLAS, cuDNN, Triton) off the capture
-            self._loop()
+            self._run()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph):
-                self.out = self._loop()
+                self.out = self._run()
         except Exception as e:  # noqa: BLE001 - reported with the reason, never swallowed
             raise _CaptureError(
                 f"cuda_graph: the sampling loop cannot be captured in a CUDA graph ({type(e).__name__}: {e}). "
@@ -500,18 +454,43 @@ class _GraphedLoop:
         return self.out.clone()
 
 
-def _graphed(plan, model, x, name, generator, guidance_scale, noise, learned):
+def _coef_table_of(plan, guidance_scale):
+    return plan.coef_table(guidance_scale) if isinstance(plan, SolverPlan) else plan_coefs(plan, guidance_scale)
+
+
+def model_key(model) -> tuple:
+    """Identity of a model for graph caches: the object and the storage of every parameter and buffer (a captured
+    graph reads weights from those addresses: swapped or re-created weights must recapture, in-place updates of the
+    same storage are seen by a replay as they are)."""
+    if isinstance(model, torch.nn.Module):
+        ts = [*model.parameters(), *model.buffers()]
+        return (id(model), tuple((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+                                 for t in ts))
+    return (id(model),)
+
+
+def _structure(plan) -> tuple:
+    """What a captured loop bakes in besides the buffers it reloads per call (shapes, slots, flags, options)."""
+    if isinstance(plan, SolverPlan):
+        o = plan.options
+        return ("solver", plan.sampler, plan.num_slots, plan.t_dtype,
+                tuple((tuple(c.reads), c.d_slot, c.y2_slot, c.noise, c.clip, c.threshold) for c in plan.calls),
+                o.get("dynamic_thresholding_ratio"), o.get("sample_max_value"), o.get("variance_type"))
     opts = plan.options
-    key = (id(model), plan.kind, plan.steps, tuple(plan.noise), plan.eta > 0, tuple(x.shape), x.stride(), x.dtype,
-           str(x.device), name, guidance_scale is not None, noise, opts.clip_sample, opts.thresholding,
-           opts.dynamic_thresholding_ratio, opts.sample_max_value, opts.variance_type)
+    return ("sstep", plan.kind, plan.steps, tuple(plan.noise), plan.eta > 0, opts.clip_sample, opts.thresholding,
+            opts.dynamic_thresholding_ratio, opts.sample_max_value, opts.variance_type)
+
+
+def _graphed(plan, model, x, name, generator, guidance_scale, noise, scale=1.0):
+    key = (model_key(model), _structure(plan), tuple(x.shape), x.stride(), x.dtype, str(x.device), name,
+           guidance_scale is not None, noise)
     loop = _GRAPHS.get(key)
     if loop is None or loop.model is not model:
-        loop = _GraphedLoop(plan, model, x, name, guidance_scale, noise, learned)
+        loop = _GraphedLoop(plan, model, x, name, guidance_scale, noise)
         _GRAPHS[key] = loop
         while len(_GRAPHS) > GRAPH_CACHE_SIZE:
             _GRAPHS.popitem(last=False)
-        loop.load(plan, x, generator, guidance_scale)
+        loop.load(plan, x, generator, guidance_scale, scale)
         try:
             loop.capture()
         except _CaptureError as e:
@@ -521,7 +500,7 @@ def _graphed(plan, model, x, name, generator, guidance_scale, noise, learned):
         raise _CaptureError(loop.error)
     else:
         _GRAPHS.move_to_end(key)
-        loop.load(plan, x, generator, guidance_scale)
+        loop.load(plan, x, generator, guidance_scale, scale)
     return loop.run()
 
 
@@ -555,7 +534,7 @@ def ddim_sample(model: Callable, steps: int = 50, *, shape=None, x_T=None, sched
     """
     eta = _check_eta(eta)
     _check_backend(backend)
-    sched, opts, _ = resolve_schedule(schedule, options)
+    sched, opts = resolve_schedule(schedule, options)
     plan = make_plan("ddim", sched, opts, steps, eta)
     x = _initial_sample(model, shape, x_T, generator, dtype, device)
     return run_plan(plan, model, x, generator=generator, backend=backend, progress=progress, callback=callback,
@@ -575,8 +554,65 @@ def ddpm_sample(model: Callable, *, steps: int | None = None, shape=None, x_T=No
     if variance is not None:
         options["variance_type"] = variance
     _check_backend(backend)
-    sched, opts, _ = resolve_schedule(schedule, options)
+    sched, opts = resolve_schedule(schedule, options)
     plan = make_plan("ddpm", sched, opts, steps)
     x = _initial_sample(model, shape, x_T, generator, dtype, device)
     return run_plan(plan, model, x, generator=generator, backend=backend, progress=progress, callback=callback,
                     check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph)
+
+
+def sample(model: Callable, steps: int = 20, *, sampler: str | None = None, schedule=None, shape=None, x_T=None,
+           generator: torch.Generator | None = None, eta: float | None = None, backend: str = "auto",
+           progress: bool = False, callback: Callable | None = None, dtype: torch.dtype | None = None, device=None,
+           check_nan: bool = False, guidance_scale: float | None = None, noise: str = "randn", cuda_graph="auto",
+           **options) -> torch.Tensor:
+    """Sample with any solver in `steps` steps; returns x_0 of shape (B, ...).
+
+    sampler: "ddim", "ddpm", "dpmsolver++" (orders 1–3 via solver_order; algorithm_type "dpmsolver++" or
+    "sde-dpmsolver++"; "sde-dpmsolver++" is also a sampler name), "unipc" (solver_type bh1/bh2, orders 1–3, the
+    corrector), "euler", "euler_ancestral", "heun" (2·steps − 1 model calls), "pndm" (PRK warm-up then PLMS;
+    "plms" = skip_prk_steps). Default: the sampler of a diffusers `schedule`, else "dpmsolver++".
+    schedule: a NoiseSchedule, or a diffusers scheduler (instance or config) of DDIMScheduler, DDPMScheduler,
+    DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+    HeunDiscreteScheduler or PNDMScheduler: its β schedule and every setting that changes the math are adopted
+    (solver_order, algorithm_type, solver_type, use_karras_sigmas, final_sigmas_type, lower_order_final,
+    timestep_spacing, steps_offset, prediction_type, thresholding and its settings, ...); `options` override them.
+    An option the chosen sampler does not have is an error naming it.
+    Same seed, same result as a diffusers pipeline: x_T = randn(shape, generator) · init_noise_sigma (a given x_T is
+    scaled by init_noise_sigma too, as pipelines scale given latents); the model sees diffusers' scale_model_input(x)
+    and t as diffusers passes it (float32 for the σ-grid solvers, shape (B,)); per-step noise in diffusers' order.
+    Other arguments as `ddim_sample` (eta: DDIM only).
+    """
+    from fastdiff import samplers as S
+
+    name = S.check_sampler(sampler) if sampler is not None else (S.sampler_for(schedule) or "dpmsolver++")
+    if sampler is not None and schedule is not None:
+        S.sampler_for(schedule)  # a scheduler class without an equivalent is an error even when sampler= is given
+    _check_backend(backend)
+    if name == "ddim":
+        return ddim_sample(model, steps, shape=shape, x_T=x_T, schedule=schedule, eta=0.0 if eta is None else eta,
+                           generator=generator, backend=backend, progress=progress, callback=callback, dtype=dtype,
+                           device=device, check_nan=check_nan, guidance_scale=guidance_scale, noise=noise,
+                           cuda_graph=cuda_graph, **options)
+    if eta is not None:
+        raise ValueError(f"eta applies to sampler='ddim' only (got sampler={name!r}); stochastic solvers: "
+                         "'ddpm', 'euler_ancestral', 'sde-dpmsolver++'")
+    if name == "ddpm":
+        return ddpm_sample(model, steps=steps, shape=shape, x_T=x_T, schedule=schedule, generator=generator,
+                           backend=backend, progress=progress, callback=callback, dtype=dtype, device=device,
+                           check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph,
+                           **options)
+    if guidance_scale is not None:
+        finite_float("guidance_scale", guidance_scale)
+    if schedule is None:
+        sched, cfg = NoiseSchedule.linear(), None
+    elif isinstance(schedule, NoiseSchedule):
+        sched, cfg = schedule, None
+    else:
+        cfg = diffusers_config(schedule)
+        sched = NoiseSchedule.from_diffusers(cfg)
+    plan = S.build_plan(name, sched, steps, S.solver_options(name, cfg, options))
+    x = _initial_sample(model, shape, x_T, generator, dtype, device)
+    return run_plan(plan, model, x, generator=generator, backend=backend, progress=progress, callback=callback,
+                    check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph,
+                    scale_x_T=True)

@@ -51,13 +51,19 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)
         self.rescale_zero_snr = bool(rescale_zero_snr)
         self.name = name
-        self._betas_f32 = lambda: raw32  # how diffusers builds β in float32 (the named builders refine it)
+        self._f32 = ("raw", raw32)  # how diffusers builds β in float32 (the named builders refine it)
 
     def alphas_cumprod_f32(self) -> torch.Tensor:
         """ᾱ as diffusers' schedulers compute it: β built in float32, then cumprod in float32. The σ solvers take
         their *timesteps* from this table (rounding and interpolation in σ then match diffusers exactly); every
         coefficient comes from the float64 table."""
-        b = self._betas_f32()
+        kind, *a = self._f32
+        if kind == "linear":
+            b = torch.linspace(a[0], a[1], a[2], dtype=torch.float32)
+        elif kind == "scaled_linear":
+            b = torch.linspace(a[0] ** 0.5, a[1] ** 0.5, a[2], dtype=torch.float32) ** 2
+        else:
+            b = a[0]
         if self.rescale_zero_snr:
             b = _rescale_zero_terminal_snr(b)
         return torch.cumprod(1.0 - b, 0)
@@ -67,7 +73,7 @@ class NoiseSchedule:
     def linear(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, **kw):
         _check_T(num_train_timesteps)
         s = cls(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64), name="linear", **kw)
-        s._betas_f32 = lambda: torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+        s._f32 = ("linear", beta_start, beta_end, num_train_timesteps)
         return s
 
     @classmethod
@@ -75,8 +81,7 @@ class NoiseSchedule:
         _check_T(num_train_timesteps)
         b = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
         s = cls(b, name="scaled_linear", **kw)
-        s._betas_f32 = lambda: torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps,
-                                              dtype=torch.float32) ** 2
+        s._f32 = ("scaled_linear", beta_start, beta_end, num_train_timesteps)
         return s
 
     @classmethod

@@ -324,7 +324,7 @@ def moment_recursion(plan_or_schedule, mixture: GaussianMixture, *, kind: str = 
     else:
         if kind not in ("ddim", "ddpm"):
             raise ValueError(f"kind must be 'ddim' or 'ddpm', got {kind!r}")
-        sched, opts, _ = resolve_schedule(plan_or_schedule, options)
+        sched, opts = resolve_schedule(plan_or_schedule, options)
         plan = make_plan(kind, sched, opts, steps, eta)
     M = torch.zeros(plan.steps + 1, mixture.D, dtype=torch.float64)
     V = torch.zeros(plan.steps + 1, dtype=torch.float64)

@@ -59,7 +59,7 @@ def test_graph_body_from_static_buffers_equals_eager(kind, eta, noise, w):
     net = _net("cpu", learned=kind == "ddpm")
     opts = dict(variance_type="learned_range") if kind == "ddpm" else {}
     for j, sched in enumerate([fastdiff.NoiseSchedule.linear(), fastdiff.NoiseSchedule.cosine()]):
-        _, o, _ = sampling.resolve_schedule(sched, opts)
+        _, o = sampling.resolve_schedule(sched, opts)
         plan = sampling.make_plan(kind, sched, o, 5, eta or 0.0)
         xT = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(j))
         want = sampling.run_plan(plan, net, xT, generator=torch.Generator().manual_seed(7), backend="cpp",
@@ -154,7 +154,7 @@ def test_eager_fused_steps_do_not_sync_with_the_host():
     """The per-step work of the eager fused loop (model aside) issues no host sync: coefficients come from a device
     table, thresholding is a device reduction, Philox reads [seed, offset] from the device."""
     sched = fastdiff.NoiseSchedule.linear()
-    _, opts, _ = sampling.resolve_schedule(sched, dict(thresholding=True, clip_sample=True))
+    _, opts = sampling.resolve_schedule(sched, dict(thresholding=True, clip_sample=True))
     plan = sampling.make_plan("ddim", sched, opts, 5, 0.5)
     x = torch.randn(2, 3, 16, 16, device="cuda")
     o = torch.randn_like(x)

@@ -84,18 +84,18 @@ def test_options_adopted_from_diffusers_and_overridden():
     diffusers = pytest.importorskip("diffusers")
     s = diffusers.DDIMScheduler(prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing",
                                 set_alpha_to_one=False, thresholding=True, sample_max_value=3.0)
-    sched, opts, from_diffusers = resolve_schedule(s, {"timestep_spacing": "linspace"})
-    assert from_diffusers and opts.prediction_type == "v_prediction" and opts.thresholding
+    sched, opts = resolve_schedule(s, {"timestep_spacing": "linspace"})
+    assert opts.prediction_type == "v_prediction" and opts.thresholding
     assert opts.sample_max_value == 3.0 and not opts.set_alpha_to_one and opts.timestep_spacing == "linspace"
     assert opts.prev_timestep == "diffusers"
 
 
 def test_grid_vs_diffusers_prev_timestep():
     s = fastdiff.NoiseSchedule.linear()
-    _, opts, _ = resolve_schedule(s, {"timestep_spacing": "linspace"})
+    _, opts = resolve_schedule(s, {"timestep_spacing": "linspace"})
     plan = make_plan("ddim", s, opts, 10)
     assert plan.abar_p[0] == pytest.approx(float(s.alphas_cumprod[int(plan.timesteps[1])]))
-    _, opts, _ = resolve_schedule(s, {"timestep_spacing": "linspace", "prev_timestep": "diffusers"})
+    _, opts = resolve_schedule(s, {"timestep_spacing": "linspace", "prev_timestep": "diffusers"})
     plan = make_plan("ddim", s, opts, 10)
     assert plan.abar_p[0] == pytest.approx(float(s.alphas_cumprod[999 - 100]))
 

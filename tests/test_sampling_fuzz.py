@@ -234,7 +234,7 @@ def test_fuzz_k1_moment_recursion(seed):
     kw = dict(eta=eta) if kind == "ddim" else {}
     x = fn(model, steps=steps, shape=(N_ORACLE, mix.D), schedule=sched, generator=g, dtype=torch.float64, **kw,
            **opts)
-    _, o, _ = resolve_schedule(sched, opts)
+    _, o = resolve_schedule(sched, opts)
     M, V = moment_recursion(make_plan(kind, sched, o, steps, eta), mix)
     se_mean = math.sqrt(V[-1] / N_ORACLE)
     assert (x.mean(0) - M[-1]).abs().max() < 4 * se_mean, (x.mean(0), M[-1], kind, opts, steps, eta)

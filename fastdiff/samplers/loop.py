@@ -1,0 +1,227 @@
+"""The one sampling loop: every plan (DDIM/DDPM `SamplerPlan`, solver `SolverPlan`) runs through `Loop.body`.
+
+    body(i, x) = model(x, t_i) → (CFG split) → noise z_i → one fused update → x_{i+1}
+
+The eager loop calls `body` once per model call with callbacks, progress and NaN checks around it; the CUDA-graph
+loop captures the same `body` calls once and replays them (sampling.py's cache). Buffers are the loop's own: two
+sample buffers it alternates between (an update never writes the tensor it reads, and a fresh 64 MiB output per step
+would page-fault on the CPU), the solver's history slots, the timestep table, and the coefficient table on the
+device. The caller's x_T is copied in, never written.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastdiff.ops import sampler_step as ss
+from fastdiff.samplers.plan import SolverPlan
+
+
+def call_model(model, x, t, i, learned: bool, check_nan: bool, channels: int | None = None):
+    """model(x, t) checked against x (shape, device, dtype; NaN/inf if `check_nan`): (o, v), v the variance half of a
+    2·C-channel output when `learned` (DDPM; v None otherwise). `channels`: a solver that ignores a learned variance
+    (diffusers' DPM-Solver with variance_type learned*) keeps the first C channels. `i`: the step, for errors."""
+    out = model(x, t)
+    out = getattr(out, "sample", out)
+    if isinstance(out, (tuple, list)):
+        if len(out) == 0:
+            raise TypeError("model output is an empty tuple/list; expected a tensor (or a tuple whose first item is)")
+        out = out[0]
+    if not torch.is_tensor(out):
+        raise TypeError(f"model output must be a tensor or have .sample, got {type(out).__name__}")
+    want = list(x.shape)
+    if learned or channels:
+        want[1] *= 2
+    if list(out.shape) != want and not (channels and list(out.shape) == list(x.shape)):
+        hint = " (variance_type learned* expects 2·C channels: prediction and variance)" if learned else ""
+        raise ValueError(f"model output has shape {tuple(out.shape)}, expected {tuple(want)}{hint}")
+    if out.device != x.device:
+        raise ValueError(f"model output is on {out.device}, the sample on {x.device}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"model output has dtype {out.dtype}, the sample {x.dtype}: cast the model or pass dtype=")
+    if check_nan and not torch.isfinite(out).all():
+        raise FloatingPointError(f"model produced NaN/inf at step {i} (timestep {t[0].item()})")
+    if learned:
+        return out.split(x.shape[1], dim=1)
+    if channels and out.shape[1] != x.shape[1]:
+        return out[:, : x.shape[1]].contiguous(), None
+    return out, None
+
+
+def randn(shape, generator, device, dtype):
+    """One noise draw. With a torch.Generator (or None): torch.randn as diffusers' `randn_tensor` draws it, on the
+    generator's device, then moved. `generator` may also be a noise source with `draw(shape, device, dtype)`
+    (e.g. fastdiff.jobs.IndexedNoise: one stream per image), called in the same order: x_T, then each noisy step."""
+    if hasattr(generator, "draw"):
+        return generator.draw(shape, device, dtype)
+    rand_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+def philox_table(steps: int, x: torch.Tensor, generator) -> torch.Tensor:
+    """(steps, 2) int64 [seed, offset]: one seed drawn from the generator, step i's counters start at i·numel."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator,
+                             device=generator.device if generator is not None else "cpu").item())
+    n = x.numel()
+    return torch.tensor([[seed, i * n] for i in range(steps)], dtype=torch.long)
+
+
+class Loop:
+    """Buffers and the shared step body for one plan on one sample shape. `name`: the resolved update backend
+    ("torch" for the reference, or a fused backend). The noise for step i comes from `draw(i, shape, dtype)`:
+    the eager loop draws from the generator; a graphed loop reads a static buffer filled before each replay."""
+
+    def __init__(self, plan, model, x, name: str, *, guidance_scale=None, noise_mode: str = "randn"):
+        self.plan, self.model, self.name = plan, model, name
+        self.solver = isinstance(plan, SolverPlan)
+        self.guided = guidance_scale is not None
+        self.noise_mode = noise_mode
+        dev, B = x.device, x.shape[0]
+        self.learned = (not self.solver and plan.kind == "ddpm" and plan.options.variance_type.startswith("learned"))
+        vt = plan.options.get("variance_type") if self.solver else None
+        self.channels = x.shape[1] if (self.solver and vt in ("learned", "learned_range")) else None
+        self.bufs = [torch.empty_like(x, memory_format=_fmt(x)), torch.empty_like(x, memory_format=_fmt(x))]
+        n = plan.steps
+        if self.solver:
+            self.hist = torch.empty((plan.num_slots, *x.shape), dtype=x.dtype, device=dev)
+            if x.dim() == 4 and _fmt(x) is torch.channels_last:
+                self.hist = torch.stack([torch.empty_like(x, memory_format=torch.channels_last)
+                                         for _ in range(plan.num_slots)])
+            self._views = [([self.hist[s] for s in c.reads], self.hist[c.y2_slot] if c.y2_slot is not None else None,
+                            self.hist[c.d_slot] if c.d_slot is not None else None) for c in plan.calls]
+            t_dtype = plan.t_dtype
+            ts = [c.t for c in plan.calls]
+        else:
+            t_dtype = torch.long
+            ts = [int(t) for t in plan.timesteps.tolist()]
+        Bm = B * (2 if self.guided else 1)
+        self.tb = torch.tensor(ts, dtype=t_dtype).view(-1, 1).expand(-1, Bm).contiguous().to(dev)
+        self.tb_rows = list(self.tb.unbind(0))
+        self.coefs = self._coef_table(guidance_scale).to(dev)
+        self.coef_rows = list(self.coefs.unbind(0))
+        self.rngs = None
+        self.x0_scratch = None
+        self.draw = None  # set by the runner: (i, shape, dtype) -> z, or None for rng-based noise
+
+    def _coef_table(self, guidance_scale):
+        if self.solver:
+            return self.plan.coef_table(guidance_scale)
+        from fastdiff.sampling import plan_coefs
+
+        return plan_coefs(self.plan, guidance_scale)
+
+    # ---- the step body ----------------------------------------------------------------------------------------
+    def model_outputs(self, i, x, check_nan=False):
+        """(o, o_cond, v): with classifier-free guidance the model sees the doubled batch [x, x] and returns the
+        unconditional half first (as diffusers pipelines chunk it); v (learned variances) from the conditional half."""
+        t = self.tb_rows[i]
+        if not self.guided:
+            o, v = call_model(self.model, x, t, i, self.learned, check_nan, self.channels)
+            return o, None, v
+        o2, v2 = call_model(self.model, torch.cat([x, x]), t, i, self.learned, check_nan, self.channels)
+        o, o_cond = o2.chunk(2)
+        return o, o_cond, (v2.chunk(2)[1] if v2 is not None else None)
+
+    def noise_for(self, i, x):
+        """(z, rng) of step i: a noise tensor, or the Philox [seed, offset] row; (None, None) when it draws none."""
+        if not self.plan.noise[i]:
+            return None, None
+        if self.rngs is not None:
+            return None, self.rngs[i]
+        dt = getattr(self.plan, "noise_dtype", None) if self.solver else None
+        z = self.draw(i, x.shape, dt or x.dtype)
+        return (z if z.dtype == x.dtype else z.to(x.dtype)), None
+
+    def body(self, i, x, *, check_nan=False, want_x0=False):
+        """One model call and its fused update: x (the current sample) → (x_next, x̂0 or None)."""
+        o, o_cond, v = self.model_outputs(i, x, check_nan)
+        z, rng = self.noise_for(i, x)
+        out = self.bufs[1] if x.data_ptr() == self.bufs[0].data_ptr() else self.bufs[0]
+        if self.solver:
+            return self._solver_update(i, x, o, o_cond, z, rng, out, want_x0)
+        return self._sstep_update(i, x, o, o_cond, v, z, rng, out, want_x0)
+
+    def _solver_update(self, i, x, o, o_cond, z, rng, out, want_x0):
+        from fastdiff.ops import multistep as ms
+
+        c = self.plan.calls[i]
+        hist, out2, d_out = self._views[i]
+        if want_x0 and d_out is None:
+            if self.x0_scratch is None:
+                self.x0_scratch = torch.empty_like(x)
+            d_out = self.x0_scratch
+        coef = self.coef_rows[i]
+        thr = None
+        if c.threshold:
+            opts = self.plan.options
+            thr = ms.threshold_scale(x, o, coef, o_cond=o_cond, ratio=opts["dynamic_thresholding_ratio"],
+                                     max_value=opts["sample_max_value"])
+        if x.dtype == torch.float64 or self.name == "torch":
+            ms.multistep_step(x, o, coef, o_cond=o_cond, hist=hist, noise=z, rng=rng, thr=thr, clip=c.clip, out=out,
+                              out2=out2, d_out=d_out, backend="torch", check=i == 0)
+        else:
+            ms.multistep_step(x, o, coef, o_cond=o_cond, hist=hist, noise=z, rng=rng, thr=thr, clip=c.clip, out=out,
+                              out2=out2, d_out=d_out, backend=self.name, check=i == 0)
+        return out, (d_out if want_x0 and self.plan.d_is_x0 else None)
+
+    def _sstep_update(self, i, x, o, o_cond, v, z, rng, out, want_x0):
+        from fastdiff.sampling import _step
+
+        plan = self.plan
+        if self.name == "torch":
+            x_prev, x0 = _step(plan, i, x, o, z, v, "torch", o_cond=o_cond, guidance_scale=self._w(), rng=rng)
+            out.copy_(x_prev)
+            return out, x0
+        opts = plan.options
+        coef = self.coef_rows[i]
+        adds_noise = plan.noise[i] and (plan.kind == "ddpm" or plan.eta > 0)
+        var_mode = opts.variance_type if self.learned else "scalar"
+        thr = None
+        if opts.thresholding:  # a per-sample reduction, then the fused pass
+            thr = ss.threshold_scale(x, o, coef, o_cond=o_cond, ratio=opts.dynamic_thresholding_ratio,
+                                     max_value=opts.sample_max_value)
+        x0_out = None
+        if want_x0:
+            if self.x0_scratch is None:
+                self.x0_scratch = torch.empty_like(x, dtype=torch.float32)
+            x0_out = self.x0_scratch
+        ss.sampler_step(x, o, coef, o_cond=o_cond, noise=z if adds_noise and rng is None else None,
+                        rng=rng if adds_noise else None, v=v if self.learned else None, thr=thr,
+                        clip=opts.clip_sample and not opts.thresholding, var_mode=var_mode, backend=self.name,
+                        out=out, x0_out=x0_out)
+        return out, x0_out
+
+    def _w(self):
+        from fastdiff.samplers.plan import COEF
+
+        return float(self.coefs[0, COEF["w"] if self.solver else ss.COEF["w"]]) if self.guided else None
+
+    # ---- loading a call's inputs -----------------------------------------------------------------------------
+    def start(self, x_T, scale: float = 1.0):
+        """Copy x_T (times `scale`) into the first buffer: the caller's tensor is never written."""
+        b = self.bufs[0]
+        if scale == 1.0:
+            b.copy_(x_T)
+        else:
+            torch.mul(x_T, scale, out=b)
+        return b
+
+
+def _fmt(x):
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def initial_scale(plan) -> float:
+    """x_T (randn·init_noise_sigma in diffusers' scale) → the loop's first state (the model's input scale)."""
+    if isinstance(plan, SolverPlan):
+        return plan.init_noise_sigma / plan.calls[0].scale_in
+    return 1.0
+
+
+def finite_float(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
