@@ -121,6 +121,18 @@ def _flops(func, args, out) -> int:
     return 0
 
 
+def suggests_channels_last(t: torch.Tensor) -> bool:
+    """c10's is_channels_last_strides_2d: what Tensor.suggest_memory_format() reads for a 4-d tensor."""
+    if t.dim() != 4:
+        return False
+    m = 0
+    for d in (1, 3, 2, 0):
+        if t.shape[d] == 0 or t.stride(d) < m or (d == 0 and m == t.stride(1)):
+            return False
+        m = t.stride(d) * (t.shape[d] if t.shape[d] > 1 else 1)
+    return True
+
+
 def gns_plan_split(N: int, C: int, HW: int, G: int, channels_last: bool, target_blocks: int = 8 * SMS) -> int:
     """`split` of gns::plan (csrc/include/group_norm_silu_math.h): 1 means one fused kernel."""
     unit = HW * C if channels_last else (C // G) * HW
@@ -210,8 +222,13 @@ class Counter(TorchDispatchMode):
         for r, t in zip(sch.returns, out if isinstance(out, (list, tuple)) else [out]):
             if r.alias_info is None:
                 write += sum(nb(x) for x in _tensors(t))
-        launches = 1
-        if func is aten.native_group_norm.default:  # ATen CUDA: moments, fused params, normalise (x read twice)
+        launches, bias_add = 1, None
+        if func is aten.convolution.default and not args[6] and out.dim() == 4:
+            out = self._cudnn_conv(args, out, nb)
+            if args[2] is not None:  # the conv kernel does not read the bias; the add_ after it does
+                read -= nb(args[2])
+                bias_add = 2 * nb(out) + nb(args[2])
+        elif func is aten.native_group_norm.default:  # ATen CUDA: moments, fused params, normalise (x read twice)
             launches, read = 3, read + nb(args[0])
         elif name == "fastdiff.group_norm_silu":
             x, G = args[0], args[4]
@@ -219,7 +236,23 @@ class Counter(TorchDispatchMode):
             if gns_plan_split(x.shape[0], x.shape[1], x.shape[2:].numel(), G, cl) > 1:
                 launches, read = 3, read + nb(x)
         self.add(name, launches, read + write, _flops(func, args, out), outs[0].dtype if outs else torch.float16)
+        if bias_add is not None:
+            self.add("convolution: bias add_", 1, bias_add, 0, out.dtype)
         return out
+
+
+    def _cudnn_conv(self, args, out, nb):
+        """PyTorch's cuDNN path of a 2-d convolution (Convolution.cpp `_convolution`, cudnn/Conv): the layout is
+        channels_last when the input or the weight suggests it (cudnn_conv_suggest_memory_format), an input or weight
+        in the other layout is copied first, the bias is a separate in-place add (recorded by the caller). The meta
+        kernel returns NCHW whatever the inputs: the output is given the layout cuDNN returns. Records the copies."""
+        x, w = args[0], args[1]
+        cl = suggests_channels_last(x) or suggests_channels_last(w)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        for t, what in ((x, "input"), (w, "weight")):
+            if not t.is_contiguous(memory_format=fmt):
+                self.add(f"convolution: {what} to {'channels_last' if cl else 'NCHW'}", 1, 2 * nb(t), 0, t.dtype)
+        return out.contiguous(memory_format=fmt) if cl else out
 
 
 class _SDPA(TorchFunctionMode):
@@ -268,7 +301,7 @@ DIFFUSERS_DDIM = "diffusers DDIMScheduler.step (η=0)"
 DPM_FIRST = "diffusers DPMSolverMultistep.step, first step (1st order + timestep lookup)"
 DPM_2M = "diffusers DPMSolverMultistep.step (2M)"
 FUSED_2M = "fastdiff multistep (DPM-Solver++ 2M, fused)"
-OURS_UNET, DIFFUSERS_UNET = "fastdiff UNet2D", "diffusers UNet2DModel"
+OURS_UNET, OURS_UNET_CL, DIFFUSERS_UNET = "fastdiff UNet2D", "fastdiff UNet2D channels_last", "diffusers UNet2DModel"
 
 
 def _diffusers():
@@ -354,19 +387,22 @@ def unet_rows(batches, dtype) -> list[dict]:
 
     cfg = UNet2DConfig.ddpm_cifar10()
     d = _diffusers()
-    with torch.device("meta"):
-        models = {OURS_UNET: UNet2D(cfg)}
+    fmt = dict(memory_format=torch.channels_last)
+    with torch.device("meta"):  # channels_last: model and input, as benchmarks/bench_unet.py's fastdiff_cl form
+        models = {OURS_UNET: UNet2D(cfg).to(dtype), OURS_UNET_CL: UNet2D(cfg).to(dtype).to(**fmt)}
         if d is not None:
-            models[DIFFUSERS_UNET] = d.UNet2DModel(**cfg.to_dict())
+            models[DIFFUSERS_UNET] = d.UNet2DModel(**cfg.to_dict()).to(dtype)
     nparams = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     if len(set(nparams.values())) != 1:
-        raise RuntimeError(f"the two U-Nets differ: {nparams}")
+        raise RuntimeError(f"the U-Nets differ: {nparams}")
     rows = []
     for B in batches:
         shape = (B, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         for name, m in models.items():
-            m = m.to(dtype).eval()
+            m.eval()
             x = torch.empty(shape, device="meta", dtype=dtype)
+            if name == OURS_UNET_CL:
+                x = x.to(**fmt)
             t = torch.tensor(500)  # a pipeline passes a CPU 0-d timestep
             with counting() as c:
                 m(x, t)
@@ -424,7 +460,7 @@ def markdown(res: dict) -> str:
     by = {(r["what"], tuple(r["shape"])): r for r in res["unet"]}
     for r in res["unet"]:
         ratio = ""
-        if r["what"] == OURS_UNET:
+        if r["what"] in (OURS_UNET, OURS_UNET_CL):
             ref = by.get((DIFFUSERS_UNET, tuple(r["shape"])))
             if ref:
                 d = next(iter(DEVICES))
@@ -432,7 +468,41 @@ def markdown(res: dict) -> str:
                          f"{ref[d]['graph_us'] / r[d]['graph_us']:.2f}×")
         L.append(f"| {r['what']} | {'×'.join(map(str, r['shape']))} {r['dtype']} | {r['kernels']} | "
                  f"{r['bytes'] / 1e9:.3f} | {r['flops'] / 1e9:.1f} | " + " | ".join(_times(r)) + f" | {ratio} |")
+    loops = loop_rows(res)
+    if loops:
+        L += ["", f"A {STEPS}-step DDIM loop (η=0), derived: {STEPS} × (U-Net forward + step) from the two tables above, "
+              "no overlap between kernels; diffusers eager (its pipeline), fastdiff eager and with the whole loop "
+              "captured as one CUDA graph (`cuda_graph=True`):", "",
+              "| batch | " + " | ".join(f"{d}: diffusers / fastdiff eager / fastdiff graph ms" for d in DEVICES)
+              + " | diffusers / fastdiff graph (H100) |", "|---|" + "---|" * (len(DEVICES) + 1)]
+        for lp in loops:
+            d0 = next(iter(DEVICES))
+            L.append(f"| {lp['batch']} | " + " | ".join(
+                f"{lp[d]['diffusers_eager_ms']:.1f} / {lp[d]['fastdiff_eager_ms']:.1f} / {lp[d]['fastdiff_graph_ms']:.1f}"
+                for d in DEVICES) + f" | {lp[d0]['diffusers_eager_ms'] / lp[d0]['fastdiff_graph_ms']:.2f}× |")
     return "\n".join(L)
+
+
+def loop_rows(res: dict) -> list[dict]:
+    """The STEPS-step DDIM loop at each batch where both tables have the (B, 3, 32, 32) case."""
+    step = {(r["what"], tuple(r["shape"]), r["dtype"]): r for r in res["sampler"]}
+    unet = {(r["what"], tuple(r["shape"]), r["dtype"]): r for r in res["unet"]}
+    out = []
+    for (what, shape, dt), ours in unet.items():
+        if what != OURS_UNET:
+            continue
+        parts = [unet.get((DIFFUSERS_UNET, shape, dt)), step.get((DIFFUSERS_DDIM, shape, dt)),
+                 step.get((FUSED_DDIM, shape, dt))]
+        if None in parts:
+            continue
+        ref, ref_step, fused = parts
+        row = OrderedDict(batch=shape[0], dtype=dt, steps=STEPS)
+        for d in DEVICES:
+            row[d] = dict(diffusers_eager_ms=STEPS * (ref[d]["eager_us"] + ref_step[d]["eager_us"]) / 1e3,
+                          fastdiff_eager_ms=STEPS * (ours[d]["eager_us"] + fused[d]["eager_us"]) / 1e3,
+                          fastdiff_graph_ms=STEPS * (ours[d]["graph_us"] + fused[d]["graph_us"]) / 1e3)
+        out.append(row)
+    return out
 
 
 def by_op(row: dict) -> list[tuple[str, int, int, int, int]]:
@@ -464,7 +534,8 @@ def op_lists(res: dict) -> str:
 # ---- predicted beside measured (scripts/gpu_check.sh) ----------------------------------------------------------
 # benchmark forms this model predicts: benchmarks/bench_sampler_step.py's impl and benchmarks/bench_unet.py's form
 _BENCH = {"test_sampler_step": ("impl", {"fused": FUSED_DDIM, "diffusers": DIFFUSERS_DDIM}),
-          "test_unet_forward": ("form", {"fastdiff": OURS_UNET, "diffusers": DIFFUSERS_UNET})}
+          "test_unet_forward": ("form", {"fastdiff": OURS_UNET, "fastdiff_cl": OURS_UNET_CL,
+                                         "diffusers": DIFFUSERS_UNET})}
 
 
 def _dtype_of(s: str):
@@ -532,6 +603,7 @@ def run(shapes, batches, dtype) -> dict:
         inputs=dict(launch_eager_us=LAUNCH_EAGER_S * 1e6, launch_graph_us=LAUNCH_GRAPH_S * 1e6,
                     devices=DEVICES, sms=SMS, source="published figures; these are predictions, not measurements"),
         sampler=[r for s in shapes for r in sampler_rows(s, dtype)], unet=unet_rows(batches, dtype))
+    res["ddim_loop"] = loop_rows(res)
     res["count_seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
