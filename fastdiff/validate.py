@@ -11,6 +11,7 @@ import numbers
 from collections.abc import Mapping
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -31,7 +32,7 @@ def check_number(name: str, v: Any, *, min: float | None = None, max: float | No
     elif hasattr(v, "shape") and getattr(v, "shape", None) == () and hasattr(v, "item") and \
             not isinstance(v, numbers.Number):  # a 0-dim NumPy array
         v = v.item()
-    if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real) or type(v).__name__ == "bool_":
+    if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real) or isinstance(v, np.bool_):
         raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {_kind(v)}")
     if integer:
         if not isinstance(v, numbers.Integral):
@@ -52,7 +53,7 @@ def check_number(name: str, v: Any, *, min: float | None = None, max: float | No
 
 def check_bool(name: str, v: Any) -> bool:
     """A bool (Python or NumPy); 0/1 ints are refused (a config value of 1.0 for a flag is almost always a typo)."""
-    if isinstance(v, bool) or type(v).__name__ == "bool_":
+    if isinstance(v, (bool, np.bool_)):
         return bool(v)
     raise TypeError(f"{name} must be True or False, got {_kind(v)}")
 
@@ -179,6 +180,30 @@ def check_scheduler_config(cfg: Mapping[str, Any], name: str = "scheduler config
             raise ValueError(f"{name}: trained_betas has {len(vals)} entries but num_train_timesteps is {T}")
         out["trained_betas"] = vals
     return out
+
+
+def check_betas(name: str, betas: Any) -> torch.Tensor:
+    """β_1 … β_T as a float64 tensor: a sequence or tensor of finite numbers in (0, 1]. A string is refused with the
+    named builders as the hint (NoiseSchedule("linear") means NoiseSchedule.from_name("linear"))."""
+    if isinstance(betas, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of β values, got the string {betas!r}; for a named schedule use "
+                        f"NoiseSchedule.from_name({betas!r}) or NoiseSchedule.linear() / .cosine() / ...")
+    if isinstance(betas, Mapping) or betas is None or isinstance(betas, numbers.Number):
+        raise TypeError(f"{name} must be a sequence of β values, got {_kind(betas)}")
+    if torch.is_tensor(betas):
+        if betas.is_complex() or betas.dtype == torch.bool:
+            raise TypeError(f"{name} must be real numbers, got a {betas.dtype} tensor")
+        b = betas.detach().to("cpu", torch.float64).flatten()
+    else:
+        b = torch.tensor([check_number(f"{name}[{i}]", v, finite=False) for i, v in enumerate(betas)],
+                         dtype=torch.float64)
+    if b.numel() < 1:
+        raise ValueError(f"{name}: need at least one timestep")
+    bad = (~torch.isfinite(b)) | (b <= 0) | (b > 1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{name}: every β_t must be finite and in (0, 1]; β[{i}] = {float(b[i])}")
+    return b
 
 
 def check_rescale_zero_snr(betas: torch.Tensor, name: str = "rescale_zero_snr") -> None:
