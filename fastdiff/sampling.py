@@ -458,17 +458,6 @@ def _coef_table_of(plan, guidance_scale):
     return plan.coef_table(guidance_scale) if isinstance(plan, SolverPlan) else plan_coefs(plan, guidance_scale)
 
 
-def model_key(model) -> tuple:
-    """Identity of a model for graph caches: the object and the storage of every parameter and buffer (a captured
-    graph reads weights from those addresses: swapped or re-created weights must recapture, in-place updates of the
-    same storage are seen by a replay as they are)."""
-    if isinstance(model, torch.nn.Module):
-        ts = [*model.parameters(), *model.buffers()]
-        return (id(model), tuple((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-                                 for t in ts))
-    return (id(model),)
-
-
 def _structure(plan) -> tuple:
     """What a captured loop bakes in besides the buffers it reloads per call (shapes, slots, flags, options)."""
     if isinstance(plan, SolverPlan):
@@ -482,7 +471,9 @@ def _structure(plan) -> tuple:
 
 
 def _graphed(plan, model, x, name, generator, guidance_scale, noise, scale=1.0):
-    key = (model_key(model), _structure(plan), tuple(x.shape), x.stride(), x.dtype, str(x.device), name,
+    from fastdiff._graphkey import model_key
+
+    key = (id(model), model_key(model), _structure(plan), tuple(x.shape), x.stride(), x.dtype, str(x.device), name,
            guidance_scale is not None, noise)
     loop = _GRAPHS.get(key)
     if loop is None or loop.model is not model:
@@ -585,6 +576,10 @@ def sample(model: Callable, steps: int = 20, *, sampler: str | None = None, sche
     """
     from fastdiff import samplers as S
 
+    if sampler is None and schedule is not None and not isinstance(schedule, NoiseSchedule) and \
+            S.scheduler_class_name(schedule) is None:
+        raise ValueError("sampler: schedule= is a config without '_class_name', so it does not say which solver it "
+                         f"configures; pass sampler= (one of {S.SAMPLERS})")
     name = S.check_sampler(sampler) if sampler is not None else (S.sampler_for(schedule) or "dpmsolver++")
     if sampler is not None and schedule is not None:
         S.sampler_for(schedule)  # a scheduler class without an equivalent is an error even when sampler= is given

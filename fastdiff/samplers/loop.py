@@ -157,9 +157,9 @@ class Loop:
             opts = self.plan.options
             thr = ms.threshold_scale(x, o, coef, o_cond=o_cond, ratio=opts["dynamic_thresholding_ratio"],
                                      max_value=opts["sample_max_value"])
-        if x.dtype == torch.float64 or self.name == "torch":
-            ms.multistep_step(x, o, coef, o_cond=o_cond, hist=hist, noise=z, rng=rng, thr=thr, clip=c.clip, out=out,
-                              out2=out2, d_out=d_out, backend="torch", check=i == 0)
+        if self.name == "torch":  # the reference, also for float64 samples (the fused kernels are fp32/fp16/bf16)
+            ms.resolve_op("torch", x.device)(x, o, o_cond, hist, z, rng, thr, coef, ms.FLAG_CLIP if c.clip else 0,
+                                             out, out2, d_out)
         else:
             ms.multistep_step(x, o, coef, o_cond=o_cond, hist=hist, noise=z, rng=rng, thr=thr, clip=c.clip, out=out,
                               out2=out2, d_out=d_out, backend=self.name, check=i == 0)
