@@ -27,11 +27,13 @@ the dense fp16 tensor-core peak of both (published; fp32: PEAKS below). bytes_k 
 (attention: its two GEMMs), 0 for element-wise ops. Peak bandwidth and peak FLOP/s are upper bounds on what a kernel
 achieves, so each t_k is a lower bound on its GPU time; host ops and syncs are not in the time.
 Launches per op: one per ATen op, except ATen's CUDA GroupNorm (three: moments, fused parameters, normalise; the input
-is read twice) and fastdiff's group_norm_silu (one kernel when gns::plan in csrc/include/group_norm_silu_math.h does
-not split a group, else statistics + merge + apply with the input read twice; planned here for 132 SMs, the SM count of
-both GPUs). Scaled-dot-product attention is one kernel (flash / memory-efficient on CUDA; on the meta device PyTorch
-would run its math decomposition, which is not what a GPU runs). cuDNN may add layout-transform or bias kernels to
-a convolution; they are not counted.
+is read twice), a convolution as PyTorch's cuDNN path runs it (the bias is a separate add_; channels_last when the
+input or the weight suggests it, the other one copied to that layout first; the meta kernel returns NCHW whatever its
+inputs, so the counter gives the output cuDNN's layout) and fastdiff's group_norm_silu (one kernel when gns::plan in
+csrc/include/group_norm_silu_math.h does not split a group, else statistics + merge + apply with the input read twice;
+planned here for 132 SMs, the SM count of both GPUs). Scaled-dot-product attention is one kernel (flash /
+memory-efficient on CUDA; on the meta device PyTorch would run its math decomposition, which is not what a GPU runs).
+Kernels cuDNN runs inside a convolution (layout transforms, split-K reductions) are not counted.
 """
 from __future__ import annotations
 
