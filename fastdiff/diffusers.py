@@ -119,18 +119,6 @@ class _Base(SchedulerMixin, ConfigMixin):
     def __len__(self):
         return self.config.num_train_timesteps
 
-    # ---- step position ----
-    @property
-    def step_index(self):
-        return self._step_index
-
-    @property
-    def begin_index(self):
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0):
-        self._begin_index = begin_index
-
     def _position(self, timestep):
         """(index into self.timesteps, host value) of a timestep without reading the device: a view into
         self.timesteps (what pipelines pass) is located by address; a Python number is its own value; otherwise
@@ -256,6 +244,16 @@ class _PlanScheduler(_Base):
         self._slots: list = []
         self.sigmas = None
         self._checked = False
+        self._running = False
+
+    # ---- step position (DDIM/DDPM have none in diffusers) ----
+    @property
+    def step_index(self):
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
 
     # ---- set_timesteps ----
     def _set(self, num_inference_steps, device, **custom):
@@ -283,6 +281,7 @@ class _PlanScheduler(_Base):
         self._step_index = None
         self._begin_index = None
         self._start = 0
+        self._running = False
         self._dev_cache = {}
         self._checked = False
         if device is not None:
@@ -369,12 +368,13 @@ class _PlanScheduler(_Base):
         x = sample
         o = _model_output(model_output, x, self._opts.get("variance_type"))
         coef = self._rows(self._start, x.device)[k]
-        if k == 0 or len(self._slots) != plan.num_slots or (self._slots and (
-                self._slots[0].shape != x.shape or self._slots[0].dtype != x.dtype
-                or self._slots[0].device != x.device)):
-            if k != 0:
-                raise RuntimeError(f"{type(self).__name__}.step: the sample's shape/dtype/device changed mid-run")
+        if not self._running:  # the history slots of this run (owned here; a call never writes a slot it reads)
             self._slots = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(plan.num_slots)]
+            self._running = True
+        elif self._slots and (self._slots[0].shape != x.shape or self._slots[0].dtype != x.dtype
+                              or self._slots[0].device != x.device):
+            raise RuntimeError(f"{type(self).__name__}.step: the sample's shape/dtype/device changed mid-run; call "
+                               "set_timesteps to start a new run")
         noise = None
         if row.noise:
             noise = variance_noise if variance_noise is not None else \
