@@ -75,15 +75,9 @@ __global__ void sampler_step_kernel(LaunchArgs a) {
     seed = (uint64_t)a.rng[0];
     offset = (uint64_t)a.rng[1];
   }
-  const int64_t chunks = (a.n + VEC - 1) / VEC;
-  for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < chunks; c += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t i = c * VEC;
-    if (ALIGNED && i + VEC <= a.n) {
-      step_chunk<T, VEC, true>(a, k, i, seed, offset);
-    } else {
-      step_chunk<T, VEC, false>(a, k, i, seed, offset);
-    }
-  }
+  for_each_chunk<VEC, ALIGNED>(a.n, [&](int64_t i, auto vector) {
+    step_chunk<T, VEC, decltype(vector)::value>(a, k, i, seed, offset);
+  });
 }
 
 template <typename T>

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_runtime.h>
 
@@ -36,6 +37,21 @@ __device__ __forceinline__ void vstore(T* __restrict__ p, int64_t i, int64_t n, 
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
       if (i + j < n) p[i + j] = from_f<T>(in[j]);
+  }
+}
+
+// chunk(i, vector) for each chunk start i = c·VEC in [0, n) of this thread (grid-stride loop); `vector` is
+// std::true_type for full chunks when ALIGNED (every pointer 16-byte aligned), std::false_type otherwise (the tail).
+template <int VEC, bool ALIGNED, typename F>
+__device__ __forceinline__ void for_each_chunk(int64_t n, F&& chunk) {
+  const int64_t chunks = (n + VEC - 1) / VEC;
+  for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < chunks; c += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t i = c * VEC;
+    if (ALIGNED && i + VEC <= n) {
+      chunk(i, std::true_type{});
+    } else {
+      chunk(i, std::false_type{});
+    }
   }
 }
 
