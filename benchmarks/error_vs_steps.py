@@ -1,11 +1,14 @@
-"""Discretization error vs number of steps on a 2-D Gaussian mixture, with the exact oracle
-(docs/math.md, "Discretization error vs steps").
+"""Error against model calls for every sampler, on a 2-D Gaussian mixture with the exact oracle.
 
 No network: the model is `fastdiff.toy.GaussianMixture.model`, the exact ε*, so the only error left is the sampler's
-discretization (and the prior mismatch of q(x_{T−1}) vs N(0, I), ~1e-5 here). The distance between the sampled and
-the true distribution is a sliced-Wasserstein-1 estimate against the mixture's exact projected CDF (W1 rather than W2:
-mass that changes mode moves ~4 units, and W2 ~ √(mass) would let weight noise swamp everything); the dashed line is
-the same estimate for an exact sample of the same size (the Monte-Carlo floor, below which differences are noise).
+discretization. Two panels:
+  - deterministic samplers (DDIM η=0, DPM-Solver++ 2M/3M, UniPC 2/3, Euler, Heun, PLMS, PNDM): the median L2 distance,
+    over the same x_T, to a reference trajectory (DPM-Solver++ 3M with 999 steps; its own distance to DDIM-1000 is
+    printed) — the probability-flow ODE's discretization error, per model call;
+  - stochastic samplers (DDPM, DDIM η=1, Euler ancestral, SDE-DPM-Solver++ 2M) and annealed Langevin: a sliced
+    Wasserstein-1 estimate between the samples and the exact mixture (W1 rather than W2: mass that changes mode moves
+    ~4 units, and W2 ~ √(mass) would let weight noise swamp everything); the dashed line is the same estimate for an
+    exact sample of the same size (the Monte-Carlo floor, below which differences are noise).
 
     python benchmarks/error_vs_steps.py                 # writes docs/error_vs_steps.png and .json (the numbers)
     python benchmarks/error_vs_steps.py --n 4000 --quick
@@ -73,6 +76,10 @@ def run(n: int, steps_grid, langevin_steps, seed: int):
         "DDIM η=1": lambda N: fastdiff.ddim_sample(eps_model, N, shape=(n, 2), generator=g(), eta=1.0,
                                                     dtype=torch.float64, timestep_spacing="linspace"),
     }
+    for name, kw in STOCHASTIC.items():
+        if name not in ("DDPM", "DDIM η=1"):
+            samplers[name] = lambda N, kw=kw: fastdiff.sample(eps_model, N, shape=(n, 2), generator=g(),
+                                                                dtype=torch.float64, **kw)
     for name, fn in samplers.items():
         rows = []
         for N in steps_grid:
@@ -96,28 +103,95 @@ def run(n: int, steps_grid, langevin_steps, seed: int):
     return out
 
 
-def plot(res, path: pathlib.Path):
+# name -> fastdiff.sample keywords; every deterministic sampler starts at t = T−1 (linspace/trailing grids)
+DETERMINISTIC = {
+    "DDIM": dict(sampler="ddim", timestep_spacing="linspace"),
+    "DPM-Solver++ 2M": dict(sampler="dpmsolver++"),
+    "DPM-Solver++ 3M": dict(sampler="dpmsolver++", solver_order=3),
+    "UniPC-2 (bh2)": dict(sampler="unipc"),
+    "UniPC-3 (bh2)": dict(sampler="unipc", solver_order=3),
+    "Euler": dict(sampler="euler"),
+    "Heun": dict(sampler="heun"),
+    "PLMS": dict(sampler="plms"),
+    "PNDM (PRK warm-up)": dict(sampler="pndm"),
+}
+STOCHASTIC = {
+    "DDPM": dict(sampler="ddpm", timestep_spacing="linspace"),
+    "DDIM η=1": dict(sampler="ddim", eta=1.0, timestep_spacing="linspace"),
+    "Euler ancestral": dict(sampler="euler_ancestral"),
+    "SDE-DPM-Solver++ 2M": dict(sampler="sde-dpmsolver++"),
+}
+
+
+def model_calls(kw: dict, steps: int) -> int:
+    """Model evaluations of `steps` steps (Heun: 2·steps − 1; PNDM's PRK warm-up: 3 extra per warm-up step)."""
+    from fastdiff import samplers as S
+
+    name = kw["sampler"]
+    if name in ("ddim", "ddpm"):
+        return steps
+    opts = S.solver_options(name, None, {k: v for k, v in kw.items() if k != "sampler"})
+    return S.build_plan(name, NoiseSchedule.linear(), steps, opts).steps
+
+
+def reference_trajectory(mix, sched, xT):
+    return fastdiff.sample(mix.model(sched), 999, sampler="dpmsolver++", solver_order=3, timestep_spacing="trailing",
+                           x_T=xT)
+
+
+def trajectory_errors(n: int, steps_grid, seed: int, samplers=None):
+    """{name: [(model calls, median ‖x − x_ref‖, seconds)]} for the deterministic samplers, same x_T (float64)."""
+    mix, sched = mixture(), NoiseSchedule.linear()
+    xT = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ref = reference_trajectory(mix, sched, xT)
+    ddim1000 = fastdiff.sample(mix.model(sched), 1000, sampler="ddim", timestep_spacing="linspace", x_T=xT)
+    out = {"reference": "DPM-Solver++ 3M, 999 steps (trailing)",
+           "reference_vs_ddim1000": (ddim1000 - ref).norm(dim=1).median().item(), "n": n}
+    for name, kw in (samplers or DETERMINISTIC).items():
+        rows = []
+        for N in steps_grid:
+            if kw["sampler"] == "pndm" and N < 4:
+                continue
+            t0 = time.time()
+            x = fastdiff.sample(mix.model(sched), N, x_T=xT, **kw)
+            rows.append((model_calls(kw, N), (x - ref).norm(dim=1).median().item(), time.time() - t0))
+            print(f"{name:20s} calls={rows[-1][0]:5d}  median err={rows[-1][1]:.2e}", flush=True)
+        out[name] = rows
+    return out
+
+
+def plot(traj, dist, path: pathlib.Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
-    for name, rows in res.items():
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12.8, 5.6), dpi=110)
+    for name, rows in traj.items():
+        if not isinstance(rows, list):
+            continue
+        style = dict(marker="o", lw=2.5) if name.startswith(("DPM", "UniPC")) else dict(marker=".", ls="--")
+        ax1.plot([r[0] for r in rows], [r[1] for r in rows], label=name, **style)
+    ax1.axhline(traj["reference_vs_ddim1000"], ls=":", c="gray", label="DDIM-1000 vs the reference")
+    ax1.set_title(f"Deterministic: probability-flow trajectory error (n={traj['n']}, same x_T)")
+    ax1.set_ylabel("median ‖x − x_ref‖ (reference: DPM-Solver++ 3M, 999 steps)")
+    for name, rows in dist.items():
         if name in ("floor", "floor_std", "n"):
             continue
         style = dict(marker="s", ms=9, mfc="none", lw=3, alpha=0.6) if name.startswith("DDPM") else dict(marker="o")
         label = name + " (= DDIM η=1: same math, same noise)" if name.startswith("DDPM") else name
-        ax.plot([r[0] for r in rows], [r[1] for r in rows], label=label, **style)
-    ax.axhline(res["floor"], ls="--", c="gray", label=f"exact samples, same n (noise floor, mean of {FLOOR_DRAWS})")
-    ax.axhspan(res["floor"] - res["floor_std"], res["floor"] + res["floor_std"], color="gray", alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("sampler steps (model evaluations)")
-    ax.set_ylabel("sliced Wasserstein-1 to the exact mixture")
-    ax.set_title(f"Discretization error, exact oracle, 2-D 3-mode mixture (n={res['n']})")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-    ax.grid(True, which="both", alpha=0.3)
+        ax2.plot([r[0] for r in rows], [r[1] for r in rows], label=label, **style)
+    ax2.axhline(dist["floor"], ls="--", c="gray", label=f"exact samples, same n (noise floor, mean of {FLOOR_DRAWS})")
+    ax2.axhspan(dist["floor"] - dist["floor_std"], dist["floor"] + dist["floor_std"], color="gray", alpha=0.15)
+    ax2.set_title(f"Stochastic: distance to the exact mixture (n={dist['n']})")
+    ax2.set_ylabel("sliced Wasserstein-1 to the exact mixture")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("model calls")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
+    fig.suptitle("Discretization error with the exact ε* of a 2-D 3-mode Gaussian mixture (linear β, T = 1000)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -125,20 +199,23 @@ def plot(res, path: pathlib.Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=20000, help="samples per run (default 20000)")
+    ap.add_argument("--n", type=int, default=20000, help="samples per stochastic run (default 20000)")
+    ap.add_argument("--n-traj", type=int, default=4000, help="trajectories per deterministic run (default 4000)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="steps 10, 50, 200 only")
+    ap.add_argument("--quick", action="store_true", help="few step counts only")
     ap.add_argument("--out", default=str(ROOT / "docs" / "error_vs_steps.png"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small tensors)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     grid = [10, 50, 200] if a.quick else [10, 20, 50, 100, 200, 500, 1000]
     lgrid = [100, 500] if a.quick else [100, 200, 500, 1000, 2000, 5000]
-    res = run(a.n, grid, lgrid, a.seed)
-    plot(res, pathlib.Path(a.out))
-    table = pathlib.Path(a.out).with_suffix(".json")  # the plotted numbers: (steps, SW1, seconds) per sampler
-    table.write_text(json.dumps({"command": "python benchmarks/error_vs_steps.py", "seed": a.seed, **res}, indent=1))
-    print(json.dumps(res, indent=None))
+    tgrid = [5, 10, 20] if a.quick else [5, 7, 10, 15, 20, 30, 50, 100, 200]
+    traj = trajectory_errors(a.n_traj, tgrid, a.seed)
+    dist = run(a.n, grid, lgrid, a.seed)
+    plot(traj, dist, pathlib.Path(a.out))
+    table = pathlib.Path(a.out).with_suffix(".json")  # the plotted numbers: (model calls, error, seconds) per sampler
+    table.write_text(json.dumps({"command": "python benchmarks/error_vs_steps.py", "seed": a.seed,
+                                 "trajectory": traj, "distribution": dist}, indent=1))
     print(f"wrote {a.out} and {table}")
 
 

@@ -196,13 +196,24 @@ class GaussianMixture:
             log_small = torch.cat([post[1:2], post[1:]]).log()
             log_large = schedule.betas.log()
 
+        sigma_table = ((1 - abar_table) / abar_table).sqrt()
+
         def oracle(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            t = torch.as_tensor(t).long().reshape(-1).cpu()
-            if t.numel() == 1:
-                t = t.expand(x_t.shape[0])
-            if t.numel() != x_t.shape[0] or (t < 0).any() or (t >= len(abar_table)).any():
+            tf = torch.as_tensor(t).reshape(-1).cpu()
+            if tf.numel() == 1:
+                tf = tf.expand(x_t.shape[0])
+            if tf.numel() != x_t.shape[0] or (tf < 0).any() or (tf > len(abar_table) - 1).any():
                 raise ValueError(f"t must hold {x_t.shape[0]} timesteps in [0, {len(abar_table) - 1}]")
-            abar = abar_table[t].to(x_t.device)
+            t = tf.long()
+            abar = abar_table[t]
+            if tf.is_floating_point() and (tf != t).any():
+                # a fractional timestep (the σ-grid solvers, e.g. Euler with linspace spacing): the noise level the
+                # sampler assumes there, σ interpolated linearly in t as diffusers does, ᾱ = 1/(1 + σ²)
+                hi = (t + 1).clamp(max=len(abar_table) - 1)
+                w = (tf.double() - t.double())
+                sig = (1 - w) * sigma_table[t] + w * sigma_table[hi]
+                abar = torch.where(tf != t, 1.0 / (1.0 + sig**2), abar)
+            abar = abar.to(x_t.device)
             out = self.predict(x_t, abar, prediction_type).to(x_t.dtype)
             if variance is None:
                 return out

@@ -75,6 +75,11 @@ def grid(schedule: NoiseSchedule, steps: int, o: dict, *, unipc: bool = False):
         sig = [float(v) for v in grids.karras(lo64, hi64, steps)]
     else:
         sig = [float(v) for v in np.interp(ts, np.arange(T), s64)]
+    for i in range(len(sig) - 1):
+        if sig[i] == sig[i + 1]:
+            raise ValueError(f"steps={steps} with timestep_spacing={o['timestep_spacing']!r} repeats timestep "
+                             f"{int(ts[i])}: a multistep solver divides by the step size λ_t − λ_s = 0 there "
+                             "(diffusers: NaN); use fewer steps or another spacing")
     if o["final_sigmas_type"] == "sigma_min":
         last = sig[-1] if unipc and o["use_karras_sigmas"] else float(s64[0])
     else:
