@@ -268,6 +268,8 @@ class _PlanScheduler(_Base):
         n = _check_steps(num_inference_steps, T)
         self._schedule = NoiseSchedule.from_diffusers(cfg)
         self._opts = S.solver_options(self._sampler, cfg, {})
+        # the SDE DPM-Solvers draw noise every step in diffusers, the last (σ_t = 0) too
+        self._draws_every_step = str(self._opts.get("algorithm_type", "")).startswith("sde")
         plan = S.build_plan(self._sampler, self._schedule, n, self._opts)
         if len(plan.timesteps) != len(plan.calls):
             raise AssertionError("plan has one call per timestep")
@@ -328,6 +330,7 @@ class _PlanScheduler(_Base):
         self._begin_index = begin_index
         if self._plans and self._restarts and 0 < begin_index < len(self._host_ts) and begin_index not in self._plans:
             self._plans[begin_index] = self._tail_plan(begin_index)  # built here, off the denoising loop
+            self._rows(begin_index, self.timesteps.device)
 
     def _init_step_index(self, timestep):
         if self._begin_index is not None:
@@ -376,11 +379,13 @@ class _PlanScheduler(_Base):
             raise RuntimeError(f"{type(self).__name__}.step: the sample's shape/dtype/device changed mid-run; call "
                                "set_timesteps to start a new run")
         noise = None
-        if row.noise:
+        if row.noise or self._draws_every_step:
             noise = variance_noise if variance_noise is not None else \
                 _draw(o.shape, generator, o.device, plan.noise_dtype or o.dtype)
             if noise.dtype != x.dtype:
                 noise = noise.to(x.dtype)
+            if not row.noise:  # diffusers draws it (generator state) where its coefficient is 0
+                noise = None
         thr = None
         if row.threshold:
             thr = M.threshold_scale(x, o, coef, ratio=self._opts["dynamic_thresholding_ratio"],
@@ -661,6 +666,7 @@ class _StepScheduler(_Base):
         cfg = dict(self.config)
         res = resolve_schedule(cfg, {})  # (schedule, options[, ...])
         self._schedule = res[0]
+        self._abar_host = self._schedule.alphas_cumprod.tolist()
         return res[1]
 
     def _require(self):
@@ -774,7 +780,7 @@ class DDIMScheduler(_StepScheduler):
         return _hf.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
     def _host_nan(self, t):
-        a = float(self._schedule.alphas_cumprod[t])
+        a = self._abar_host[t]
         return math.nan if (a <= 0.0 and self._opts.prediction_type == "epsilon") else 0.0
 
     def add_noise(self, original_samples, noise, timesteps):
@@ -866,7 +872,7 @@ class DDPMScheduler(_StepScheduler):
         j = self._pos_of.get(t)
         if j is None:
             raise ValueError(f"DDPMScheduler.step: timestep {t} is not one of the scheduler's timesteps")
-        if opts.prediction_type == "epsilon" and float(self._schedule.alphas_cumprod[t]) <= 0.0:
+        if opts.prediction_type == "epsilon" and self._abar_host[t] <= 0.0:
             raise ValueError(f"DDPMScheduler.step: prediction_type='epsilon' cannot step from timestep {t}, where "
                              "ᾱ_t = 0 (zero terminal SNR): use prediction_type='v_prediction' or 'sample'")
         coef = self._coefs(x.device)[j]
