@@ -554,10 +554,18 @@ def op_lists(res: dict) -> str:
 
 
 # ---- predicted beside measured (scripts/gpu_check.sh) ----------------------------------------------------------
-# benchmark forms this model predicts: benchmarks/bench_sampler_step.py's impl and benchmarks/bench_unet.py's form
-_BENCH = {"test_sampler_step": ("impl", {"fused": FUSED_DDIM, "diffusers": DIFFUSERS_DDIM}),
-          "test_unet_forward": ("form", {"fastdiff": OURS_UNET, "fastdiff_cl": OURS_UNET_CL,
-                                         "diffusers": DIFFUSERS_UNET})}
+def _bench_case(name: str, p: dict):
+    """(row, "sampler" | "unet", shape or batch, dtype) that this model predicts for one benchmark of
+    benchmarks/bench_sampler_step.py, bench_multistep.py or bench_unet.py (by its params), else None."""
+    test, dt = name.split("[")[0], _dtype_of(str(p.get("dtype", "")))
+    if test == "test_sampler_step" and p.get("impl") in ("fused", "diffusers") and dt:
+        return {"fused": FUSED_DDIM, "diffusers": DIFFUSERS_DDIM}[p["impl"]], "sampler", tuple(p["shape"]), dt
+    if test == "test_multistep" and p.get("impl") == "fused" and p.get("call") == "dpmpp2m":
+        return FUSED_2M, "sampler", tuple(p["shape"]), torch.float32  # bench_multistep times float32 only
+    forms = {"fastdiff": OURS_UNET, "fastdiff_cl": OURS_UNET_CL, "diffusers": DIFFUSERS_UNET}
+    if test == "test_unet_forward" and p.get("form") in forms and dt:
+        return forms[p["form"]], "unet", int(p["batch"]), dt
+    return None
 
 
 def _dtype_of(s: str):
@@ -585,19 +593,14 @@ def compare(path: str) -> tuple[str, list[dict]]:
     cache: dict[tuple, dict] = {}
     out = []
     for b in data.get("benchmarks", []):
-        test, p = b.get("name", "").split("[")[0], b.get("params") or {}
-        key_name, forms = _BENCH.get(test, (None, {}))
-        what, dtype = forms.get(p.get(key_name)), _dtype_of(str(p.get("dtype", "")))
-        if what is None or dtype is None:
+        case = _bench_case(b.get("name", ""), b.get("params") or {})
+        if case is None:
             continue
-        if test == "test_sampler_step":
-            key = (tuple(p["shape"]), dtype)
-            if key not in cache:
-                cache[key] = {r["what"]: r for r in sampler_rows(key[0], dtype)}
-        else:
-            key = (int(p["batch"]), dtype)
-            if key not in cache:
-                cache[key] = {r["what"]: r for r in unet_rows([key[0]], dtype)}
+        what, kind, size, dtype = case
+        key = (kind, size, dtype)
+        if key not in cache:
+            rows = sampler_rows(size, dtype) if kind == "sampler" else unet_rows([size], dtype)
+            cache[key] = {r["what"]: r for r in rows}
         pred = cache[key].get(what)
         if pred is not None:
             med_us = b["stats"]["median"] * 1e6
@@ -608,8 +611,8 @@ def compare(path: str) -> tuple[str, list[dict]]:
     L = [f"Predicted (not measured; `{col}` column of benchmarks/gpu_model.py, eager) beside measured:", "",
          "| benchmark | measured on | kernels | predicted eager µs | measured median µs | measured / predicted |",
          "|---|---|---|---|---|---|"]
-    L += [f"| {r['benchmark']} | {r['measured_on']} | {r['kernels']} | {r['predicted_eager_us']:.1f} | {r['measured_median_us']:.1f} | "
-          f"{r['measured_over_predicted']:.2f} |" for r in out]
+    L += [f"| {r['benchmark']} | {r['measured_on']} | {r['kernels']} | {r['predicted_eager_us']:.1f} | "
+          f"{r['measured_median_us']:.1f} | {r['measured_over_predicted']:.2f} |" for r in out]
     if not out:
         L.append("| (no benchmark in the JSON that this model predicts) | | | | | |")
     return "\n".join(L), out

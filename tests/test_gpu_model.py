@@ -28,7 +28,9 @@ def test_add_is_one_kernel_of_three_tensors():
     a, b = torch.empty(1000, 7, **META16), torch.empty(1000, 7, **META16)
     with gm.counting() as c:
         a + b
-    assert [(k.op, k.launches, k.bytes, k.flops) for k in c.kernels] == [("add", 1, 3 * 7000 * 2, 0)]
+        torch.cat([a, b[:500]])  # a tensor list: each input read once, the output written once
+    assert [(k.op, k.launches, k.bytes, k.flops) for k in c.kernels] == [
+        ("add", 1, 3 * 7000 * 2, 0), ("cat", 1, 2 * (7000 + 3500) * 2, 0)]
     assert c.host_ops == [] and c.syncs == []
 
 
@@ -184,13 +186,17 @@ def test_measured_beside_predicted(tmp_path):
          "params": {"shape": [2, 3, 8, 8], "dtype": "UNSERIALIZABLE[torch.float16]", "impl": "fused"}},
         {"name": "test_sampler_step[2x3x8x8-fp16-copy]", "stats": {"median": 1e-5},
          "params": {"shape": [2, 3, 8, 8], "dtype": "UNSERIALIZABLE[torch.float16]", "impl": "copy"}},
+        {"name": "test_multistep[2x3x8x8-dpmpp2m-fused]", "stats": {"median": 3e-5},
+         "params": {"shape": [2, 3, 8, 8], "call": "dpmpp2m", "impl": "fused"}},
+        {"name": "test_multistep[2x3x8x8-unipc3-fused]", "stats": {"median": 3e-5},
+         "params": {"shape": [2, 3, 8, 8], "call": "unipc3", "impl": "fused"}},
         {"name": "test_unet_forward[diffusers-1-torch.float16]", "stats": {"median": 2e-3},
          "params": {"form": "diffusers", "batch": 1, "dtype": "UNSERIALIZABLE[torch.float16]"}},
     ]}
     path = tmp_path / "benchmarks.json"
     path.write_text(json.dumps(bench))
     table, rows = gm.compare(str(path))
-    assert [r["predicted"] for r in rows] == [gm.FUSED_DDIM, gm.DIFFUSERS_UNET]
+    assert [r["predicted"] for r in rows] == [gm.FUSED_DDIM, gm.FUSED_2M, gm.DIFFUSERS_UNET]
     col = rows[0]["device_column"]
     pred = gm.sampler_rows((2, 3, 8, 8), torch.float16)[0]
     assert rows[0]["predicted_eager_us"] == pytest.approx(pred[col]["eager_us"])
