@@ -23,6 +23,8 @@
 #include <cstring>
 #include <vector>
 
+#include "fd_cpu_io.h"
+#include "group_norm_silu_checks.h"
 #include "group_norm_silu_math.h"
 
 // Lets gcc if-convert the clamps of fast_exp (float selects) so the SiLU loops vectorize; no other math changes.
@@ -80,84 +82,15 @@ namespace base {
 #include "group_norm_silu_kernels.inc"
 }  // namespace base
 
-// Which build of the kernels runs: the widest this CPU supports, or the one FASTDIFF_CPU_ISA names ("avx512",
-// "avx2", "base"; read on every call, so tests can check each build on one machine). Naming one the CPU lacks is an
-// error rather than a silent fallback.
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-bool cpu_has_avx2() {
-#ifdef GNS_HAVE_AVX2_PASS
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512() {
-#ifdef GNS_HAVE_AVX2_PASS
-  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512bf16");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-Isa pick_isa() {
-  const char* req = std::getenv("FASTDIFF_CPU_ISA");
-  if (req == nullptr || *req == '\0' || std::strcmp(req, "auto") == 0)
-    return cpu_has_avx512() ? Isa::kAvx512 : cpu_has_avx2() ? Isa::kAvx2 : Isa::kBase;
-  if (std::strcmp(req, "base") == 0) return Isa::kBase;
-  if (std::strcmp(req, "avx2") == 0) {
-    TORCH_CHECK(cpu_has_avx2(), "FASTDIFF_CPU_ISA=avx2, but this CPU (or build) lacks AVX2+FMA+F16C");
-    return Isa::kAvx2;
-  }
-  if (std::strcmp(req, "avx512") == 0) {
-    TORCH_CHECK(cpu_has_avx512(), "FASTDIFF_CPU_ISA=avx512, but this CPU (or build) lacks AVX-512 F/VL/BW/DQ/BF16");
-    return Isa::kAvx512;
-  }
-  TORCH_CHECK(false, "FASTDIFF_CPU_ISA must be auto, avx512, avx2 or base, got '", req, "'");
-}
+// Which build of the kernels runs: the widest this CPU supports, or the one FASTDIFF_CPU_ISA names (csrc/cpu/fd_cpu_io.h).
+using cpuio::Isa;
+using cpuio::pick_isa;
 
 at::Tensor opt_float(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
 }
 
 }  // namespace
-
-// Argument checks shared with the CUDA glue (csrc/cuda/group_norm_silu_glue.cpp). Returns true for NCHW-contiguous x,
-// false for channels_last; anything else is an error.
-bool group_norm_silu_check(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
-                           int64_t num_groups, double eps) {
-  TORCH_CHECK(x.dim() >= 2, "group_norm_silu: x must have shape (N, C, ...), got ", x.sizes());
-  const int64_t N = x.size(0), C = x.size(1);
-  TORCH_CHECK(num_groups >= 1 && C % num_groups == 0, "group_norm_silu: num_groups (", num_groups,
-              ") must be a positive divisor of the channel count ", C);
-  TORCH_CHECK(eps > 0, "group_norm_silu: eps must be > 0, got ", eps);
-  const bool nchw = x.is_contiguous();
-  const bool nhwc = !nchw && ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-                              (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)));
-  TORCH_CHECK(nchw || nhwc, "group_norm_silu: x must be contiguous (NCHW) or channels_last, got strides ",
-              x.strides());
-  if (weight.has_value())
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, "group_norm_silu: weight must have shape (", C,
-                "), got ", weight->sizes());
-  if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, "group_norm_silu: bias must have shape (", C, "), got ",
-                bias->sizes());
-  if (add.has_value())
-    TORCH_CHECK(add->dim() == 2 && add->size(0) == N && add->size(1) == C, "group_norm_silu: add must have shape (",
-                N, ", ", C, "), got ", add->sizes());
-  for (const auto* t : {&weight, &bias, &add})
-    if (t->has_value())
-      TORCH_CHECK((*t)->device() == x.device(), "group_norm_silu: weight, bias and add must be on x's device ",
-                  x.device(), ", got ", (*t)->device());
-  return nchw;
-}
 
 namespace {
 

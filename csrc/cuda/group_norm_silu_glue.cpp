@@ -1,19 +1,16 @@
-// Torch glue of the CUDA fastdiff::group_norm_silu: argument checks (shared with the CPU kernel), device guard,
-// workspace from torch's caching allocator (so the op can be captured in a CUDA graph), current stream, then the
-// plain launcher in group_norm_silu.cu. Compiled only when torch has CUDA.
+// Torch glue of the CUDA fastdiff::group_norm_silu: argument checks (csrc/include/group_norm_silu_checks.h), device
+// guard, workspace from torch's caching allocator (so the op can be captured in a CUDA graph), current stream, then
+// the plain launcher in group_norm_silu.cu. Compiled only when torch has CUDA.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "group_norm_silu_checks.h"
 #include "group_norm_silu_math.h"
 
 namespace fastdiff {
-
-bool group_norm_silu_check(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
-                           int64_t num_groups, double eps);  // csrc/cpu/group_norm_silu.cpp
 
 namespace gns {
 int64_t target_blocks();                                                                 // group_norm_silu.cu

@@ -1,4 +1,4 @@
-// Torch glue of the CUDA fastdiff::sampler_step: argument checks (shared with the CPU kernel), device guard,
+// Torch glue of the CUDA fastdiff::sampler_step: argument checks (csrc/include/sampler_step_checks.h), device guard,
 // current stream, then the plain launcher in sampler_step.cu. Compiled only when torch has CUDA.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -8,17 +8,10 @@
 
 #include <tuple>
 
+#include "sampler_step_checks.h"  // the argument checks, shared with the CPU kernel
 #include "sampler_step_math.h"
 
 namespace fastdiff {
-
-int64_t sampler_step_check(const at::Tensor& x, const at::Tensor& o, const c10::optional<at::Tensor>& o_cond,
-                           const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& rng,
-                           const c10::optional<at::Tensor>& v, const c10::optional<at::Tensor>& thr,
-                           const at::Tensor& coef, int64_t flags);  // csrc/cpu/sampler_step.cpp
-void sampler_step_out_check(const at::Tensor& x, const at::Tensor& o, const c10::optional<at::Tensor>& o_cond,
-                            const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& v,
-                            const at::Tensor& out, const c10::optional<at::Tensor>& x0_out);  // the same file
 
 namespace sstep {
 cudaError_t launch_sampler_step(const LaunchArgs& a, cudaStream_t stream);  // csrc/cuda/sampler_step.cu

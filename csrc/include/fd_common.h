@@ -5,5 +5,8 @@
 #ifdef __CUDACC__
 #define FD_HD __host__ __device__ __forceinline__
 #else
-#define FD_HD inline
+// Forced inline on the host too: the CPU kernels that call this math are compiled with other target / optimization
+// attributes (csrc/cpu/group_norm_silu.cpp), and g++ keeps a plain inline function out of line across such a
+// mismatch (a call per tile or per element).
+#define FD_HD inline __attribute__((always_inline))
 #endif
