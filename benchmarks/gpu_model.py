@@ -655,8 +655,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if any(b < 1 for b in a.batches):
         p.error(f"--batches must be positive, got {a.batches}")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # nothing here computes: meta tensors
-    res = run(a.shapes, a.batches, getattr(torch, a.dtype))
+    try:
+        res = run(a.shapes, a.batches, getattr(torch, a.dtype))
+    finally:
+        torch.set_num_threads(threads)
     table = None
     if a.measured:
         table, res["measured"] = compare(a.measured)
