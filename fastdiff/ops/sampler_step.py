@@ -267,6 +267,9 @@ try:
 except ImportError:  # the reference and C++ paths work without triton
     triton = None
 
+# The coefficient offsets as the kernel's constexprs, generated from COEF (the kernel has no literal offsets).
+_K = {f"K_{name.upper()}": i for name, i in COEF.items()}
+
 if triton is not None:
 
     @triton.jit
@@ -284,6 +287,9 @@ if triton is not None:
         n, per_sample,
         HAS_COND: tl.constexpr, NOISE: tl.constexpr, VAR_MODE: tl.constexpr, CLIP: tl.constexpr,
         HAS_THR: tl.constexpr, WRITE_X0: tl.constexpr, BLOCK: tl.constexpr,
+        K_P: tl.constexpr, K_Q: tl.constexpr, K_R: tl.constexpr, K_S: tl.constexpr, K_U: tl.constexpr,
+        K_A: tl.constexpr, K_B: tl.constexpr, K_C: tl.constexpr, K_SIGMA: tl.constexpr, K_CLIP: tl.constexpr,
+        K_W: tl.constexpr, K_LOGMAX: tl.constexpr, K_LOGMIN: tl.constexpr,  # offsets into coef: _K, from COEF
     ):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -291,33 +297,33 @@ if triton is not None:
         o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_COND:
             oc = tl.load(oc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            o = o + tl.load(coef_ptr + 10).to(tl.float32) * (oc - o)
-        x0 = tl.load(coef_ptr + 0).to(tl.float32) * x + tl.load(coef_ptr + 1).to(tl.float32) * o
+            o = o + tl.load(coef_ptr + K_W).to(tl.float32) * (oc - o)
+        x0 = tl.load(coef_ptr + K_P).to(tl.float32) * x + tl.load(coef_ptr + K_Q).to(tl.float32) * o
         if CLIP:
-            r = tl.load(coef_ptr + 9).to(tl.float32)
+            r = tl.load(coef_ptr + K_CLIP).to(tl.float32)
             x0 = tl.minimum(tl.maximum(x0, -r), r)
         if HAS_THR:
             s = tl.load(thr_ptr + offs // per_sample, mask=mask, other=1.0)
             x0 = tl.minimum(tl.maximum(x0, -s), s) / s
-        eps = (tl.load(coef_ptr + 2).to(tl.float32) * x + tl.load(coef_ptr + 3).to(tl.float32) * o
-               + tl.load(coef_ptr + 4).to(tl.float32) * x0)
-        out = (tl.load(coef_ptr + 5).to(tl.float32) * x0 + tl.load(coef_ptr + 6).to(tl.float32) * eps
-               + tl.load(coef_ptr + 7).to(tl.float32) * x)
+        eps = (tl.load(coef_ptr + K_R).to(tl.float32) * x + tl.load(coef_ptr + K_S).to(tl.float32) * o
+               + tl.load(coef_ptr + K_U).to(tl.float32) * x0)
+        out = (tl.load(coef_ptr + K_A).to(tl.float32) * x0 + tl.load(coef_ptr + K_B).to(tl.float32) * eps
+               + tl.load(coef_ptr + K_C).to(tl.float32) * x)
         if NOISE != 0:
             if NOISE == 1:
                 z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             else:
                 z = tl.randn(tl.load(rng_ptr), tl.load(rng_ptr + 1) + offs)
             if VAR_MODE == 0:
-                std = tl.load(coef_ptr + 8).to(tl.float32)
+                std = tl.load(coef_ptr + K_SIGMA).to(tl.float32)
             else:
                 v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 if VAR_MODE == 1:
                     std = tl.sqrt(v)
                 else:
                     f = 0.5 * (v + 1.0)
-                    std = tl.exp(0.5 * (f * tl.load(coef_ptr + 11).to(tl.float32)
-                                        + (1.0 - f) * tl.load(coef_ptr + 12).to(tl.float32)))
+                    std = tl.exp(0.5 * (f * tl.load(coef_ptr + K_LOGMAX).to(tl.float32)
+                                        + (1.0 - f) * tl.load(coef_ptr + K_LOGMIN).to(tl.float32)))
             out = out + std * z
         tl.store(xp_ptr + offs, out.to(xp_ptr.dtype.element_ty), mask=mask)
         if WRITE_X0:
@@ -341,7 +347,7 @@ def _launch_triton(x, o, o_cond, noise, rng, v, thr, coef, flags, xp, x0):
         xp, x0 if x0 is not None else xp, n, n // x.shape[0],
         HAS_COND=o_cond is not None, NOISE=1 if noise is not None else (2 if rng is not None else 0),
         VAR_MODE=(flags >> 1) & 3, CLIP=bool(flags & FLAG_CLIP), HAS_THR=thr is not None, WRITE_X0=x0 is not None,
-        BLOCK=BLOCK)
+        BLOCK=BLOCK, **_K)
 
 
 @torch.library.custom_op("fastdiff::sampler_step_triton", mutates_args=())
@@ -446,9 +452,6 @@ def _check_no_alias(op, inputs: dict, outputs: dict):
                 raise ValueError(f"{op}: output {name} overlaps {other} (outputs may alias no input and no other "
                                  f"output)")
         seen.append((name, t))
-
-
-BACKENDS = ("torch", "triton", "cuda", "cpp")
 
 
 def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=None, rng=None, v=None, thr=None,
