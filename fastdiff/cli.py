@@ -74,6 +74,10 @@ def _flag_list(s):
     return [f in ("1", "true") for f in flags]
 
 
+_SAMPLERS = ("ddim", "ddpm", "dpmsolver++", "sde-dpmsolver++", "unipc", "euler", "euler_ancestral", "heun", "pndm",
+             "plms")  # fastdiff.samplers.SAMPLERS, spelled here so that --help does not import torch
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastdiff", description="Fast DDPM/DDIM sampling: train, sample, bench.")
     sub = p.add_subparsers(dest="cmd", metavar="{sample,train,bench}")
@@ -84,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                        "(torchrun ... -m fastdiff -- sample ...) every rank takes disjoint images; the merged set is "
                        "DIR/samples.npz.")
     s.add_argument("--checkpoint", default=None, help="a fastdiff checkpoint (default: the bundled digits model)")
-    s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    s.add_argument("--sampler", choices=_SAMPLERS, default="ddim",
+                   help="ddim, ddpm, or a multistep solver (dpmsolver++, unipc, euler, heun, pndm, ...; default ddim)")
     s.add_argument("--steps", type=_positive_int("--steps"), default=None,
                    help="sampling steps (default: 50 for DDIM; all training steps for DDPM)")
     s.add_argument("--eta", type=_nonneg_float("--eta"), default=0.0, help="DDIM η (0 = deterministic)")
@@ -174,10 +179,12 @@ def _sampler_spec(a) -> tuple[str, int | None, float]:
     what jobs.SampleConfig records in the manifest (a new --sampler is one more branch here)."""
     if a.sampler == "ddim":
         return "ddim", a.steps if a.steps is not None else 50, a.eta
+    if a.eta:
+        raise CliError("--eta applies to --sampler ddim only")
     if a.sampler == "ddpm":
-        if a.eta:
-            raise CliError("--eta applies to --sampler ddim only")
         return "ddpm", a.steps, 0.0
+    if a.sampler in _SAMPLERS:  # the multistep solvers: 20 steps unless told
+        return a.sampler, a.steps if a.steps is not None else 20, 0.0
     raise CliError(f"--sampler {a.sampler!r} is not known")
 
 

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from fastdiff import sampling
+from fastdiff.samplers import SAMPLERS  # every sampler fastdiff.sample runs
 from fastdiff.fsutil import DirLock, atomic_write, clean_temps, exclusive_create, is_fastdiff_temp, LOCK_NAME
 from fastdiff.schedule import NoiseSchedule
 
 MANIFEST = "manifest.json"
 MERGED = "samples.npz"
 GRID = "grid.png"
-SAMPLERS = ("ddim", "ddpm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -82,11 +82,11 @@ class SampleConfig:
         check_choice("sampler", self.sampler, SAMPLERS)
         if self.steps is not None:
             self.steps = check_number("steps", self.steps, integer=True, min=1)
-        if self.sampler == "ddim" and self.steps is None:
-            raise ValueError("steps: DDIM needs a number of steps")
+        if self.sampler != "ddpm" and self.steps is None:
+            raise ValueError(f"steps: {self.sampler} needs a number of steps")
         self.eta = check_number("eta", self.eta, min=0)
-        if self.sampler == "ddpm" and self.eta != 0:
-            raise ValueError("eta applies to DDIM only (DDPM's noise scale is set by its variance type)")
+        if self.sampler != "ddim" and self.eta != 0:
+            raise ValueError(f"eta applies to DDIM only ({self.sampler}'s noise, if any, is set by the solver)")
         check_choice("dtype", self.dtype, tuple(DTYPES))
         self.batch_size = check_number("batch_size", self.batch_size, integer=True, min=1)
         self.seed = check_number("seed", self.seed, integer=True, min=0)
@@ -108,12 +108,11 @@ def sample_batch(model: Callable, indices: Sequence[int], cfg: SampleConfig, sch
     Row b depends only on (cfg.seed, indices[b]) and on the batch's composition through the model's rounding.
     """
     dtype = DTYPES[cfg.dtype]
-    sched, opts = sampling.resolve_schedule(schedule, dict(options))
-    plan = sampling.make_plan(cfg.sampler, sched, opts, cfg.steps, cfg.eta)
+    plan = sampling.plan_for(cfg.sampler, schedule, dict(options), cfg.steps, cfg.eta)
     noise = IndexedNoise(cfg.seed, indices, image_shape)
     x = noise.draw(device=device, dtype=dtype)
     # the public loop (fused kernels and CUDA graphs included), drawing step noise from the per-image streams
-    x = sampling.run_plan(plan, model, x, generator=noise, backend=backend, check_nan=check_nan)
+    x = sampling.run_plan(plan, model, x, generator=noise, backend=backend, check_nan=check_nan, scale_x_T=True)
     bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
     if bad.any():
         rows = [int(indices[b]) for b in bad.nonzero().flatten().tolist()]

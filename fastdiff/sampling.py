@@ -611,3 +611,29 @@ def sample(model: Callable, steps: int = 20, *, sampler: str | None = None, sche
     return run_plan(plan, model, x, generator=generator, backend=backend, progress=progress, callback=callback,
                     check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph,
                     scale_x_T=True)
+
+
+def plan_for(sampler: str, schedule, options: dict, steps: int | None, eta: float = 0.0):
+    """The plan of any sampler: a SamplerPlan (ddim, ddpm) or a SolverPlan (the others) over `schedule` (a
+    NoiseSchedule, a diffusers scheduler or its config, or None) with `options` (a DDIM/DDPM option dict such as a
+    checkpoint records: a solver takes the ones it has, e.g. prediction_type, and ignores the DDIM-only ones).
+    Run it with run_plan(..., scale_x_T=True) from x_T ~ N(0, I)."""
+    from fastdiff import samplers as S
+
+    S.check_sampler(sampler)
+    if sampler in ("ddim", "ddpm"):
+        sched, opts = resolve_schedule(schedule, dict(options))
+        return make_plan(sampler, sched, opts, steps, eta)
+    if eta:
+        raise ValueError(f"eta applies to sampler='ddim' only (got sampler={sampler!r})")
+    if steps is None:
+        raise ValueError(f"steps: sampler={sampler!r} needs a number of steps")
+    cfg = None
+    if schedule is None:
+        sched = NoiseSchedule.linear()
+    elif isinstance(schedule, NoiseSchedule):
+        sched = schedule
+    else:
+        cfg = diffusers_config(schedule)
+        sched = NoiseSchedule.from_diffusers(cfg)
+    return S.build_plan(sampler, sched, steps, S.solver_options(sampler, {**(cfg or {}), **options}, {}))

@@ -93,6 +93,8 @@ def solver_options(sampler: str, config: dict | None, options: dict) -> dict:
         for k, v in config.items():
             if k in _UNSUPPORTED and v != _UNSUPPORTED[k] and not (v is False and _UNSUPPORTED[k] is None):
                 raise ValueError(f"schedule: the diffusers setting {k}={v!r} has no fastdiff equivalent")
+            if k == "variance_type" and v not in ("learned", "learned_range"):
+                v = None  # DDPM's fixed variances: nothing for a solver to ignore
             if k in o:
                 o[k] = v
     o.update(fixed)
