@@ -200,3 +200,56 @@ def test_measured_beside_predicted(tmp_path):
     assert rows[0]["measured_over_predicted"] == pytest.approx(50.0 / pred[col]["eager_us"])
     assert rows[0]["measured_on"] == "X" and "Predicted (not measured" in table
     assert "No measured benchmarks" in gm.compare(str(tmp_path / "missing.json"))[0]
+
+
+def test_meta_counts_equal_real_tensor_counts_for_diffusers_steps():
+    """The same counts from meta tensors (what the script uses) and from real CPU tensors marked device-resident:
+    the meta kernels take the same code paths in diffusers' steps."""
+    diffusers = pytest.importorskip("diffusers")
+
+    def counts(meta: bool):
+        g = torch.Generator().manual_seed(0)
+        x, o = (torch.randn(2, 3, 8, 8, generator=g).half() for _ in range(2))
+        if meta:
+            x, o = x.to("meta"), o.to("meta")
+        res = []
+        ddim = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+        ddim.set_timesteps(50)
+        dpm = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++")
+        dpm.set_timesteps(50)
+        dpm.step(o, dpm.timesteps[0], x)
+        dpm.step(o, dpm.timesteps[1], x)
+        for step in (lambda: ddim.step(o, ddim.timesteps[10], x, eta=0.0), lambda: dpm.step(o, dpm.timesteps[2], x)):
+            with gm.counting(resident=() if meta else (x, o)) as c:
+                step()
+            res.append(([(k.op, k.launches, k.bytes) for k in c.kernels], c.host_ops, c.syncs))
+        return res
+
+    meta, real = counts(True), counts(False)
+    assert meta == real and len(meta[0][0]) == 6
+
+
+def test_meta_counts_equal_real_tensor_counts_for_a_unet():
+    """fastdiff's U-Net (a small config, fp32) counted on meta tensors and on real CPU tensors marked
+    device-resident: the same kernels from the first convolution on (before it, the time embedding of a CPU
+    timestep is host work in the real run), so the meta kernels and the counter's cuDNN layout rule agree with
+    what real tensors do on this path."""
+    from fastdiff.nn import UNet2D
+    from fastdiff.nn.unet import UNet2DConfig
+
+    cfg = UNet2DConfig(sample_size=8, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, layers_per_block=1)
+    torch.manual_seed(0)
+    model = UNet2D(cfg).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor(500)
+
+    def count(m, xx, resident):
+        with gm.counting(resident=resident) as c:
+            m(xx, t)
+        ks = [(k.op, k.launches, k.bytes, k.flops) for k in c.kernels]
+        return ks[[k[0] for k in ks].index("convolution"):]
+
+    real = count(model, x, (*model.parameters(), *model.buffers(), x))
+    meta = count(UNet2D(cfg).to("meta").eval(), x.to("meta"), ())
+    assert real == meta and len(real) > 100
+    assert any(k[0] == "convolution: weight to channels_last" for k in real)  # the layout rule took effect
