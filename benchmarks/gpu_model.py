@@ -3,11 +3,12 @@ on an H100 SXM and an H200. These are PREDICTIONS from published figures, not me
 
     python benchmarks/gpu_model.py --markdown            # the tables of docs/benchmarks.md ("Predicted (not measured)")
     python benchmarks/gpu_model.py --json out.json       # the same numbers for scripts/gpu_check.sh
-    python benchmarks/gpu_model.py --ops                 # also every kernel of each sampler step
+    python benchmarks/gpu_model.py --ops                 # also every kernel of each step, the U-Nets' by op
+    python benchmarks/gpu_model.py --measured bench.json # predicted beside a pytest-benchmark JSON's medians
 
 What is counted (a TorchDispatchMode sees every ATen op and every fastdiff op a call makes):
   (a) one sampling step: fastdiff's fused DDIM step (fastdiff.ops.sampler_step with the inputs a sampling loop passes:
-      x, the model output, row i of the coefficient table), diffusers' DDIMScheduler.step (η = 0) and
+      x, the model output, row i of the coefficient table, out=), diffusers' DDIMScheduler.step (η = 0) and
       DPMSolverMultistepScheduler.step (DPM-Solver++(2M), counted after two warm-up steps so the multistep branch runs;
       its first step, which looks its timestep up with `nonzero` and `.item()`, is a row of its own), and fastdiff's
       fused multistep step for DPM-Solver++(2M) (fastdiff.ops.multistep if it is importable, else its contract: read x,
@@ -22,9 +23,9 @@ on a device tensor are device→host syncs (counted separately).
 The cost model, per kernel k: t_k = launches_k · L + max(bytes_k / BW, flops_k / P); a step or a forward is Σ_k t_k
 (kernels run one after another, as on one stream). L = 2.5 µs per eager launch or 1.3 µs per CUDA-graph node; BW:
 H100 SXM 3.35 TB/s (HBM3 spec), H200 4.8 TB/s (spec) and 4.3 TB/s (a published measured copy rate); P = 989 TFLOP/s,
-the dense fp16 tensor-core peak of both (published; fp32: PEAKS below). bytes_k = every tensor the op reads plus every tensor it writes
-(a broadcast dimension counted once, views and allocations free); flops_k = 2·M·N·K for GEMMs and convolutions
-(attention: its two GEMMs), 0 for element-wise ops. Peak bandwidth and peak FLOP/s are upper bounds on what a kernel
+the dense fp16 tensor-core peak of both (published; fp32: PEAKS below). bytes_k = every tensor the op reads plus
+every tensor it writes (a broadcast dimension counted once, views and allocations free); flops_k = 2·M·N·K for GEMMs
+and convolutions (attention: its two GEMMs), 0 for element-wise ops. Peak bandwidth and peak FLOP/s are upper bounds on what a kernel
 achieves, so each t_k is a lower bound on its GPU time; host ops and syncs are not in the time.
 Launches per op: one per ATen op, except ATen's CUDA GroupNorm (three: moments, fused parameters, normalise; the input
 is read twice), a convolution as PyTorch's cuDNN path runs it (the bias is a separate add_; channels_last when the
@@ -473,9 +474,9 @@ def markdown(res: dict) -> str:
                  f"{r['bytes'] / 1e6:.3f} | {r['host_ops']} | {syncs} | " + " | ".join(_times(r)) + " |")
     notes = OrderedDict(((r["what"], r["note"]), None) for r in res["sampler"] if r["note"])
     L += [""] + [("† " if n.startswith("contract") else "- ") + f"{w}: {n}" for w, n in notes]
-    L += ["- — : a step with a device→host sync cannot be captured in a CUDA graph. The graph column of a diffusers "
-          "step is the cost of its kernels as graph nodes; a replay would reuse the CPU-side coefficients baked in at "
-          "capture, so diffusers' steps do not run correctly as captured graphs without changes."]
+    L += ["- graph time —: a step with a device→host sync cannot be captured in a CUDA graph. The graph column of a "
+          "diffusers step is the cost of its kernels as graph nodes; a replay would reuse the CPU-side coefficients "
+          "baked in at capture, so diffusers' steps do not run correctly as captured graphs without changes."]
     L += ["", "One U-Net forward (google/ddpm-cifar10-32 architecture, random weights):", "",
           f"| model | input | kernels | GB moved | GFLOP | {devs} | diffusers / fastdiff (H100, eager / graph) |",
           "|---|---|---|---|---|" + "---|" * len(DEVICES) + "---|"]
@@ -492,16 +493,17 @@ def markdown(res: dict) -> str:
                  f"{r['bytes'] / 1e9:.3f} | {r['flops'] / 1e9:.1f} | " + " | ".join(_times(r)) + f" | {ratio} |")
     loops = loop_rows(res)
     if loops:
-        L += ["", f"A {STEPS}-step DDIM loop (η=0), derived: {STEPS} × (U-Net forward + step) from the two tables above, "
-              "no overlap between kernels; diffusers eager (its pipeline), fastdiff eager and with the whole loop "
+        L += ["", f"A {STEPS}-step DDIM loop (η=0), derived: {STEPS} × (U-Net forward + step) from the two tables "
+              "above, no overlap between kernels; diffusers eager (its pipeline), fastdiff eager and with the whole loop "
               "captured as one CUDA graph (`cuda_graph=True`):", "",
               "| batch | " + " | ".join(f"{d}: diffusers / fastdiff eager / fastdiff graph ms" for d in DEVICES)
               + " | diffusers / fastdiff graph (H100) |", "|---|" + "---|" * (len(DEVICES) + 1)]
         for lp in loops:
             d0 = next(iter(DEVICES))
-            L.append(f"| {lp['batch']} | " + " | ".join(
-                f"{lp[d]['diffusers_eager_ms']:.1f} / {lp[d]['fastdiff_eager_ms']:.1f} / {lp[d]['fastdiff_graph_ms']:.1f}"
-                for d in DEVICES) + f" | {lp[d0]['diffusers_eager_ms'] / lp[d0]['fastdiff_graph_ms']:.2f}× |")
+            cells = [" / ".join(f"{lp[d][k]:.1f}" for k in ("diffusers_eager_ms", "fastdiff_eager_ms",
+                                                             "fastdiff_graph_ms")) for d in DEVICES]
+            L.append(f"| {lp['batch']} | " + " | ".join(cells)
+                     + f" | {lp[d0]['diffusers_eager_ms'] / lp[d0]['fastdiff_graph_ms']:.2f}× |")
     return "\n".join(L)
 
 

@@ -100,7 +100,8 @@ def test_convolution_as_cudnn_runs_it():
     xb, wb, ob, bb = 2 * 8 * 36 * 2, 4 * 8 * 9 * 2, 2 * 4 * 36 * 2, 4 * 2
     with gm.counting() as c:
         y = torch.nn.functional.conv2d(x, w, b, padding=1)
-    assert [(k.op, k.bytes) for k in c.kernels] == [("convolution", xb + wb + ob), ("convolution: bias add_", 2 * ob + bb)]
+    assert [(k.op, k.bytes) for k in c.kernels] == [("convolution", xb + wb + ob),
+                                                     ("convolution: bias add_", 2 * ob + bb)]
     assert y.is_contiguous()
     xcl = x.to(memory_format=torch.channels_last)
     with gm.counting() as c:
