@@ -162,6 +162,59 @@ def test_two_runs_with_the_same_options_never_corrupt(tmp_path, tiny_ckpt, refer
         _listing_ok(out)
 
 
+_API_RACER = r"""
+import os, sys
+import torch
+from fastdiff import jobs
+out, seed, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(1)
+model = lambda x, t: 0.1 * x + (t.float() / 1000).view(-1, 1, 1, 1)  # rows never mix
+cfg = jobs.SampleConfig("ddim", 2, 0.0, seed, "float32", 1)
+for r in range(rounds):
+    print("ready", flush=True)
+    sys.stdin.buffer.read(1)  # the barrier: the parent writes one byte to every racer at once
+    try:
+        jobs.sample_to_dir(model, f"{out}{r}", 8, cfg, schedule=None, options={}, image_shape=(1, 4, 4), device="cpu",
+                           run_id={"model": "toy"}, shard_size=1, progress=False, log=lambda m: None)
+        print("ok", flush=True)
+    except jobs.RunMismatch as e:
+        print("refused", "seed" in str(e), flush=True)
+"""
+
+
+def test_api_race_on_one_new_out_many_tries(tmp_path):
+    """jobs.sample_to_dir in two processes released within microseconds of each other (a byte written to both
+    stdins), 10 tries: always exactly one run owns the directory and its set is that run's alone."""
+    rounds = 10
+    out = str(tmp_path / "o")
+    procs = [subprocess.Popen([sys.executable, "-c", _API_RACER, out, str(s), str(rounds)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for s in (0, 1)]
+    try:
+        for r in range(rounds):
+            for p in procs:
+                assert p.stdout.readline().strip() == b"ready", p.stderr.read().decode()
+            for p in procs:
+                p.stdin.write(b"g")
+            for p in procs:
+                p.stdin.flush()
+            res = [p.stdout.readline().decode().split() for p in procs]
+            assert sorted(x[0] for x in res) == ["ok", "refused"], (r, res)
+            assert all(x[1] == "True" for x in res if x[0] == "refused"), res
+            winner = [s for s, x in zip((0, 1), res) if x[0] == "ok"][0]
+            with open(f"{out}{r}/manifest.json") as f:
+                assert json.load(f)["run"]["seed"] == winner
+            alone = jobs.sample_images(lambda x, t: 0.1 * x + (t.float() / 1000).view(-1, 1, 1, 1), list(range(8)),
+                                       jobs.SampleConfig("ddim", 2, 0.0, winner, "float32", 1), None, {},
+                                       (1, 4, 4), "cpu")
+            with np.load(f"{out}{r}/samples.npz") as z:
+                np.testing.assert_array_equal(z["arr_0"], alone)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def test_run_waiting_on_a_busy_dir_is_refused_when_options_differ(tmp_path, tiny_ckpt):
     """A run holding --out (the lock taken by another process) refuses a run with other options at once."""
     out = tmp_path / "held"

@@ -249,7 +249,7 @@ def test_sample_config_validates_numbers_of_any_number_type():
     assert (cfg.steps, cfg.eta, cfg.seed, cfg.batch_size) == (5, 0.5, 3, 4)
     for kw, msg in [({"eta": "0.5"}, "eta must be a number"), ({"eta": float("inf")}, "eta must be finite"),
                     ({"steps": 5.0}, "steps must be an integer"), ({"seed": -1}, "seed must be >= 0"),
-                    ({"batch_size": "8"}, "batch_size must be an integer"), ({"sampler": "euler"}, "sampler")]:
+                    ({"batch_size": "8"}, "batch_size must be an integer"), ({"sampler": "frobnicate"}, "sampler")]:
         with pytest.raises((TypeError, ValueError), match=msg):
             jobs.SampleConfig(**{"sampler": "ddim", "steps": 5, **kw}).validate()
 
