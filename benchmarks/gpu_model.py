@@ -25,8 +25,9 @@ The cost model, per kernel k: t_k = launches_k · L + max(bytes_k / BW, flops_k 
 H100 SXM 3.35 TB/s (HBM3 spec), H200 4.8 TB/s (spec) and 4.3 TB/s (a published measured copy rate); P = 989 TFLOP/s,
 the dense fp16 tensor-core peak of both (published; fp32: PEAKS below). bytes_k = every tensor the op reads plus
 every tensor it writes (a broadcast dimension counted once, views and allocations free); flops_k = 2·M·N·K for GEMMs
-and convolutions (attention: its two GEMMs), 0 for element-wise ops. Peak bandwidth and peak FLOP/s are upper bounds on what a kernel
-achieves, so each t_k is a lower bound on its GPU time; host ops and syncs are not in the time.
+and convolutions (attention: its two GEMMs), 0 for element-wise ops. Peak bandwidth and peak FLOP/s are upper
+bounds on what a kernel achieves, so each t_k is a lower bound on its GPU time; host ops and syncs are not in the
+time.
 Launches per op: one per ATen op, except ATen's CUDA GroupNorm (three: moments, fused parameters, normalise; the input
 is read twice), a convolution as PyTorch's cuDNN path runs it (the bias is a separate add_; channels_last when the
 input or the weight suggests it, the other one copied to that layout first; the meta kernel returns NCHW whatever its
@@ -494,8 +495,8 @@ def markdown(res: dict) -> str:
     loops = loop_rows(res)
     if loops:
         L += ["", f"A {STEPS}-step DDIM loop (η=0), derived: {STEPS} × (U-Net forward + step) from the two tables "
-              "above, no overlap between kernels; diffusers eager (its pipeline), fastdiff eager and with the whole loop "
-              "captured as one CUDA graph (`cuda_graph=True`):", "",
+              "above, no overlap between kernels; diffusers eager (its pipeline), fastdiff eager and with the whole "
+              "loop captured as one CUDA graph (`cuda_graph=True`):", "",
               "| batch | " + " | ".join(f"{d}: diffusers / fastdiff eager / fastdiff graph ms" for d in DEVICES)
               + " | diffusers / fastdiff graph (H100) |", "|---|" + "---|" * (len(DEVICES) + 1)]
         for lp in loops:
