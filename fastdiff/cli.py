@@ -320,6 +320,8 @@ def _train(a) -> int:
     if a.image_size % (2 ** (len(a.block_out_channels) - 1)):
         raise CliError(f"--image-size {a.image_size} must be divisible by 2^(levels-1) = "
                        f"{2 ** (len(a.block_out_channels) - 1)}")
+    if a.resume and a.overwrite:
+        raise CliError("--resume continues OUT's run and --overwrite starts a new one: pass one of them")
     dev = _device(a.device)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     try:

@@ -72,14 +72,40 @@ def _umask() -> int:
     return m
 
 
+def _replaceable(path: str) -> None:
+    """`path` may be replaced by a regular file: absent, a regular file, or a symlink (the link itself is replaced);
+    never a directory, a device, a FIFO or a socket (replacing /dev/null would be a disaster as root)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"{path!r} is a directory, not a file name")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise OSError(errno.EINVAL, f"{path!r} exists and is not a regular file (a device, FIFO or socket); "
+                                    "refusing to replace it")
+
+
+def _mkstemp(path: str, d: str) -> tuple[int, str]:
+    """tempfile.mkstemp (O_CREAT | O_EXCL | O_NOFOLLOW, mode 0o600, a random name) in `d`, with an error that names
+    the file being written and its directory rather than the temp name."""
+    try:
+        return tempfile.mkstemp(prefix=temp_prefix(path), dir=d)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path!r}: directory {d!r} does not exist") from None
+    except PermissionError:
+        raise PermissionError(errno.EACCES, f"cannot write {path!r}: directory {d!r} is not writable") from None
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot write {path!r} in {d!r}: {e.strerror}") from None
+
+
 def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     """Write `path` all or nothing: `write(f)` fills an exclusive temp file in the same directory (see the module
     docstring), which is fsynced and renamed onto `path`. On any error the temp file is removed and `path` is as it
     was. The file gets the usual 0o666 & ~umask permissions."""
     d = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) and not os.path.islink(path):
-        raise IsADirectoryError(errno.EISDIR, f"{path!r} is a directory, not a file name")
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=d)  # O_CREAT | O_EXCL | O_NOFOLLOW, mode 0o600
+    _replaceable(path)
+    fd, tmp = _mkstemp(path, d)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
@@ -100,7 +126,7 @@ def exclusive_create(path: str, data: bytes) -> bool:
     """Create `path` with `data` only if nothing is there (atomically: a complete temp file hard-linked into place,
     which fails if `path` exists, even as a dangling symlink). Returns False if `path` already existed."""
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=d)
+    fd, tmp = _mkstemp(path, d)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
@@ -230,6 +256,10 @@ def check_output_file(path: str, what: str) -> str:
     p = os.path.abspath(os.fspath(path))
     if os.path.isdir(p):
         raise IsADirectoryError(errno.EISDIR, f"{what}: {path!r} is a directory, not a file name")
+    try:
+        _replaceable(p)
+    except OSError as e:
+        raise type(e)(e.errno, f"{what}: {e.strerror}") from None
     _writable_dir(os.path.dirname(p), what)
     return p
 

@@ -577,3 +577,8 @@ def test_decompression_bomb_and_unreadable_images_are_named(tmp_path, capsys):
     (d / "text.jpg").write_text("not an image")
     rc, _, err = run(capsys, "train", "--data", d, "--out", tmp_path / "m.safetensors", "--steps", "1", *TINY)
     assert rc == 2 and ("broken.png" in err or "text.jpg" in err) and "cannot read image" in err, err
+
+
+def test_train_resume_and_overwrite_together_is_refused(tmp_path, capsys):
+    rc, _, err = run(capsys, "train", "--out", tmp_path / "m.safetensors", "--resume", "--overwrite", *TINY)
+    assert rc == 2 and "--resume" in err and "--overwrite" in err, err

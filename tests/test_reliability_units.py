@@ -374,3 +374,32 @@ def test_train_state_without_checksum_is_refused(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(checkpoint.CheckpointError, match="carries no checksum"):
         checkpoint.load_train_state(spath, model=model, optimizer=opt)
+
+
+def test_special_files_are_never_replaced_and_errors_name_the_target(tmp_path):
+    for check in (lambda: fsutil.atomic_write(os.devnull, lambda f: f.write(b"x")),
+                  lambda: fsutil.check_output_file(os.devnull, "--npz")):
+        with pytest.raises(OSError, match="not a regular file"):
+            check()
+    assert not os.path.isfile(os.devnull)  # still the device
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        fsutil.atomic_write(str(fifo), lambda f: f.write(b"x"))
+    with pytest.raises(FileNotFoundError, match=r"cannot write '.*nodir/m.safetensors': directory .*nodir.* does not"):
+        fsutil.atomic_write(str(tmp_path / "nodir" / "m.safetensors"), lambda f: f.write(b"x"))
+
+
+def test_dir_lock_is_released_when_its_holder_is_killed(tmp_path):
+    import signal
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastdiff import fsutil; "
+                               "assert fsutil.DirLock(sys.argv[1]).acquire(); print('held', flush=True); "
+                               "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    lock = fsutil.DirLock(str(tmp_path))
+    assert not lock.acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert lock.acquire()  # the kernel dropped the dead holder's flock: a killed run never wedges its --out
+    lock.release()
