@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from fastdiff.samplers import dpm_solver, euler, pndm, unipc
 from fastdiff.samplers.plan import COEF, NUM_COEF, Lin, PlanBuilder, PlanError, SolverPlan
 
@@ -130,10 +132,25 @@ def build_plan(sampler: str, schedule, steps: int, options: dict) -> SolverPlan:
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if not 1 <= steps <= len(schedule):
         raise ValueError(f"steps must be in [1, num_train_timesteps={len(schedule)}], got {steps}")
-    fn, _, _ = _FAMILIES[sampler]
-    p = fn(schedule, steps, options)
-    p.sampler = sampler
+    key = (sampler, _fingerprint(schedule), steps, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    p = _PLANS.get(key)
+    if p is None:
+        fn, _, _ = _FAMILIES[sampler]
+        p = fn(schedule, steps, options)
+        p.sampler = sampler
+        _PLANS[key] = p
+        while len(_PLANS) > 64:
+            _PLANS.pop(next(iter(_PLANS)))
     return p
+
+
+_PLANS: dict = {}  # compiled plans (read-only once built), by sampler, schedule content, steps and options
+
+
+def _fingerprint(schedule) -> tuple:
+    """The content of a NoiseSchedule, hashable (plans depend on its β's, not on the object)."""
+    spec = tuple(v if not torch.is_tensor(v) else v.numpy().tobytes() for v in schedule._f32)
+    return (schedule.betas.numpy().tobytes(), schedule.rescale_zero_snr, spec, schedule.name)
 
 
 __all__ = ["COEF", "NUM_COEF", "Lin", "PlanBuilder", "PlanError", "SAMPLERS", "SCHEDULER_CLASSES", "SOLVERS",

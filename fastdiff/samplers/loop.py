@@ -103,6 +103,23 @@ class Loop:
         self.rngs = None
         self.x0_scratch = None
         self.draw = None  # set by the runner: (i, shape, dtype) -> z, or None for rng-based noise
+        self.noise_flags = list(plan.noise)
+        self.noise_dtype = getattr(plan, "noise_dtype", None) if self.solver else None
+        # the raw ops, resolved once: a step after the first (checked) one pays only the kernel's own checks
+        if self.solver:
+            from fastdiff.ops import multistep as ms
+
+            self.raw = ms.resolve_op(name, dev)
+            self.flag_clip = ms.FLAG_CLIP
+            self.check_layout = name == "triton"  # the C++/CUDA ops check strides themselves
+        elif name != "torch":
+            opts = plan.options
+            self.raw = (torch.ops.fastdiff.sampler_step_out_triton if name == "triton"
+                        else torch.ops.fastdiff.sampler_step_out)
+            var_mode = opts.variance_type if self.learned else "scalar"
+            self.ss_flags = (ss.FLAG_CLIP if opts.clip_sample and not opts.thresholding else 0) | \
+                (ss.VAR_MODES[var_mode] << 1)
+            self.check_layout = name == "triton"
 
     def _coef_table(self, guidance_scale):
         if self.solver:
@@ -125,12 +142,11 @@ class Loop:
 
     def noise_for(self, i, x):
         """(z, rng) of step i: a noise tensor, or the Philox [seed, offset] row; (None, None) when it draws none."""
-        if not self.plan.noise[i]:
+        if not self.noise_flags[i]:
             return None, None
         if self.rngs is not None:
             return None, self.rngs[i]
-        dt = getattr(self.plan, "noise_dtype", None) if self.solver else None
-        z = self.draw(i, x.shape, dt or x.dtype)
+        z = self.draw(i, x.shape, self.noise_dtype or x.dtype)
         return (z if z.dtype == x.dtype else z.to(x.dtype)), None
 
     def body(self, i, x, *, check_nan=False, want_x0=False):
@@ -157,12 +173,13 @@ class Loop:
             opts = self.plan.options
             thr = ms.threshold_scale(x, o, coef, o_cond=o_cond, ratio=opts["dynamic_thresholding_ratio"],
                                      max_value=opts["sample_max_value"])
-        if self.name == "torch":  # the reference, also for float64 samples (the fused kernels are fp32/fp16/bf16)
-            ms.resolve_op("torch", x.device)(x, o, o_cond, hist, z, rng, thr, coef, ms.FLAG_CLIP if c.clip else 0,
-                                             out, out2, d_out)
-        else:
+        if self.name != "torch" and (i == 0 or (self.check_layout and (
+                o.stride() != x.stride() or (o_cond is not None and o_cond.stride() != x.stride())))):
+            # the first step (and a Triton step whose inputs are laid out unlike x) through the checked entry
             ms.multistep_step(x, o, coef, o_cond=o_cond, hist=hist, noise=z, rng=rng, thr=thr, clip=c.clip, out=out,
-                              out2=out2, d_out=d_out, backend=self.name, check=i == 0)
+                              out2=out2, d_out=d_out, backend=self.name)
+        else:  # the raw op (the reference for "torch", also for float64 samples)
+            self.raw(x, o, o_cond, hist, z, rng, thr, coef, self.flag_clip if c.clip else 0, out, out2, d_out)
         return out, (d_out if want_x0 and self.plan.d_is_x0 else None)
 
     def _sstep_update(self, i, x, o, o_cond, v, z, rng, out, want_x0):
@@ -186,10 +203,15 @@ class Loop:
             if self.x0_scratch is None:
                 self.x0_scratch = torch.empty_like(x, dtype=torch.float32)
             x0_out = self.x0_scratch
-        ss.sampler_step(x, o, coef, o_cond=o_cond, noise=z if adds_noise and rng is None else None,
-                        rng=rng if adds_noise else None, v=v if self.learned else None, thr=thr,
-                        clip=opts.clip_sample and not opts.thresholding, var_mode=var_mode, backend=self.name,
-                        out=out, x0_out=x0_out)
+        z = z if adds_noise and rng is None else None
+        rng = rng if adds_noise else None
+        v = v if self.learned else None
+        if i == 0 or (self.check_layout and any(t is not None and t.stride() != x.stride() for t in (o, o_cond, v))):
+            ss.sampler_step(x, o, coef, o_cond=o_cond, noise=z, rng=rng, v=v, thr=thr,
+                            clip=opts.clip_sample and not opts.thresholding, var_mode=var_mode, backend=self.name,
+                            out=out, x0_out=x0_out)
+        else:
+            self.raw(x, o, o_cond, z, rng, v, thr, coef, self.ss_flags, out, x0_out)
         return out, x0_out
 
     def _w(self):

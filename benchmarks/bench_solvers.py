@@ -1,0 +1,148 @@
+"""Per-step cost of every fused solver against diffusers' `scheduler.step`, and the sampling loop at the memory limit.
+
+    pytest benchmarks/bench_solvers.py --benchmark-only        # pytest-benchmark rows (extra_info: bytes, GB/s)
+    python benchmarks/bench_solvers.py                         # side by side, interleaved: ratios, and the 16M loop
+
+One step = the update after the model call, in steady state (a mid-loop step with the multistep history filled):
+fastdiff's `Loop.body` with a model that returns a fixed tensor (so the model costs nothing) against diffusers'
+`step(model_output, t, sample)` at the same step index. Bytes are the fused op's traffic (x, o, the history read,
+the outputs written), so GB/s is its effective bandwidth; diffusers' step moves several times more.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import samplers as S
+from fastdiff.samplers.loop import Loop
+
+SHAPES = [(64, 3, 32, 32), (16, 4, 128, 128)]
+SOLVERS = {  # fastdiff sampler -> (diffusers class, config)
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {}),
+    "sde-dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+}
+STEPS, AT = 20, 10  # a 20-step schedule, timed at step 10 (Heun: call 10 of 39)
+
+
+def fastdiff_step(sampler, shape):
+    """(a callable doing one steady-state step, bytes it moves)."""
+    cls, cfg = SOLVERS[sampler]
+    diffusers = pytest.importorskip("diffusers")
+    sch = getattr(diffusers, cls)(**cfg)
+    plan = S.build_plan(sampler, fastdiff.NoiseSchedule.from_diffusers(sch), STEPS,
+                        S.solver_options(sampler, dict(sch.config), {}))
+    x = torch.randn(shape)
+    o = torch.randn(shape)
+    loop = Loop(plan, lambda x, t: o, x, "cpp")
+    loop.draw = lambda i, s, dt: torch.randn(s, dtype=dt)
+    xs = loop.start(x)
+    for i in range(AT):  # fill the history
+        xs, _ = loop.body(i, xs)
+    c = plan.calls[AT]
+    n_tensors = 2 + len(c.reads) + 1 + (c.y2_slot is not None) + (c.d_slot is not None) + c.noise
+    return (lambda: loop.body(AT, xs)), n_tensors * x.numel() * x.element_size()
+
+
+def diffusers_step(sampler, shape):
+    cls, cfg = SOLVERS[sampler]
+    diffusers = pytest.importorskip("diffusers")
+    sch = getattr(diffusers, cls)(**cfg)
+    sch.set_timesteps(STEPS)
+    x = torch.randn(shape) * sch.init_noise_sigma
+    o = torch.randn(shape)
+    g = torch.Generator().manual_seed(0)
+    kw = {"generator": g} if cls in ("DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler") else {}
+    for t in sch.timesteps[:AT]:
+        x = sch.step(o, t, x, **kw).prev_sample
+    state = dict(sch.__dict__)
+    t = sch.timesteps[AT]
+
+    def step():
+        sch.__dict__.update(state)  # back to step AT (the same history), then one step
+        if hasattr(sch, "model_outputs"):
+            sch.model_outputs = list(state["model_outputs"])
+        if hasattr(sch, "ets"):
+            sch.ets = list(state["ets"])
+        return sch.step(o, t, x, **kw).prev_sample
+
+    return step
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["64x3x32x32", "16x4x128x128"])
+@pytest.mark.parametrize("impl", ["fastdiff", "diffusers"])
+@pytest.mark.parametrize("sampler", list(SOLVERS))
+def test_solver_step(benchmark, sampler, impl, shape):
+    pytest.importorskip("diffusers")
+    if not fastdiff.backends()["cpp"]["available"]:
+        pytest.skip("needs fastdiff._C")
+    fn, nbytes = fastdiff_step(sampler, shape)
+    if impl == "diffusers":
+        fn = diffusers_step(sampler, shape)
+    fn()
+    benchmark(fn)
+    mean = benchmark.stats.stats.mean
+    benchmark.extra_info.update(bytes=nbytes, gbps=nbytes / mean / 1e9, sampler=sampler, impl=impl,
+                                shape=list(shape), threads=torch.get_num_threads())
+
+
+def _interleaved(fns: dict, rounds: int):
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def side_by_side(rounds=15):
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {rounds} interleaved rounds")
+    for shape in SHAPES:
+        for sampler in SOLVERS:
+            fd, nbytes = fastdiff_step(sampler, shape)
+            ts = _interleaved({"fastdiff": fd, "diffusers": diffusers_step(sampler, shape)}, rounds)
+            a, b = statistics.median(ts["fastdiff"]), statistics.median(ts["diffusers"])
+            ratio = statistics.median(d / f for f, d in zip(ts["fastdiff"], ts["diffusers"]))
+            print(f"{'x'.join(map(str, shape)):14s} {sampler:16s} fastdiff {a * 1e3:7.3f} ms ({nbytes / a / 1e9:5.1f} "
+                  f"GB/s)  diffusers {b * 1e3:7.3f} ms  diffusers/fastdiff {ratio:5.2f}x")
+    memory_limit_loop(rounds=5)
+
+
+def memory_limit_loop(n=16 * 1024 * 1024, steps=(10, 30), rounds=5):
+    """The DDIM loop (and DPM-Solver++ 2M) at n fp32 elements with a model that returns a fixed tensor: the per-step
+    time (difference of two step counts: fixed costs cancel) against torch.add(x, o, alpha=c, out=buf), which moves
+    the same 3 tensors as a DDIM step (2 reads, 1 write). Ratio = add time / step time (1.0 = at the add's limit)."""
+    x = torch.randn(16, 4, 512, 512)[: max(1, n // (4 * 512 * 512))]
+    o = torch.randn_like(x)
+    buf = torch.empty_like(x)
+    model = lambda x, t: o  # noqa: E731
+    forms = {"add": lambda: torch.add(x, o, alpha=0.5, out=buf)}
+    for s in steps:
+        forms[f"ddim{s}"] = lambda s=s: fastdiff.ddim_sample(model, s, x_T=x)
+        forms[f"dpm{s}"] = lambda s=s: fastdiff.sample(model, s, sampler="dpmsolver++", x_T=x)
+    ts = {k: min(v) for k, v in _interleaved(forms, rounds).items()}
+    add = ts["add"]
+    nbytes = 3 * x.numel() * x.element_size()
+    print(f"{x.numel() / 2**20:.0f}M fp32: torch.add {add * 1e3:.1f} ms ({nbytes / add / 1e9:.1f} GB/s)")
+    for name, passes in (("ddim", 3), ("dpm", 5)):
+        per = (ts[f"{name}{steps[1]}"] - ts[f"{name}{steps[0]}"]) / (steps[1] - steps[0])
+        print(f"  {name} step {per * 1e3:.1f} ms = {passes * x.numel() * 4 / per / 1e9:.1f} GB/s; add/step = "
+              f"{add / per:.2f} (the step moves {passes} tensors, the add 3)")
+    x_keep = x.clone()
+    fastdiff.ddim_sample(model, 3, x_T=x)
+    assert torch.equal(x, x_keep), "x_T was modified"
+
+
+if __name__ == "__main__":
+    side_by_side()
