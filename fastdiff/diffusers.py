@@ -155,6 +155,22 @@ class _Base(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep {v} is not one of this scheduler's timesteps {self._host_ts}")
         return hits[1] if len(hits) > 1 else hits[0]
 
+    # ---- what set_timesteps computes, kept per (config, grid): a pipeline calls set_timesteps on every call ----
+    _MEMO_SIZE = 8
+
+    def _memo(self, grid_key):
+        """The dict of plans / device tables for the current config and `grid_key` (kept across set_timesteps
+        calls, the 8 most recent)."""
+        memo = self.__dict__.setdefault("_memo_store", {})
+        key = (repr(sorted(dict(self.config).items())), grid_key)
+        entry = memo.pop(key, None)
+        if entry is None:
+            entry = {}
+            while len(memo) >= self._MEMO_SIZE:
+                memo.pop(next(iter(memo)))
+        memo[key] = entry
+        return entry
+
     # ---- device tables ----
     def _cached(self, key, make):
         t = self._dev_cache.get(key)
@@ -266,16 +282,20 @@ class _PlanScheduler(_Base):
         cfg = dict(self.config)
         T = cfg["num_train_timesteps"]
         n = _check_steps(num_inference_steps, T)
-        self._schedule = NoiseSchedule.from_diffusers(cfg)
-        self._opts = S.solver_options(self._sampler, cfg, {})
+        memo = self._memo(n)
+        if "plans" not in memo:
+            sched = NoiseSchedule.from_diffusers(cfg)
+            opts = S.solver_options(self._sampler, cfg, {})
+            memo.update(schedule=sched, opts=opts, plans={0: S.build_plan(self._sampler, sched, n, opts)}, dev={})
+        self._schedule, self._opts = memo["schedule"], memo["opts"]
         # the SDE DPM-Solvers draw noise every step in diffusers, the last (σ_t = 0) too
         self._draws_every_step = str(self._opts.get("algorithm_type", "")).startswith("sde")
-        plan = S.build_plan(self._sampler, self._schedule, n, self._opts)
+        plan = memo["plans"][0]
         if len(plan.timesteps) != len(plan.calls):
             raise AssertionError("plan has one call per timestep")
         self._planned_cfg = self._internal_dict
         self.num_inference_steps = n
-        self._plans = {0: plan}
+        self._plans = memo["plans"]  # start index -> plan (tails added by set_begin_index / a mid-schedule start)
         self._host_ts = [type(t)(t) for t in plan.timesteps]
         self.timesteps = torch.tensor(plan.timesteps, dtype=plan.t_dtype).to(device)
         self.sigmas = torch.tensor(plan.sigmas, dtype=torch.float32) if plan.sigmas is not None else None
@@ -284,7 +304,7 @@ class _PlanScheduler(_Base):
         self._begin_index = None
         self._start = 0
         self._running = False
-        self._dev_cache = {}
+        self._dev_cache = memo["dev"]
         self._checked = False
         if device is not None:
             self._rows(0, torch.device(device))
@@ -312,7 +332,7 @@ class _PlanScheduler(_Base):
                                           "(skip_prk_steps=False) is not supported by fastdiff; set skip_prk_steps=True")
             tail = self._plans[0].timesteps[k:]
             with _patched(_pndm, "timesteps", lambda T, steps, o: ([], list(tail))):
-                return S.build_plan(self._sampler, self._schedule, n, o)
+                return self._build_uncached(n, o)
         if self._sampler == "dpmsolver++" and n >= 15:
             o["lower_order_final"] = False  # diffusers' "len(timesteps) < 15" is about the full grid
         if self._sampler == "unipc":
@@ -324,7 +344,14 @@ class _PlanScheduler(_Base):
             return ts[k:], sig[k:]
 
         with _patched(_dpm, "grid", tail_grid):
-            return S.build_plan(self._sampler, self._schedule, n, o)
+            return self._build_uncached(n, o)
+
+    def _build_uncached(self, n, o):
+        """The plan function itself (build_plan caches by its arguments, which a partial grid does not change)."""
+        fn = S._FAMILIES[self._sampler][0]
+        plan = fn(self._schedule, n, o)
+        plan.sampler = self._sampler
+        return plan
 
     def set_begin_index(self, begin_index: int = 0):
         self._begin_index = begin_index
@@ -663,11 +690,12 @@ class _StepScheduler(_Base):
     def _options(self):
         from fastdiff.sampling import resolve_schedule
 
-        cfg = dict(self.config)
-        res = resolve_schedule(cfg, {})  # (schedule, options[, ...])
-        self._schedule = res[0]
-        self._abar_host = self._schedule.alphas_cumprod.tolist()
-        return res[1]
+        memo = self._memo("options")
+        if "opts" not in memo:
+            res = resolve_schedule(dict(self.config), {})  # (schedule, options[, ...])
+            memo.update(schedule=res[0], opts=res[1], abar=res[0].alphas_cumprod.tolist())
+        self._schedule, self._abar_host = memo["schedule"], memo["abar"]
+        return memo["opts"]
 
     def _require(self):
         if self._kind == "ddim" and self.num_inference_steps is None:
@@ -675,13 +703,13 @@ class _StepScheduler(_Base):
         if self._internal_dict is not self._planned_cfg:  # a pipeline rewrote the config: re-read it
             self._opts = self._options()
             self._planned_cfg = self._internal_dict
-            self._dev_cache = {}
+            self._dev_cache = self._memo((self.num_inference_steps, tuple(self._host_ts)))
 
     def _finish_set(self, ts, device):
         self._host_ts = [int(t) for t in ts]
         self.timesteps = torch.from_numpy(np.asarray(ts, dtype=np.int64).copy()).to(device)
         self._planned_cfg = self._internal_dict
-        self._dev_cache = {}
+        self._dev_cache = self._memo((self.num_inference_steps, tuple(self._host_ts)))
         self._pos_of = {}
         for j, t in enumerate(self._host_ts):
             self._pos_of.setdefault(t, j)
