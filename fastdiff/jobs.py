@@ -171,18 +171,29 @@ def shard_path(out_dir: str, k: int) -> str:
     return os.path.join(out_dir, f"shard_{k:06d}.npz")
 
 
-def _load_shard(path: str, k: int, lo: int, hi: int, hwc) -> np.ndarray:
+def run_tag(run: dict) -> np.ndarray:
+    """16 bytes identifying a run (blake2b of its manifest record), stored in each of its shards as "run": a shard
+    copied from another run (same indices, other seed or model) is refused at the merge instead of mixed in."""
+    h = hashlib.blake2b(json.dumps(json.loads(json.dumps(run)), sort_keys=True).encode(), digest_size=16)
+    return np.frombuffer(h.digest(), np.uint8).copy()
+
+
+def _load_shard(path: str, k: int, lo: int, hi: int, hwc, tag: np.ndarray | None = None) -> np.ndarray:
     try:
         with np.load(path) as z:
             arr, idx = z["arr_0"], z["indices"]
+            have = z["run"] if "run" in z.files else None
     except Exception as e:
         raise RuntimeError(f"shard {path} is unreadable ({e}); delete it and rerun the same command") from e
     if arr.shape != (hi - lo, *hwc) or arr.dtype != np.uint8 or not np.array_equal(idx, np.arange(lo, hi)):
         raise RuntimeError(f"shard {path} does not hold images {lo}..{hi - 1} of this run; delete it and rerun")
+    if tag is not None and have is not None and not np.array_equal(have, tag):
+        raise RuntimeError(f"shard {path} was written by another run (its run tag differs from the manifest's): "
+                           "delete it and rerun the same command")
     return arr
 
 
-def merge_shards(out_dir: str, num: int, shard_size: int, hwc) -> str:
+def merge_shards(out_dir: str, num: int, shard_size: int, hwc, tag: np.ndarray | None = None) -> str:
     """Stream every shard, in index order, into DIR/samples.npz ("arr_0": uint8 (num, H, W, C)); return its path.
 
     The .npy inside the zip is written piece by piece, so a 50,000-image set never sits in memory at once.
@@ -197,7 +208,7 @@ def merge_shards(out_dir: str, num: int, shard_size: int, hwc) -> str:
                     a, {"descr": "|u1", "fortran_order": False, "shape": (num, *hwc)})
                 for k in range(n_shards):
                     lo, hi = k * shard_size, min((k + 1) * shard_size, num)
-                    a.write(_load_shard(shard_path(out_dir, k), k, lo, hi, hwc).tobytes())
+                    a.write(_load_shard(shard_path(out_dir, k), k, lo, hi, hwc, tag).tobytes())
 
     atomic_write(path, write)
     return path
@@ -433,15 +444,16 @@ def sample_to_dir(model: Callable, out_dir: str, num: int, cfg: SampleConfig, *,
         if "error" in todo:
             raise (RunMismatch if todo["mismatch"] else RuntimeError)(f"rank 0: {todo['error']}")
         return _fill_and_merge(model, out_dir, num, cfg, schedule, options, (c, h, w), device, shard_size, backend,
-                               progress, info, todo, grid_count, grid_scale, log, check_nan)
+                               progress, info, todo, grid_count, grid_scale, log, check_nan, run)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _fill_and_merge(model, out_dir, num, cfg, schedule, options, chw, device, shard_size, backend, progress, info,
-                    todo, grid_count, grid_scale, log, check_nan) -> dict[str, Any]:
+                    todo, grid_count, grid_scale, log, check_nan, run) -> dict[str, Any]:
     c, h, w = chw
+    tag = run_tag(run)
     mine = todo["shards"][info.rank::info.world]
     done_before = num - sum(min((k + 1) * shard_size, num) - k * shard_size for k in todo["shards"])
     if info.rank == 0 and todo["resumed"]:
@@ -461,16 +473,16 @@ def _fill_and_merge(model, out_dir, num, cfg, schedule, options, chw, device, sh
         idx = list(range(lo, hi))
         imgs = sample_images(model, idx, cfg, schedule, options, (c, h, w), device, backend, bar,
                              check_nan=check_nan)
-        save_npz(shard_path(out_dir, k), imgs, indices=np.asarray(idx, np.int64))
+        save_npz(shard_path(out_dir, k), imgs, indices=np.asarray(idx, np.int64), run=tag)
     dt = time.perf_counter() - t0
     if bar is not None:
         bar.close()
     _barrier(info)
     result = {"images": n_mine, "seconds": dt, "images_per_second": n_mine / dt if dt > 0 and n_mine else None}
     if info.rank == 0:
-        result["npz"] = merge_shards(out_dir, num, shard_size, (h, w, c))
+        result["npz"] = merge_shards(out_dir, num, shard_size, (h, w, c), tag)
         first = np.concatenate([_load_shard(shard_path(out_dir, k), k, k * shard_size,
-                                            min((k + 1) * shard_size, num), (h, w, c))
+                                            min((k + 1) * shard_size, num), (h, w, c), tag)
                                 for k in range(math.ceil(min(grid_count, num) / shard_size))])[:grid_count]
         result["png"] = os.path.join(out_dir, GRID)
         save_grid(result["png"], first, scale=grid_scale)

@@ -582,3 +582,26 @@ def test_decompression_bomb_and_unreadable_images_are_named(tmp_path, capsys):
 def test_train_resume_and_overwrite_together_is_refused(tmp_path, capsys):
     rc, _, err = run(capsys, "train", "--out", tmp_path / "m.safetensors", "--resume", "--overwrite", *TINY)
     assert rc == 2 and "--resume" in err and "--overwrite" in err, err
+
+
+def test_shard_from_another_run_or_with_a_flipped_bit_is_refused_at_the_merge(tmp_path, tiny_ckpt, capsys):
+    """A shard copied in from a run with another seed (same indices, valid file) is not mixed in; a shard with one
+    flipped byte fails its zip CRC; both are named, exit 1, and samples.npz is not rewritten from them."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, seed in ((a, "0"), (b, "1")):
+        rc, _, err = run(capsys, "sample", "--checkpoint", tiny_ckpt, "--out", d, "--seed", seed, *SAMPLE)
+        assert rc == 0, err
+    good = (a / "samples.npz").read_bytes()
+    os.replace(b / "shard_000001.npz", a / "shard_000001.npz")
+    rc, _, err = run(capsys, "sample", "--checkpoint", tiny_ckpt, "--out", a, "--seed", "0", *SAMPLE)
+    assert rc == 1 and "shard_000001.npz was written by another run" in err, err
+    assert (a / "samples.npz").read_bytes() == good
+    os.remove(a / "shard_000001.npz")
+    assert run(capsys, "sample", "--checkpoint", tiny_ckpt, "--out", a, "--seed", "0", *SAMPLE)[0] == 0
+    assert (a / "samples.npz").read_bytes() == good  # resampled, bit-identical
+    blob = bytearray((a / "shard_000002.npz").read_bytes())
+    blob[len(blob) // 3] ^= 0x10
+    (a / "shard_000002.npz").write_bytes(bytes(blob))
+    rc, _, err = run(capsys, "sample", "--checkpoint", tiny_ckpt, "--out", a, "--seed", "0", *SAMPLE)
+    assert rc == 1 and "shard_000002.npz is unreadable" in err, err
+    assert (a / "samples.npz").read_bytes() == good
