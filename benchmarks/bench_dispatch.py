@@ -1,6 +1,6 @@
 """Per-call host cost of dispatch: `_backend.resolve`, and each op's Python wrapper against the raw registered op.
 
-    python benchmarks/bench_dispatch.py [--old-backend PATH]    # the table in docs/benchmarks.md ("Dispatch cost")
+    python benchmarks/bench_dispatch.py [--old-backend PATH] [--loop]   # docs/benchmarks.md, "Dispatch cost"
 
 Tiny tensors (batch 1, 3×8×8) so that the kernel itself costs little and what is timed is the host path. Each
 measurement is `timeit` of N calls, repeated in rounds; the implementations are interleaved round by round, so a
@@ -51,6 +51,34 @@ def cases(old=None):
     return fns
 
 
+def loop_cases(steps=50):
+    """Eager `fastdiff.ddim_sample` at batch 1 with a trivial model, against the bare loop it replaces (the same
+    model call and the raw fused op per step, coefficients precomputed): per-step cost of the sampler's host path."""
+    import fastdiff
+    from fastdiff.sampling import make_plan, resolve_schedule
+
+    x0 = torch.randn(1, 3, 8, 8)
+
+    def model(x, t):
+        return x
+
+    sched, opts = resolve_schedule(None, {})[:2]
+    plan = make_plan("ddim", sched, opts, steps, 0.0)
+    coefs = [torch.tensor(ss.step_coefs("ddim", float(plan.abar_t[i]), float(plan.abar_p[i])), dtype=torch.float64)
+             for i in range(steps)]
+    ts = [torch.full((1,), int(t), dtype=torch.long) for t in plan.timesteps]
+
+    def bare():
+        x = x0
+        for i in range(steps):
+            o = model(x, ts[i])
+            x = torch.ops.fastdiff.sampler_step(x, o, None, None, None, None, None, coefs[i], 0, False)[0]
+        return x
+
+    return {"ddim_sample (eager, 50 steps)": lambda: fastdiff.ddim_sample(model, steps, x_T=x0),
+            "bare model + raw op loop (50 steps)": bare}
+
+
 def run(fns, rounds=15, number=2000):
     times = {k: [] for k in fns}
     with torch.no_grad():
@@ -66,6 +94,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--old-backend", help="path of another copy of fastdiff/_backend.py to time side by side")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--loop", action="store_true", help="also time eager ddim_sample against the bare loop")
     args = ap.parse_args()
     old = None
     if args.old_backend:
@@ -76,6 +105,10 @@ def main():
     res = run(cases(old), rounds=args.rounds)
     for k, us in res.items():
         print(f"{k:45s} {us:8.3f} µs/call")
+    if args.loop:
+        res = run(loop_cases(), rounds=args.rounds, number=20)
+        for k, us in res.items():
+            print(f"{k:45s} {us:8.1f} µs/loop = {us / 50:6.2f} µs/step")
 
 
 if __name__ == "__main__":
