@@ -272,11 +272,9 @@ def _sample(a) -> int:
             if info.rank == 0:
                 log(f"wrote {res['npz']} ({a.num} images, uint8 NHWC under 'arr_0') and {res['png']}")
         else:
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
+            from fastdiff._util import progress as _progress
 
-                bar = tqdm(total=a.num, unit="img", desc="sampling")
+            bar = _progress(None, progress, total=a.num, unit="img", desc="sampling")
             t0 = time.perf_counter()
             imgs = jobs.sample_images(model, list(range(a.num)), cfg, schedule, options, shape, dev, a.backend, bar,
                                       check_nan=True)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fastdiff import sampling
+from fastdiff._util import progress as _progress
 from fastdiff.samplers import SAMPLERS  # every sampler fastdiff.sample runs
 from fastdiff.fsutil import DirLock, atomic_write, clean_temps, exclusive_create, is_fastdiff_temp, LOCK_NAME
 from fastdiff.schedule import NoiseSchedule
@@ -459,14 +460,11 @@ def _fill_and_merge(model, out_dir, num, cfg, schedule, options, chw, device, sh
     if info.rank == 0 and todo["resumed"]:
         log(f"resuming {out_dir}: {done_before}/{num} images already there, {num - done_before} to go")
     n_mine = sum(min((k + 1) * shard_size, num) - k * shard_size for k in mine)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        if info.world == 1:  # the whole run, resumed part included
-            bar = tqdm(total=num, initial=done_before, unit="img", desc="sampling")
-        else:
-            bar = tqdm(total=n_mine, unit="img", desc=f"sampling rank {info.rank}", position=info.rank)
+    if info.world == 1:  # the whole run, resumed part included
+        bar = _progress(None, progress, total=num, initial=done_before, unit="img", desc="sampling")
+    else:
+        bar = _progress(None, progress, total=n_mine, unit="img", desc=f"sampling rank {info.rank}",
+                        position=info.rank)
     t0 = time.perf_counter()
     for k in mine:
         lo, hi = k * shard_size, min((k + 1) * shard_size, num)

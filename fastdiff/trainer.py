@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff import checkpoint as ckpt
+from fastdiff._util import progress as _progress
 from fastdiff.schedule import NoiseSchedule
 from fastdiff.training import training_loss
 
@@ -266,11 +267,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, device="cpu", sav
                              state_dict={k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
         saved[0] = step
 
-    bar = None
-    if progress and start < cfg.steps:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="training")
+    bar = _progress(None, progress and start < cfg.steps, total=cfg.steps, initial=start, unit="step", desc="training")
     model.train()
     t0 = time.perf_counter()
     loss_avg = None
