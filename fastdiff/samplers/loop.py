@@ -111,7 +111,7 @@ class Loop:
 
             self.raw = ms.resolve_op(name, dev)
             self.flag_clip = ms.FLAG_CLIP
-            self.check_layout = name == "triton"  # the C++/CUDA ops check strides themselves
+            self.check_layout = True  # inputs laid out unlike x (a split 2·C output) go through the copying entry
         elif name != "torch":
             opts = plan.options
             self.raw = (torch.ops.fastdiff.sampler_step_out_triton if name == "triton"
@@ -119,7 +119,7 @@ class Loop:
             var_mode = opts.variance_type if self.learned else "scalar"
             self.ss_flags = (ss.FLAG_CLIP if opts.clip_sample and not opts.thresholding else 0) | \
                 (ss.VAR_MODES[var_mode] << 1)
-            self.check_layout = name == "triton"
+            self.check_layout = True
 
     def _coef_table(self, guidance_scale):
         if self.solver:
