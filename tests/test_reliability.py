@@ -228,8 +228,8 @@ def test_run_waiting_on_a_busy_dir_is_refused_when_options_differ(tmp_path, tiny
         before = {n: (out / n).read_bytes() for n in os.listdir(out)}
         with pytest.raises(jobs.RunMismatch, match="seed"):
             jobs.sample_to_dir(lambda x, t: x, str(out), 6, jobs.SampleConfig("ddim", 3, 0.0, 1, "float32", 2),
-                               schedule=None, options={}, image_shape=(1, 8, 8), device="cpu", run_id={}, progress=False,
-                               shard_size=2, log=lambda m: None)
+                               schedule=None, options={}, image_shape=(1, 8, 8), device="cpu", run_id={},
+                               progress=False, shard_size=2, log=lambda m: None)
         with pytest.raises(jobs.RunBusy, match="being written by another fastdiff run"):
             run_same = json.load(open(out / "manifest.json"))["run"]
             jobs.claim_run_dir(str(out), run_same, wait=False, log=lambda m: None, manifest_timeout_s=0.2)

@@ -89,11 +89,16 @@ def test_clean_temps_removes_only_dead_owners_regular_files(tmp_path):
     assert os.path.islink(tmp_path / link) and victim.exists()  # a planted link is not ours: left alone
 
 
+# fastdiff/fsutil.py alone (no torch import: a second process in a fraction of a second)
+_LOAD_FSUTIL = ("import importlib.util, sys\n"
+                f"spec = importlib.util.spec_from_file_location('fsutil', {fsutil.__file__!r})\n"
+                "fsutil = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(fsutil)\n")
+
+
 def test_dir_lock_is_exclusive_across_processes_and_released_on_exit(tmp_path):
     lock = fsutil.DirLock(str(tmp_path))
     assert lock.acquire()
-    code = ("import sys; from fastdiff import fsutil; l = fsutil.DirLock(sys.argv[1]); "
-            "print(l.acquire(), l.holder().split()[0])")
+    code = _LOAD_FSUTIL + "l = fsutil.DirLock(sys.argv[1]); print(l.acquire(), l.holder().split()[0])"
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert r.stdout.split() == ["False", str(os.getpid())], r.stderr
     lock.release()
@@ -393,7 +398,7 @@ def test_special_files_are_never_replaced_and_errors_name_the_target(tmp_path):
 def test_dir_lock_is_released_when_its_holder_is_killed(tmp_path):
     import signal
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastdiff import fsutil; "
+    holder = subprocess.Popen([sys.executable, "-c", _LOAD_FSUTIL + "import time\n"
                                "assert fsutil.DirLock(sys.argv[1]).acquire(); print('held', flush=True); "
                                "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
