@@ -195,6 +195,9 @@ def _check_sample_outputs(a) -> None:
     try:
         if a.out is not None:
             check_output_dir(a.out, "--out")
+            for name in ("samples.npz", "grid.png"):  # what the run replaces at its end
+                if os.path.lexists(os.path.join(a.out, name)):
+                    check_output_file(os.path.join(a.out, name), "--out")
         else:
             png = check_output_file(a.png or "samples.png", "--png")
             npz = check_output_file(a.npz or "samples.npz", "--npz")

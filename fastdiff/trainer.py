@@ -102,6 +102,8 @@ def _dataset_from_folder(path: str, size: int, channels: int) -> torch.Tensor:
     mode = {1: "L", 3: "RGB"}[channels]
     out = []
     for f in files:
+        if not os.path.isfile(f):  # a FIFO or device named *.png would block or never end
+            raise ValueError(f"--data: {f!r} is not a regular file")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

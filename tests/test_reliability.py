@@ -605,3 +605,20 @@ def test_shard_from_another_run_or_with_a_flipped_bit_is_refused_at_the_merge(tm
     rc, _, err = run(capsys, "sample", "--checkpoint", tiny_ckpt, "--out", a, "--seed", "0", *SAMPLE)
     assert rc == 1 and "shard_000002.npz is unreadable" in err, err
     assert (a / "samples.npz").read_bytes() == good
+
+
+def test_special_files_in_data_and_directories_at_output_names_are_refused_up_front(tmp_path, tiny_ckpt, capsys,
+                                                                                      monkeypatch):
+    d = tmp_path / "data"
+    d.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "a.png")
+    os.mkfifo(d / "b.png")  # Image.open on it would block forever
+    rc, _, err = run(capsys, "train", "--data", d, "--out", tmp_path / "m.safetensors", "--steps", "1", *TINY)
+    assert rc == 2 and "b.png" in err and "not a regular file" in err, err
+    out = tmp_path / "out"
+    assert run(capsys, "sample", "--checkpoint", tiny_ckpt, "--out", out, *SAMPLE)[0] == 0
+    os.remove(out / "samples.npz")
+    (out / "samples.npz").mkdir()
+    monkeypatch.setattr(jobs, "sample_images", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled")))
+    rc, _, err = run(capsys, "sample", "--checkpoint", tiny_ckpt, "--out", out, *SAMPLE)
+    assert rc == 2 and "samples.npz" in err and "is a directory" in err, err
