@@ -19,6 +19,8 @@ import torch
 # one rounding of an O(1) output in that dtype (2^-23·~80, 2^-10·2, 2^-7·2)
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = list(ATOL)
+# the same, relative to the output's largest element (outputs not O(1): sampler steps, whose scale is max|x_prev|)
+ATOL_SCALED = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # explicit mantissa bits and smallest normal exponent (value = m·2^e, m in [1, 2))
 _MANT = {torch.float16: (10, -14), torch.bfloat16: (7, -126), torch.float32: (23, -126)}
 

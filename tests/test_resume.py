@@ -193,7 +193,7 @@ def test_kill_and_resume_at_random_points_is_bit_identical(tmp_path, tiny_ckpt, 
     assert cli.main(["sample", "--checkpoint", tiny_ckpt, "--out", ref_dir, *ARGS]) == 0
     with np.load(os.path.join(ref_dir, "samples.npz")) as z:
         ref = z["arr_0"]
-    seed = random.randrange(1 << 30)
+    seed = int(os.environ.get("FASTDIFF_KILL_SEED", "1201"))  # seeded: a failure reproduces (vary it by hand)
     rng = random.Random(seed)
     out = str(tmp_path / "killed")
     cmd = [sys.executable, "-m", "fastdiff", "sample", "--checkpoint", tiny_ckpt, "--out", out, *ARGS]

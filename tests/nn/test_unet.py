@@ -6,7 +6,6 @@ the fp32 diffusers output, with a budget of 3x diffusers' own error in that dtyp
 flash-attention rule of docs/math.md ("Precision") applied to the whole network.
 """
 import json
-import os
 import struct
 
 import pytest
@@ -120,14 +119,13 @@ def test_celebahq_parameter_count():
 
 @torch.no_grad()
 def test_celebahq_config_reduced_resolution_matches_diffusers():
-    """The celebahq-256 architecture at 64×64 input (6 levels: 64 → 2); the full 256×256 run is marked slow."""
+    """The celebahq-256 architecture at 64×64 input (6 levels: 64 → 2); the full 256×256 run is the next test."""
     ref, ours = make_pair(CELEBAHQ)
     x, t = inputs(CELEBAHQ, 1, size=64)
     assert rel_err(ours(x, t), ref(x, t).sample) < 2e-4
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("FASTDIFF_RUN_SLOW"), reason="~1 min on 2 CPU cores: set FASTDIFF_RUN_SLOW=1")
+@pytest.mark.slow  # ~9 s on 2 CPU cores: runs by default (CI too)
 @torch.no_grad()
 def test_celebahq_config_256_matches_diffusers():
     ref, ours = make_pair(CELEBAHQ)
@@ -277,9 +275,7 @@ TINY_GENERAL = dict(TINY, act_fn="mish", time_embedding_type="fourier", class_em
 
 @pytest.mark.parametrize("compile_backend", [
     "aot_eager",
-    pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(
-        not os.environ.get("FASTDIFF_RUN_SLOW"), reason="Inductor C++ codegen takes ~1 min on 2 cores: set "
-        "FASTDIFF_RUN_SLOW=1")]),
+    pytest.param("inductor", marks=pytest.mark.slow),  # Inductor's C++ codegen: ~22 s on 2 cores, runs by default
 ])
 @torch.no_grad()
 def test_torch_compile(compile_backend):

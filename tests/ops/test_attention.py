@@ -7,18 +7,18 @@ small: L = 16..40 tokens (not powers of two, not multiples of the 16-row tiles),
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastdiff.ops.attention as attn_mod
 from fastdiff.ops.attention import attention, attention_ref
-from tests.conftest import TRITON_OK, requires_cuda
+from tests._tol import ATOL, DTYPES, assert_err_within, assert_rounded_once, max_err
+from tests.conftest import requires_cuda, requires_triton
 
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-DTYPES = list(ATOL)
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+needs_triton = requires_triton
+BACKENDS = [pytest.param("triton", marks=needs_triton)]  # the fused kernels under test ("torch" is SDPA itself)
 # (B, heads, Lq, Lk, D, Dv)
 SHAPES = [(1, 1, 16, 16, 16, 16), (2, 1, 37, 37, 32, 32), (1, 1, 40, 40, 16, 16), (2, 2, 21, 33, 16, 16),
           (1, 1, 19, 19, 16, 32)]
@@ -38,9 +38,36 @@ def check(backend, q, k, v, scale=None):
     got = attention(q, k, v, scale, backend=backend)
     base = F.scaled_dot_product_attention(q, k, v, scale=scale)
     assert got.dtype == q.dtype and got.shape == (*q.shape[:3], v.shape[3])
-    err = (got.double() - want).abs().max().item()
-    err_t = (base.double() - want).abs().max().item()
-    assert err <= 2 * err_t + ATOL[q.dtype], f"{backend} {q.dtype}: err {err:.3g} vs SDPA {err_t:.3g}"
+    assert_err_within(got, want, base, atol=ATOL[q.dtype], what=f"{backend} {q.dtype} {tuple(q.shape)}")
+
+
+def formula64(q, k, v, scale=None):
+    """softmax(q kᵀ·scale) v in float64 NumPy (scale 1/√D by default), max-subtracted."""
+    qn, kn, vn = (t.double().cpu().numpy() for t in (q, k, v))
+    scale = 1 / math.sqrt(qn.shape[-1]) if scale is None else scale
+    s = qn @ kn.swapaxes(-1, -2) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return torch.from_numpy((p / p.sum(-1, keepdims=True)) @ vn)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_torch_backend_matches_the_formula(shape, dtype):
+    """backend="torch" and attention_ref against the float64 formula: fp32 within atol; fp16 on the CPU runs in
+    float32 and rounds once (fastdiff._backend.cpu_half), so its output is the float64 result rounded once."""
+    q, k, v = make(*shape, dtype)
+    want = formula64(q, k, v)
+    for got in (attention(q, k, v, backend="torch"), attention_ref(q, k, v)):
+        assert got.dtype == dtype
+        assert_err_within(got, want, atol=ATOL[dtype], what=f"torch {dtype}")
+    q, k, v = make(*shape, dtype, spread=3.0)
+    assert_err_within(attention(q, k, v, 0.3, backend="torch"), formula64(q, k, v, 0.3), atol=ATOL[dtype],
+                      what=f"torch {dtype} scale 0.3")
+    if dtype == torch.float16:
+        got32 = attention(q.float(), k.float(), v.float(), 0.3, backend="torch")
+        want = formula64(q, k, v, 0.3)
+        err32 = 2 * max_err(got32, want) + 2.0**-24 * want.abs().max().item()
+        assert_rounded_once(attention(q, k, v, 0.3, backend="torch"), want, err32, what="torch fp16 on CPU")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -15,7 +15,8 @@ import torch
 
 import fastdiff
 from fastdiff.ops import sampler_step as ss
-from tests._tol import TRITON_INTERPRETER_TRUNCATES_BF16, assert_rounded_once, interpreted_triton_bf16, max_err
+from tests._tol import ATOL_SCALED as ATOL
+from tests._tol import assert_err_within, assert_rounded_once, interpreted_triton_bf16, max_err
 from tests.conftest import HAS_CPP, requires_cpp, requires_cuda_kernels, requires_triton
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda_kernels])
@@ -28,8 +29,7 @@ def _dev(backend):
     interpreter runs it on the CPU)."""
     return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DTYPES = list(ATOL)
 PREDS = ["epsilon", "sample", "v_prediction"]
 SHAPE = (3, 5, 7, 3)  # odd sizes, batch 3
 
@@ -41,10 +41,8 @@ def _inputs(shape, dtype, seed=0, n=4, device="cpu"):
 
 def _check(got, want_same_dtype, want64, dtype):
     """err(got) <= 2·err(reference in the same dtype) + atol·scale, both against the float64 reference."""
-    scale = want64.abs().max().item() + 1e-6
-    err = (got.double() - want64).abs().max().item()
-    err_ref = (want_same_dtype.double() - want64).abs().max().item()
-    assert err <= 2 * err_ref + ATOL[dtype] * scale, f"err {err:.3g}, reference's own {err_ref:.3g}, scale {scale:.3g}"
+    assert_err_within(got, want64, want_same_dtype, atol=ATOL[dtype], scale=want64.abs().max().item() + 1e-6,
+                      what=str(dtype))
 
 
 def _ref_step(kind, x, o, at, ap, *, z, pred, clip, cfg, w=2.5, o_c=None, **kw):
@@ -72,7 +70,7 @@ STEPS = [(0.5, 0.7), (0.02, 0.05), (0.9999, 1.0)]  # mid, high noise, the last s
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["ddim", "ddpm"])
 @pytest.mark.parametrize("clip,cfg", [(False, False), (True, False), (False, True), (True, True)],
                          ids=["plain", "clip", "cfg", "clip-cfg"])
@@ -110,7 +108,7 @@ def test_parity_matrix(backend, dtype, kind, pred, clip, cfg, j):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_clipped_model_output_thresholding_learned_variance(backend, dtype):
     dev = _dev(backend)
     x, o, _, z = _inputs((2, 3, 9, 5), dtype, seed=3, device=dev)
@@ -474,15 +472,19 @@ def _loop(kind, opts, ev, w, backend, dtype, steps=6, noise="randn", shape=(2, 3
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_cpp),
                                      pytest.param("triton", marks=requires_triton), CUDA])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", range(len(LOOP_CASES)))
 def test_fused_loop_equals_reference_loop(backend, dtype, case):
     """6-step loops, noise drawn with the same generator in diffusers' order.
-    fp32 / fp16: the fused loop vs the reference loop in the same dtype, |diff| <= tol·max|x|, tol = 5e-6 / 4e-3.
+    fp32 / fp16: the fused loop vs the reference loop in the same dtype, |diff| <= tol·max|x|, tol = 2e-6 / 3e-3
+    (measured worst over the 8 cases, C++ and Triton: 9.1e-7 / 1.5e-3).
     Every dtype, and the rule for bf16: against the float64 reference loop on the same inputs (x_T, weights and every
-    noise draw rounded as in the bf16/fp16/fp32 loop), err <= 2·err(reference loop in the dtype) + 4·atol·max|x|
-    (docs/math.md). bf16 is not held to the same-dtype loop: the reference rounds the guided output and each step's terms
-    to bf16 where the fused step keeps them in fp32, so the two differ by up to ~6e-2 of max|x| depending on the draw
+    noise draw rounded as in the bf16/fp16/fp32 loop), err <= 2·err(reference loop in the dtype) + slack·max|x|.
+    Measured: err <= 2·err(reference) with no slack used in every case and dtype (C++; Triton fp32/fp16); slack is
+    one rounding of the largest element: 1e-6 (fp32), 2^-11 (fp16), 2^-8 (bf16); Triton bf16 under the CPU
+    interpreter, which truncates its bf16 stores (tests/_tol.py), 2^-6 (measured 8.6e-3).
+    bf16 is not held to the same-dtype loop: the reference rounds the guided output and each step's terms to bf16
+    where the fused step keeps them in fp32, so the two differ by up to ~6e-2 of max|x| depending on the draw
     (torch 2.11 and 2.13 draw different bf16 noise from one seed)."""
     kind, opts, ev, w = LOOP_CASES[case]
     dev = _dev(backend)
@@ -492,10 +494,13 @@ def test_fused_loop_equals_reference_loop(backend, dtype, case):
     scale = want.float().abs().max().item()
     if dtype != torch.bfloat16:
         err = (got.float() - want.float()).abs().max().item()
-        assert err <= {torch.float32: 5e-6, torch.float16: 4e-3}[dtype] * scale, (err, scale)
+        assert err <= {torch.float32: 2e-6, torch.float16: 3e-3}[dtype] * scale, (err, scale)
     want64 = _loop(kind, opts, ev, w, "torch", torch.float64, device=dev, inputs_dtype=dtype)
+    slack = {torch.float32: 1e-6, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    if interpreted_triton_bf16(backend, dtype, dev):
+        slack = 2.0**-6
     err, err_ref = (got.double() - want64).abs().max().item(), (want.double() - want64).abs().max().item()
-    assert err <= 2 * err_ref + 4 * ATOL[dtype] * scale, (err, err_ref, scale)
+    assert err <= 2 * err_ref + slack * scale, (err, err_ref, scale)
 
 
 @requires_cpp
@@ -545,7 +550,7 @@ def test_sampler_backend_errors():
 
 
 @requires_cpp
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_baseline_copy_equals_avx2_copy(monkeypatch, dtype):
     """The CPU kernel has a baseline x86-64 copy and an AVX2/FMA/F16C copy picked at run time; both agree (to FMA
     contraction) with each other and with the reference, on the linear fast path and the general one."""
