@@ -28,6 +28,7 @@ SD_CASES = [
     ("ddpm", "DDPMScheduler", {}, {}),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", {}, {}),
     ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, {}),
+    ("dpmpp_sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
     ("euler", "EulerDiscreteScheduler", {}, {}),
     ("euler_ancestral", "EulerAncestralDiscreteScheduler", {}, {}),
     ("heun", "HeunDiscreteScheduler", {}, {}),
@@ -222,3 +223,44 @@ def test_prev_sample_is_fresh_and_history_owned():
         assert all(new.data_ptr() != p.data_ptr() for p in outs + [x])
         outs.append(new)
         x = new
+
+
+@pytest.mark.parametrize("cls", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                 "HeunDiscreteScheduler", "DDIMScheduler", "PNDMScheduler"])
+def test_add_noise_like_diffusers(cls):
+    """add_noise as each diffusers class computes it: by the begin index when set, else by each timestep's
+    position in the grid (found on the device here)."""
+    ref, got = getattr(hf, cls)(), getattr(fd, cls)()
+    for s in (ref, got):
+        s.set_timesteps(6)
+    x0, eps = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    t = ref.timesteps[[1, 2, 4]]
+    assert _rel(got.add_noise(x0, eps, t), ref.add_noise(x0, eps, t)) < 1e-5
+    if hasattr(ref, "set_begin_index"):
+        for s in (ref, got):
+            s.set_begin_index(2)
+        t = ref.timesteps[2:3].repeat(3)
+        assert _rel(got.add_noise(x0, eps, t), ref.add_noise(x0, eps, t)) < 1e-5
+
+
+def test_scheduler_without_equivalent_is_kept():
+    import fastdiff.optimize
+
+    pipe = tp.sd_pipe()
+    pipe.scheduler = hf.LMSDiscreteScheduler.from_config(pipe.scheduler.config)
+    fastdiff.optimize(pipe, fuse=False)
+    assert type(pipe.scheduler) is hf.LMSDiscreteScheduler and fd.equivalent(pipe.scheduler) is None
+
+
+def test_no_shadowing_of_the_real_diffusers():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import fastdiff.diffusers as f, diffusers as d, os; "
+            "assert f.__name__ == 'fastdiff.diffusers' and d.__name__ == 'diffusers'; "
+            "assert os.path.dirname(d.__file__) != os.path.dirname(f.__file__); "
+            "assert d.DDIMScheduler is not f.DDIMScheduler and f._hf is d; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(fd.__file__))))
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
