@@ -119,6 +119,11 @@ def side_by_side(shapes=SHAPES + [(64, 4, 256, 256)], rounds=40):
                 md = statistics.median(ts)
                 line.append(f"{k}: median {md * 1e3:.3f} ms, min {min(ts) * 1e3:.3f} ms, "
                             f"{passes[k] * n * s / md / 1e9:.1f} GB/s")
+            mins = {k: min(ts) for k, ts in times.items()}
+            line.append(f"min-based: reference/fused {mins['reference'] / mins['fused']:.2f}x; fused GB/s / copy GB/s "
+                        f"{passes['fused'] / mins['fused'] / (2 / mins['copy']):.2f}; fused GB/s / torch.add GB/s "
+                        f"{passes['fused'] / mins['fused'] / (3 / mins['add']):.2f} (on a loaded machine the medians "
+                        f"include preemptions of ~4 ms)")
             ratio = statistics.median(r / f for r, f in zip(times["reference"], times["fused"]))
             of_copy = statistics.median((passes["fused"] / f) / (2 / c) for f, c in zip(times["fused"], times["copy"]))
             of_add = statistics.median((passes["fused"] / f) / (3 / a) for f, a in zip(times["fused"], times["add"]))

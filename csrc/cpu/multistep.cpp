@@ -34,34 +34,57 @@ struct Args {
   Coefs k;
 };
 
-// Tiles [t0, t1). always_inline: compiled into both copies below (baseline and AVX2).
-template <typename T, bool AVX2>
+// out[j] = l.x·x + l.o·o + l.d·d + Σ_{k<NH} l.h[k]·h_k (+ l.z·z when Z), one pass over the tile: each input element
+// read once, the sum kept in a register, in the order of the formula.
+template <int NH, bool Z>
+__attribute__((always_inline)) inline void combine_tile(const Lin& l, const float* __restrict__ x,
+                                                        const float* __restrict__ o, const float* __restrict__ d,
+                                                        const float* const* h, const float* __restrict__ z,
+                                                        float* __restrict__ out, int64_t m) {
+  const float* __restrict__ h0 = h[0];
+  const float* __restrict__ h1 = h[1];
+  const float* __restrict__ h2 = h[2];
+  const float* __restrict__ h3 = h[3];
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) {
+    float acc = combine(l, x[j], o[j], d[j]);
+    if constexpr (NH > 0) acc += l.h[0] * h0[j];
+    if constexpr (NH > 1) acc += l.h[1] * h1[j];
+    if constexpr (NH > 2) acc += l.h[2] * h2[j];
+    if constexpr (NH > 3) acc += l.h[3] * h3[j];
+    if constexpr (Z) acc += l.z * z[j];
+    out[j] = acc;
+  }
+}
+
+// Tiles [t0, t1), NH history tensors. always_inline: compiled into both copies below (baseline and AVX2).
+// Results are formed in stack buffers and stored once per tile: a float32 output is never read back, and the
+// accesses of a tile to up to 11 tensors at one page offset (tensors are page-aligned) stay few per cache set.
+template <typename T, bool AVX2, int NH>
 __attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_t t0, int64_t t1) {
   using tiles::as_f32;
-  using tiles::flush;
-  using tiles::out_f32;
   const Coefs k = a.k;
   T* OUT = static_cast<T*>(a.out);
   T* OUT2 = static_cast<T*>(a.out2);
   T* DOUT = static_cast<T*>(a.dout);
-  alignas(64) float xb[kTile], ob[kTile], tb[kTile], db[kTile], yb[kTile], y2b[kTile];
+  alignas(64) float xb[kTile], ob[kTile], cb[kTile], zb[kTile], db[kTile], yb[kTile], y2b[kTile];
+  alignas(64) float hb[NH > 0 ? NH : 1][kTile];
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t base = t * kTile;
     const int64_t m = std::min(kTile, a.n - base);
     const float* xs = as_f32<AVX2>(static_cast<const T*>(a.x) + base, xb, m);
     const float* os = as_f32<AVX2>(static_cast<const T*>(a.o) + base, ob, m);
     if (a.oc) {
-      const float* cs = as_f32<AVX2>(static_cast<const T*>(a.oc) + base, tb, m);
+      const float* cs = as_f32<AVX2>(static_cast<const T*>(a.oc) + base, cb, m);
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) ob[j] = sstep::guide(os[j], cs[j], k.w);
       os = ob;
     }
-    float* ds = DOUT ? out_f32(DOUT + base, db) : db;
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) ds[j] = predict_d(k, xs[j], os[j]);
+    for (int64_t j = 0; j < m; ++j) db[j] = predict_d(k, xs[j], os[j]);
     if (a.clip) {
 #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) ds[j] = sstep::clampf(ds[j], -k.clip, k.clip);
+      for (int64_t j = 0; j < m; ++j) db[j] = sstep::clampf(db[j], -k.clip, k.clip);
     }
     if (a.thr) {  // a tile may straddle two samples: runs of one sample each
       for (int64_t j = 0; j < m;) {
@@ -69,51 +92,51 @@ __attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_
         const int64_t e = std::min(m, (b + 1) * a.per_sample - base);
         const float s = a.thr[b];
 #pragma omp simd
-        for (int64_t i = j; i < e; ++i) ds[i] = threshold(ds[i], s);
+        for (int64_t i = j; i < e; ++i) db[i] = threshold(db[i], s);
         j = e;
       }
     }
-    float* ys = out_f32(OUT + base, yb);
-    float* y2s = OUT2 ? out_f32(OUT2 + base, y2b) : y2b;
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) ys[j] = combine_y(k, xs[j], os[j], ds[j]);
+    const float* hs[kMaxHist] = {nullptr, nullptr, nullptr, nullptr};
+    for (int h = 0; h < NH; ++h) hs[h] = as_f32<AVX2>(static_cast<const T*>(a.h[h]) + base, hb[h], m);
+    const float* zs = nullptr;
+    if (a.z) {
+      zs = as_f32<AVX2>(static_cast<const T*>(a.z) + base, zb, m);
+    } else if (a.philox) {
+      for (int64_t j = 0; j < m; ++j) zb[j] = sstep::philox_normal(a.seed, a.offset + (uint64_t)(base + j));
+      zs = zb;
+    }
+    if (zs) {
+      combine_tile<NH, true>(k.y, xs, os, db, hs, zs, yb, m);
+    } else {
+      combine_tile<NH, false>(k.y, xs, os, db, hs, zs, yb, m);
+    }
+    tiles::store_any<AVX2>(yb, OUT + base, m);
     if (OUT2) {
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) y2s[j] = combine_y2(k, xs[j], os[j], ds[j]);
+      combine_tile<NH, false>(k.y2, xs, os, db, hs, nullptr, y2b, m);
+      tiles::store_any<AVX2>(y2b, OUT2 + base, m);
     }
-    for (int h = 0; h < a.nh; ++h) {  // each history tile is read (converted) once for both sums
-      const float* hs = as_f32<AVX2>(static_cast<const T*>(a.h[h]) + base, tb, m);
-      const float c = k.yh[h], c2 = k.y2h[h];
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) ys[j] += c * hs[j];
-      if (OUT2) {
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) y2s[j] += c2 * hs[j];
-      }
-    }
-    if (a.z || a.philox) {
-      const float* zs = tb;
-      if (a.z) {
-        zs = as_f32<AVX2>(static_cast<const T*>(a.z) + base, tb, m);
-      } else {
-        for (int64_t j = 0; j < m; ++j) tb[j] = sstep::philox_normal(a.seed, a.offset + (uint64_t)(base + j));
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) ys[j] += k.yz * zs[j];
-    }
-    flush<AVX2>(yb, OUT + base, m);
-    if (OUT2) flush<AVX2>(y2b, OUT2 + base, m);
-    if (DOUT) flush<AVX2>(db, DOUT + base, m);
+    if (DOUT) tiles::store_any<AVX2>(db, DOUT + base, m);
+  }
+}
+
+template <typename T, bool AVX2>
+__attribute__((always_inline)) inline void multistep_any(const Args& a, int64_t t0, int64_t t1) {
+  switch (a.nh) {
+    case 0: return multistep_tiles<T, AVX2, 0>(a, t0, t1);
+    case 1: return multistep_tiles<T, AVX2, 1>(a, t0, t1);
+    case 2: return multistep_tiles<T, AVX2, 2>(a, t0, t1);
+    case 3: return multistep_tiles<T, AVX2, 3>(a, t0, t1);
+    default: return multistep_tiles<T, AVX2, 4>(a, t0, t1);
   }
 }
 
 template <typename T>
-void multistep_tiles_base(const Args& a, int64_t t0, int64_t t1) { multistep_tiles<T, false>(a, t0, t1); }
+void multistep_tiles_base(const Args& a, int64_t t0, int64_t t1) { multistep_any<T, false>(a, t0, t1); }
 
 #ifdef FD_X86_AVX2
 template <typename T>
 __attribute__((target("avx2,fma,f16c"))) void multistep_tiles_avx2(const Args& a, int64_t t0, int64_t t1) {
-  multistep_tiles<T, true>(a, t0, t1);
+  multistep_any<T, true>(a, t0, t1);
 }
 #endif
 

@@ -29,14 +29,14 @@ __device__ __forceinline__ void multistep_chunk(const LaunchArgs& a, const Coefs
     d[j] = predict_d(k, x[j], o[j]);
     if (a.flags & kFlagClip) d[j] = sstep::clampf(d[j], -k.clip, k.clip);
     if (a.thr) d[j] = threshold(d[j], a.thr[(i + j < a.n ? i + j : i) / a.per_sample]);
-    y[j] = combine_y(k, x[j], o[j], d[j]);
-    y2[j] = a.out2 ? combine_y2(k, x[j], o[j], d[j]) : 0.0f;
+    y[j] = combine(k.y, x[j], o[j], d[j]);
+    y2[j] = a.out2 ? combine(k.y2, x[j], o[j], d[j]) : 0.0f;
   }
 #pragma unroll
   for (int h = 0; h < kMaxHist; ++h) {  // unrolled: constant indices keep k and a.h in registers, not on the stack
     if (h >= a.nh) break;
     vload<T, VEC, VECTOR>(static_cast<const T*>(a.h[h]), i, a.n, t);  // t is free after guidance
-    const float c = k.yh[h], c2 = k.y2h[h];
+    const float c = k.y.h[h], c2 = k.y2.h[h];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       y[j] += c * t[j];
@@ -51,7 +51,7 @@ __device__ __forceinline__ void multistep_chunk(const LaunchArgs& a, const Coefs
       for (int j = 0; j < VEC; ++j) t[j] = sstep::philox_normal(seed, offset + (uint64_t)(i + j));
     }
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) y[j] += k.yz * t[j];
+    for (int j = 0; j < VEC; ++j) y[j] += k.y.z * t[j];
   }
   vstore<T, VEC, VECTOR>(static_cast<T*>(a.out), i, a.n, y);
   if (a.out2) vstore<T, VEC, VECTOR>(static_cast<T*>(a.out2), i, a.n, y2);

@@ -28,20 +28,24 @@ enum Coef : int {
 constexpr int kMaxHist = 4;
 enum Flag : int { kFlagClip = 1 };
 
+// One linear combination: y = x·x + o·o + d·d + Σ_k h[k]·h_k (+ z·z).
+struct Lin {
+  float x, o, d, h[kMaxHist], z;
+};
+
 struct Coefs {
   float p, q, w, clip;
-  float yx, yo, yd, yh[kMaxHist], yz;
-  float y2x, y2o, y2d, y2h[kMaxHist];
+  Lin y, y2;  // y2.z = 0: the second combination has no noise term
 };
 
 FD_HD Coefs load_coefs(const double* c) {
   Coefs k;
   k.p = (float)c[kP]; k.q = (float)c[kQ]; k.w = (float)c[kW]; k.clip = (float)c[kClip];
-  k.yx = (float)c[kYX]; k.yo = (float)c[kYO]; k.yd = (float)c[kYD]; k.yz = (float)c[kYZ];
-  k.y2x = (float)c[kY2X]; k.y2o = (float)c[kY2O]; k.y2d = (float)c[kY2D];
+  k.y.x = (float)c[kYX]; k.y.o = (float)c[kYO]; k.y.d = (float)c[kYD]; k.y.z = (float)c[kYZ];
+  k.y2.x = (float)c[kY2X]; k.y2.o = (float)c[kY2O]; k.y2.d = (float)c[kY2D]; k.y2.z = 0.0f;
   for (int h = 0; h < kMaxHist; ++h) {
-    k.yh[h] = (float)c[kYH0 + h];
-    k.y2h[h] = (float)c[kY2H0 + h];
+    k.y.h[h] = (float)c[kYH0 + h];
+    k.y2.h[h] = (float)c[kY2H0 + h];
   }
   return k;
 }
@@ -52,9 +56,8 @@ FD_HD float predict_d(const Coefs& k, float x, float o) { return k.p * x + k.q *
 // Dynamic thresholding of d with the sample's scale s.
 FD_HD float threshold(float d, float s) { return sstep::clampf(d, -s, s) / s; }
 
-// The first three terms of y and of y2; the history, noise terms are added to them in order.
-FD_HD float combine_y(const Coefs& k, float x, float o, float d) { return k.yx * x + k.yo * o + k.yd * d; }
-FD_HD float combine_y2(const Coefs& k, float x, float o, float d) { return k.y2x * x + k.y2o * o + k.y2d * d; }
+// The first three terms of y or y2; the history terms, then the noise term, are added to it in that order.
+FD_HD float combine(const Lin& l, float x, float o, float d) { return l.x * x + l.o * o + l.d * d; }
 
 // Arguments of the CUDA launcher (csrc/cuda/multistep.cu), filled by csrc/cuda/multistep_glue.cpp. Device pointers;
 // optional tensors are nullptr when absent; h[0 .. nh) are the given history tensors. One dense layout (memory order).
