@@ -25,10 +25,16 @@ CPU_BACKENDS = [pytest.param("cpp", marks=requires_cpp), pytest.param("triton", 
 SHAPES = [((1, 32, 5, 7), 32), ((2, 64, 17, 13), 32), ((3, 24, 9, 9), 8), ((2, 16, 10), 4)]
 
 
-def make(shape, dtype, device="cpu", seed=0, offset=0.0, affine=True, add=True, spread=2.0):
+def make(shape, dtype, device="cpu", seed=0, offset=0.0, affine=True, add=True, spread=2.0, ramp=0.0):
+    """ramp: add ramp·(−1 … 1) along the flattened spatial axis, so tiles / programs of one group see different
+    means (the between-tile term of Chan's merge then matters)."""
     g = torch.Generator().manual_seed(seed)
     C = shape[1]
-    x = (torch.randn(shape, generator=g) * spread + offset).to(dtype).to(device)
+    x = torch.randn(shape, generator=g) * spread + offset
+    if ramp:
+        hw = x[0, 0].numel()
+        x = x + ramp * torch.linspace(-1, 1, hw).reshape(x.shape[2:])
+    x = x.to(dtype).to(device)
     w = (torch.randn(C, generator=g) * 0.5 + 1).to(dtype).to(device) if affine else None
     b = (torch.randn(C, generator=g) * 0.5).to(dtype).to(device) if affine else None
     a = (torch.randn(shape[0], C, generator=g)).to(dtype).to(device) if add else None
@@ -60,8 +66,8 @@ def formula64(x, w, b, groups, eps, silu, add):
 
 
 def check(backend, shape, groups, dtype, channels_last, silu=True, affine=True, add=True, offset=0.0, device="cpu",
-          eps=1e-6, spread=2.0, seed=0):
-    x, w, b, a = make(shape, dtype, device, offset=offset, affine=affine, add=add, spread=spread, seed=seed)
+          eps=1e-6, spread=2.0, seed=0, ramp=0.0):
+    x, w, b, a = make(shape, dtype, device, offset=offset, affine=affine, add=add, spread=spread, seed=seed, ramp=ramp)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     want = group_norm_silu_ref(f64(x), f64(w), f64(b), groups, eps, silu, f64(a))
@@ -182,8 +188,12 @@ def test_large_mean_is_stable(backend, channels_last):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_larger_group_split(backend, channels_last):
-    """A group larger than one tile / block, so the reduction splits and merges (Chan) across tiles and programs."""
+    """A group larger than one tile / block, so the reduction splits and merges (Chan) across tiles and programs;
+    with a ramp over the pixels, so tiles differ in mean: (1, 64, 48, 40) / 32 groups splits a group across
+    programs, (2, 64, 40, 40) / 4 groups walks 7 tiles inside one Triton program and several CPU tiles."""
     check(backend, (1, 64, 48, 40), 32, torch.float32, channels_last)
+    check(backend, (1, 64, 48, 40), 32, torch.float32, channels_last, ramp=4.0)
+    check(backend, (2, 64, 40, 40), 4, torch.float32, channels_last, ramp=4.0, add=False)
 
 
 @requires_cpp
