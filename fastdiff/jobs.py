@@ -253,6 +253,16 @@ def _foreign_entries(out_dir: str) -> list[str]:
     return sorted(n for n in os.listdir(out_dir) if n != LOCK_NAME and not is_fastdiff_temp(n))
 
 
+def _refuse_foreign(out_dir: str) -> None:
+    """RunMismatch naming what is there if DIR (which has no manifest) holds anything but fastdiff's lock/temps."""
+    foreign = _foreign_entries(out_dir)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f", ... ({len(foreign)} entries)" if len(foreign) > 8 else "")
+        what = "shards but" if any(n.startswith("shard_") for n in foreign) else "files but"
+        raise RunMismatch(f"refusing to use {out_dir}: it holds {what} no {MANIFEST} ({shown}); it is not a "
+                          "fastdiff run directory: use a new or empty --out")
+
+
 def check_manifest(out_dir: str, run: dict) -> bool:
     """Create DIR/manifest.json for `run` exclusively, or check that the one there records the same run.
 
@@ -264,12 +274,7 @@ def check_manifest(out_dir: str, run: dict) -> bool:
     if os.path.lexists(path):
         _compare(out_dir, _read_manifest(path), want)
         return True
-    foreign = _foreign_entries(out_dir)
-    if foreign:
-        shown = ", ".join(foreign[:8]) + (f", ... ({len(foreign)} entries)" if len(foreign) > 8 else "")
-        what = "shards but" if any(n.startswith("shard_") for n in foreign) else "files but"
-        raise RunMismatch(f"refusing to use {out_dir}: it holds {what} no {MANIFEST} ({shown}); it is not a "
-                          "fastdiff run directory: use a new or empty --out")
+    _refuse_foreign(out_dir)
     doc = {"format": "fastdiff-samples", "version": 1, "run": want,
            "layout": "shard_{k:06d}.npz: arr_0 uint8 (n, H, W, C), indices int64 (n,); images k*shard_size ...",
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -292,6 +297,9 @@ def claim_run_dir(out_dir: str, run: dict, *, wait: bool = True, log: Callable[[
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise RunMismatch(f"--out {out_dir!r} exists and is not a directory")
     os.makedirs(out_dir, exist_ok=True)
+    if not os.path.lexists(os.path.join(out_dir, MANIFEST)) and _foreign_entries(out_dir) and \
+            not os.path.lexists(os.path.join(out_dir, MANIFEST)):
+        _refuse_foreign(out_dir)  # a foreign directory is refused before a lock file is put in it
     lock = DirLock(out_dir)
     if not lock.acquire():
         path = os.path.join(out_dir, MANIFEST)
