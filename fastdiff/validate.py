@@ -230,3 +230,22 @@ def check_alpha_bar(abar: Sequence[float] | torch.Tensor, dtype: torch.dtype, na
         raise ValueError(f"{name}: ᾱ[{i}] = {float(a[i]):.3g} underflows {dtype} (1/√ᾱ = {float(1 / a[i].sqrt()):.3g},"
                          f" smallest normal {info.tiny:.3g}): sample in float32, or use fewer timesteps / a larger "
                          "terminal ᾱ")
+
+
+def check_sampler_args(*, steps: Any = None, eta: Any = None, shape: Any = None, generator: Any = None,
+                       dtype: Any = None, guidance_scale: Any = None, steps_required: bool = False) -> dict[str, Any]:
+    """The public samplers' common arguments in one call (each checked only when given; None passes):
+    steps a positive int, eta a finite number >= 0, shape (B, ...) of positive ints, generator a torch.Generator
+    (or noise source), dtype a floating torch.dtype, guidance_scale a finite number. Returns them normalised."""
+    out: dict[str, Any] = {}
+    if steps is not None or steps_required:
+        out["steps"] = check_number("steps", steps, integer=True, min=1)
+    if eta is not None:
+        out["eta"] = check_number("eta", eta, min=0)
+    if shape is not None:
+        out["shape"] = check_shape("shape", shape)
+    out["generator"] = check_generator("generator", generator)
+    out["dtype"] = check_dtype("dtype", dtype)
+    if guidance_scale is not None:
+        out["guidance_scale"] = check_number("guidance_scale", guidance_scale)
+    return out

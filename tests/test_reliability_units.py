@@ -408,3 +408,16 @@ def test_dir_lock_is_released_when_its_holder_is_killed(tmp_path):
     holder.wait()
     assert lock.acquire()  # the kernel dropped the dead holder's flock: a killed run never wedges its --out
     lock.release()
+
+
+def test_check_sampler_args_in_one_call():
+    g = torch.Generator()
+    got = validate.check_sampler_args(steps=np.int64(10), eta=np.float32(0.5), shape=[2, 1, 4, 4], generator=g,
+                                      dtype=torch.float16, guidance_scale=7)
+    assert got == {"steps": 10, "eta": 0.5, "shape": (2, 1, 4, 4), "generator": g, "dtype": torch.float16,
+                   "guidance_scale": 7.0}
+    for kw, msg in [({"generator": 42}, "generator"), ({"shape": 16}, "shape"), ({"dtype": torch.long}, "dtype"),
+                    ({"eta": float("inf")}, "eta must be finite"), ({"steps": "50"}, "steps"),
+                    ({"guidance_scale": float("nan")}, "guidance_scale"), ({"steps_required": True}, "steps")]:
+        with pytest.raises((TypeError, ValueError), match=msg):
+            validate.check_sampler_args(**kw)
