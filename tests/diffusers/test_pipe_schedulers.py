@@ -37,6 +37,14 @@ SD_CASES = [
 ]
 
 
+def _config(config, over):
+    """A scheduler config with overrides that from_config honours (it ignores the keys listed in
+    `_use_default_values`, the parameters the original was built without)."""
+    cfg = {k: v for k, v in dict(config).items() if k != "_use_default_values"}
+    cfg.update(over)
+    return cfg
+
+
 def _rel(a, b):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
@@ -84,12 +92,13 @@ def _compare(a, b, tol, label):
 def test_sd_pipeline_matches_diffusers(kind, name, cls, over, call):
     """Scheduler swapped after construction (`from_config(pipe.scheduler.config)`), as users do."""
     pipe = tp.sd_pipe(kind)
-    cfg = dict(pipe.scheduler.config, **over)
+    cfg = _config(pipe.scheduler.config, over)
     steps = 4
     pipe.scheduler = getattr(hf, cls).from_config(cfg)
     ref = _sd_run(pipe, kind, steps, call)
     pipe.scheduler = getattr(fd, cls).from_config(cfg)
     assert type(pipe.scheduler).__module__ == "fastdiff.diffusers"
+    assert all(pipe.scheduler.config[k] == v for k, v in over.items())
     got = _sd_run(pipe, kind, steps, call)
     _compare(got, ref, SD_TOL, f"{kind}/{name}")
 
@@ -130,17 +139,22 @@ UNET_CASES = [
     ("ddim_eta1", "ddim", "DDIMScheduler", {}, {"eta": 1.0}),
     ("ddpm", "ddpm", "DDPMScheduler", {}, {}),
     ("dpmpp", "ddpm", "DPMSolverMultistepScheduler", {}, {}),
+    ("dpmpp_thresholding", "ddpm", "DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 1.5}, {}),
+    ("ddim_thresholding", "ddim", "DDIMScheduler", {"thresholding": True, "sample_max_value": 1.5}, {"eta": 0.5}),
+    ("ddpm_v_fixed_large", "ddpm", "DDPMScheduler", {"prediction_type": "v_prediction",
+                                                      "variance_type": "fixed_large"}, {}),
 ]
 
 
 @pytest.mark.parametrize("name,pipe_kind,cls,over,call", UNET_CASES, ids=[c[0] for c in UNET_CASES])
 def test_unet2d_pipeline_matches_diffusers(name, pipe_kind, cls, over, call):
     base = hf.DDPMScheduler(num_train_timesteps=1000)  # clip_sample=True, as the DDPM checkpoints
-    cfg = dict(base.config, **over)
+    cfg = _config(base.config, over)
     res = []
     for lib in (hf, fd):
         pipe = tp.unet_pipe(pipe_kind, hf.DDPMScheduler.from_config(cfg))
         pipe.scheduler = getattr(lib, cls).from_config(cfg)
+        assert all(pipe.scheduler.config[k] == v for k, v in over.items())
         rec = tp.UNetInputs(pipe.unet)
         try:
             img = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=5,
