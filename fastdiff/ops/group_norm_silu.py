@@ -103,22 +103,30 @@ def _dense(x: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
+    def _group_channels(G, Cg, BLOCK_C: tl.constexpr):
+        """This program's (sample·group, split index, sample, its group's channel indices, their mask)."""
+        ng = tl.program_id(0)
+        sp = tl.program_id(1)
+        cs = tl.arange(0, BLOCK_C)
+        return ng, sp, ng // G, (ng % G) * Cg + cs, cs < Cg
+
+    @triton.jit
+    def _channel_vec(ptr, off, cmask, fill: tl.constexpr, HAS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """A per-channel parameter (weight, bias, add) in float32, or `fill` where it is absent."""
+        if HAS:
+            v = tl.load(ptr + off, mask=cmask, other=fill).to(tl.float32)
+        else:
+            v = tl.full([BLOCK_C], fill, dtype=tl.float32)
+        return v
+
+    @triton.jit
     def _gns_stats_kernel(x_ptr,  # (N, C, HW) with strides (sN, sC, sP): NCHW or NHWC
                           add_ptr,  # (N, C) float32, or a dummy if not HAS_ADD
                           part_ptr,  # (N·G, SPLIT, 3) float32: count, mean, M2
                           C, HW, G, Cg, sN, sC, sP, SPLIT, P_PER,
                           HAS_ADD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        ng = tl.program_id(0)
-        sp = tl.program_id(1)
-        n = ng // G
-        g = ng % G
-        cs = tl.arange(0, BLOCK_C)
-        cmask = cs < Cg
-        ch = g * Cg + cs
-        if HAS_ADD:
-            a = tl.load(add_ptr + n * C + ch, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            a = tl.zeros([BLOCK_C], dtype=tl.float32)
+        ng, sp, n, ch, cmask = _group_channels(G, Cg, BLOCK_C)
+        a = _channel_vec(add_ptr, n * C + ch, cmask, 0.0, HAS_ADD, BLOCK_C)
         p_start = sp * P_PER
         p_end = tl.minimum(p_start + P_PER, HW)
         cnt = 0.0
@@ -152,10 +160,7 @@ if triton is not None:
                           C, HW, G, Cg, sN, sC, sP, SPLIT, P_PER, eps,
                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
                           SPLIT_P2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        ng = tl.program_id(0)
-        sp = tl.program_id(1)
-        n = ng // G
-        g = ng % G
+        ng, sp, n, ch, cmask = _group_channels(G, Cg, BLOCK_C)
         ks = tl.arange(0, SPLIT_P2)
         kmask = ks < SPLIT
         pb = part_ptr + (ng * SPLIT + ks) * 3
@@ -167,21 +172,9 @@ if triton is not None:
         dm = mu - mean
         var = (tl.sum(m2, axis=0) + tl.sum(cnt * dm * dm, axis=0)) / tot
         rstd = 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps)
-        cs = tl.arange(0, BLOCK_C)
-        cmask = cs < Cg
-        ch = g * Cg + cs
-        if HAS_W:
-            w = tl.load(w_ptr + ch, mask=cmask, other=1.0).to(tl.float32)
-        else:
-            w = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
-        if HAS_B:
-            b = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            b = tl.zeros([BLOCK_C], dtype=tl.float32)
-        if HAS_ADD:
-            a = tl.load(add_ptr + n * C + ch, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            a = tl.zeros([BLOCK_C], dtype=tl.float32)
+        w = _channel_vec(w_ptr, ch, cmask, 1.0, HAS_W, BLOCK_C)
+        b = _channel_vec(b_ptr, ch, cmask, 0.0, HAS_B, BLOCK_C)
+        a = _channel_vec(add_ptr, n * C + ch, cmask, 0.0, HAS_ADD, BLOCK_C)
         A = rstd * w
         B = b + (a - mean) * A
         p_start = sp * P_PER
