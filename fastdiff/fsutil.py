@@ -174,12 +174,12 @@ class LockBusy(RuntimeError):
 
 
 class DirLock:
-    """An exclusive flock on DIR/.fastdiff.lock (the file holds the holder's pid). Not re-entrant; released by
+    """An exclusive flock on DIR/.fastdiff.lock (or DIR/`name`; the file holds the holder's pid). Not re-entrant; released by
     `release()` or when the process ends, however it ends."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, name: str = LOCK_NAME):
         self.directory = directory
-        self.path = os.path.join(directory, LOCK_NAME)
+        self.path = os.path.join(directory, name)
         self.fd: int | None = None
 
     def holder(self) -> str:

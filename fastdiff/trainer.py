@@ -217,9 +217,30 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, device="cpu", sav
 
     Refuses, before any work, an existing `out` without its train state (unless `overwrite`), outputs that cannot
     be written, and bad numbers. Stops with NonFiniteLoss at the first NaN/inf loss; no non-finite weights are
-    ever written (the last good checkpoint stays)."""
+    ever written (the last good checkpoint stays). Holds OUT's lock (.OUT.lock beside it) for the run: a second
+    `train` on the same OUT at the same time is refused (TrainBusy), so a checkpoint and its train state always
+    come from one run."""
+    from fastdiff.fsutil import DirLock
+
     check_config(cfg, save_every)
     check_outputs(out, resume=resume, overwrite=overwrite)
+    lock = DirLock(os.path.dirname(os.path.abspath(out)), name=f".{os.path.basename(out)}.lock")
+    if not lock.acquire():
+        raise TrainBusy(f"another fastdiff train is writing {out} ({lock.holder()}): wait for it, or choose another "
+                        "--out")
+    try:
+        check_outputs(out, resume=resume, overwrite=overwrite)  # again under the lock: another run may have written
+        return _train(cfg, out, resume=resume, device=device, save_every=save_every, progress=progress, log=log)
+    finally:
+        lock.release()
+
+
+class TrainBusy(RuntimeError):
+    """Another process is training into the same --out."""
+
+
+def _train(cfg: TrainConfig, out: str, *, resume: bool, device, save_every: int, progress: bool,
+           log: Callable[[str], None]) -> dict[str, Any]:
     data = load_dataset(cfg)
     channels = data.shape[1]
     sched = NoiseSchedule.from_name(cfg.beta_schedule, cfg.num_train_timesteps)

@@ -622,3 +622,57 @@ def test_special_files_in_data_and_directories_at_output_names_are_refused_up_fr
     monkeypatch.setattr(jobs, "sample_images", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled")))
     rc, _, err = run(capsys, "sample", "--checkpoint", tiny_ckpt, "--out", out, *SAMPLE)
     assert rc == 2 and "samples.npz" in err and "is a directory" in err, err
+
+
+_TRAIN_RACER = r"""
+import sys
+import torch
+from fastdiff import trainer
+torch.set_num_threads(1)
+out, seed, rounds, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+cfg = trainer.TrainConfig(data=data, channels=1, block_out_channels=[8, 16], norm_num_groups=4, batch_size=4, steps=3,
+                          image_size=8, seed=seed)
+for r in range(rounds):
+    print("ready", flush=True)
+    sys.stdin.buffer.read(1)
+    try:
+        trainer.train(cfg, f"{out}{r}.safetensors", save_every=1, progress=False, log=lambda m: None)
+        print("ok", flush=True)
+    except (trainer.TrainBusy, ValueError) as e:
+        print("refused", type(e).__name__, flush=True)
+"""
+
+
+def test_two_trainings_into_one_out_never_mix(tmp_path):
+    """Two `train` runs (seeds 0 and 1) released together onto one --out, 3 tries: one trains, the other is refused
+    (busy, or the model exists by the time it looks); the checkpoint and the train state are the winner's both."""
+    rounds = 3
+    out = str(tmp_path / "m")
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (8, 8), dtype=np.uint8)).save(data / f"{i}.png")
+    procs = [subprocess.Popen([sys.executable, "-c", _TRAIN_RACER, out, str(s), str(rounds), str(data)],
+                              stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for s in (0, 1)]
+    try:
+        for r in range(rounds):
+            for p in procs:
+                assert p.stdout.readline().strip() == b"ready", p.stderr.read().decode()
+            for p in procs:
+                p.stdin.write(b"g")
+            for p in procs:
+                p.stdin.flush()
+            res = [p.stdout.readline().decode().split() for p in procs]
+            assert sorted(x[0] for x in res if x) == ["ok", "refused"], (r, res)
+            winner = [s for s, x in zip((0, 1), res) if x[0] == "ok"][0]
+            path = f"{out}{r}.safetensors"
+            _, meta = checkpoint.load_checkpoint(path)
+            state = json.loads(checkpoint.read_safetensors(checkpoint.state_path(path))[1]["fastdiff"])
+            assert meta["train"]["config"]["seed"] == state["config"]["seed"] == winner
+            assert meta["train"]["step"] == state["step"] == 3
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
