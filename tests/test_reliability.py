@@ -162,6 +162,27 @@ def test_two_runs_with_the_same_options_never_corrupt(tmp_path, tiny_ckpt, refer
         _listing_ok(out)
 
 
+def _stdin_race(script, argvs, rounds):
+    """One process per argv running `script`; each round, once every process printed "ready", release them all
+    within microseconds (one byte written to each stdin) and yield (round, [its next output line, split])."""
+    procs = [subprocess.Popen([sys.executable, "-c", script, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for argv in argvs]
+    try:
+        for r in range(rounds):
+            for p in procs:
+                assert p.stdout.readline().strip() == b"ready", p.stderr.read().decode()
+            for p in procs:
+                p.stdin.write(b"g")
+            for p in procs:
+                p.stdin.flush()
+            yield r, [p.stdout.readline().decode().split() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 _API_RACER = r"""
 import os, sys
 import torch
@@ -187,32 +208,16 @@ def test_api_race_on_one_new_out_many_tries(tmp_path):
     stdins), 10 tries: always exactly one run owns the directory and its set is that run's alone."""
     rounds = 10
     out = str(tmp_path / "o")
-    procs = [subprocess.Popen([sys.executable, "-c", _API_RACER, out, str(s), str(rounds)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for s in (0, 1)]
-    try:
-        for r in range(rounds):
-            for p in procs:
-                assert p.stdout.readline().strip() == b"ready", p.stderr.read().decode()
-            for p in procs:
-                p.stdin.write(b"g")
-            for p in procs:
-                p.stdin.flush()
-            res = [p.stdout.readline().decode().split() for p in procs]
-            assert sorted(x[0] for x in res) == ["ok", "refused"], (r, res)
-            assert all(x[1] == "True" for x in res if x[0] == "refused"), res
-            winner = [s for s, x in zip((0, 1), res) if x[0] == "ok"][0]
-            with open(f"{out}{r}/manifest.json") as f:
-                assert json.load(f)["run"]["seed"] == winner
-            alone = jobs.sample_images(lambda x, t: 0.1 * x + (t.float() / 1000).view(-1, 1, 1, 1), list(range(8)),
-                                       jobs.SampleConfig("ddim", 2, 0.0, winner, "float32", 1), None, {},
-                                       (1, 4, 4), "cpu")
-            with np.load(f"{out}{r}/samples.npz") as z:
-                np.testing.assert_array_equal(z["arr_0"], alone)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+    for r, res in _stdin_race(_API_RACER, [[out, str(s), str(rounds)] for s in (0, 1)], rounds):
+        assert sorted(x[0] for x in res) == ["ok", "refused"], (r, res)
+        assert all(x[1] == "True" for x in res if x[0] == "refused"), res
+        winner = [s for s, x in zip((0, 1), res) if x[0] == "ok"][0]
+        with open(f"{out}{r}/manifest.json") as f:
+            assert json.load(f)["run"]["seed"] == winner
+        alone = jobs.sample_images(lambda x, t: 0.1 * x + (t.float() / 1000).view(-1, 1, 1, 1), list(range(8)),
+                                   jobs.SampleConfig("ddim", 2, 0.0, winner, "float32", 1), None, {}, (1, 4, 4), "cpu")
+        with np.load(f"{out}{r}/samples.npz") as z:
+            np.testing.assert_array_equal(z["arr_0"], alone)
 
 
 def test_run_waiting_on_a_busy_dir_is_refused_when_options_differ(tmp_path, tiny_ckpt):
@@ -652,27 +657,11 @@ def test_two_trainings_into_one_out_never_mix(tmp_path):
     data.mkdir()
     for i in range(4):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (8, 8), dtype=np.uint8)).save(data / f"{i}.png")
-    procs = [subprocess.Popen([sys.executable, "-c", _TRAIN_RACER, out, str(s), str(rounds), str(data)],
-                              stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for s in (0, 1)]
-    try:
-        for r in range(rounds):
-            for p in procs:
-                assert p.stdout.readline().strip() == b"ready", p.stderr.read().decode()
-            for p in procs:
-                p.stdin.write(b"g")
-            for p in procs:
-                p.stdin.flush()
-            res = [p.stdout.readline().decode().split() for p in procs]
-            assert sorted(x[0] for x in res if x) == ["ok", "refused"], (r, res)
-            winner = [s for s, x in zip((0, 1), res) if x[0] == "ok"][0]
-            path = f"{out}{r}.safetensors"
-            _, meta = checkpoint.load_checkpoint(path)
-            state = json.loads(checkpoint.read_safetensors(checkpoint.state_path(path))[1]["fastdiff"])
-            assert meta["train"]["config"]["seed"] == state["config"]["seed"] == winner
-            assert meta["train"]["step"] == state["step"] == 3
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+    for r, res in _stdin_race(_TRAIN_RACER, [[out, str(s), str(rounds), str(data)] for s in (0, 1)], rounds):
+        assert sorted(x[0] for x in res if x) == ["ok", "refused"], (r, res)
+        winner = [s for s, x in zip((0, 1), res) if x[0] == "ok"][0]
+        path = f"{out}{r}.safetensors"
+        _, meta = checkpoint.load_checkpoint(path)
+        state = json.loads(checkpoint.read_safetensors(checkpoint.state_path(path))[1]["fastdiff"])
+        assert meta["train"]["config"]["seed"] == state["config"]["seed"] == winner
+        assert meta["train"]["step"] == state["step"] == 3
