@@ -424,8 +424,8 @@ class _PlanScheduler(_Base):
         x0 = None
         if want_x0 and d_out is None:
             x0 = d_out = torch.empty_like(out)
-        backend = "torch" if x.dtype == torch.float64 else "auto"
-        if self._checked and backend == "auto" and _fast_layout(x, o, noise):
+        backend = "torch" if x.dtype == torch.float64 else "auto"  # float64: the reference, in float64
+        if backend == "torch" or (self._checked and _fast_layout(x, o, noise)):
             M.resolve_op(backend, x.device)(x, o, None, hist, noise, None, thr, coef, M.FLAG_CLIP if row.clip else 0,
                                             out, out2, d_out)
         else:

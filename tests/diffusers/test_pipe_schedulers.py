@@ -274,3 +274,27 @@ def test_no_shadowing_of_the_real_diffusers():
     assert fd.__name__ == "fastdiff.diffusers" and d.__name__ == "diffusers" and fd._hf is d is hf
     assert os.path.dirname(d.__file__) != os.path.dirname(fd.__file__)
     assert d.DDIMScheduler is not fd.DDIMScheduler and issubclass(fd.DDIMScheduler, d.ConfigMixin)
+
+
+def _synthetic_loop(lib, name, dtype, steps=8):
+    s = getattr(lib, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                           **({"clip_sample": False} if name in ("DDIMScheduler", "DDPMScheduler") else {}))
+    s.set_timesteps(steps)
+    x = (torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * s.init_noise_sigma).to(dtype)
+    for t in s.timesteps:
+        xi = s.scale_model_input(x, t).double()
+        x = s.step((0.3 * xi + 0.1 * torch.sin(3 * xi)).to(dtype), t, x, return_dict=False)[0]
+        assert x.dtype == dtype
+    return x.double()
+
+
+@pytest.mark.parametrize("name", [n for n in fd.SCHEDULERS if n not in ("DDPMScheduler",
+                                                                       "EulerAncestralDiscreteScheduler")])
+def test_dtypes_float64_exact_and_half_no_worse_than_diffusers(name):
+    """float64 samples run the reference in float64 (= diffusers' float64 loop); fp16/bf16 samples (math in
+    float32, one rounding per output) stay within 2× diffusers' own error against that float64 loop."""
+    ref = _synthetic_loop(hf, name, torch.float64)
+    assert _rel(_synthetic_loop(fd, name, torch.float64), ref) < 1e-6
+    for dt in (torch.float16, torch.bfloat16):
+        e_hf, e_fd = _rel(_synthetic_loop(hf, name, dt), ref), _rel(_synthetic_loop(fd, name, dt), ref)
+        assert e_fd <= 2 * e_hf + 1e-3, (dt, e_fd, e_hf)
