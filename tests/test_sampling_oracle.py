@@ -23,7 +23,20 @@ ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, T))  # Ho et al.'s linear β in 
 N = 20000
 
 
-def grid(steps, spacing="leading"):
+def abar_of(name, T=1000, beta_start=None, beta_end=None):
+    """ᾱ of the named β schedules in float64 (Ho et al. 2020 linear; Stable Diffusion's scaled_linear; Nichol &
+    Dhariwal 2021 eq. 17 cosine with s = 0.008 and β clipped at 0.999)."""
+    if name == "linear":
+        b = np.linspace(1e-4 if beta_start is None else beta_start, 0.02 if beta_end is None else beta_end, T)
+    elif name == "scaled_linear":
+        b = np.linspace(np.sqrt(beta_start or 0.00085), np.sqrt(beta_end or 0.012), T) ** 2
+    else:
+        f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+        b = np.minimum(1 - f(np.arange(1, T + 1)) / f(np.arange(T)), 0.999)
+    return np.cumprod(1.0 - b)
+
+
+def grid(steps, spacing="leading", T=T):
     """diffusers' set_timesteps grids, descending."""
     if spacing == "leading":
         return (np.arange(steps) * (T // steps))[::-1]
@@ -32,13 +45,13 @@ def grid(steps, spacing="leading"):
     return np.round(np.linspace(0, T - 1, steps))[::-1].astype(np.int64)
 
 
-def affine_steps(kind, steps, eta=0.0, m=0.0, s2=1.0, spacing="leading", variance_type="fixed_small"):
+def affine_steps(kind, steps, eta=0.0, m=0.0, s2=1.0, spacing="leading", variance_type="fixed_small", abar=ABAR):
     """[(c_x, c_0, σ²)] of each step for data N(m, s²): the exact x̂0 = m + √ᾱ·s²/(ᾱs² + 1 − ᾱ)·(x − √ᾱ·m)."""
-    ts = grid(steps, spacing)
+    ts = grid(steps, spacing, len(abar))
     out = []
     for i, t in enumerate(ts):
-        at = ABAR[t]
-        ap = ABAR[ts[i + 1]] if i + 1 < len(ts) else 1.0  # set_alpha_to_one (DDIM default), and DDPM's last step
+        at = abar[t]
+        ap = abar[ts[i + 1]] if i + 1 < len(ts) else 1.0  # set_alpha_to_one (DDIM default), and DDPM's last step
         vt = at * s2 + 1 - at
         A, B = math.sqrt(at) * s2 / vt, m * (1 - at) / vt  # x̂0 = A·x + B
         C, E = (1 - math.sqrt(at) * A) / math.sqrt(1 - at), -math.sqrt(at) * B / math.sqrt(1 - at)  # ε̂ = C·x + E
