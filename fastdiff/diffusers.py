@@ -724,8 +724,8 @@ class _StepScheduler(_Base):
         if opts.thresholding:
             thr = SS.threshold_scale(x, o, coef, ratio=opts.dynamic_thresholding_ratio,
                                      max_value=opts.sample_max_value)
-        var_mode = opts.variance_type if (self._kind == "ddpm" and opts.variance_type.startswith("learned")) \
-            else "scalar"
+        var_mode = opts.variance_type if (self._kind == "ddpm" and opts.variance_type.startswith("learned")
+                                          and v is not None) else "scalar"  # v only where noise is added
         clip = opts.clip_sample and not opts.thresholding
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         if x.dtype == torch.float64:

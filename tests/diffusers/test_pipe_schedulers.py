@@ -298,3 +298,20 @@ def test_dtypes_float64_exact_and_half_no_worse_than_diffusers(name):
     for dt in (torch.float16, torch.bfloat16):
         e_hf, e_fd = _rel(_synthetic_loop(hf, name, dt), ref), _rel(_synthetic_loop(fd, name, dt), ref)
         assert e_fd <= 2 * e_hf + 1e-3, (dt, e_fd, e_hf)
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range", "fixed_small_log"])
+def test_ddpm_variances_like_diffusers(variance_type):
+    """DDPM with a 2·C-channel model output (prediction, variance) as diffusers splits it; noise from the same
+    generator."""
+    xs = []
+    for lib in (hf, fd):
+        s = lib.DDPMScheduler(variance_type=variance_type, clip_sample=False)
+        s.set_timesteps(6)
+        x, g = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)), torch.Generator().manual_seed(2)
+        for t in s.timesteps:
+            v = 0.5 * torch.tanh(x) + (0.6 if variance_type == "learned" else 0.0)  # learned: v is the variance itself
+            out = torch.cat([0.2 * x, v], 1) if variance_type.startswith("learned") else 0.2 * x
+            x = s.step(out, t, x, generator=g).prev_sample
+        xs.append(x)
+    assert _rel(xs[1], xs[0]) < 1e-4
