@@ -51,13 +51,13 @@ run_config() {  # run_config CONFIG [args...]
 }
 
 if [ "${1:-}" = "--planted" ]; then
-  # name | file | sed expression | the suite that exercises it
+  # name | file in csrc/cuda to plant it in | sed expression | the kernel source to rebuild with it | suite
   bugs=(
-    "no __syncthreads in group_norm_silu|group_norm_silu.cu|/__syncthreads();/d|group_norm_silu"
-    "__shfl_down_sync -> __shfl_up_sync|group_norm_silu.cu|s/__shfl_down_sync/__shfl_up_sync/g|group_norm_silu"
-    "vector path on a partial last chunk|sampler_step.cu|s/if (ALIGNED \&\& i + VEC <= a.n)/if (ALIGNED \&\& i < a.n)/|sampler_step"
-    "grid-stride loop skips every other chunk|sampler_step.cu|s/c += (int64_t)gridDim.x \* blockDim.x/c += 2 * (int64_t)gridDim.x * blockDim.x/|sampler_step"
-    "block_sum: only its first __syncthreads removed|group_norm_silu.cu|0,/__syncthreads();  \/\/ red may/{/__syncthreads();  \/\/ red may/d}|group_norm_silu"
+    "no __syncthreads in group_norm_silu|group_norm_silu.cu|/__syncthreads();/d|group_norm_silu.cu|group_norm_silu"
+    "__shfl_down_sync -> __shfl_up_sync|group_norm_silu.cu|s/__shfl_down_sync/__shfl_up_sync/g|group_norm_silu.cu|group_norm_silu"
+    "vector path on a partial last chunk|sampler_step_vec.cuh|s/if (ALIGNED \&\& i + VEC <= n)/if (ALIGNED \&\& i < n)/|sampler_step.cu|sampler_step"
+    "grid-stride loop skips every other chunk|sampler_step_vec.cuh|s/c += (int64_t)gridDim.x \* blockDim.x/c += 2 * (int64_t)gridDim.x * blockDim.x/|sampler_step.cu|sampler_step"
+    "block_sum: only its first __syncthreads removed|group_norm_silu.cu|0,/__syncthreads();  \/\/ red may/{/__syncthreads();  \/\/ red may/d}|group_norm_silu.cu|group_norm_silu"
   )
   build plain "$B/plain"
   build tsan "$B/tsan"
@@ -67,9 +67,11 @@ if [ "${1:-}" = "--planted" ]; then
   all=0
   i=0
   for b in "${bugs[@]}"; do
-    IFS='|' read -r name file expr suite <<<"$b"
+    IFS='|' read -r name file expr kernel suite <<<"$b"
     i=$((i + 1))
     mkdir -p "$tmp/$i"
+    # a header is found next to the copied kernel source before csrc/cuda (#include "...": the includer's directory)
+    [ "$file" = "$kernel" ] || cp "csrc/cuda/$kernel" "$tmp/$i/$kernel"
     sed "$expr" "csrc/cuda/$file" >"$tmp/$i/$file"
     if cmp -s "csrc/cuda/$file" "$tmp/$i/$file"; then
       echo "cuda_emu_test --planted: the sed for '$name' changed nothing in csrc/cuda/$file (update it)" >&2
@@ -79,7 +81,7 @@ if [ "${1:-}" = "--planted" ]; then
     fi
     srcs=""
     for f in csrc/cuda/*.cu; do
-      if [ "$(basename "$f")" = "$file" ]; then srcs+=" $tmp/$i/$file"; else srcs+=" $f"; fi
+      if [ "$(basename "$f")" = "$kernel" ]; then srcs+=" $tmp/$i/$kernel"; else srcs+=" $f"; fi
     done
     res=()
     for c in plain tsan; do
