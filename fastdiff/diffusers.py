@@ -27,8 +27,9 @@ when η > 0, DDPM when t > 0, Euler ancestral every step, the SDE DPM-Solvers ev
 
 Starting mid-schedule (img2img: `set_begin_index(k)`, or the first timestep passed): the Euler family steps on from
 row k; DPM-Solver, UniPC and PLMS restart their history there, as diffusers' do (its warm-up orders from step k),
-from a plan of the remaining grid. Not offered (a clear error): custom `timesteps=` / `sigmas=` grids for the solver
-classes (DDPM takes custom timesteps), `s_churn` > 0, PNDM's PRK warm-up started mid-schedule, and the diffusers
+from a plan of the remaining grid. Custom grids where diffusers' class takes them: `timesteps=` (DDPM, DPM-Solver,
+Euler, Heun) and `sigmas=` (Euler), planned with diffusers' σ's for them. Not offered (a clear error): UniPC's
+`sigmas=`, `mu=` (dynamic shifting), `s_churn` > 0, PNDM's PRK warm-up started mid-schedule, and the diffusers
 settings that fastdiff's solvers lack (`fastdiff.samplers.solver_options` names them).
 
 `pred_original_sample`: written (one extra output of the fused pass) when `step(..., return_dict=True)`; the tuple
@@ -55,6 +56,8 @@ from fastdiff import samplers as S
 from fastdiff.ops import multistep as M
 from fastdiff.ops import sampler_step as SS
 from fastdiff.samplers import dpm_solver as _dpm
+from fastdiff.samplers import euler as _euler
+from fastdiff.samplers import grids as _grids
 from fastdiff.samplers import pndm as _pndm
 from fastdiff.schedule import NoiseSchedule
 
@@ -272,21 +275,22 @@ class _PlanScheduler(_Base):
         return self._begin_index
 
     # ---- set_timesteps ----
-    def _set(self, num_inference_steps, device, **custom):
-        for name, v in custom.items():
-            if v is not None:
-                raise NotImplementedError(
-                    f"{type(self).__name__}.set_timesteps: custom {name}= is not supported by fastdiff (its plans "
-                    f"are compiled from num_inference_steps on the configured grid); pass num_inference_steps, or "
-                    f"use diffusers' {type(self).__name__} for a custom grid")
+    def _set(self, num_inference_steps, device, timesteps=None, sigmas=None):
         cfg = dict(self.config)
         T = cfg["num_train_timesteps"]
-        n = _check_steps(num_inference_steps, T)
-        memo = self._memo(n)
+        custom = None
+        if timesteps is not None or sigmas is not None:
+            custom = self._check_custom(num_inference_steps, timesteps, sigmas, cfg)
+            n = len(custom[1]) - (1 if custom[0] == "sigmas" else 0)
+        else:
+            n = _check_steps(num_inference_steps, T)
+        memo = self._memo((n, custom))
         if "plans" not in memo:
             sched = NoiseSchedule.from_diffusers(cfg)
             opts = S.solver_options(self._sampler, cfg, {})
-            memo.update(schedule=sched, opts=opts, plans={0: S.build_plan(self._sampler, sched, n, opts)}, dev={})
+            plan = S.build_plan(self._sampler, sched, n, opts) if custom is None else \
+                self._custom_plan(sched, opts, n, custom)
+            memo.update(schedule=sched, opts=opts, plans={0: plan}, dev={})
         self._schedule, self._opts = memo["schedule"], memo["opts"]
         # the SDE DPM-Solvers draw noise every step in diffusers, the last (σ_t = 0) too
         self._draws_every_step = str(self._opts.get("algorithm_type", "")).startswith("sde")
@@ -322,6 +326,62 @@ class _PlanScheduler(_Base):
     def _rows(self, start, device):
         return self._cached(("rows", start, str(device)), lambda: self._plans[start].diffusers_rows().to(device))
 
+    # ---- custom grids (timesteps= / sigmas=, where diffusers' class takes them) ----
+    _custom_ok: tuple = ()  # which of "timesteps", "sigmas" this class plans
+
+    def _check_custom(self, n, timesteps, sigmas, cfg):
+        name = type(self).__name__
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Only one of `timesteps` or `sigmas` should be set.")
+        if n is not None:
+            raise ValueError("Can only pass one of `num_inference_steps` or `timesteps` or `sigmas`.")
+        kind, vals = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+        if kind not in self._custom_ok:
+            raise NotImplementedError(f"{name}.set_timesteps: custom {kind}= is not supported by fastdiff; pass "
+                                      f"num_inference_steps, or use diffusers' {name} for a custom grid")
+        for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
+            if kind == "timesteps" and cfg.get(k):
+                raise ValueError(f"Cannot set `timesteps` with `config.{k} = True`.")
+        if cfg.get("interpolation_type", "linear") != "linear":
+            raise NotImplementedError(f"{name}.set_timesteps: custom {kind}= with interpolation_type="
+                                      f"{cfg['interpolation_type']!r} is not supported by fastdiff")
+        vals = [float(v) for v in (vals.tolist() if hasattr(vals, "tolist") else vals)]
+        T = cfg["num_train_timesteps"]
+        if len(vals) < (2 if kind == "sigmas" else 1) or not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"{name}.set_timesteps: {kind} must be finite numbers ({'>= 2, the last the final σ' if kind == 'sigmas' else '>= 1'}), got {vals}")
+        if kind == "timesteps" and not all(0 <= v <= T - 1 for v in vals):
+            raise ValueError(f"{name}.set_timesteps: timesteps must lie in [0, {T - 1}], got {vals}")
+        if kind == "sigmas" and any(v < 0 for v in vals):
+            raise ValueError(f"{name}.set_timesteps: sigmas must be >= 0, got {vals}")
+        return kind, tuple(vals)
+
+    def _custom_plan(self, sched, opts, n, custom):
+        """The plan of a custom grid: diffusers' σ's for it (interpolated in float64 over the training σ table, or the
+        given σ's with their model timesteps interpolated in log σ as diffusers does), compiled by the family's plan
+        function with its grid function swapped for this one."""
+        kind, vals = custom
+        a64, a32 = _grids.abar_tables(sched)
+        s64, s32 = _grids.sigma_table(a64), _grids.sigma_table(a32)
+        T = len(a64)
+        if kind == "sigmas":
+            sig = [float(np.float32(v)) for v in vals]
+            ts = [float(t) for t in np.asarray([_grids.sigma_to_t(np.float32(v), np.log(s32)) for v in sig[:-1]],
+                                             np.float32)]
+        else:
+            int_ts = self._sampler == "dpmsolver++"
+            ts_arr = np.asarray(vals, dtype=np.int64 if int_ts else np.float32)
+            ts = [int(t) for t in ts_arr] if int_ts else [float(t) for t in ts_arr]
+            final = opts.get("final_sigmas_type", "zero")
+            sig = [float(v) for v in np.interp(ts_arr, np.arange(T), s64)] + \
+                [float(s64[0]) if final == "sigma_min" else 0.0]
+
+        def custom_grid(schedule, steps, o, **kw):
+            return list(ts), list(sig)
+
+        module = _dpm if self._sampler == "dpmsolver++" else _euler
+        with _patched(module, "grid", custom_grid):
+            return self._build_uncached(n, opts)
+
     # ---- plans of a partial grid (history restarted at call k) ----
     def _tail_plan(self, k: int):
         n = self.num_inference_steps
@@ -337,11 +397,10 @@ class _PlanScheduler(_Base):
             o["lower_order_final"] = False  # diffusers' "len(timesteps) < 15" is about the full grid
         if self._sampler == "unipc":
             o["disable_corrector"] = tuple(int(j) - k for j in o["disable_corrector"])
-        orig = _dpm.grid
+        full = self._plans[0]  # its grid (custom or not): timesteps and σ's with the final one appended
 
         def tail_grid(schedule, steps, opts, **kw):
-            ts, sig = orig(schedule, n, opts, **kw)
-            return ts[k:], sig[k:]
+            return list(full.timesteps[k:]), list(full.sigmas[k:])
 
         with _patched(_dpm, "grid", tail_grid):
             return self._build_uncached(n, o)
@@ -483,6 +542,8 @@ class DPMSolverMultistepScheduler(_PlanScheduler):
     _sampler = "dpmsolver++"
     __init__ = _init_like(_hf.DPMSolverMultistepScheduler)
 
+    _custom_ok = ("timesteps",)
+
     def set_timesteps(self, num_inference_steps: int = None, device=None, mu: float | None = None,
                       timesteps: list[int] | None = None):
         if mu is not None:
@@ -534,6 +595,8 @@ class EulerDiscreteScheduler(_PlanScheduler):
     _euler_family = True
     __init__ = _init_like(_hf.EulerDiscreteScheduler)
     is_scale_input_called = False
+
+    _custom_ok = ("timesteps", "sigmas")
 
     def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps: list[int] | None = None,
                       sigmas: list[float] | None = None):
@@ -606,6 +669,8 @@ class HeunDiscreteScheduler(_PlanScheduler):
     _restarts = False
     _euler_family = True
     __init__ = _init_like(_hf.HeunDiscreteScheduler)
+
+    _custom_ok = ("timesteps",)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, num_train_timesteps: int | None = None,
                       timesteps: list[int] | None = None):

@@ -30,6 +30,8 @@ SD_CASES = [
     ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, {}),
     ("dpmpp_sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
     ("euler", "EulerDiscreteScheduler", {}, {}),
+    ("euler_custom_sigmas", "EulerDiscreteScheduler", {}, {"sigmas": [14.6, 4.0, 1.2, 0.3, 0.0]}),
+    ("dpmpp_custom_timesteps", "DPMSolverMultistepScheduler", {}, {"timesteps": [999, 650, 300, 40]}),
     ("euler_ancestral", "EulerAncestralDiscreteScheduler", {}, {}),
     ("heun", "HeunDiscreteScheduler", {}, {}),
     ("unipc", "UniPCMultistepScheduler", {}, {}),
@@ -191,9 +193,11 @@ def test_unsupported_settings_are_errors_naming_them():
         fd.EulerDiscreteScheduler(use_exponential_sigmas=True)
     s = fd.EulerDiscreteScheduler()
     with pytest.raises(NotImplementedError, match="sigmas="):
-        s.set_timesteps(sigmas=[3.0, 1.0, 0.0])
-    with pytest.raises(NotImplementedError, match="timesteps="):
-        fd.DPMSolverMultistepScheduler().set_timesteps(timesteps=[999, 500, 0])
+        fd.UniPCMultistepScheduler().set_timesteps(sigmas=[3.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        fd.DPMSolverMultistepScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[999, 500, 0])
+    with pytest.raises(ValueError, match="Only one"):
+        s.set_timesteps(timesteps=[999.0, 10.0], sigmas=[3.0, 1.0, 0.0])
     with pytest.raises(ValueError, match="fixed_large_log"):
         fd.DDPMScheduler(variance_type="fixed_large_log")
     s.set_timesteps(4)
@@ -315,3 +319,26 @@ def test_ddpm_variances_like_diffusers(variance_type):
             x = s.step(out, t, x, generator=g).prev_sample
         xs.append(x)
     assert _rel(xs[1], xs[0]) < 1e-4
+
+
+@pytest.mark.parametrize("cls,kw", [
+    ("EulerDiscreteScheduler", {"timesteps": [999, 700, 420, 130, 20]}),
+    ("EulerDiscreteScheduler", {"sigmas": [14.6, 6.0, 2.5, 0.9, 0.2, 0.0]}),
+    ("HeunDiscreteScheduler", {"timesteps": [999, 700, 420, 130, 20]}),
+    ("DPMSolverMultistepScheduler", {"timesteps": [999, 700, 420, 130, 20]}),
+])
+def test_custom_grids_like_diffusers(cls, kw):
+    xs = []
+    for lib in (hf, fd):
+        s = getattr(lib, cls)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        s.set_timesteps(**kw)
+        xs.append((s.timesteps.clone(), s.sigmas.clone(), float(s.init_noise_sigma)))
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * s.init_noise_sigma
+        for t in s.timesteps:
+            xi = s.scale_model_input(x, t)
+            x = s.step(0.3 * xi + 0.1 * torch.sin(3 * xi), t, x, return_dict=False)[0]
+        xs[-1] += (x,)
+    (t0, s0, i0, x0), (t1, s1, i1, x1) = xs
+    assert t0.dtype == t1.dtype and torch.equal(t0, t1)
+    assert torch.allclose(s1, s0.float(), rtol=1e-5) and abs(i1 - i0) <= 1e-5 * i0
+    assert _rel(x1, x0) < 1e-5
