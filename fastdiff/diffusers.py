@@ -454,14 +454,14 @@ class _PlanScheduler(_Base):
             raise IndexError(f"{type(self).__name__}.step: called {i + 1} times for {len(self._host_ts)} timesteps; "
                              "call set_timesteps to start a new run")
         row = plan.calls[k]
-        x = sample
+        x = sample if SS._dense_format(sample) is not None else sample.contiguous()  # outputs take x's layout
         o = _model_output(model_output, x, self._opts.get("variance_type"))
         coef = self._rows(self._start, x.device)[k]
         if not self._running:  # the history slots of this run (owned here; a call never writes a slot it reads)
-            self._slots = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(plan.num_slots)]
+            self._slots = [torch.empty_like(x) for _ in range(plan.num_slots)]
             self._running = True
         elif self._slots and (self._slots[0].shape != x.shape or self._slots[0].dtype != x.dtype
-                              or self._slots[0].device != x.device):
+                              or self._slots[0].device != x.device or self._slots[0].stride() != x.stride()):
             raise RuntimeError(f"{type(self).__name__}.step: the sample's shape/dtype/device changed mid-run; call "
                                "set_timesteps to start a new run")
         noise = None
@@ -477,7 +477,7 @@ class _PlanScheduler(_Base):
             thr = M.threshold_scale(x, o, coef, ratio=self._opts["dynamic_thresholding_ratio"],
                                     max_value=self._opts["sample_max_value"])
         hist = [self._slots[s] for s in row.reads]
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out = torch.empty_like(x)
         out2 = self._slots[row.y2_slot] if row.y2_slot is not None else None
         d_out = self._slots[row.d_slot] if row.d_slot is not None else None
         x0 = None
@@ -792,7 +792,9 @@ class _StepScheduler(_Base):
         var_mode = opts.variance_type if (self._kind == "ddpm" and opts.variance_type.startswith("learned")
                                           and v is not None) else "scalar"  # v only where noise is added
         clip = opts.clip_sample and not opts.thresholding
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if SS._dense_format(x) is None:
+            x = x.contiguous()
+        out = torch.empty_like(x)  # x's (dense) layout, as the fused op's out= requires
         if x.dtype == torch.float64:
             y, x0 = SS.sampler_step_ref(x, o, coef, noise=noise, v=v if var_mode != "scalar" else None, thr=thr,
                                         clip=clip, var_mode=var_mode, write_x0=want_x0)

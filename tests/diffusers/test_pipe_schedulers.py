@@ -342,3 +342,32 @@ def test_custom_grids_like_diffusers(cls, kw):
     assert t0.dtype == t1.dtype and torch.equal(t0, t1)
     assert torch.allclose(s1, s0.float(), rtol=1e-5) and abs(i1 - i0) <= 1e-5 * i0
     assert _rel(x1, x0) < 1e-5
+
+
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "HeunDiscreteScheduler"])
+def test_timestep_forms_and_layouts(cls):
+    """The step is the same whatever form the timestep takes (a view of scheduler.timesteps, a Python number, a
+    separate tensor; DDIM/DDPM step from the value) and whatever the sample's layout (channels_last, non-dense)."""
+    def loop(form, layout):
+        s = getattr(fd, cls)(clip_sample=False) if cls in ("DDIMScheduler", "DDPMScheduler") else getattr(fd, cls)()
+        s.set_timesteps(5)
+        x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0)) * s.init_noise_sigma
+        g = torch.Generator().manual_seed(1)
+        host = s.timesteps.tolist()
+        for i, t in enumerate(s.timesteps):
+            tt = {"view": t, "number": host[i], "tensor": torch.tensor(host[i], dtype=t.dtype)}[form]
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            elif layout == "strided":
+                x = torch.cat([x, x], 3)[..., : x.shape[3]]  # a non-dense view of the same values
+            xi = s.scale_model_input(x, tt)
+            kw = {"generator": g} if cls == "DDPMScheduler" else {}
+            x = s.step(0.2 * xi, tt, x, return_dict=False, **kw)[0]
+        return x
+    ref = loop("view", "contiguous")
+    for form in ("number", "tensor"):
+        if cls == "HeunDiscreteScheduler" and form == "number":
+            continue
+        assert torch.equal(loop(form, "contiguous"), ref), form
+    for layout in ("channels_last", "strided"):
+        assert _rel(loop("view", layout), ref) < 1e-6, layout
