@@ -80,6 +80,28 @@ std::vector<Range> g_ranges;
 
 enum State { kNotStarted, kRunnable, kRunning, kBlocked, kExited };
 
+// The run list: a ring of thread numbers, sized once per block on the main fiber (no allocation from inside a fiber:
+// under ThreadSanitizer that would look like a race on the heap between unsynchronised fibers).
+struct RunList {
+  std::vector<int> v;
+  size_t head = 0, count = 0;
+  void reset(size_t cap) {
+    if (v.size() < cap) v.resize(cap);
+    head = count = 0;
+  }
+  bool empty() const { return count == 0; }
+  size_t size() const { return count; }
+  int& operator[](size_t k) { return v[(head + k) % v.size()]; }
+  void push_back(int i) { (*this)[count++] = i; }
+  int back() { return (*this)[count - 1]; }
+  void pop_back() { --count; }
+  int front() { return (*this)[0]; }
+  void pop_front() {
+    head = (head + 1) % v.size();
+    --count;
+  }
+};
+
 struct Thread {
   Ctx ctx;
   int linear = 0, lane = 0, warp = 0;
@@ -124,7 +146,8 @@ struct Block {
   std::condition_variable cv;
   ucontext_t sched;
   jmp_buf sched_jb;
-  std::vector<int> runnable;
+  RunList runnable;
+  int policy = 0;  // this block's schedule: 0 random pick, 1 LIFO (run ahead what was just woken), 2 FIFO
   Thread* cur = nullptr;
   void (*thunk)(void*) = nullptr;
   void* arg = nullptr;
@@ -322,9 +345,13 @@ void run_fibers(Block& b) {
   if (!g_tsan_main) g_tsan_main = __tsan_get_current_fiber();
 #endif
   TSAN_RELEASE(&g_launch_sync);
-  b.runnable.clear();
-  for (int i = b.n - 1; i >= 0; --i) b.runnable.push_back(i);
   auto& r = rng();
+  b.runnable.reset(b.n);
+  for (int i = 0; i < b.n; ++i) b.runnable.push_back(i);
+  for (int i = b.n - 1; i > 0; --i) std::swap(b.runnable[i], b.runnable[r() % (i + 1)]);
+  // Schedules vary per block: uniformly random picks, or LIFO (a warp just released runs far ahead of the others:
+  // exposes a missing barrier before shared memory is reused), or FIFO (round robin).
+  b.policy = (int)(r() % 3);
   while (true) {
     if (b.runnable.empty()) {
       if (b.live == 0) break;
@@ -332,10 +359,19 @@ void run_fibers(Block& b) {
       if (b.runnable.empty()) break;
       continue;
     }
-    const size_t k = r() % b.runnable.size();
-    const int i = b.runnable[k];
-    b.runnable[k] = b.runnable.back();
-    b.runnable.pop_back();
+    int i;
+    if (b.policy == 1) {
+      i = b.runnable.back();
+      b.runnable.pop_back();
+    } else if (b.policy == 2) {
+      i = b.runnable.front();
+      b.runnable.pop_front();
+    } else {
+      const size_t k = r() % b.runnable.size();
+      i = b.runnable[k];
+      b.runnable[k] = b.runnable.back();
+      b.runnable.pop_back();
+    }
     Thread& t = b.th[i];
     if (t.st == kNotStarted) {
       if (!b.fault.empty()) {  // abandoned before it started
@@ -666,7 +702,7 @@ void run_grid(const LaunchSpec& s, void (*thunk)(void*), void* arg) {
     b.waiting = 0;
     b.bar_arrived = 0;
     b.fault.clear();
-    b.runnable.clear();
+    b.runnable.reset(n);
     b.cur = nullptr;
     if ((int)b.th.size() < n) b.th.resize(n);
     if ((int)b.w.size() < nw) b.w.resize(nw);
