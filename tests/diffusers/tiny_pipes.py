@@ -125,3 +125,49 @@ class UNetInputs:
 
     def close(self):
         self.h.remove()
+
+
+def sdxl_pipe():
+    """A tiny StableDiffusionXLPipeline (two 2-layer CLIP text encoders, text_time added conditioning), built as
+    diffusers' fast tests build it."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if "sdxl" not in _CACHE:
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=SD_SIZE // 2,
+                                    in_channels=4, out_channels=4,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                    use_linear_projection=True, addition_embed_type="text_time",
+                                    addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                    projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+                                    norm_num_groups=2).eval()
+        cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
+                             num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
+                             hidden_act="gelu", projection_dim=32)
+        sd = sd_pipe()
+        _CACHE["sdxl"] = dict(unet=unet, vae=sd.vae, text_encoder=CLIPTextModel(cfg).eval(),
+                              text_encoder_2=CLIPTextModelWithProjection(cfg).eval(), tokenizer=sd.tokenizer,
+                              tokenizer_2=sd.tokenizer,
+                              scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                                               beta_schedule="scaled_linear", steps_offset=1,
+                                                               timestep_spacing="leading"))
+    pipe = StableDiffusionXLPipeline(**dict(_CACHE["sdxl"]))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def controlnet_pipe():
+    """A tiny StableDiffusionControlNetPipeline: the tiny SD components and a ControlNet made from its U-Net."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    if "controlnet" not in _CACHE:
+        torch.manual_seed(0)
+        _CACHE["controlnet"] = ControlNetModel.from_unet(sd_pipe().unet,
+                                                         conditioning_embedding_out_channels=(4, 8)).eval()
+    comp = dict(sd_pipe().components)
+    comp["controlnet"] = _CACHE["controlnet"]
+    pipe = StableDiffusionControlNetPipeline(**comp)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
