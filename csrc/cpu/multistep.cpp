@@ -58,11 +58,13 @@ __attribute__((always_inline)) inline void combine_tile(const Lin& l, const floa
 }
 
 // Tiles [t0, t1), NH history tensors. always_inline: compiled into both copies below (baseline and AVX2).
-// Results are formed in stack buffers and stored once per tile: a float32 output is never read back, and the
-// accesses of a tile to up to 11 tensors at one page offset (tensors are page-aligned) stay few per cache set.
+// float32 results are written straight into the outputs (each once); fp16/bf16 ones are formed in float32 tile
+// buffers and rounded once on the way out.
 template <typename T, bool AVX2, int NH>
 __attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_t t0, int64_t t1) {
   using tiles::as_f32;
+  using tiles::flush;
+  using tiles::out_f32;
   const Coefs k = a.k;
   T* OUT = static_cast<T*>(a.out);
   T* OUT2 = static_cast<T*>(a.out2);
@@ -80,11 +82,12 @@ __attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_
       for (int64_t j = 0; j < m; ++j) ob[j] = sstep::guide(os[j], cs[j], k.w);
       os = ob;
     }
+    float* ds = DOUT ? out_f32(DOUT + base, db) : db;
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) db[j] = predict_d(k, xs[j], os[j]);
+    for (int64_t j = 0; j < m; ++j) ds[j] = predict_d(k, xs[j], os[j]);
     if (a.clip) {
 #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) db[j] = sstep::clampf(db[j], -k.clip, k.clip);
+      for (int64_t j = 0; j < m; ++j) ds[j] = sstep::clampf(ds[j], -k.clip, k.clip);
     }
     if (a.thr) {  // a tile may straddle two samples: runs of one sample each
       for (int64_t j = 0; j < m;) {
@@ -92,7 +95,7 @@ __attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_
         const int64_t e = std::min(m, (b + 1) * a.per_sample - base);
         const float s = a.thr[b];
 #pragma omp simd
-        for (int64_t i = j; i < e; ++i) db[i] = threshold(db[i], s);
+        for (int64_t i = j; i < e; ++i) ds[i] = threshold(ds[i], s);
         j = e;
       }
     }
@@ -105,17 +108,19 @@ __attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_
       for (int64_t j = 0; j < m; ++j) zb[j] = sstep::philox_normal(a.seed, a.offset + (uint64_t)(base + j));
       zs = zb;
     }
+    float* ys = out_f32(OUT + base, yb);
     if (zs) {
-      combine_tile<NH, true>(k.y, xs, os, db, hs, zs, yb, m);
+      combine_tile<NH, true>(k.y, xs, os, ds, hs, zs, ys, m);
     } else {
-      combine_tile<NH, false>(k.y, xs, os, db, hs, zs, yb, m);
+      combine_tile<NH, false>(k.y, xs, os, ds, hs, zs, ys, m);
     }
-    tiles::store_any<AVX2>(yb, OUT + base, m);
+    flush<AVX2>(yb, OUT + base, m);
     if (OUT2) {
-      combine_tile<NH, false>(k.y2, xs, os, db, hs, nullptr, y2b, m);
-      tiles::store_any<AVX2>(y2b, OUT2 + base, m);
+      float* y2s = out_f32(OUT2 + base, y2b);
+      combine_tile<NH, false>(k.y2, xs, os, ds, hs, nullptr, y2s, m);
+      flush<AVX2>(y2b, OUT2 + base, m);
     }
-    if (DOUT) tiles::store_any<AVX2>(db, DOUT + base, m);
+    if (DOUT) flush<AVX2>(db, DOUT + base, m);
   }
 }
 
