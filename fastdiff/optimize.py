@@ -249,19 +249,39 @@ class GraphedForward:
         _, spec, _, others = _leaves(args, kwargs)
         return (repr(spec), others, model_key(self.module))
 
+    def _to_device(self, args, kwargs):
+        """CPU tensors (e.g. a pipeline's CPU timestep) moved to the module's device before the call: a graph cannot
+        capture a copy from pageable host memory."""
+        from torch.utils._pytree import tree_map
+
+        p = next(iter(self.module.parameters()), None)
+        if p is None or p.device.type == "cpu":
+            return args, kwargs
+        return tree_map(lambda x: x.to(p.device) if torch.is_tensor(x) and x.device.type == "cpu" else x,
+                        (args, kwargs))
+
     def __call__(self, *args, **kwargs):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters()):
             return self.forward(*args, **kwargs)  # training: eager (a graph holds no autograd state)
+        args, kwargs = self._to_device(args, kwargs)
         _, _, tensors, _ = _leaves(args, kwargs)
         k = self.key(args, kwargs)
         g = self.graphs.get(k)
         if g is None:
-            g = self.graphs[k] = _Captured(self.forward, args, kwargs, self.capture)
-            self.captures += 1
+            try:
+                g = _Captured(self.forward, args, kwargs, self.capture)
+            except Exception as e:  # noqa: BLE001 - reported, then this structure runs eagerly
+                warnings.warn(f"fastdiff.optimize: cuda_graph: the U-Net call cannot be captured ({type(e).__name__}: "
+                              f"{e}); running it eagerly for this input structure", stacklevel=2)
+                g = "eager"
+            self.graphs[k] = g
+            self.captures += g != "eager"
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
         else:
             self.graphs.move_to_end(k)
+        if g == "eager":
+            return self.forward(*args, **kwargs)
         return g(tensors)
 
 

@@ -271,3 +271,20 @@ def test_cuda_graph_capture_on_gpu():
     b = pipe(batch_size=2, generator=torch.Generator("cuda").manual_seed(0), num_inference_steps=5,
              output_type="np").images
     assert _rel(b, a) <= 1e-3
+
+
+def test_graph_capture_failure_runs_eagerly():
+    m = torch.nn.Linear(3, 3)
+
+    def broken(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    g = GraphedForward(m, m.forward, broken)
+    x = torch.randn(2, 3)
+    with torch.no_grad(), pytest.warns(UserWarning, match="cannot be captured"):
+        y = g(x)
+    assert torch.equal(y, m(x)) and g.captures == 0
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(g(x), m(x))  # remembered: no second attempt, no second warning
