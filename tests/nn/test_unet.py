@@ -14,7 +14,7 @@ import torch
 import fastdiff
 from fastdiff import _backend
 from fastdiff.nn import UNet2D, UNet2DConfig
-from tests.conftest import TRITON_OK
+from tests.conftest import requires_triton
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
@@ -354,7 +354,7 @@ def test_class_labels_errors():
         identity(x, 1, torch.randn(2, 95))
 
 
-@pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@requires_triton
 @torch.no_grad()
 @pytest.mark.parametrize("cfg", [TINY, TINY_GENERAL], ids=["fused_silu", "general"])
 def test_backends_agree(cfg):
