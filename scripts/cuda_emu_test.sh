@@ -26,12 +26,15 @@ if [ -z "$CUDA_INC" ]; then
   exit 1
 fi
 
-build() {  # build CONFIG DIR [CU_SRCS]
-  local srcs=${3:-}
-  if [ -n "$srcs" ]; then
-    make -s -j"$JOBS" -f csrc/tests/cuemu/Makefile CONFIG="$1" BUILD="$2" CXX="$CXX" CUDA_INC="$CUDA_INC" CU_SRCS="$srcs"
+build() {  # build CONFIG DIR [CU_SRCS]; one make at a time per directory (several checkouts' test runs may share it)
+  local srcs=${3:-} args
+  args=(-s -j"$JOBS" -f csrc/tests/cuemu/Makefile CONFIG="$1" BUILD="$2" CXX="$CXX" CUDA_INC="$CUDA_INC")
+  [ -z "$srcs" ] || args+=(CU_SRCS="$srcs")
+  mkdir -p "$2"
+  if command -v flock >/dev/null; then
+    flock "$2/.lock" make "${args[@]}"
   else
-    make -s -j"$JOBS" -f csrc/tests/cuemu/Makefile CONFIG="$1" BUILD="$2" CXX="$CXX" CUDA_INC="$CUDA_INC"
+    make "${args[@]}"
   fi
 }
 
