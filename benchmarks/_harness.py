@@ -9,7 +9,7 @@
           gbs        nbytes / median time, in GB/s (1e9 bytes/s): an effective bandwidth, so ratios of two rows are
                      their speed ratio
           copy_gbs   the copy ceiling: GB/s of `like.clone()` (2 · numel · itemsize bytes) on the same device, timed
-                     in this process (cached per device, dtype and size); of_copy = gbs / copy_gbs
+                     in this process right after the benchmark, same rounds; of_copy = gbs / copy_gbs
           tflops     flops / median / 1e12, when flops is given
           torch, triton, diffusers, python, device, threads, commit   (environment())
         plus any **info given (shape, dtype, backend, form, ...). Returns fn's result.
@@ -88,16 +88,10 @@ def _median_s(fn, device, rounds: int) -> float:
     return statistics.median(ts)
 
 
-@functools.lru_cache(maxsize=None)
-def _copy_gbs(device: str, dtype: torch.dtype, numel: int) -> float:
-    x = torch.empty(numel, device=device, dtype=dtype).fill_(1)
-    s = _median_s(x.clone, device, 20 if torch.device(device).type == "cuda" else 10)
-    return 2 * numel * x.element_size() / s / 1e9
-
-
-def copy_gbs(like: torch.Tensor) -> float:
-    """GB/s of like.clone() (read + write) on like's device: the bandwidth ceiling for a pass over it."""
-    return _copy_gbs(str(like.device), like.dtype, like.numel())
+def copy_gbs(like: torch.Tensor, rounds: int = 10) -> float:
+    """GB/s of like.clone() (read + write) on like's device: the bandwidth ceiling for a pass over it. Timed anew
+    on every call, right after the benchmark it is the ceiling of (the load of a shared machine drifts)."""
+    return 2 * like.numel() * like.element_size() / _median_s(like.clone, like.device, rounds) / 1e9
 
 
 def measure(benchmark, fn, *, nbytes: int, like: torch.Tensor | None = None, flops: int | None = None,
@@ -119,7 +113,7 @@ def measure(benchmark, fn, *, nbytes: int, like: torch.Tensor | None = None, flo
     gbs = nbytes / med / 1e9
     benchmark.extra_info["gbs"] = round(gbs, 3)
     if like is not None:
-        ceiling = copy_gbs(like)
+        ceiling = copy_gbs(like, rounds or (50 if gpu else 10))
         benchmark.extra_info["copy_gbs"] = round(ceiling, 3)
         benchmark.extra_info["of_copy"] = round(gbs / ceiling, 3)
     if flops:

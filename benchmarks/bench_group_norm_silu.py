@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks._harness import measure
 from fastdiff import _backend
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
@@ -67,16 +68,11 @@ def test_group_norm_silu(benchmark, form, size, dtype, layout):
         def f(x, w, b):
             return group_norm_silu(x, w, b, 32, 1e-6, True, backend=backend)
 
-    def run():
-        y = f(x, w, b)
-        _sync()
-        return y
-
-    run()
-    run()
-    benchmark.extra_info["bytes"] = 2 * x.numel() * x.element_size()
-    benchmark.extra_info["shape"] = "x".join(map(str, shape))
-    benchmark.pedantic(run, rounds=10 if not GPU else 50, warmup_rounds=1)
+    f(x, w, b)
+    f(x, w, b)
+    # extra_info (benchmarks/_harness.py): bytes, gbs, copy_gbs (x.clone()), of_copy, versions, device, commit
+    measure(benchmark, lambda: f(x, w, b), nbytes=2 * x.numel() * x.element_size(), like=x,
+            shape="x".join(map(str, shape)), form=form, layout=layout)
 
 
 def side_by_side(threads, rounds, isas=("auto",)):

@@ -13,6 +13,7 @@ Sizes: 64×3×32×32 up to 4M elements on the CPU, up to 64M on a GPU (fp32 and 
 import pytest
 import torch
 
+from benchmarks._harness import measure
 from fastdiff._backend import resolve
 from fastdiff.ops import sampler_step as ss
 
@@ -68,15 +69,10 @@ def test_sampler_step(benchmark, shape, dtype, impl):
     else:
         fn = x.clone
 
-    def run():
-        out = fn()
-        _sync()
-        return out
-
-    run()
-    benchmark(run)
-    benchmark.extra_info.update(bytes={"copy": 2, "fused_noise": 4}.get(impl, 3) * n * s, elements=n, backend=backend,
-                                device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu")
+    fn()
+    # extra_info (benchmarks/_harness.py): bytes, gbs, copy_gbs (x.clone()), of_copy, versions, device, commit
+    measure(benchmark, fn, nbytes={"copy": 2, "fused_noise": 4}.get(impl, 3) * n * s, like=x, elements=n,
+            backend=backend, impl=impl)
 
 
 def side_by_side(shapes=((16, 4, 128, 128), (16, 4, 256, 256)), dtypes=(torch.float32, torch.float16), rounds=60):
