@@ -119,7 +119,7 @@ STOCHASTIC = {
     "DDPM": dict(sampler="ddpm", timestep_spacing="linspace"),
     "DDIM η=1": dict(sampler="ddim", eta=1.0, timestep_spacing="linspace"),
     "Euler ancestral": dict(sampler="euler_ancestral"),
-    "SDE-DPM-Solver++ 2M": dict(sampler="sde-dpmsolver++"),
+    "SDE-DPM-Solver++ 2M": dict(sampler="sde-dpmsolver++", timestep_spacing="trailing"),
 }
 
 
