@@ -799,9 +799,29 @@ class _StepScheduler(_Base):
             y, x0 = SS.sampler_step_ref(x, o, coef, noise=noise, v=v if var_mode != "scalar" else None, thr=thr,
                                         clip=clip, var_mode=var_mode, write_x0=want_x0)
             return out.copy_(y), x0
-        y, x0 = SS.sampler_step(x, o, coef, noise=noise, v=v if var_mode != "scalar" else None, thr=thr, clip=clip,
-                                var_mode=var_mode, write_x0=want_x0, out=out)
+        v = v if var_mode != "scalar" else None
+        op = self._raw_op(x.device) if (self._step_checked and not want_x0 and _fast_layout(x, o, noise, v)) \
+            else None
+        if op is not None:  # the same op sampler_step calls, without its per-call checks (done on the first step)
+            op(x, o, None, noise, None, v, thr, coef, (SS.FLAG_CLIP if clip else 0) | (SS.VAR_MODES[var_mode] << 1),
+               out, None)
+            return out, None
+        y, x0 = SS.sampler_step(x, o, coef, noise=noise, v=v, thr=thr, clip=clip, var_mode=var_mode,
+                                write_x0=want_x0, out=out)
+        self._step_checked = True
         return y, x0
+
+    _step_checked = False
+
+    def _raw_op(self, device):
+        """fastdiff::sampler_step_out (C++/CUDA) or its Triton twin for `device`, as sampler_step resolves it; None
+        for the reference backend."""
+        from fastdiff._backend import resolve
+
+        name = resolve("sampler_step", "auto", device)
+        if name == "torch":
+            return None
+        return torch.ops.fastdiff.sampler_step_out_triton if name == "triton" else torch.ops.fastdiff.sampler_step_out
 
 
 class DDIMScheduler(_StepScheduler):
@@ -828,10 +848,10 @@ class DDIMScheduler(_StepScheduler):
 
     def _coefs(self, eta, ucmo, device):
         opts, T, n = self._opts, self.config.num_train_timesteps, self.num_inference_steps
-        abar = self._schedule.alphas_cumprod.tolist()
-        final = 1.0 if opts.set_alpha_to_one else abar[0]
 
         def fill():
+            abar = self._abar_host
+            final = 1.0 if opts.set_alpha_to_one else abar[0]
             rows = []
             for t in range(T):
                 p = t - T // n
@@ -854,8 +874,8 @@ class DDIMScheduler(_StepScheduler):
         _, t = self._position(timestep)
         if t is not None:
             t = int(t)
-            if not 0 <= t < len(table):
-                raise ValueError(f"timestep {t} is outside [0, num_train_timesteps={len(table)})")
+            if not 0 <= t < table.shape[0]:
+                raise ValueError(f"timestep {t} is outside [0, num_train_timesteps={table.shape[0]})")
             coef = table[t]
             if math.isnan(self._host_nan(t)):
                 raise ValueError(f"DDIMScheduler.step: prediction_type='epsilon' cannot step from timestep {t}, "
@@ -928,9 +948,9 @@ class DDPMScheduler(_StepScheduler):
     def _coefs(self, device):
         """Rows for the grid's timesteps, in grid order (the previous timestep of each is the next on the grid)."""
         opts = self._opts
-        abar = self._schedule.alphas_cumprod.tolist()
 
         def fill():
+            abar = self._abar_host
             rows = []
             for j, t in enumerate(self._host_ts):
                 p = self._host_ts[j + 1] if j + 1 < len(self._host_ts) else -1
