@@ -110,7 +110,7 @@ def main(dirs):
             else:
                 bad.append(f"{arch} {short}: register spills ({spill[0]} bytes stored, {spill[1]} loaded)")
         if bound and per_block > REGS_PER_SM:
-            bad.append(f"{arch} {short}: {s['regs']} registers x {threads} threads > {REGS_PER_SM}")
+            bad.append(f"{arch} {short}: {s['regs']} registers x {bound} threads > {REGS_PER_SM}")
         if s["smem"] > STATIC_SMEM_LIMIT:
             bad.append(f"{arch} {short}: {s['smem']} bytes of static shared memory > {STATIC_SMEM_LIMIT}")
     print(f"ptxas_check: {len(rows)} kernel builds, {known} with a known spill (KNOWN_SPILLS); 'bound' is "
