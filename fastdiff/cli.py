@@ -101,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     s.add_argument("--backend", choices=("auto", "torch", "triton", "cuda", "cpp"), default="auto",
                    help="kernel backend for the sampler step (default auto)")
-    s.add_argument("--out", default=None, help="directory for a resumable, sharded run")
+    s.add_argument("--out", default=None,
+                   help="directory for a resumable, sharded run (new, empty, or one of fastdiff's runs); claimed for "
+                   "the run: a concurrent run with other options is refused, one with the same options waits")
     s.add_argument("--shard-size", type=_positive_int("--shard-size"), default=1000,
                    help="images per shard file with --out (default 1000)")
     s.add_argument("--png", default=None, help="grid image path (default samples.png; DIR/grid.png with --out)")
