@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from fastdiff.ops import sampler_step as ss
-from fastdiff.samplers.loop import Loop, call_model, finite_float, initial_scale, philox_table, randn
+from fastdiff.samplers.loop import Loop, call_model, initial_scale, philox_table, randn
 from fastdiff.samplers.plan import SolverPlan
 from fastdiff.schedule import SPACINGS, NoiseSchedule, diffusers_config, timesteps
 
@@ -503,9 +503,20 @@ def _check_backend(backend):
 
 
 def _check_eta(eta):
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or math.isnan(eta) or eta < 0:
-        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
-    return float(eta)
+    from fastdiff.validate import check_number
+
+    try:
+        return check_number("eta", eta, min=0)
+    except TypeError as e:  # a string or None where η belongs: the same ValueError as a bad number
+        raise ValueError(str(e)) from None
+
+
+def _check_args(steps=None, *, shape=None, generator=None, dtype=None, guidance_scale=None):
+    """The public samplers' common arguments, named in every error (fastdiff.validate)."""
+    from fastdiff.validate import check_sampler_args
+
+    return check_sampler_args(steps=steps, shape=shape, generator=generator, dtype=dtype,
+                              guidance_scale=guidance_scale)
 
 
 def ddim_sample(model: Callable, steps: int = 50, *, shape=None, x_T=None, schedule=None, eta: float = 0.0,
@@ -524,6 +535,7 @@ def ddim_sample(model: Callable, steps: int = 50, *, shape=None, x_T=None, sched
     True | False): see `run_plan`.
     """
     eta = _check_eta(eta)
+    _check_args(shape=shape, generator=generator, dtype=dtype, guidance_scale=guidance_scale)
     _check_backend(backend)
     sched, opts = resolve_schedule(schedule, options)
     plan = make_plan("ddim", sched, opts, steps, eta)
@@ -544,6 +556,7 @@ def ddpm_sample(model: Callable, *, steps: int | None = None, shape=None, x_T=No
     """
     if variance is not None:
         options["variance_type"] = variance
+    _check_args(shape=shape, generator=generator, dtype=dtype, guidance_scale=guidance_scale)
     _check_backend(backend)
     sched, opts = resolve_schedule(schedule, options)
     plan = make_plan("ddpm", sched, opts, steps)
@@ -576,6 +589,7 @@ def sample(model: Callable, steps: int = 20, *, sampler: str | None = None, sche
     """
     from fastdiff import samplers as S
 
+    _check_args(shape=shape, generator=generator, dtype=dtype, guidance_scale=guidance_scale)
     if sampler is None and schedule is not None and not isinstance(schedule, NoiseSchedule) and \
             S.scheduler_class_name(schedule) is None:
         raise ValueError("sampler: schedule= is a config without '_class_name', so it does not say which solver it "
@@ -597,8 +611,6 @@ def sample(model: Callable, steps: int = 20, *, sampler: str | None = None, sche
                            backend=backend, progress=progress, callback=callback, dtype=dtype, device=device,
                            check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph,
                            **options)
-    if guidance_scale is not None:
-        finite_float("guidance_scale", guidance_scale)
     if schedule is None:
         sched, cfg = NoiseSchedule.linear(), None
     elif isinstance(schedule, NoiseSchedule):

@@ -10,43 +10,39 @@ device. The caller's x_T is copied in, never written.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastdiff.ops import sampler_step as ss
 from fastdiff.samplers.plan import SolverPlan
+from fastdiff.validate import check_model_output
 
 
 def call_model(model, x, t, i, learned: bool, check_nan: bool, channels: int | None = None):
-    """model(x, t) checked against x (shape, device, dtype; NaN/inf if `check_nan`): (o, v), v the variance half of a
-    2·C-channel output when `learned` (DDPM; v None otherwise). `channels`: a solver that ignores a learned variance
-    (diffusers' DPM-Solver with variance_type learned*) keeps the first C channels. `i`: the step, for errors."""
+    """model(x, t) checked against x (fastdiff.validate.check_model_output: shape, device, dtype; NaN/inf if
+    `check_nan`): (o, v), v the variance half of a 2·C-channel output when `learned` (DDPM; v None otherwise).
+    `channels`: a solver that ignores a learned variance (diffusers' DPM-Solver with variance_type learned*) takes a
+    2·C-channel output and keeps the first C channels. `i`: the step, for errors."""
     out = model(x, t)
-    out = getattr(out, "sample", out)
-    if isinstance(out, (tuple, list)):
-        if len(out) == 0:
-            raise TypeError("model output is an empty tuple/list; expected a tensor (or a tuple whose first item is)")
-        out = out[0]
-    if not torch.is_tensor(out):
-        raise TypeError(f"model output must be a tensor or have .sample, got {type(out).__name__}")
-    want = list(x.shape)
-    if learned or channels:
-        want[1] *= 2
-    if list(out.shape) != want and not (channels and list(out.shape) == list(x.shape)):
-        hint = " (variance_type learned* expects 2·C channels: prediction and variance)" if learned else ""
-        raise ValueError(f"model output has shape {tuple(out.shape)}, expected {tuple(want)}{hint}")
-    if out.device != x.device:
-        raise ValueError(f"model output is on {out.device}, the sample on {x.device}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"model output has dtype {out.dtype}, the sample {x.dtype}: cast the model or pass dtype=")
-    if check_nan and not torch.isfinite(out).all():
-        raise FloatingPointError(f"model produced NaN/inf at step {i} (timestep {t[0].item()})")
+    if channels:
+        o = check_model_output(out, x, channels_factor=2, step=i, check_finite=check_nan) \
+            if _channels(out) != x.shape[1] else check_model_output(out, x, step=i, check_finite=check_nan)
+        return (o[:, : x.shape[1]].contiguous() if o.shape[1] != x.shape[1] else o), None
+    try:
+        o = check_model_output(out, x, channels_factor=2 if learned else 1, step=i, check_finite=check_nan)
+    except ValueError as e:
+        if learned and "expected" in str(e):
+            raise ValueError(f"{e} (variance_type learned* expects 2·C channels: prediction and variance)") from None
+        raise
     if learned:
-        return out.split(x.shape[1], dim=1)
-    if channels and out.shape[1] != x.shape[1]:
-        return out[:, : x.shape[1]].contiguous(), None
-    return out, None
+        return o.split(x.shape[1], dim=1)
+    return o, None
+
+
+def _channels(out):
+    o = getattr(out, "sample", out)
+    if isinstance(o, (tuple, list)) and o:
+        o = getattr(o[0], "sample", o[0])
+    return o.shape[1] if torch.is_tensor(o) and o.dim() > 1 else None
 
 
 def randn(shape, generator, device, dtype):
@@ -241,9 +237,3 @@ def initial_scale(plan) -> float:
     if isinstance(plan, SolverPlan):
         return plan.init_noise_sigma / plan.calls[0].scale_in
     return 1.0
-
-
-def finite_float(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    return float(v)

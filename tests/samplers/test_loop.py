@@ -219,3 +219,40 @@ def test_sampler_follows_the_scheduler_class():
     o = S.solver_options("dpmsolver++", dict(sch.config), {})
     assert o["solver_order"] == 3 and o["use_karras_sigmas"]
     assert S.solver_options("dpmsolver++", dict(sch.config), {"solver_order": 2})["solver_order"] == 2
+
+
+def test_bad_common_arguments_are_named():
+    m = Net()
+    for fn in (lambda **k: fastdiff.sample(m, 4, sampler="unipc", **k), lambda **k: fastdiff.ddim_sample(m, 4, **k)):
+        with pytest.raises(TypeError, match=r"generator must be a torch.Generator.*manual_seed\(42\)"):
+            fn(shape=(1, 3, 4, 4), generator=42)
+        with pytest.raises(TypeError, match="shape must be a tuple of ints"):
+            fn(shape=16)
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            fn(shape=(1, 3, 4, 4), dtype=torch.long)
+        with pytest.raises(TypeError, match="guidance_scale must be a number"):
+            fn(shape=(1, 3, 4, 4), guidance_scale="2")
+    with pytest.raises(ValueError, match="eta must be finite"):
+        fastdiff.ddim_sample(m, 4, shape=(1, 3, 4, 4), eta=float("inf"))
+    with pytest.raises(TypeError, match="model output at step 0 is an empty tuple"):
+        fastdiff.sample(lambda x, t: (), 4, sampler="dpmsolver++", shape=(1, 3, 4, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["dpmsolver++", "unipc", "euler_ancestral", "heun", "pndm"])
+def test_cuda_graph_replay_equals_eager(sampler):
+    net = Net().cuda()
+    xT = torch.randn(2, 3, 16, 16, device="cuda")
+    backend = "cuda" if fastdiff.backends()["cuda"]["available"] else "triton"
+
+    def run(cg, seed=3):
+        return fastdiff.sample(net, 10, sampler=sampler, x_T=xT, generator=torch.Generator("cuda").manual_seed(seed),
+                               backend=backend, cuda_graph=cg)
+
+    eager = run(False)
+    sampling._GRAPHS.clear()
+    first, again = run(True), run(True)
+    assert len(sampling._GRAPHS) == 1
+    torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(run(True, seed=4), run(False, seed=4), rtol=1e-5, atol=1e-5)
