@@ -210,7 +210,8 @@ def cifar_compile(rounds: int):
     import fastdiff.optimize
 
     torch.manual_seed(0)
-    cfg = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+    cfg = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+               block_out_channels=(128, 256, 256, 256),
                down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
                up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32)
     eager = UNet2DModel(**cfg).eval()

@@ -202,7 +202,8 @@ class _Base(SchedulerMixin, ConfigMixin):
     def get_velocity(self, sample, noise, timesteps):
         a, b = self._abar_sqrt(sample.device, sample.dtype)
         idx = timesteps.to(sample.device).long().reshape(-1)
-        return self._bcast(a.index_select(0, idx), sample) * noise - self._bcast(b.index_select(0, idx), sample) * sample
+        a_t, b_t = self._bcast(a.index_select(0, idx), sample), self._bcast(b.index_select(0, idx), sample)
+        return a_t * noise - b_t * sample
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
@@ -348,7 +349,8 @@ class _PlanScheduler(_Base):
         vals = [float(v) for v in (vals.tolist() if hasattr(vals, "tolist") else vals)]
         T = cfg["num_train_timesteps"]
         if len(vals) < (2 if kind == "sigmas" else 1) or not all(math.isfinite(v) for v in vals):
-            raise ValueError(f"{name}.set_timesteps: {kind} must be finite numbers ({'>= 2, the last the final σ' if kind == 'sigmas' else '>= 1'}), got {vals}")
+            need = ">= 2, the last the final σ" if kind == "sigmas" else ">= 1"
+            raise ValueError(f"{name}.set_timesteps: {kind} must be finite numbers ({need}), got {vals}")
         if kind == "timesteps" and not all(0 <= v <= T - 1 for v in vals):
             raise ValueError(f"{name}.set_timesteps: timesteps must lie in [0, {T - 1}], got {vals}")
         if kind == "sigmas" and any(v < 0 for v in vals):
@@ -389,7 +391,8 @@ class _PlanScheduler(_Base):
         if self._sampler == "pndm":
             if not o["skip_prk_steps"]:
                 raise NotImplementedError("PNDMScheduler: starting mid-schedule (img2img) with the PRK warm-up "
-                                          "(skip_prk_steps=False) is not supported by fastdiff; set skip_prk_steps=True")
+                                          "(skip_prk_steps=False) is not supported by fastdiff; set "
+                                          "skip_prk_steps=True")
             tail = self._plans[0].timesteps[k:]
             with _patched(_pndm, "timesteps", lambda T, steps, o: ([], list(tail))):
                 return self._build_uncached(n, o)

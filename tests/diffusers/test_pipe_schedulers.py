@@ -344,7 +344,8 @@ def test_custom_grids_like_diffusers(cls, kw):
     assert _rel(x1, x0) < 1e-5
 
 
-@pytest.mark.parametrize("cls", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "HeunDiscreteScheduler"])
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+                                 "HeunDiscreteScheduler"])
 def test_timestep_forms_and_layouts(cls):
     """The step is the same whatever form the timestep takes (a view of scheduler.timesteps, a Python number, a
     separate tensor; DDIM/DDPM step from the value) and whatever the sample's layout (channels_last, non-dense)."""
