@@ -19,11 +19,11 @@ import re
 import socket
 import stat
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 TEMP_TAG = ".fdtmp-"
 LOCK_NAME = ".fastdiff.lock"
-_TEMP_RE = re.compile(r"^\..+\.fdtmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.fdtmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 
 
 def host_tag() -> str:
@@ -146,13 +146,16 @@ def exclusive_create(path: str, data: bytes) -> bool:
     return True
 
 
-def clean_temps(directory: str) -> list[str]:
-    """Remove fastdiff's temp files in `directory` left by dead processes of this host; returns the names removed."""
+def clean_temps(directory: str, targets: Sequence[str] | None = None) -> list[str]:
+    """Remove fastdiff's temp files in `directory` left by dead processes of this host (only those of the files
+    named `targets`, if given); returns the names removed."""
     me, uid = host_tag(), os.getuid() if hasattr(os, "getuid") else None
     removed = []
     for name in os.listdir(directory):
         m = _TEMP_RE.match(name)
         if m is None or m["host"] != me or _pid_alive(int(m["pid"])):
+            continue
+        if targets is not None and m["target"] not in targets:
             continue
         p = os.path.join(directory, name)
         try:

@@ -220,7 +220,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, device="cpu", sav
     ever written (the last good checkpoint stays). Holds OUT's lock (.OUT.lock beside it) for the run: a second
     `train` on the same OUT at the same time is refused (TrainBusy), so a checkpoint and its train state always
     come from one run."""
-    from fastdiff.fsutil import DirLock
+    from fastdiff.fsutil import DirLock, clean_temps
 
     check_config(cfg, save_every)
     check_outputs(out, resume=resume, overwrite=overwrite)
@@ -230,6 +230,9 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, device="cpu", sav
                         "--out")
     try:
         check_outputs(out, resume=resume, overwrite=overwrite)  # again under the lock: another run may have written
+        # a killed earlier run's half-written temp files of these two outputs (and only of these)
+        clean_temps(os.path.dirname(os.path.abspath(out)),
+                    [os.path.basename(out), os.path.basename(ckpt.state_path(out))])
         return _train(cfg, out, resume=resume, device=device, save_every=save_every, progress=progress, log=log)
     finally:
         lock.release()

@@ -665,3 +665,19 @@ def test_two_trainings_into_one_out_never_mix(tmp_path):
         state = json.loads(checkpoint.read_safetensors(checkpoint.state_path(path))[1]["fastdiff"])
         assert meta["train"]["config"]["seed"] == state["config"]["seed"] == winner
         assert meta["train"]["step"] == state["step"] == 3
+
+
+def test_train_cleans_only_its_own_outputs_dead_temp_files(tmp_path, capsys):
+    from fastdiff import fsutil
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    tag = f"{fsutil.TEMP_TAG}{fsutil.host_tag()}-{dead}-abc"
+    mine = [f".m.safetensors{tag}", f".m.safetensors.train-state{tag}"]
+    other = [f".other.npz{tag}", ".m.safetensors.tmp1"]
+    for n in mine + other:
+        (tmp_path / n).write_bytes(b"half")
+    rc, _, err = run(capsys, "train", "--out", tmp_path / "m.safetensors", "--steps", "1", *TINY)
+    assert rc == 0, err
+    names = set(os.listdir(tmp_path))
+    assert not set(mine) & names and set(other) <= names
