@@ -287,6 +287,10 @@ def _sample(a) -> int:
             if bar is not None:
                 bar.close()
             png, npz = a.png or "samples.png", a.npz or "samples.npz"
+            from fastdiff.fsutil import clean_temps
+
+            for p in (npz, png):  # a killed earlier run's temp files of these outputs (only theirs)
+                clean_temps(os.path.dirname(os.path.abspath(p)), [os.path.basename(p)])
             jobs.save_npz(npz, imgs)
             jobs.save_grid(png, imgs[:min(len(imgs), 256)], scale=scale)
             log(f"{a.num} images in {dt:.1f}s: {a.num / dt:.1f} images/s")

@@ -316,6 +316,7 @@ def test_planted_symlink_next_to_npz_and_png(tmp_path, tiny_ckpt, capsys):
                      "--npz", d / "s.npz", "--png", d / "s.png")
     assert rc == 0, err
     assert all(v.read_bytes() == b"outside --out" for v in victims)
+    assert os.path.islink(d / f".s.npz.tmp{os.getpid()}")  # not ours to delete either
     with np.load(d / "s.npz") as z:
         assert z["arr_0"].shape[0] == 2 and z["arr_0"].dtype == np.uint8
 
