@@ -202,6 +202,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict):
                 c.put(names[j], c.get(names[j - 1]))
         if names and i < N - 1:
             c.put(names[0], d)
+        c.force_noise = alg.startswith("sde")  # diffusers draws every step's noise, the last (σ_t = 0) too
         c.next(x_next)
         lower_nums = min(lower_nums + 1, order)
     return b.build(t_dtype=torch.int64, init_noise_sigma=1.0, sigmas=sig, timesteps=ts, options=dict(o),
