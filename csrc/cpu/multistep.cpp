@@ -34,13 +34,15 @@ struct Args {
   Coefs k;
 };
 
-// out[j] = l.x·x + l.o·o + l.d·d + Σ_{k<NH} l.h[k]·h_k (+ l.z·z when Z), one pass over the tile: each input element
-// read once, the sum kept in a register, in the order of the formula.
-template <int NH, bool Z>
-__attribute__((always_inline)) inline void combine_tile(const Lin& l, const float* __restrict__ x,
+// out[j] = l.x·x + l.o·o + l.d·d + Σ_{k<NH} l.h[k]·h_k (+ l.z·z when Z), and when OUT2 the same for out2 with l2
+// (no z): one pass over the tile, each input element read once for both sums, kept in registers, in the order of
+// the formula.
+template <int NH, bool Z, bool OUT2>
+__attribute__((always_inline)) inline void combine_tile(const Lin& l, const Lin& l2, const float* __restrict__ x,
                                                         const float* __restrict__ o, const float* __restrict__ d,
                                                         const float* const* h, const float* __restrict__ z,
-                                                        float* __restrict__ out, int64_t m) {
+                                                        float* __restrict__ out, float* __restrict__ out2,
+                                                        int64_t m) {
   const float* __restrict__ h0 = h[0];
   const float* __restrict__ h1 = h[1];
   const float* __restrict__ h2 = h[2];
@@ -48,12 +50,14 @@ __attribute__((always_inline)) inline void combine_tile(const Lin& l, const floa
 #pragma omp simd
   for (int64_t j = 0; j < m; ++j) {
     float acc = combine(l, x[j], o[j], d[j]);
-    if constexpr (NH > 0) acc += l.h[0] * h0[j];
-    if constexpr (NH > 1) acc += l.h[1] * h1[j];
-    if constexpr (NH > 2) acc += l.h[2] * h2[j];
-    if constexpr (NH > 3) acc += l.h[3] * h3[j];
+    float acc2 = OUT2 ? combine(l2, x[j], o[j], d[j]) : 0.0f;
+    if constexpr (NH > 0) { acc += l.h[0] * h0[j]; if constexpr (OUT2) acc2 += l2.h[0] * h0[j]; }
+    if constexpr (NH > 1) { acc += l.h[1] * h1[j]; if constexpr (OUT2) acc2 += l2.h[1] * h1[j]; }
+    if constexpr (NH > 2) { acc += l.h[2] * h2[j]; if constexpr (OUT2) acc2 += l2.h[2] * h2[j]; }
+    if constexpr (NH > 3) { acc += l.h[3] * h3[j]; if constexpr (OUT2) acc2 += l2.h[3] * h3[j]; }
     if constexpr (Z) acc += l.z * z[j];
     out[j] = acc;
+    if constexpr (OUT2) out2[j] = acc2;
   }
 }
 
@@ -109,17 +113,18 @@ __attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_
       zs = zb;
     }
     float* ys = out_f32(OUT + base, yb);
-    if (zs) {
-      combine_tile<NH, true>(k.y, xs, os, ds, hs, zs, ys, m);
+    float* y2s = OUT2 ? out_f32(OUT2 + base, y2b) : nullptr;
+    if (zs && OUT2) {
+      combine_tile<NH, true, true>(k.y, k.y2, xs, os, ds, hs, zs, ys, y2s, m);
+    } else if (zs) {
+      combine_tile<NH, true, false>(k.y, k.y2, xs, os, ds, hs, zs, ys, y2s, m);
+    } else if (OUT2) {
+      combine_tile<NH, false, true>(k.y, k.y2, xs, os, ds, hs, zs, ys, y2s, m);
     } else {
-      combine_tile<NH, false>(k.y, xs, os, ds, hs, zs, ys, m);
+      combine_tile<NH, false, false>(k.y, k.y2, xs, os, ds, hs, zs, ys, y2s, m);
     }
     flush<AVX2>(yb, OUT + base, m);
-    if (OUT2) {
-      float* y2s = out_f32(OUT2 + base, y2b);
-      combine_tile<NH, false>(k.y2, xs, os, ds, hs, nullptr, y2s, m);
-      flush<AVX2>(y2b, OUT2 + base, m);
-    }
+    if (OUT2) flush<AVX2>(y2b, OUT2 + base, m);
     if (DOUT) flush<AVX2>(db, DOUT + base, m);
   }
 }
