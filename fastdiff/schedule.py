@@ -35,6 +35,10 @@ class NoiseSchedule:
     """
 
     def __init__(self, betas, *, rescale_zero_snr: bool = False, name: str = "custom"):
+        from fastdiff import validate
+
+        if isinstance(betas, (str, bytes)):
+            validate.check_betas("betas", betas)  # NoiseSchedule("linear"): a TypeError naming from_name
         b = torch.as_tensor(np.asarray(betas, dtype=np.float64) if not torch.is_tensor(betas) else betas)
         b = b.detach().to("cpu", torch.float64).flatten()
         if b.numel() < 1:
@@ -43,6 +47,7 @@ class NoiseSchedule:
             raise ValueError("betas: every β_t must be finite and in (0, 1]")
         raw32 = b.to(torch.float32)  # diffusers: torch.tensor(trained_betas, dtype=torch.float32)
         if rescale_zero_snr:
+            validate.check_rescale_zero_snr(b)  # one step, or constant ᾱ: nothing to rescale (else 0/0 = NaN)
             b = _rescale_zero_terminal_snr(b)
         elif (b >= 1).any():
             raise ValueError("betas: β_t = 1 zeroes ᾱ; use rescale_zero_snr=True for a zero-terminal-SNR schedule")
@@ -106,6 +111,11 @@ class NoiseSchedule:
     def from_name(cls, beta_schedule: str, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
                   beta_end: float = 0.02, trained_betas=None, rescale_zero_snr: bool = False) -> "NoiseSchedule":
         """The schedule a diffusers config names (`beta_schedule`, `trained_betas`, ...)."""
+        if trained_betas is None:  # numbers of a number type, names of a known schedule (errors name the setting)
+            from fastdiff.validate import check_scheduler_config
+
+            check_scheduler_config({"beta_schedule": beta_schedule, "num_train_timesteps": num_train_timesteps,
+                                    "beta_start": beta_start, "beta_end": beta_end}, "schedule")
         if trained_betas is not None:
             return cls(trained_betas, rescale_zero_snr=rescale_zero_snr, name="trained")
         kw = dict(rescale_zero_snr=rescale_zero_snr)
@@ -122,7 +132,10 @@ class NoiseSchedule:
     @classmethod
     def from_diffusers(cls, scheduler_or_config) -> "NoiseSchedule":
         """The β schedule of a diffusers scheduler (or its config dict), rebuilt in float64."""
-        cfg = diffusers_config(scheduler_or_config)
+        from fastdiff.validate import check_scheduler_config
+
+        # types and consistency (a string where a number belongs, trained_betas against num_train_timesteps)
+        cfg = check_scheduler_config(diffusers_config(scheduler_or_config), "schedule")
         return cls.from_name(cfg.get("beta_schedule", "linear"), cfg.get("num_train_timesteps", 1000),
                              cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02), cfg.get("trained_betas"),
                              cfg.get("rescale_betas_zero_snr", False))

@@ -139,10 +139,12 @@ def check_finite_tensors(what: str, tensors: Mapping[str, torch.Tensor]) -> None
 # schedules
 
 _NUMERIC_OPTIONS = {"beta_start": dict(min=0, min_exclusive=True, max=1), "beta_end": dict(min=0, min_exclusive=True,
-                                                                                              max=1),
-                    "clip_sample_range": dict(min=0, min_exclusive=True),
-                    "dynamic_thresholding_ratio": dict(min=0, min_exclusive=True, max=1),
-                    "sample_max_value": dict(min=0, min_exclusive=True)}
+                                                                                              max=1)}
+# numbers whose range matters only when their switch is on (as in diffusers, a switched-off setting may hold anything
+# numeric); their type is always checked
+_SWITCHED_OPTIONS = {"clip_sample_range": ("clip_sample", dict(min=0, min_exclusive=True)),
+                     "dynamic_thresholding_ratio": ("thresholding", dict(min=0, min_exclusive=True, max=1)),
+                     "sample_max_value": ("thresholding", dict(min=0, min_exclusive=True))}
 _INT_OPTIONS = {"num_train_timesteps": dict(min=1), "steps_offset": dict(min=0)}
 _BOOL_OPTIONS = ("clip_sample", "thresholding", "set_alpha_to_one", "rescale_betas_zero_snr",
                  "use_clipped_model_output")
@@ -165,6 +167,9 @@ def check_scheduler_config(cfg: Mapping[str, Any], name: str = "scheduler config
     for k in _BOOL_OPTIONS:
         if out.get(k) is not None:
             out[k] = check_bool(f"{name}: {k}", out[k])
+    for k, (switch, kw) in _SWITCHED_OPTIONS.items():
+        if out.get(k) is not None:
+            out[k] = check_number(f"{name}: {k}", out[k], **(kw if out.get(switch) else {}))
     if out.get("beta_schedule") is not None and out.get("trained_betas") is None:
         check_choice(f"{name}: beta_schedule", out["beta_schedule"], BETA_SCHEDULES)
     tb = out.get("trained_betas")

@@ -421,3 +421,24 @@ def test_check_sampler_args_in_one_call():
                     ({"guidance_scale": float("nan")}, "guidance_scale"), ({"steps_required": True}, "steps")]:
         with pytest.raises((TypeError, ValueError), match=msg):
             validate.check_sampler_args(**kw)
+
+
+def test_noise_schedule_inputs_are_named():
+    import fastdiff
+    from fastdiff.schedule import NoiseSchedule
+
+    with pytest.raises(TypeError, match=r"NoiseSchedule.from_name\('linear'\)"):
+        NoiseSchedule("linear")
+    with pytest.raises(TypeError, match="beta_start must be a number, got str"):
+        NoiseSchedule.from_name("linear", 1000, "1e-4")
+    with pytest.raises(TypeError, match="num_train_timesteps must be an integer"):
+        NoiseSchedule.from_diffusers({"num_train_timesteps": "1000"})
+    with pytest.raises(ValueError, match="trained_betas has 5 entries but num_train_timesteps is 1000"):
+        fastdiff.ddim_sample(lambda x, t: x, 2, shape=(1, 1, 2, 2),
+                             schedule={"trained_betas": [0.1] * 5, "num_train_timesteps": 1000})
+    with pytest.raises(ValueError, match="rescale_zero_snr: needs at least 2 timesteps"):
+        NoiseSchedule.linear(1, rescale_zero_snr=True)  # was 0/0: NaN betas
+    # a switched-off setting may hold any number, as in diffusers
+    x = fastdiff.ddim_sample(lambda x, t: 0 * x, 2, shape=(1, 1, 2, 2), generator=torch.Generator().manual_seed(0),
+                             schedule={"clip_sample": False, "clip_sample_range": 0.0, "num_train_timesteps": 10})
+    assert torch.isfinite(x).all()
