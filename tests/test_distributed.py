@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import checkpoint, cli, jobs, trainer
+from fastdiff import cli, jobs
+from tests._ckpt import save_tiny_checkpoint
 
 # checkpoints and shards use safetensors and Pillow: a machine without them (the lent GPU box) skips this file
 pytest.importorskip("safetensors")
@@ -24,14 +25,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from fastdiff.nn import UNet2D
-
-    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
-    cfg = trainer.TrainConfig(block_out_channels=[8, 16], norm_num_groups=4)
-    torch.manual_seed(1)
-    checkpoint.save_checkpoint(path, UNet2D(**trainer.unet_config(cfg, 1)), scheduler=trainer.scheduler_config(cfg),
-                               image={"channels": 1, "size": 8})
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", seed=1)
 
 
 def torchrun(ckpt, out, *extra):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fastdiff import checkpoint, cli, jobs, trainer
+from tests._ckpt import save_tiny_checkpoint
 
 Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("safetensors")
@@ -34,15 +35,7 @@ def run(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    """An untrained 8×8 UNet2D saved as a fastdiff checkpoint (random weights are enough to compare bits)."""
-    from fastdiff.nn import UNet2D
-
-    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
-    cfg = trainer.TrainConfig(block_out_channels=[8, 16], norm_num_groups=4)
-    torch.manual_seed(0)
-    checkpoint.save_checkpoint(path, UNet2D(**trainer.unet_config(cfg, 1)), scheduler=trainer.scheduler_config(cfg),
-                               image={"channels": 1, "size": 8})
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
 def _rewrite(src, dst, edit):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastdiff import checkpoint, fsutil, validate
+from tests._ckpt import save_tiny_checkpoint
 
 pytest.importorskip("safetensors")
 
@@ -274,15 +275,7 @@ def test_train_config_numbers_are_checked():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from fastdiff import trainer
-    from fastdiff.nn import UNet2D
-
-    path = str(tmp_path_factory.mktemp("ck") / "m.safetensors")
-    cfg = trainer.TrainConfig(block_out_channels=[8, 16], norm_num_groups=4)
-    torch.manual_seed(0)
-    checkpoint.save_checkpoint(path, UNet2D(**trainer.unet_config(cfg, 1)), scheduler=trainer.scheduler_config(cfg),
-                               image={"channels": 1, "size": 8})
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "m.safetensors")
 
 
 def _resave(src, dst, meta_edit=None, raw_edit=None, tensor_edit=None):
