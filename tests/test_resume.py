@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import fsutil, jobs, trainer
+from fastdiff import fsutil, jobs
 from fastdiff.schedule import NoiseSchedule
+from tests._ckpt import save_tiny_checkpoint
 
 # checkpoints and shards use safetensors and Pillow: a machine without them (the lent GPU box) skips this file
 pytest.importorskip("safetensors")
@@ -168,16 +169,7 @@ def test_corrupt_shard_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    """An untrained 8×8 UNet2D (random weights are enough to compare bits) saved as a fastdiff checkpoint."""
-    from fastdiff import checkpoint
-    from fastdiff.nn import UNet2D
-
-    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
-    cfg = trainer.TrainConfig(block_out_channels=[8, 16], norm_num_groups=4)
-    torch.manual_seed(0)
-    model = UNet2D(**trainer.unet_config(cfg, 1))
-    checkpoint.save_checkpoint(path, model, scheduler=trainer.scheduler_config(cfg), image={"channels": 1, "size": 8})
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
 ARGS = ["--num", "24", "--shard-size", "3", "--batch-size", "3", "--steps", "6", "--sampler", "ddim", "--eta", "1",
