@@ -113,6 +113,7 @@ except ImportError:  # the reference and C++ paths work without triton
 _K = {f"K_{name.upper()}": i for name, i in COEF.items()}
 
 if triton is not None:
+    from fastdiff.ops.sampler_step import _guided_linear  # the opening both fused kernels share
 
     @triton.jit
     def _hist_term(y, y2, h_ptr, offs, mask, coef_ptr, KY: tl.constexpr, KY2: tl.constexpr, WRITE_OUT2: tl.constexpr):
@@ -140,18 +141,8 @@ if triton is not None:
     ):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_COND:
-            oc = tl.load(oc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            o = o + tl.load(coef_ptr + K_W).to(tl.float32) * (oc - o)
-        d = tl.load(coef_ptr + K_P).to(tl.float32) * x + tl.load(coef_ptr + K_Q).to(tl.float32) * o
-        if CLIP:
-            r = tl.load(coef_ptr + K_CLIP).to(tl.float32)
-            d = tl.minimum(tl.maximum(d, -r), r)
-        if HAS_THR:
-            s = tl.load(thr_ptr + offs // per_sample, mask=mask, other=1.0)
-            d = tl.minimum(tl.maximum(d, -s), s) / s
+        x, o, d = _guided_linear(x_ptr, o_ptr, oc_ptr, thr_ptr, coef_ptr, offs, mask, per_sample, HAS_COND, CLIP,
+                                 HAS_THR, K_P, K_Q, K_W, K_CLIP)
         y = (tl.load(coef_ptr + K_YX).to(tl.float32) * x + tl.load(coef_ptr + K_YO).to(tl.float32) * o
              + tl.load(coef_ptr + K_YD).to(tl.float32) * d)
         y2 = y

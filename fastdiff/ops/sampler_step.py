@@ -273,6 +273,27 @@ _K = {f"K_{name.upper()}": i for name, i in COEF.items()}
 if triton is not None:
 
     @triton.jit
+    def _guided_linear(x_ptr, o_ptr, oc_ptr, thr_ptr, coef_ptr, offs, mask, per_sample,
+                       HAS_COND: tl.constexpr, CLIP: tl.constexpr, HAS_THR: tl.constexpr,
+                       K_P: tl.constexpr, K_Q: tl.constexpr, K_W: tl.constexpr, K_CLIP: tl.constexpr):
+        """The opening of both fused kernels (this one and fastdiff.ops.multistep's): x and o as float32, o guided
+        (o + w·(o_c − o)) when HAS_COND, and d = p·x + q·o, clamped to ±clip when CLIP and thresholded with the
+        sample's scale when HAS_THR. Returns (x, o, d)."""
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_COND:
+            oc = tl.load(oc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            o = o + tl.load(coef_ptr + K_W).to(tl.float32) * (oc - o)
+        d = tl.load(coef_ptr + K_P).to(tl.float32) * x + tl.load(coef_ptr + K_Q).to(tl.float32) * o
+        if CLIP:
+            r = tl.load(coef_ptr + K_CLIP).to(tl.float32)
+            d = tl.minimum(tl.maximum(d, -r), r)
+        if HAS_THR:
+            s = tl.load(thr_ptr + offs // per_sample, mask=mask, other=1.0)
+            d = tl.minimum(tl.maximum(d, -s), s) / s
+        return x, o, d
+
+    @triton.jit
     def _sampler_step_kernel(
         x_ptr,  # (n,) x_t in memory order
         o_ptr,  # (n,) model output (the unconditional one with CFG)
@@ -293,18 +314,8 @@ if triton is not None:
     ):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_COND:
-            oc = tl.load(oc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            o = o + tl.load(coef_ptr + K_W).to(tl.float32) * (oc - o)
-        x0 = tl.load(coef_ptr + K_P).to(tl.float32) * x + tl.load(coef_ptr + K_Q).to(tl.float32) * o
-        if CLIP:
-            r = tl.load(coef_ptr + K_CLIP).to(tl.float32)
-            x0 = tl.minimum(tl.maximum(x0, -r), r)
-        if HAS_THR:
-            s = tl.load(thr_ptr + offs // per_sample, mask=mask, other=1.0)
-            x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+        x, o, x0 = _guided_linear(x_ptr, o_ptr, oc_ptr, thr_ptr, coef_ptr, offs, mask, per_sample, HAS_COND, CLIP,
+                                  HAS_THR, K_P, K_Q, K_W, K_CLIP)
         eps = (tl.load(coef_ptr + K_R).to(tl.float32) * x + tl.load(coef_ptr + K_S).to(tl.float32) * o
                + tl.load(coef_ptr + K_U).to(tl.float32) * x0)
         out = (tl.load(coef_ptr + K_A).to(tl.float32) * x0 + tl.load(coef_ptr + K_B).to(tl.float32) * eps
