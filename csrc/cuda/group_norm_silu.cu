@@ -35,10 +35,7 @@ constexpr int kWarps = kThreads / 32;
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[VEC]) {
   if constexpr (VEC * sizeof(T) == 16) {
-    union { uint4 u; T t[VEC]; } buf;
-    buf.u = __ldg(reinterpret_cast<const uint4*>(p));
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = to_f(buf.t[j]);
+    load16<T, VEC>(p, out);
   } else {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) out[j] = to_f(p[j]);
@@ -48,10 +45,7 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[V
 template <typename T, int VEC>
 __device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[VEC]) {
   if constexpr (VEC * sizeof(T) == 16) {
-    union { uint4 u; T t[VEC]; } buf;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) buf.t[j] = from_f<T>(in[j]);
-    *reinterpret_cast<uint4*>(p) = buf.u;
+    store16<T, VEC>(p, in);
   } else {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) p[j] = from_f<T>(in[j]);
@@ -374,8 +368,6 @@ __global__ void __launch_bounds__(kThreads) nhwc_apply_kernel(LaunchArgs a, Plan
 
 // ---- launch -------------------------------------------------------------------------------------------------------
 
-bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 template <typename T, int VEC>
 cudaError_t launch_layout(const LaunchArgs& a, const Plan& pl, cudaStream_t stream) {
   const dim3 grid((unsigned)pl.units, (unsigned)pl.split);
@@ -415,12 +407,8 @@ cudaError_t launch_typed(const LaunchArgs& a, const Plan& pl, cudaStream_t strea
 
 // Blocks to aim for: 8 per SM of the current device (256 threads each: full occupancy).
 int64_t target_blocks() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
-    sms = 132;
-  }
-  return 8 * (int64_t)sms;
+  const int sms = sm_count();
+  return 8 * (int64_t)(sms > 0 ? sms : 132);
 }
 
 // The plain C++ launcher the torch glue calls, with the plan it sized the workspace from. Returns the CUDA error of

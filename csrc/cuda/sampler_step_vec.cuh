@@ -16,10 +16,7 @@ namespace fastdiff {
 template <typename T, int VEC, bool VECTOR>
 __device__ __forceinline__ void vload(const T* __restrict__ p, int64_t i, int64_t n, float (&out)[VEC]) {
   if (VECTOR) {
-    union { uint4 u; T t[VEC]; } buf;
-    buf.u = __ldg(reinterpret_cast<const uint4*>(p + i));
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = to_f(buf.t[j]);
+    load16<T, VEC>(p + i, out);
   } else {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) out[j] = i + j < n ? to_f(p[i + j]) : 0.0f;
@@ -29,10 +26,7 @@ __device__ __forceinline__ void vload(const T* __restrict__ p, int64_t i, int64_
 template <typename T, int VEC, bool VECTOR>
 __device__ __forceinline__ void vstore(T* __restrict__ p, int64_t i, int64_t n, const float (&in)[VEC]) {
   if (VECTOR) {
-    union { uint4 u; T t[VEC]; } buf;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) buf.t[j] = from_f<T>(in[j]);
-    *reinterpret_cast<uint4*>(p + i) = buf.u;
+    store16<T, VEC>(p + i, in);
   } else {
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
@@ -55,18 +49,11 @@ __device__ __forceinline__ void for_each_chunk(int64_t n, F&& chunk) {
   }
 }
 
-// Null or 16-byte aligned: a tensor whose full chunks can use vector accesses.
-inline bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 // Blocks of `threads` for `chunks` work items, at most 16 per SM (a grid-stride loop covers the rest).
 inline int64_t grid_blocks(int64_t chunks, int threads) {
-  int64_t blocks = (chunks + threads - 1) / threads;
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) == cudaSuccess &&
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && sms > 0) {
-    blocks = blocks < (int64_t)sms * 16 ? blocks : (int64_t)sms * 16;
-  }
-  return blocks;
+  const int64_t blocks = (chunks + threads - 1) / threads;
+  const int sms = sm_count();
+  return sms > 0 && blocks > (int64_t)sms * 16 ? (int64_t)sms * 16 : blocks;
 }
 
 }  // namespace fastdiff
