@@ -505,24 +505,34 @@ def test_fused_loop_equals_reference_loop(backend, dtype, case):
 
 @requires_cpp
 def test_auto_uses_the_fused_op_and_writes_x0_only_for_callbacks(monkeypatch):
-    calls = []
-    real = ss.sampler_step
+    """The loop's first step goes through the checked sampler_step (backend "cpp" under auto), every step runs the
+    fused out= op (the raw op after the first), and x̂0 is written only when a callback asks for it."""
+    calls, raw_calls = [], []
+    real, real_raw = ss.sampler_step, torch.ops.fastdiff.sampler_step_out
 
     def spy(*a, **k):
-        calls.append((k["backend"], k["write_x0"]))
+        calls.append((k["backend"], k.get("x0_out") is not None))
         return real(*a, **k)
 
+    def spy_raw(*a):
+        raw_calls.append(a[-1] is not None)  # x0_out
+        return real_raw(*a)
+
     monkeypatch.setattr(ss, "sampler_step", spy)
+    monkeypatch.setattr(torch.ops.fastdiff, "sampler_step_out", spy_raw)
     xT = torch.randn(2, 3, 4, 4)
     fastdiff.ddim_sample(_Model(), 3, x_T=xT)
-    assert calls == [("cpp", False)] * 3
+    assert calls == [("cpp", False)] and raw_calls == [False] * 3  # the checked entry runs the same op
     calls.clear()
+    raw_calls.clear()
     seen = []
     fastdiff.ddim_sample(_Model(), 3, x_T=xT, callback=lambda d: seen.append(d["x0"]))
-    assert calls == [("cpp", True)] * 3 and all(s is not None and s.shape == xT.shape for s in seen)
+    assert calls == [("cpp", True)] and raw_calls == [True] * 3
+    assert len(seen) == 3 and all(s is not None and s.shape == xT.shape for s in seen)
     calls.clear()
+    raw_calls.clear()
     fastdiff.ddim_sample(_Model(), 3, x_T=xT.double())  # float64 runs the reference in float64
-    assert calls == []
+    assert calls == [] and raw_calls == []
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_cpp),
