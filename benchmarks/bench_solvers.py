@@ -21,6 +21,7 @@ from fastdiff import samplers as S
 from fastdiff.samplers.loop import Loop
 
 SHAPES = [(64, 3, 32, 32), (16, 4, 128, 128)]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SOLVERS = {  # fastdiff sampler -> (diffusers class, config)
     "dpmsolver++": ("DPMSolverMultistepScheduler", {}),
     "sde-dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
@@ -40,10 +41,12 @@ def fastdiff_step(sampler, shape):
     sch = getattr(diffusers, cls)(**cfg)
     plan = S.build_plan(sampler, fastdiff.NoiseSchedule.from_diffusers(sch), STEPS,
                         S.solver_options(sampler, dict(sch.config), {}))
-    x = torch.randn(shape)
-    o = torch.randn(shape)
-    loop = Loop(plan, lambda x, t: o, x, "cpp")
-    loop.draw = lambda i, s, dt: torch.randn(s, dtype=dt)
+    x = torch.randn(shape, device=DEV)
+    o = torch.randn(shape, device=DEV)
+    from fastdiff._backend import resolve
+
+    loop = Loop(plan, lambda x, t: o, x, resolve("multistep_step", "auto", x.device))
+    loop.draw = lambda i, s, dt: torch.randn(s, dtype=dt, device=DEV)
     xs = loop.start(x)
     for i in range(AT):  # fill the history
         xs, _ = loop.body(i, xs)
@@ -56,10 +59,10 @@ def diffusers_step(sampler, shape):
     cls, cfg = SOLVERS[sampler]
     diffusers = pytest.importorskip("diffusers")
     sch = getattr(diffusers, cls)(**cfg)
-    sch.set_timesteps(STEPS)
-    x = torch.randn(shape) * sch.init_noise_sigma
-    o = torch.randn(shape)
-    g = torch.Generator().manual_seed(0)
+    sch.set_timesteps(STEPS, device=DEV)
+    x = torch.randn(shape, device=DEV) * sch.init_noise_sigma
+    o = torch.randn(shape, device=DEV)
+    g = torch.Generator(DEV).manual_seed(0)
     kw = {"generator": g} if cls in ("DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler") else {}
     for t in sch.timesteps[:AT]:
         x = sch.step(o, t, x, **kw).prev_sample
@@ -82,16 +85,21 @@ def diffusers_step(sampler, shape):
 @pytest.mark.parametrize("sampler", list(SOLVERS))
 def test_solver_step(benchmark, sampler, impl, shape):
     pytest.importorskip("diffusers")
-    if not fastdiff.backends()["cpp"]["available"]:
+    if DEV == "cpu" and not fastdiff.backends()["cpp"]["available"]:
         pytest.skip("needs fastdiff._C")
     fn, nbytes = fastdiff_step(sampler, shape)
     if impl == "diffusers":
         fn = diffusers_step(sampler, shape)
-    fn()
-    benchmark(fn)
+    def run():
+        fn()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+
+    run()
+    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)  # bounded: fits the GPU check's budget
     mean = benchmark.stats.stats.mean
     benchmark.extra_info.update(bytes=nbytes, gbps=nbytes / mean / 1e9, sampler=sampler, impl=impl,
-                                shape=list(shape), threads=torch.get_num_threads())
+                                shape=list(shape), threads=torch.get_num_threads(), device=DEV)
 
 
 def _interleaved(fns: dict, rounds: int):
@@ -144,5 +152,41 @@ def memory_limit_loop(n=16 * 1024 * 1024, steps=(10, 30), rounds=5):
     assert torch.equal(x, x_keep), "x_T was modified"
 
 
+def host_overhead(N=100, rounds=7):
+    """Host cost per step at batch 1 with a trivial model, 1 thread: the loop body alone, a bare model + raw op loop,
+    and the whole ddim_sample call (plan, coefficient table and buffers included), per step."""
+    from fastdiff import sampling
+
+    torch.set_num_threads(1)
+    x = torch.randn(1, 3, 32, 32)
+    model = lambda x, t: x  # noqa: E731
+    sched, opts = sampling.resolve_schedule(None, {})
+    plan = sampling.make_plan("ddim", sched, opts, N)
+    rows = list(sampling.plan_coefs(plan).unbind(0))
+    op, t = torch.ops.fastdiff.sampler_step_out, torch.zeros(1, dtype=torch.long)
+
+    def bare():
+        a, b = x.clone(), torch.empty_like(x)
+        for i in range(N):
+            o = model(a, t)
+            op(a, o, None, None, None, None, None, rows[i], 0, b, None)
+            a, b = b, a
+
+    loop = Loop(plan, model, x, "cpp")
+
+    def body():
+        xs = loop.start(x)
+        for i in range(N):
+            xs, _ = loop.body(i, xs)
+
+    ts = {k: min(v) for k, v in _interleaved({"bare model + op": bare, "loop body": body,
+                                              "ddim_sample": lambda: fastdiff.ddim_sample(model, N, x_T=x)},
+                                             rounds).items()}
+    for k, v in ts.items():
+        print(f"{k}: {v / N * 1e6:.1f} us/step")
+
+
 if __name__ == "__main__":
-    side_by_side()
+    import sys
+
+    host_overhead() if "--host" in sys.argv else side_by_side()
