@@ -24,11 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# The fused op's coefficient layout (fastdiff/ops/multistep.py keeps the same table; checked at import there).
-NUM_COEF = 24
-COEF = dict(p=0, q=1, w=2, clip=3, yx=4, yo=5, yd=6, yh0=7, yh1=8, yh2=9, yh3=10, yz=11,
-            y2x=12, y2o=13, y2d=14, y2h0=15, y2h1=16, y2h2=17, y2h3=18)
-MAX_HIST = 4
+from fastdiff.ops.multistep import COEF, MAX_HIST, NUM_COEF  # the fused op's coefficient layout: one table
 
 
 class Lin:
