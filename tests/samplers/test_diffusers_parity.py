@@ -154,6 +154,31 @@ def test_matches_diffusers(sampler, cfg, sched):
     check(sampler, {**SCHEDULES[sched], **cfg}, 12)
 
 
+EXTRA = [
+    ("dpmsolver++", dict(lambda_min_clipped=-5.1, beta_schedule="squaredcos_cap_v2", final_sigmas_type="sigma_min")),
+    ("dpmsolver++", dict(lambda_min_clipped=-3.0, timestep_spacing="trailing")),
+    ("dpmsolver++", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
+    ("dpmsolver++", dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")),
+    ("dpmsolver++", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=3,
+                         prediction_type="v_prediction")),
+    ("dpmsolver++", dict(trained_betas=torch.linspace(1e-4, 0.03, 500).tolist(), num_train_timesteps=500)),
+    ("euler", dict(interpolation_type="log_linear")),
+    ("euler", dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=20.0)),
+    ("unipc", dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=20.0, solver_order=3)),
+    ("unipc", dict(timestep_spacing="leading", steps_offset=1)),
+    ("heun", dict(timestep_spacing="leading", steps_offset=1, prediction_type="sample")),
+    ("euler_ancestral", dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")),
+    ("pndm", dict(timestep_spacing="trailing")),
+]
+
+
+@pytest.mark.parametrize("sampler,cfg", EXTRA, ids=[f"{s}-{i}" for i, (s, _) in enumerate(EXTRA)])
+def test_more_settings_match_diffusers(sampler, cfg):
+    """λ clipping, the deprecated ε algorithm types, trained betas with T = 500, log-linear σ's, config σ_min/σ_max
+    for Karras, leading spacing with an offset, zero-SNR ancestral, trailing PNDM."""
+    check(sampler, cfg, 10)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 16, 30])
 @pytest.mark.parametrize("sampler", ["dpmsolver++", "unipc", "euler", "heun"])
 def test_step_counts(sampler, steps):
