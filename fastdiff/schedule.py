@@ -1,6 +1,6 @@
 """Noise schedules and timestep grids.
 
-Notation (REFERENCE.md): T training steps, β_t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s, timesteps 0 … T−1.
+Notation (docs/math.md, "Notation and schedules"): T training steps, β_t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s, timesteps 0 … T−1.
 Tables are float64 on the CPU; samplers derive per-step coefficients from them once, then cast.
 """
 from __future__ import annotations

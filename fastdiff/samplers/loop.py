@@ -14,6 +14,7 @@ import torch
 
 from fastdiff.ops import sampler_step as ss
 from fastdiff.samplers.plan import SolverPlan
+from fastdiff._util import model_output
 from fastdiff.validate import check_model_output
 
 
@@ -39,9 +40,9 @@ def call_model(model, x, t, i, learned: bool, check_nan: bool, channels: int | N
 
 
 def _channels(out):
-    o = getattr(out, "sample", out)
+    o = model_output(out)
     if isinstance(o, (tuple, list)) and o:
-        o = getattr(o[0], "sample", o[0])
+        o = model_output(o[0])
     return o.shape[1] if torch.is_tensor(o) and o.dim() > 1 else None
 
 
