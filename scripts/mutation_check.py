@@ -29,6 +29,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -216,6 +217,10 @@ def main(argv=None) -> int:
         for i, m in enumerate(mutants, 1):
             print(f"{i:2d}. {m.name}  [{m.path}]  tests: {' '.join(m.tests)}")
         return 0
+    def _terminate(signum, frame):  # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C: files restored, copy removed
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)
     copy = tempfile.mkdtemp(prefix="fastdiff-mut-")
     t_start = time.time()
     results = []
