@@ -112,7 +112,25 @@ class SamplerPlan:
         return len(self.abar_t)
 
 
+_PLANS: "collections.OrderedDict[tuple, SamplerPlan]" = collections.OrderedDict()  # built plans (read-only)
+
+
 def make_plan(kind: str, schedule: NoiseSchedule, opts: SamplerOptions, steps: int | None, eta: float = 0.0):
+    """The DDIM/DDPM plan (cached by kind, schedule content, options, steps and η: a sampling call reuses it)."""
+    if opts.timestep_spacing == "quad":  # its repeated-timestep warning is said on every call
+        return _make_plan(kind, schedule, opts, steps, eta)
+    from fastdiff.samplers import _fingerprint
+
+    key = (kind, _fingerprint(schedule), dataclasses.astuple(opts), steps, float(eta))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _make_plan(kind, schedule, opts, steps, eta)
+        while len(_PLANS) > 64:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def _make_plan(kind: str, schedule: NoiseSchedule, opts: SamplerOptions, steps: int | None, eta: float = 0.0):
     T = len(schedule)
     if kind == "ddpm" and steps is None:
         ts = torch.arange(T - 1, -1, -1, dtype=torch.long)
@@ -208,7 +226,15 @@ def _step_backend(x: torch.Tensor, backend: str, solver: bool = False) -> str:
 
 
 def plan_coefs(plan: SamplerPlan, guidance_scale: float | None = None) -> torch.Tensor:
-    """(steps, NUM_COEF) float64 table of the fused step's scalars (ss.step_coefs per step), on the CPU."""
+    """(steps, NUM_COEF) float64 table of the fused step's scalars (ss.step_coefs per step), on the CPU; kept with the
+    plan per guidance scale (callers copy it before writing)."""
+    cache = plan.__dict__.setdefault("_coef_cache", {})
+    if guidance_scale not in cache:
+        cache[guidance_scale] = _plan_coefs(plan, guidance_scale)
+    return cache[guidance_scale]
+
+
+def _plan_coefs(plan: SamplerPlan, guidance_scale: float | None = None) -> torch.Tensor:
     opts = plan.options
     rows = [ss.step_coefs(plan.kind, plan.abar_t[i], plan.abar_p[i], prediction_type=opts.prediction_type,
                           sigma=0.0 if math.isnan(plan.sigma[i]) else plan.sigma[i],

@@ -95,7 +95,7 @@ class Loop:
         Bm = B * (2 if self.guided else 1)
         self.tb = torch.tensor(ts, dtype=t_dtype).view(-1, 1).expand(-1, Bm).contiguous().to(dev)
         self.tb_rows = list(self.tb.unbind(0))
-        self.coefs = self._coef_table(guidance_scale).to(dev)
+        self.coefs = self._coef_table(guidance_scale).to(dev, copy=True)  # the loop's own (a graph reloads it)
         self.coef_rows = list(self.coefs.unbind(0))
         self.rngs = None
         self.x0_scratch = None
