@@ -11,12 +11,16 @@ the outputs written), so GB/s is its effective bandwidth; diffusers' step moves 
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
 
 import fastdiff
+
+try:
+    from benchmarks._harness import interleaved, measure
+except ImportError:  # run as a script: python benchmarks/bench_solvers.py
+    from _harness import interleaved, measure
 from fastdiff import samplers as S
 from fastdiff.samplers.loop import Loop
 
@@ -90,28 +94,10 @@ def test_solver_step(benchmark, sampler, impl, shape):
     fn, nbytes = fastdiff_step(sampler, shape)
     if impl == "diffusers":
         fn = diffusers_step(sampler, shape)
-    def run():
-        fn()
-        if DEV == "cuda":
-            torch.cuda.synchronize()
-
-    run()
-    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)  # bounded: fits the GPU check's budget
-    mean = benchmark.stats.stats.mean
-    benchmark.extra_info.update(bytes=nbytes, gbps=nbytes / mean / 1e9, sampler=sampler, impl=impl,
-                                shape=list(shape), threads=torch.get_num_threads(), device=DEV)
-
-
-def _interleaved(fns: dict, rounds: int):
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return times
+    # extra_info (benchmarks/_harness.py): bytes (the fused op's traffic), gbs, copy ceiling, versions, device, commit;
+    # 20 rounds: bounded, so the GPU check's budget holds
+    measure(benchmark, fn, nbytes=nbytes, like=torch.empty(shape, device=DEV), rounds=20, sampler=sampler,
+            impl=impl, shape=list(shape))
 
 
 def side_by_side(rounds=15):
@@ -119,7 +105,7 @@ def side_by_side(rounds=15):
     for shape in SHAPES:
         for sampler in SOLVERS:
             fd, nbytes = fastdiff_step(sampler, shape)
-            ts = _interleaved({"fastdiff": fd, "diffusers": diffusers_step(sampler, shape)}, rounds)
+            ts = interleaved({"fastdiff": fd, "diffusers": diffusers_step(sampler, shape)}, rounds)
             a, b = statistics.median(ts["fastdiff"]), statistics.median(ts["diffusers"])
             ratio = statistics.median(d / f for f, d in zip(ts["fastdiff"], ts["diffusers"]))
             print(f"{'x'.join(map(str, shape)):14s} {sampler:16s} fastdiff {a * 1e3:7.3f} ms ({nbytes / a / 1e9:5.1f} "
@@ -139,7 +125,7 @@ def memory_limit_loop(n=16 * 1024 * 1024, steps=(10, 30), rounds=5):
     for s in steps:
         forms[f"ddim{s}"] = lambda s=s: fastdiff.ddim_sample(model, s, x_T=x)
         forms[f"dpm{s}"] = lambda s=s: fastdiff.sample(model, s, sampler="dpmsolver++", x_T=x)
-    ts = {k: min(v) for k, v in _interleaved(forms, rounds).items()}
+    ts = {k: min(v) for k, v in interleaved(forms, rounds).items()}
     add = ts["add"]
     nbytes = 3 * x.numel() * x.element_size()
     print(f"{x.numel() / 2**20:.0f}M fp32: torch.add {add * 1e3:.1f} ms ({nbytes / add / 1e9:.1f} GB/s)")
@@ -179,7 +165,7 @@ def host_overhead(N=100, rounds=7):
         for i in range(N):
             xs, _ = loop.body(i, xs)
 
-    ts = {k: min(v) for k, v in _interleaved({"bare model + op": bare, "loop body": body,
+    ts = {k: min(v) for k, v in interleaved({"bare model + op": bare, "loop body": body,
                                               "ddim_sample": lambda: fastdiff.ddim_sample(model, N, x_T=x)},
                                              rounds).items()}
     for k, v in ts.items():
