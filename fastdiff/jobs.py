@@ -51,7 +51,7 @@ class IndexedNoise:
     """One CPU generator per image: `draw(shape)` returns the next (B, *image_shape) draw, row b from image b's stream.
 
     Each image's first draw is its x_T, the following ones its step noise in step order, whatever batch it sits in.
-    The samplers take it as `generator=` (fastdiff.sampling._randn calls `draw`).
+    The samplers take it as `generator=` (fastdiff.samplers.loop.randn calls `draw`).
     """
 
     def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int]):

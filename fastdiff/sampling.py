@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from fastdiff.ops import sampler_step as ss
-from fastdiff.samplers.loop import Loop, call_model, initial_scale, philox_table, randn
+from fastdiff.samplers.loop import Loop, coef_table, initial_scale, philox_table, randn
 from fastdiff.samplers.plan import SolverPlan
 from fastdiff.schedule import SPACINGS, NoiseSchedule, diffusers_config, timesteps
 
@@ -64,6 +64,16 @@ class SamplerOptions:
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SamplerOptions))
 
 
+def _schedule_and_config(schedule) -> tuple[NoiseSchedule, dict | None]:
+    """(NoiseSchedule, the diffusers config or None) of a `schedule=` argument (None: linear β, T = 1000)."""
+    if schedule is None:
+        return NoiseSchedule.linear(), None
+    if isinstance(schedule, NoiseSchedule):
+        return schedule, None
+    cfg = diffusers_config(schedule)
+    return NoiseSchedule.from_diffusers(cfg), cfg
+
+
 def resolve_schedule(schedule: Any, options: dict[str, Any]) -> tuple[NoiseSchedule, SamplerOptions]:
     """(NoiseSchedule, SamplerOptions) from `schedule=` and the caller's option overrides.
 
@@ -73,13 +83,8 @@ def resolve_schedule(schedule: Any, options: dict[str, Any]) -> tuple[NoiseSched
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; valid options: {list(OPTION_NAMES)}")
     base: dict[str, Any] = {}
-    if schedule is None:
-        sched = NoiseSchedule.linear()
-    elif isinstance(schedule, NoiseSchedule):
-        sched = schedule
-    else:
-        cfg = diffusers_config(schedule)
-        sched = NoiseSchedule.from_diffusers(cfg)
+    sched, cfg = _schedule_and_config(schedule)
+    if cfg is not None:
         base = {k: cfg[k] for k in OPTION_NAMES if k in cfg}
         base["prev_timestep"] = "diffusers"
         for k in ("clip_sample_range", "dynamic_thresholding_ratio", "sample_max_value"):
@@ -163,9 +168,6 @@ def _make_plan(kind: str, schedule: NoiseSchedule, opts: SamplerOptions, steps: 
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
 
-_randn = randn  # the one noise draw (fastdiff.samplers.loop.randn); this name is kept for fastdiff.jobs
-
-
 def _model_dtype_device(model):
     if isinstance(model, torch.nn.Module):
         p = next(iter(model.parameters()), None)
@@ -201,10 +203,7 @@ def _initial_sample(model, shape, x_T, generator, dtype, device):
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape}")
-    return _randn(shape, generator, torch.device(device or mdevice or "cpu"), dtype or mdtype or torch.float32)
-
-
-_call_model = call_model
+    return randn(shape, generator, torch.device(device or mdevice or "cpu"), dtype or mdtype or torch.float32)
 
 
 def _step_backend(x: torch.Tensor, backend: str, solver: bool = False) -> str:
@@ -337,7 +336,7 @@ def run_plan(plan, model: Callable, x: torch.Tensor, *, generator=None, backend=
             from fastdiff._backend import _warn_once
 
             _warn_once("sampling", f"cuda_graph='auto': running eagerly: {e}")
-    loop = Loop(plan, model, x, name, guidance_scale=guidance_scale, noise_mode=noise)
+    loop = Loop(plan, model, x, name, guidance_scale=guidance_scale)
     if noise == "philox" and any(plan.noise):
         loop.rngs = _philox_table(plan, x, generator).to(x.device)
     loop.draw = lambda i, shape, dtype: randn(shape, generator, x.device, dtype)
@@ -416,7 +415,7 @@ class _GraphedLoop:
 
     def __init__(self, plan, model, x, name, guidance_scale, noise, learned=None):
         self.model = model  # (learned: read off the plan; the argument is accepted for older callers)
-        self.loop = Loop(plan, model, x, name, guidance_scale=guidance_scale, noise_mode=noise)
+        self.loop = Loop(plan, model, x, name, guidance_scale=guidance_scale)
         dev = x.device
         self.x_in = torch.empty_like(x)
         self.zidx = []
@@ -446,7 +445,7 @@ class _GraphedLoop:
         ts = [c.t for c in plan.calls] if isinstance(plan, SolverPlan) else plan.timesteps.tolist()
         tb = torch.tensor(ts, dtype=loop.tb.dtype).view(-1, 1).expand(-1, loop.tb.shape[1])
         loop.tb.copy_(tb)
-        loop.coefs.copy_(loop._coef_table(guidance_scale) if plan is loop.plan else _coef_table_of(plan, guidance_scale))
+        loop.coefs.copy_(coef_table(plan, guidance_scale))
         loop.plan = plan
         if scale == 1.0:
             self.x_in.copy_(x)
@@ -478,10 +477,6 @@ class _GraphedLoop:
     def run(self):
         self.graph.replay()
         return self.out.clone()
-
-
-def _coef_table_of(plan, guidance_scale):
-    return plan.coef_table(guidance_scale) if isinstance(plan, SolverPlan) else plan_coefs(plan, guidance_scale)
 
 
 def _structure(plan) -> tuple:
@@ -637,13 +632,7 @@ def sample(model: Callable, steps: int = 20, *, sampler: str | None = None, sche
                            backend=backend, progress=progress, callback=callback, dtype=dtype, device=device,
                            check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph,
                            **options)
-    if schedule is None:
-        sched, cfg = NoiseSchedule.linear(), None
-    elif isinstance(schedule, NoiseSchedule):
-        sched, cfg = schedule, None
-    else:
-        cfg = diffusers_config(schedule)
-        sched = NoiseSchedule.from_diffusers(cfg)
+    sched, cfg = _schedule_and_config(schedule)
     plan = S.build_plan(name, sched, steps, S.solver_options(name, cfg, options))
     x = _initial_sample(model, shape, x_T, generator, dtype, device)
     return run_plan(plan, model, x, generator=generator, backend=backend, progress=progress, callback=callback,
@@ -666,12 +655,6 @@ def plan_for(sampler: str, schedule, options: dict, steps: int | None, eta: floa
         raise ValueError(f"eta applies to sampler='ddim' only (got sampler={sampler!r})")
     if steps is None:
         raise ValueError(f"steps: sampler={sampler!r} needs a number of steps")
-    cfg = None
-    if schedule is None:
-        sched = NoiseSchedule.linear()
-    elif isinstance(schedule, NoiseSchedule):
-        sched = schedule
-    else:
-        cfg = diffusers_config(schedule)
-        sched = NoiseSchedule.from_diffusers(cfg)
+    sched, cfg = _schedule_and_config(schedule)
     return S.build_plan(sampler, sched, steps, S.solver_options(sampler, {**(cfg or {}), **options}, {}))
+

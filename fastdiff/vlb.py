@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from fastdiff._util import progress as _progress
-from fastdiff.sampling import _call_model
+from fastdiff.samplers.loop import call_model
 from fastdiff.schedule import NoiseSchedule
 
 VLB_VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
@@ -95,7 +95,7 @@ class VLBResult:
 
 def _model_out(model, x, t, learned, dtype):
     """The model's prediction (and variance output for learned variances) at x cast to `dtype`, as float64."""
-    o, v = _call_model(model, x.to(dtype), t, None, learned, check_nan=False)
+    o, v = call_model(model, x.to(dtype), t, None, learned, check_nan=False)
     return o.to(torch.float64), (v.to(torch.float64) if v is not None else None)
 
 

@@ -69,11 +69,10 @@ class Loop:
     ("torch" for the reference, or a fused backend). The noise for step i comes from `draw(i, shape, dtype)`:
     the eager loop draws from the generator; a graphed loop reads a static buffer filled before each replay."""
 
-    def __init__(self, plan, model, x, name: str, *, guidance_scale=None, noise_mode: str = "randn"):
+    def __init__(self, plan, model, x, name: str, *, guidance_scale=None):
         self.plan, self.model, self.name = plan, model, name
         self.solver = isinstance(plan, SolverPlan)
-        self.guided = guidance_scale is not None
-        self.noise_mode = noise_mode
+        self.guided, self.guidance_scale = guidance_scale is not None, guidance_scale
         dev, B = x.device, x.shape[0]
         self.learned = (not self.solver and plan.kind == "ddpm" and plan.options.variance_type.startswith("learned"))
         vt = plan.options.get("variance_type") if self.solver else None
@@ -95,7 +94,7 @@ class Loop:
         Bm = B * (2 if self.guided else 1)
         self.tb = torch.tensor(ts, dtype=t_dtype).view(-1, 1).expand(-1, Bm).contiguous().to(dev)
         self.tb_rows = list(self.tb.unbind(0))
-        self.coefs = self._coef_table(guidance_scale).to(dev, copy=True)  # the loop's own (a graph reloads it)
+        self.coefs = coef_table(plan, guidance_scale).to(dev, copy=True)  # the loop's own (a graph reloads it)
         self.coef_rows = list(self.coefs.unbind(0))
         self.rngs = None
         self.x0_scratch = None
@@ -117,13 +116,6 @@ class Loop:
             self.ss_flags = (ss.FLAG_CLIP if opts.clip_sample and not opts.thresholding else 0) | \
                 (ss.VAR_MODES[var_mode] << 1)
             self.check_layout = True
-
-    def _coef_table(self, guidance_scale):
-        if self.solver:
-            return self.plan.coef_table(guidance_scale)
-        from fastdiff.sampling import plan_coefs
-
-        return plan_coefs(self.plan, guidance_scale)
 
     # ---- the step body ----------------------------------------------------------------------------------------
     def model_outputs(self, i, x, check_nan=False):
@@ -184,7 +176,8 @@ class Loop:
 
         plan = self.plan
         if self.name == "torch":
-            x_prev, x0 = _step(plan, i, x, o, z, v, "torch", o_cond=o_cond, guidance_scale=self._w(), rng=rng)
+            x_prev, x0 = _step(plan, i, x, o, z, v, "torch", o_cond=o_cond, guidance_scale=self.guidance_scale,
+                               rng=rng)
             out.copy_(x_prev)
             return out, x0
         opts = plan.options
@@ -211,11 +204,6 @@ class Loop:
             self.raw(x, o, o_cond, z, rng, v, thr, coef, self.ss_flags, out, x0_out)
         return out, x0_out
 
-    def _w(self):
-        from fastdiff.samplers.plan import COEF
-
-        return float(self.coefs[0, COEF["w"] if self.solver else ss.COEF["w"]]) if self.guided else None
-
     # ---- loading a call's inputs -----------------------------------------------------------------------------
     def start(self, x_T, scale: float = 1.0):
         """Copy x_T (times `scale`) into the first buffer: the caller's tensor is never written."""
@@ -225,6 +213,15 @@ class Loop:
         else:
             torch.mul(x_T, scale, out=b)
         return b
+
+
+def coef_table(plan, guidance_scale=None) -> torch.Tensor:
+    """The (calls, NUM_COEF) float64 coefficient table of any plan, on the CPU (guidance_scale fills `w`)."""
+    if isinstance(plan, SolverPlan):
+        return plan.coef_table(guidance_scale)
+    from fastdiff.sampling import plan_coefs
+
+    return plan_coefs(plan, guidance_scale)
 
 
 def _fmt(x):

@@ -59,8 +59,8 @@ def diffusers_loop(cls_name, config, steps, model, seed, float64=False):
         sched = fastdiff.NoiseSchedule.from_diffusers(config)
         if cls_name == "PNDMScheduler":
             sch.alphas_cumprod = sched.alphas_cumprod.clone()
-            sch.final_alpha_cumprod = torch.tensor(1.0 if config["set_alpha_to_one"] else float(sched.alphas_cumprod[0]),
-                                                   dtype=torch.float64)
+            final = 1.0 if config["set_alpha_to_one"] else float(sched.alphas_cumprod[0])
+            sch.final_alpha_cumprod = torch.tensor(final, dtype=torch.float64)
         else:
             name = {v: k for k, v in CLASSES.items()}[cls_name]
             plan = S.build_plan(name, sched, steps, S.solver_options(name, dict(config), {}))
