@@ -1,0 +1,132 @@
+"""Run diffusers' own scheduler tests with fastdiff's drop-in classes swapped in (a local check, not run in CI).
+
+    git --git-dir=<diffusers.git> archive <rev> tests/schedulers tests/testing_utils.py tests/__init__.py \
+        tests/conftest.py tests/others | tar -x -C /tmp/diffusers_tests
+    OMP_NUM_THREADS=1 python scripts/diffusers_suite.py /tmp/diffusers_tests [--json out.json] [-k EXPR]
+
+The tests of the eight classes fastdiff offers (tests/schedulers/test_scheduler_{ddim,ddpm,dpm_multi,unipc,euler,
+euler_ancestral,heun,pndm}.py) run twice, each in its own process: once as diffusers ships them (the reference:
+what diffusers' own classes pass with the installed diffusers) and once with `diffusers.<Name>` (and
+`diffusers.schedulers.<Name>`) replaced by `fastdiff.diffusers.<Name>` before the tests are imported, so both the
+test modules' imports and diffusers' `_compatibles` lookups resolve to fastdiff's classes. The score of a class is
+the number of tests that pass with fastdiff's class among those that pass with diffusers'; every such test that
+fails is listed with the first line of its error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+FILES = {
+    "DDIMScheduler": "test_scheduler_ddim.py",
+    "DDPMScheduler": "test_scheduler_ddpm.py",
+    "DPMSolverMultistepScheduler": "test_scheduler_dpm_multi.py",
+    "UniPCMultistepScheduler": "test_scheduler_unipc.py",
+    "EulerDiscreteScheduler": "test_scheduler_euler.py",
+    "EulerAncestralDiscreteScheduler": "test_scheduler_euler_ancestral.py",
+    "HeunDiscreteScheduler": "test_scheduler_heun.py",
+    "PNDMScheduler": "test_scheduler_pndm.py",
+}
+
+
+class _Plugin:
+    """pytest plugin: swaps the classes (when asked) before collection and records each test's outcome."""
+
+    def __init__(self, swap: bool):
+        self.swap = swap
+        self.results: dict = {}
+
+    def pytest_configure(self, config):
+        if not self.swap:
+            return
+        import diffusers
+        import diffusers.schedulers
+
+        import fastdiff.diffusers as fd
+
+        for name in FILES:
+            setattr(diffusers, name, getattr(fd, name))
+            setattr(diffusers.schedulers, name, getattr(fd, name))
+
+    def pytest_runtest_logreport(self, report):
+        nid = report.nodeid
+        if report.when == "call" or report.outcome != "passed":
+            prev = self.results.get(nid)
+            if prev is None or prev[0] == "passed":
+                msg = ""
+                if report.outcome == "failed":
+                    text = str(report.longrepr).strip().splitlines()
+                    errs = [ln for ln in text if ln.startswith("E ")]
+                    msg = (errs[0] if errs else text[-1] if text else "")[:300]
+                self.results[nid] = (report.outcome, msg)
+
+
+def _run_one(test_dir, swap, kexpr, out_path):
+    import pytest
+
+    plugin = _Plugin(swap)
+    paths = [os.path.join(test_dir, "tests", "schedulers", f) for f in FILES.values()]
+    args = ["-q", "-p", "no:cacheprovider", "-W", "ignore", "--rootdir", test_dir, *paths]
+    if kexpr:
+        args += ["-k", kexpr]
+    pytest.main(args, plugins=[plugin])
+    with open(out_path, "w") as f:
+        json.dump(plugin.results, f)
+
+
+def _class_of(nodeid):
+    fname = nodeid.split("::")[0].rsplit("/", 1)[-1]
+    for cls, f in FILES.items():
+        if f == fname:
+            return cls
+    return "?"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("test_dir", help="a directory holding diffusers' tests/ (tests/schedulers, tests/testing_utils.py)")
+    ap.add_argument("-k", default=None, help="pytest -k expression")
+    ap.add_argument("--json", default=None, help="write the per-test outcomes of both runs here")
+    ap.add_argument("--_child", choices=["diffusers", "fastdiff"], help=argparse.SUPPRESS)
+    ap.add_argument("--_out", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a._child:
+        _run_one(os.path.abspath(a.test_dir), a._child == "fastdiff", a.k, a._out)
+        return 0
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("diffusers", "fastdiff"):
+            out = os.path.join(tmp, mode + ".json")
+            cmd = [sys.executable, os.path.abspath(__file__), a.test_dir, "--_child", mode, "--_out", out]
+            if a.k:
+                cmd += ["-k", a.k]
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            with open(out) as f:
+                runs[mode] = json.load(f)
+    ref, got = runs["diffusers"], runs["fastdiff"]
+    tot_ref = tot_ok = 0
+    print(f"{'class':34s} {'diffusers passes':>16s} {'fastdiff passes':>16s}")
+    failing = []
+    for cls in FILES:
+        ids = [n for n, (o, _) in ref.items() if o == "passed" and _class_of(n) == cls]
+        ok = [n for n in ids if got.get(n, ("missing",))[0] == "passed"]
+        failing += [(n, got.get(n, ("missing", ""))) for n in ids if n not in ok]
+        tot_ref, tot_ok = tot_ref + len(ids), tot_ok + len(ok)
+        print(f"{cls:34s} {len(ids):16d} {len(ok):16d}")
+    print(f"{'total':34s} {tot_ref:16d} {tot_ok:16d}  ({100.0 * tot_ok / max(tot_ref, 1):.0f} %)")
+    if failing:
+        print("\nfailing with fastdiff's classes (passing with diffusers'):")
+        for n, (o, msg) in sorted(failing):
+            print(f"  {n.split('tests/schedulers/')[-1]}  [{o}] {msg}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(runs, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
