@@ -6,10 +6,19 @@ Switches (environment):
   FASTDIFF_CUDA_ARCHS="8.0;9.0"  compute capabilities to build for (default 8.0;9.0)
   CUDA_HOME=/usr/local/cuda   the CUDA toolkit; when unset, torch guesses it from `which nvcc`, and setup.py asks nvcc
                               itself where its toolkit is if that guess has no include/cuda_runtime.h (see _cuda_home)
-Build with `pip install --no-build-isolation .` so the build sees the installed torch.
+The extension must be built against the torch that runs it (torch's C++ ABI changes between releases):
+  - `pip install --no-build-isolation .` builds against the torch installed in the environment;
+  - plain `pip install .` / `pip wheel .` (an isolated build) get the same torch release as the target environment
+    in their build environment (build_backend/fastdiff_build_backend.py asks the target interpreter; no torch there:
+    the newest torch >= 2.11, or FASTDIFF_BUILD_TORCH=X.Y.Z);
+  - the built package requires exactly the torch release it was built against (torch==X.Y.Z), and
+    fastdiff/_backend.py checks at import that the running torch is that release (otherwise: a warning naming both
+    versions, and the plain-PyTorch/Triton backends instead of the extension).
+The C++ standard follows torch's headers (C++17 for torch <= 2.13; C++20 where ATen.h requires it).
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -18,11 +27,44 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _write_build_config(built_cpp, built_cuda, note):
+MIN_TORCH = "2.11"
+
+
+def _write_build_config(built_cpp, built_cuda, note, torch_version=None, cxx_std=None):
     path = os.path.join(HERE, "fastdiff", "_build_config.py")
     with open(path, "w") as f:
         f.write("# Written by setup.py at build time.\n")
         f.write(f"BUILT_CPP = {built_cpp!r}\nBUILT_CUDA = {built_cuda!r}\nNOTE = {note!r}\n")
+        f.write(f"TORCH_VERSION = {torch_version!r}  # the torch the extension was compiled against\n")
+        f.write(f"CXX_STD = {cxx_std!r}\n")
+
+
+def _import_torch():
+    """torch, or a clear refusal: the extension is compiled against torch's headers and libraries."""
+    try:
+        import torch
+    except ImportError as e:
+        raise SystemExit(
+            f"setup.py: building fastdiff's C++ extension needs torch in the build environment ({e}).\n"
+            "  Install torch first and build against it: pip install torch==2.13.0 && "
+            "pip install --no-build-isolation .\n"
+            "  (plain `pip install .` gets torch from build_backend/; FASTDIFF_SKIP_BUILD=1: no extension)") from None
+    release = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+    if release < tuple(int(p) for p in MIN_TORCH.split(".")):
+        raise SystemExit(f"setup.py: fastdiff needs torch >= {MIN_TORCH}; the build environment has "
+                         f"torch {torch.__version__}")
+    return torch
+
+
+def _cxx_std(torch_dir: str) -> int:
+    """The C++ standard torch's headers require: ATen.h refuses older ones with `#if __cplusplus < 2017..L` /
+    `#error C++NN or later ...` (C++17 up to torch 2.13; C++20 in later releases). At least 17."""
+    try:
+        with open(os.path.join(torch_dir, "include", "ATen", "ATen.h")) as f:
+            m = re.search(r"__cplusplus\s*<\s*(\d{4})\d\dL", f.read())  # 201703L: C++17, 202002L: C++20
+    except OSError:
+        m = None
+    return max(17, int(m.group(1)) - 2000) if m else 17
 
 
 def _cuda_home() -> str:
@@ -59,15 +101,16 @@ def _cuda_home() -> str:
 def _extensions():
     if os.environ.get("FASTDIFF_SKIP_BUILD") == "1":
         _write_build_config(False, False, "extension not built: FASTDIFF_SKIP_BUILD=1")
-        return [], {}
-    import torch
+        return [], {}, f"torch>={MIN_TORCH}"
+    torch = _import_torch()
+    std = _cxx_std(os.path.dirname(torch.__file__))
 
     home_note = _cuda_home() if torch.version.cuda is not None else ""
     from torch.utils import cpp_extension as ce
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros = []
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", f"-std=c++{std}", "-fopenmp"]
     if torch.version.cuda is None:
         cuda_note = f"CUDA kernels not built: torch {torch.__version__} has no CUDA"
     elif ce.CUDA_HOME is None:
@@ -97,16 +140,21 @@ def _extensions():
         ext = ce.CUDAExtension(
             sources=sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", f"-std=c++{std}", "--use_fast_math", *gencode]},
             **kwargs,
         )
         cuda_note = "CUDA kernels built for " + ";".join(archs) + (f"; {home_note}" if home_note else "")
     else:
         ext = ce.CppExtension(sources=sources, define_macros=define_macros,
                               extra_compile_args={"cxx": cxx}, **kwargs)
-    _write_build_config(True, with_cuda, cuda_note)
-    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+    release = torch.__version__.split("+")[0]
+    _write_build_config(True, with_cuda, cuda_note, torch.__version__, std)
+    print(f"setup.py: building fastdiff._C against torch {torch.__version__} with C++{std}", flush=True)
+    # the package requires the torch release its extension was compiled against (any local build: +cpu, +cu130)
+    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}, f"torch=={release}"
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+ext_modules, cmdclass, torch_requirement = _extensions()
+# pyproject.toml declares the dependencies dynamic: the same list, with torch pinned to the build's release
+RUNTIME_DEPS = [torch_requirement, "numpy", "safetensors", "tqdm", "pillow"]
+setup(ext_modules=ext_modules, cmdclass=cmdclass, install_requires=RUNTIME_DEPS)

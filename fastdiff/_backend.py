@@ -21,18 +21,32 @@ import torch
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 
-_ext_error: str | None = None
-try:  # importing registers the compiled ops with the dispatcher
-    importlib.import_module("fastdiff._C")
-    _EXT = True
-except ImportError as e:  # pure-Python install or a broken build: say so in backends()
-    _EXT = False
-    _ext_error = f"fastdiff._C not importable: {e}"
-
 try:
     from fastdiff import _build_config as _cfg
 except ImportError:  # running from a source tree that was never built
     _cfg = None
+
+
+def torch_mismatch(built: str | None, running: str) -> str | None:
+    """Why an extension compiled against torch `built` must not be loaded into torch `running` (None: it may).
+    torch's C++ ABI changes between releases; the local label (+cpu, +cu130) is not compared."""
+    if not built or built.split("+")[0] == running.split("+")[0]:
+        return None
+    return (f"fastdiff._C was built against torch {built} but torch {running} is running; not loaded, using the "
+            f"plain-PyTorch reference backend (and Triton on CUDA) instead. Rebuild fastdiff against this torch: "
+            f"pip install --no-build-isolation --force-reinstall --no-deps .")
+
+
+_ext_error: str | None = torch_mismatch(getattr(_cfg, "TORCH_VERSION", None), torch.__version__)
+_EXT = False
+if _ext_error is not None:  # loading it could fail on missing symbols or, worse, crash: warn instead
+    warnings.warn(f"fastdiff: {_ext_error}", RuntimeWarning, stacklevel=2)
+else:
+    try:  # importing registers the compiled ops with the dispatcher
+        importlib.import_module("fastdiff._C")
+        _EXT = True
+    except ImportError as e:  # pure-Python install or a broken build: say so in backends()
+        _ext_error = f"fastdiff._C not importable: {e}"
 
 
 def _fix_triton_interpreter_index() -> None:
