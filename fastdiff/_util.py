@@ -4,13 +4,19 @@
 the tensor itself or an object with `.sample` (diffusers' `UNet2DOutput`), so diffusers' `UNet2DModel` works as is.
 
 `progress(it, enabled, **tqdm_kwargs)`: `it` wrapped in a tqdm bar when `enabled`, else `it` unchanged. With
-`it=None` it returns a bar to `.update()` by hand (or None when disabled). tqdm is a dependency, but a bare GPU box
-may lack it: then one warning says so and the work goes on without a bar.
+`it=None` it returns a bar to `.update()` by hand (or None when disabled). `enabled` may be such a bar itself: then
+`it` advances that bar by one per item (a sampling loop inside a longer job moves the job's bar at every step).
+tqdm is a dependency, but a bare GPU box may lack it: then one warning says so and the work goes on without a bar.
 """
 from __future__ import annotations
 
 import warnings
 from typing import Any, Iterable
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a job (sampling to a directory, training); str() says what is kept on disk and how
+    to go on. The command line prints it."""
 
 
 def model_output(out: Any) -> Any:
@@ -20,6 +26,8 @@ def model_output(out: Any) -> Any:
 
 def progress(it: Iterable | None, enabled: bool, **tqdm_kwargs: Any):
     """A tqdm bar over `it` (or, with it=None, a bar to update by hand) when `enabled`; otherwise `it` itself."""
+    if enabled is not True and callable(getattr(enabled, "update", None)):  # before bool(): tqdm defines it
+        return _advancing(it, enabled)
     if not enabled:
         return it
     try:
@@ -28,3 +36,9 @@ def progress(it: Iterable | None, enabled: bool, **tqdm_kwargs: Any):
         warnings.warn("progress=True needs tqdm (pip install tqdm); continuing without a bar", stacklevel=3)
         return it
     return tqdm(it, **tqdm_kwargs) if it is not None else tqdm(**tqdm_kwargs)
+
+
+def _advancing(it: Iterable, bar: Any):
+    for item in it:
+        yield item
+        bar.update(1)

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -104,8 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None,
                    help="directory for a resumable, sharded run (new, empty, or one of fastdiff's runs); claimed for "
                    "the run: a concurrent run with other options is refused, one with the same options waits")
-    s.add_argument("--shard-size", type=_positive_int("--shard-size"), default=1000,
-                   help="images per shard file with --out (default 1000)")
+    s.add_argument("--shard-size", type=_positive_int("--shard-size"), default=None,
+                   help="images per shard file with --out (default: min(1000, num / ranks), so that every torchrun "
+                   "rank gets images; a resumed run keeps its recorded shard size). Finished batches are kept as "
+                   "they are made, so an interrupted shard loses at most the batch in flight")
     s.add_argument("--png", default=None, help="grid image path (default samples.png; DIR/grid.png with --out)")
     s.add_argument("--npz", default=None, help="uint8 NHWC images under 'arr_0' (default samples.npz)")
     s.add_argument("--grid-scale", type=_positive_int("--grid-scale"), default=None,
@@ -268,8 +270,9 @@ def _sample(a) -> int:
         step_nan = dev.type != "cuda"
         if a.out is not None:
             run_id = {"checkpoint_sha256": jobs.file_digest(path)}
+            shard_size = a.shard_size or jobs.default_shard_size(a.out, a.num, info.world)
             res = jobs.sample_to_dir(model, a.out, a.num, cfg, schedule=schedule, options=options,
-                                     image_shape=shape, device=dev, run_id=run_id, shard_size=a.shard_size,
+                                     image_shape=shape, device=dev, run_id=run_id, shard_size=shard_size,
                                      backend=a.backend, progress=progress, dist_info=info, grid_scale=scale, log=log,
                                      check_nan=step_nan)
             ips = res["images_per_second"]
@@ -283,10 +286,18 @@ def _sample(a) -> int:
         else:
             from fastdiff._util import progress as _progress
 
-            bar = _progress(None, progress, total=a.num, unit="img", desc="sampling")
+            per_batch = jobs.steps_per_batch(cfg, schedule, options)  # the bar counts steps × batches
+            bar = _progress(None, progress, total=-(-a.num // a.batch_size) * per_batch, unit="step",
+                            desc="sampling")
             t0 = time.perf_counter()
-            imgs = jobs.sample_images(model, list(range(a.num)), cfg, schedule, options, shape, dev, a.backend, bar,
-                                      check_nan=step_nan)
+            try:
+                imgs = jobs.sample_images(model, list(range(a.num)), cfg, schedule, options, shape, dev, a.backend,
+                                          bar, check_nan=step_nan)
+            except KeyboardInterrupt:
+                if bar is not None:
+                    bar.close()
+                raise jobs.Interrupted("no images are kept: without --out they are written at the end (use --out DIR "
+                                       "for a run that keeps every finished batch and resumes)") from None
             dt = time.perf_counter() - t0
             if bar is not None:
                 bar.close()
@@ -384,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastdiff.jobs import RunBusy, RunMismatch
 
     _set_threads(a)
+    signals: list[str] = []
+    restore = _interrupt_on_sigterm(signals)
     try:
         if a.cmd == "sample":
             return _sample(a)
@@ -402,11 +415,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fastdiff {a.cmd}: error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"fastdiff {a.cmd}: interrupted" + ("; rerun the same command to resume" if
-                                                   getattr(a, "out", None) or getattr(a, "resume", False) else ""),
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from fastdiff._util import Interrupted
+
+        how = signals[0] if signals else "Ctrl-C"
+        what = f": {e}" if isinstance(e, Interrupted) else ""
+        print(f"fastdiff {a.cmd}: interrupted ({how}){what}", file=sys.stderr)
+        return 143 if signals else 130
+    finally:
+        restore()
+
+
+def _interrupt_on_sigterm(seen: list) -> Callable[[], None]:
+    """SIGTERM (kill, a batch scheduler, torchrun stopping its workers) unwinds like Ctrl-C, so a job keeps what it
+    finished and says so; returns the function that puts the previous handler back."""
+    import signal
+
+    def handler(signum, frame):
+        if not seen:
+            seen.append("SIGTERM")
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

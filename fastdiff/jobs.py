@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 import time
 import zipfile
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from fastdiff import sampling
+from fastdiff._util import Interrupted  # noqa: F401  (sample_to_dir raises it: str() says how many images are kept)
 from fastdiff._util import progress as _progress
 from fastdiff.samplers import SAMPLERS  # every sampler fastdiff.sample runs
 from fastdiff.fsutil import DirLock, atomic_write, clean_temps, exclusive_create, is_fastdiff_temp, LOCK_NAME
@@ -103,17 +105,23 @@ def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def sample_batch(model: Callable, indices: Sequence[int], cfg: SampleConfig, schedule: NoiseSchedule,
                  options: dict[str, Any], image_shape: Sequence[int], device, backend: str = "auto",
-                 check_nan: bool = False) -> torch.Tensor:
+                 check_nan: bool = False, bar=None) -> torch.Tensor:
     """Sample the images `indices` of a run as one batch; returns (B, C, H, W) in the model's space.
 
     Row b depends only on (cfg.seed, indices[b]) and on the batch's composition through the model's rounding.
+    `bar` (tqdm) advances by one per model step: at every step on the CPU, after the batch on CUDA (where a
+    per-step host update would turn off the CUDA-graph loop).
     """
     dtype = DTYPES[cfg.dtype]
     plan = sampling.plan_for(cfg.sampler, schedule, dict(options), cfg.steps, cfg.eta)
     noise = IndexedNoise(cfg.seed, indices, image_shape)
     x = noise.draw(device=device, dtype=dtype)
+    per_step = bar is not None and x.device.type != "cuda"
     # the public loop (fused kernels and CUDA graphs included), drawing step noise from the per-image streams
-    x = sampling.run_plan(plan, model, x, generator=noise, backend=backend, check_nan=check_nan, scale_x_T=True)
+    x = sampling.run_plan(plan, model, x, generator=noise, backend=backend, check_nan=check_nan, scale_x_T=True,
+                          progress=bar if per_step else False)
+    if bar is not None and not per_step:
+        bar.update(plan.steps)
     bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
     if bad.any():
         rows = [int(indices[b]) for b in bad.nonzero().flatten().tolist()]
@@ -123,18 +131,22 @@ def sample_batch(model: Callable, indices: Sequence[int], cfg: SampleConfig, sch
     return x
 
 
+def steps_per_batch(cfg: SampleConfig, schedule: NoiseSchedule, options: dict[str, Any]) -> int:
+    """Model steps of one batch (the unit of the progress bars: steps × batches)."""
+    return sampling.plan_for(cfg.sampler, schedule, dict(options), cfg.steps, cfg.eta).steps
+
+
 def sample_images(model: Callable, indices: Sequence[int], cfg: SampleConfig, schedule: NoiseSchedule,
                   options: dict[str, Any], image_shape: Sequence[int], device, backend: str = "auto",
                   bar=None, check_nan: bool = False) -> np.ndarray:
-    """Images `indices` in batches of cfg.batch_size, as uint8 NHWC; `bar` (tqdm) is advanced per batch."""
+    """Images `indices` in batches of cfg.batch_size, as uint8 NHWC; `bar` (tqdm, total steps × batches) advances
+    by one per model step."""
     out = []
     bs = cfg.batch_size
     for s in range(0, len(indices), bs):
         idx = list(indices[s:s + bs])
         out.append(to_uint8_nhwc(sample_batch(model, idx, cfg, schedule, options, image_shape, device, backend,
-                                              check_nan)))
-        if bar is not None:
-            bar.update(len(idx))
+                                              check_nan, bar=bar)))
     if not out:
         return np.zeros((0, image_shape[1], image_shape[2], image_shape[0]), np.uint8)
     return np.concatenate(out)
@@ -172,6 +184,61 @@ def shard_path(out_dir: str, k: int) -> str:
     return os.path.join(out_dir, f"shard_{k:06d}.npz")
 
 
+def part_path(out_dir: str, k: int, j: int) -> str:
+    """Batch j of shard k, written as soon as it is sampled (so an interrupted shard keeps its finished batches);
+    removed once shard k is on disk."""
+    return os.path.join(out_dir, f"part_{k:06d}_{j:06d}.npz")
+
+
+_PART_RE = re.compile(r"^part_(\d{6})_(\d{6})\.npz$")
+
+
+def shard_batches(k: int, num: int, shard_size: int, batch_size: int) -> list[tuple[int, int]]:
+    """The batches [lo, hi) of shard k: always the same ones (a batch's composition can change its images' last
+    bits through the model's rounding), so a resumed shard equals an uninterrupted one."""
+    lo, hi = k * shard_size, min((k + 1) * shard_size, num)
+    return [(s, min(s + batch_size, hi)) for s in range(lo, hi, batch_size)]
+
+
+def images_on_disk(out_dir: str, num: int, shard_size: int, batch_size: int) -> int:
+    """How many of a run's images are kept in DIR: whole shards plus the finished batches of unfinished ones."""
+    n = 0
+    for k in range(math.ceil(num / shard_size)):
+        if os.path.isfile(shard_path(out_dir, k)):
+            n += min((k + 1) * shard_size, num) - k * shard_size
+        else:
+            n += sum(hi - lo for j, (lo, hi) in enumerate(shard_batches(k, num, shard_size, batch_size))
+                     if os.path.isfile(part_path(out_dir, k, j)))
+    return n
+
+
+def _clean_parts(out_dir: str, n_shards: int) -> None:
+    """Batch files of shards that are complete (a run killed between writing a shard and removing its batches)."""
+    for name in os.listdir(out_dir):
+        m = _PART_RE.match(name)
+        if m and int(m[1]) < n_shards and os.path.isfile(shard_path(out_dir, int(m[1]))):
+            try:
+                os.remove(os.path.join(out_dir, name))
+            except FileNotFoundError:
+                pass
+
+
+def default_shard_size(out_dir: str | None, num: int, world: int = 1, cap: int = 1000) -> int:
+    """--shard-size when not given: the one DIR's manifest records (a resumed run keeps its shards), else
+    min(cap, ⌈num / world⌉), so that every rank of a small torchrun run gets a share of the images."""
+    if out_dir is not None:
+        try:
+            with open(os.path.join(out_dir, MANIFEST)) as f:
+                size = json.load(f)["run"]["shard_size"]
+            if isinstance(size, int) and size >= 1:
+                return size
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no manifest (or not ours): claim_run_dir reports what is wrong with it
+    return max(1, min(cap, math.ceil(num / max(1, world))))
+
+
+
+
 def run_tag(run: dict) -> np.ndarray:
     """16 bytes identifying a run (blake2b of its manifest record), stored in each of its shards as "run": a shard
     copied from another run (same indices, other seed or model) is refused at the merge instead of mixed in."""
@@ -179,17 +246,18 @@ def run_tag(run: dict) -> np.ndarray:
     return np.frombuffer(h.digest(), np.uint8).copy()
 
 
-def _load_shard(path: str, k: int, lo: int, hi: int, hwc, tag: np.ndarray | None = None) -> np.ndarray:
+def _load_shard(path: str, k: int, lo: int, hi: int, hwc, tag: np.ndarray | None = None,
+                what: str = "shard") -> np.ndarray:
     try:
         with np.load(path) as z:
             arr, idx = z["arr_0"], z["indices"]
             have = z["run"] if "run" in z.files else None
     except Exception as e:
-        raise RuntimeError(f"shard {path} is unreadable ({e}); delete it and rerun the same command") from e
+        raise RuntimeError(f"{what} {path} is unreadable ({e}); delete it and rerun the same command") from e
     if arr.shape != (hi - lo, *hwc) or arr.dtype != np.uint8 or not np.array_equal(idx, np.arange(lo, hi)):
-        raise RuntimeError(f"shard {path} does not hold images {lo}..{hi - 1} of this run; delete it and rerun")
+        raise RuntimeError(f"{what} {path} does not hold images {lo}..{hi - 1} of this run; delete it and rerun")
     if tag is not None and have is not None and not np.array_equal(have, tag):
-        raise RuntimeError(f"shard {path} was written by another run (its run tag differs from the manifest's): "
+        raise RuntimeError(f"{what} {path} was written by another run (its run tag differs from the manifest's): "
                            "delete it and rerun the same command")
     return arr
 
@@ -441,6 +509,7 @@ def sample_to_dir(model: Callable, out_dir: str, num: int, cfg: SampleConfig, *,
                                   "software with the same options")
             lock, resumed = claim_run_dir(out_dir, run, wait=wait, log=log)
             clean_temps(out_dir)
+            _clean_parts(out_dir, n_shards)
             todo = {"shards": missing_shards(out_dir, n_shards), "resumed": resumed}
         except Exception as e:  # every rank must learn of it, or the others would wait forever below
             if lock is not None:
@@ -464,22 +533,51 @@ def _fill_and_merge(model, out_dir, num, cfg, schedule, options, chw, device, sh
     c, h, w = chw
     tag = run_tag(run)
     mine = todo["shards"][info.rank::info.world]
-    done_before = num - sum(min((k + 1) * shard_size, num) - k * shard_size for k in todo["shards"])
+    bs = cfg.batch_size
+
+    def parts_left(k):  # (j, lo, hi) of shard k's batches not on disk yet
+        return [(j, lo, hi) for j, (lo, hi) in enumerate(shard_batches(k, num, shard_size, bs))
+                if not os.path.isfile(part_path(out_dir, k, j))]
+
     if info.rank == 0 and todo["resumed"]:
+        done_before = images_on_disk(out_dir, num, shard_size, bs)
         log(f"resuming {out_dir}: {done_before}/{num} images already there, {num - done_before} to go")
-    n_mine = sum(min((k + 1) * shard_size, num) - k * shard_size for k in mine)
+    work = [b for k in mine for b in parts_left(k)]
+    n_mine = sum(hi - lo for _, lo, hi in work)
+    # the bar counts model steps × batches (a 1000-step DDPM batch moves it too); it says how many images are done
+    per_batch = steps_per_batch(cfg, schedule, options)
     if info.world == 1:  # the whole run, resumed part included
-        bar = _progress(None, progress, total=num, initial=done_before, unit="img", desc="sampling")
+        n_batches = sum(len(shard_batches(k, num, shard_size, bs)) for k in range(math.ceil(num / shard_size)))
+        bar = _progress(None, progress, total=n_batches * per_batch, initial=(n_batches - len(work)) * per_batch,
+                        unit="step", desc="sampling")
     else:
-        bar = _progress(None, progress, total=n_mine, unit="img", desc=f"sampling rank {info.rank}",
+        bar = _progress(None, progress, total=len(work) * per_batch, unit="step", desc=f"sampling rank {info.rank}",
                         position=info.rank)
     t0 = time.perf_counter()
-    for k in mine:
-        lo, hi = k * shard_size, min((k + 1) * shard_size, num)
-        idx = list(range(lo, hi))
-        imgs = sample_images(model, idx, cfg, schedule, options, (c, h, w), device, backend, bar,
-                             check_nan=check_nan)
-        save_npz(shard_path(out_dir, k), imgs, indices=np.asarray(idx, np.int64), run=tag)
+    made = 0
+    try:
+        for k in mine:
+            lo, hi = k * shard_size, min((k + 1) * shard_size, num)
+            for j, blo, bhi in parts_left(k):
+                idx = list(range(blo, bhi))
+                imgs = to_uint8_nhwc(sample_batch(model, idx, cfg, schedule, options, (c, h, w), device, backend,
+                                                  check_nan, bar=bar))
+                save_npz(part_path(out_dir, k, j), imgs, indices=np.asarray(idx, np.int64), run=tag)
+                made += len(idx)
+                if bar is not None:
+                    bar.set_postfix_str(f"{made} new images", refresh=False)
+            imgs = np.concatenate([_load_shard(part_path(out_dir, k, j), k, blo, bhi, (h, w, c), tag, what="batch")
+                                   for j, (blo, bhi) in enumerate(shard_batches(k, num, shard_size, bs))])
+            save_npz(shard_path(out_dir, k), imgs, indices=np.arange(lo, hi, dtype=np.int64), run=tag)
+            for j in range(len(shard_batches(k, num, shard_size, bs))):
+                os.remove(part_path(out_dir, k, j))
+    except KeyboardInterrupt as e:
+        if bar is not None:
+            bar.close()
+        kept = images_on_disk(out_dir, num, shard_size, bs)
+        who = f"rank {info.rank}: " if info.world > 1 else ""
+        raise Interrupted(f"{who}{kept} of {num} images are kept in {out_dir} ({made} made by this run); rerun the "
+                          "same command to resume") from e
     dt = time.perf_counter() - t0
     if bar is not None:
         bar.close()

@@ -73,3 +73,26 @@ def test_two_ranks_equal_one_process_and_resume_together(tmp_path, tiny_ckpt):
     r = torchrun(tiny_ckpt, two, "--steps", "5")
     assert r.returncode != 0
     assert r.stderr.count("refusing to resume") >= 2 and "steps: 4" in r.stderr, r.stderr
+
+
+def test_small_run_is_shared_by_every_rank(tmp_path, tiny_ckpt):
+    # --num 20 with the default shard size: one shard per rank (not one shard of 20 on rank 0 and nothing on rank 1)
+    two = str(tmp_path / "two")
+    argv = ["--num", "20", "--batch-size", "4", "--steps", "3", "--seed", "7", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastdiff",
+           "--", "sample", "--checkpoint", tiny_ckpt, "--out", two, *argv]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert rank_images(r.stderr) == {0: 10, 1: 10}, r.stderr
+    one = str(tmp_path / "one")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # one process with the shard size the 2-rank run chose: the same batches, the same bits
+        assert cli.main(["sample", "--checkpoint", tiny_ckpt, "--out", one, "--shard-size", "10", *argv]) == 0
+        os.remove(os.path.join(two, "samples.npz"))  # and a 1-process rerun of the 2-rank run adopts its shards
+        assert cli.main(["sample", "--checkpoint", tiny_ckpt, "--out", two, *argv]) == 0
+    finally:
+        torch.set_num_threads(n)
+    with np.load(os.path.join(one, "samples.npz")) as a, np.load(os.path.join(two, "samples.npz")) as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])

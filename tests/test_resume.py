@@ -122,6 +122,42 @@ def test_resume_after_lost_shards_is_bit_identical(tmp_path):
     assert (tmp_path / "a" / ".notes.tmp1").read_bytes() == b"mine"
 
 
+@pytest.mark.parametrize("stop_after", [1, 3, 4])
+def test_interrupt_keeps_finished_batches_of_an_unfinished_shard(tmp_path, monkeypatch, stop_after):
+    # 11 images in shards of 5 (batches of 2: [0,2) [2,4) [4,5) | [5,7) ...): Ctrl-C after `stop_after` batches
+    _, _, ref = _run_dir(tmp_path, "ref", num=11, shard=5)
+    real, n = jobs.sample_batch, [0]
+
+    def counting(*a, **k):
+        if n[0] == stop_after:
+            raise KeyboardInterrupt
+        n[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(jobs, "sample_batch", counting)
+    with pytest.raises(jobs.Interrupted) as e:
+        _run_dir(tmp_path, "run", num=11, shard=5)
+    kept = [2, 2, 1, 2][:stop_after]
+    out = str(tmp_path / "run")
+    assert str(e.value).startswith(f"{sum(kept)} of 11 images are kept in {out} ({sum(kept)} made by this run)")
+    assert jobs.images_on_disk(out, 11, 5, 2) == sum(kept)
+    assert os.path.isfile(jobs.shard_path(out, 0)) == (stop_after >= 3)
+    assert not [f for f in os.listdir(out) if f.startswith("part_000000")] or stop_after < 3  # merged: removed
+    monkeypatch.setattr(jobs, "sample_batch", real)
+    _, res, again = _run_dir(tmp_path, "run", num=11, shard=5)
+    assert res["images"] == 11 - sum(kept)  # only the batches not on disk were sampled again
+    np.testing.assert_array_equal(again, ref)
+    assert not [f for f in os.listdir(out) if f.startswith("part_")]
+
+
+def test_default_shard_size_shares_small_runs_and_keeps_a_recorded_one(tmp_path):
+    assert jobs.default_shard_size(None, 20, world=2) == 10  # each of 2 ranks gets 10 of 20 images
+    assert jobs.default_shard_size(None, 50000, world=8) == 1000
+    assert jobs.default_shard_size(None, 600) == 600
+    out, _, _ = _run_dir(tmp_path, "rec", num=5, shard=3)
+    assert jobs.default_shard_size(out, 5, world=4) == 3  # a resumed run keeps its shards
+
+
 def test_shard_boundaries_do_not_matter_when_batches_align(tmp_path):
     # same batch composition (batch 2 inside shards of 2 or 4) → the same bits
     _, _, a = _run_dir(tmp_path, "s2", num=8, shard=2)
