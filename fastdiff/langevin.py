@@ -60,6 +60,23 @@ def vp_levels(schedule: NoiseSchedule, num_levels: int, t_min: int = 0, t_max: i
     return ts, sig_all[ts].tolist()
 
 
+def _score(score_model: Callable, x: torch.Tensor, level) -> torch.Tensor:
+    """score_model(x, level) in x's dtype, checked: a floating tensor of exactly x's shape on x's device (a score of
+    another shape would broadcast into x silently)."""
+    s = score_model(x, level)
+    if not torch.is_tensor(s):
+        raise TypeError(f"score_model(x, {level!r}) returned {type(s).__name__}, expected a tensor of x's shape "
+                        f"{tuple(x.shape)} (∇log p_σ(x)); does it forget to `return`?")
+    if s.shape != x.shape:
+        raise ValueError(f"score_model(x, {level!r}) returned shape {tuple(s.shape)}, expected x's shape "
+                         f"{tuple(x.shape)}: a score is one gradient per element of x (it is not broadcast)")
+    if not s.is_floating_point():
+        raise TypeError(f"score_model(x, {level!r}) returned dtype {s.dtype}; a score must be floating point")
+    if s.device != x.device:
+        raise ValueError(f"score_model(x, {level!r}) returned a tensor on {s.device}, x is on {x.device}")
+    return s.to(x.dtype)
+
+
 @torch.no_grad()
 def langevin_sample(score_model: Callable, sigmas: Sequence[float], steps_per_level: int = 100,
                     step_size: float = 2e-5, *, shape=None, x_init: torch.Tensor | None = None, levels=None,
@@ -101,9 +118,9 @@ def langevin_sample(score_model: Callable, sigmas: Sequence[float], steps_per_le
         alpha = step_size * (sig[i] / sig[-1]) ** 2
         for _ in range(steps_per_level):
             z = torch.randn(x.shape, generator=generator, device=rd, dtype=x.dtype).to(x.device)
-            x = x + (0.5 * alpha) * score_model(x, levels[i]).to(x.dtype) + math.sqrt(alpha) * z
+            x = x + (0.5 * alpha) * _score(score_model, x, levels[i]) + math.sqrt(alpha) * z
         if callback is not None:
             callback({"i": i, "level": levels[i], "sigma": sig[i], "x": x})
     if final_denoise:
-        x = x + sig[-1] ** 2 * score_model(x, levels[-1]).to(x.dtype)
+        x = x + sig[-1] ** 2 * _score(score_model, x, levels[-1])
     return x

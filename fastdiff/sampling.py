@@ -19,7 +19,7 @@ import torch
 from fastdiff.ops import sampler_step as ss
 from fastdiff.samplers.loop import Loop, coef_table, initial_scale, philox_table, randn
 from fastdiff.samplers.plan import SolverPlan
-from fastdiff.schedule import SPACINGS, NoiseSchedule, diffusers_config, timesteps
+from fastdiff.schedule import SPACINGS, NoiseSchedule, diffusers_config, named_schedule, timesteps
 
 
 @dataclass
@@ -43,6 +43,10 @@ class SamplerOptions:
     prev_timestep: str = "grid"
 
     def validate(self) -> "SamplerOptions":
+        from fastdiff.validate import check_scheduler_config
+
+        for k, v in check_scheduler_config(dataclasses.asdict(self), None).items():  # types, named
+            setattr(self, k, v)
         if self.prediction_type not in ss.PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {ss.PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.variance_type not in ss.VARIANCE_TYPES:
@@ -68,6 +72,7 @@ def _schedule_and_config(schedule) -> tuple[NoiseSchedule, dict | None]:
     """(NoiseSchedule, the diffusers config or None) of a `schedule=` argument (None: linear β, T = 1000)."""
     if schedule is None:
         return NoiseSchedule.linear(), None
+    schedule = named_schedule(schedule)
     if isinstance(schedule, NoiseSchedule):
         return schedule, None
     cfg = diffusers_config(schedule)
@@ -185,6 +190,8 @@ def sample_hw(size) -> tuple[int, int]:
 
 
 def _initial_sample(model, shape, x_T, generator, dtype, device):
+    from fastdiff.validate import check_model_dtype
+
     if x_T is not None:
         if not torch.is_tensor(x_T) or not x_T.is_floating_point():
             raise TypeError("x_T must be a floating-point tensor")
@@ -192,7 +199,8 @@ def _initial_sample(model, shape, x_T, generator, dtype, device):
             raise ValueError(f"shape {tuple(shape)} disagrees with x_T.shape {tuple(x_T.shape)}")
         if x_T.dim() < 1 or x_T.shape[0] < 1:
             raise ValueError(f"x_T must have shape (B, ...) with B >= 1, got {tuple(x_T.shape)}")
-        return x_T.to(device=device or x_T.device, dtype=dtype or x_T.dtype)
+        return check_model_dtype(model, x_T.to(device=device or x_T.device, dtype=dtype or x_T.dtype),
+                                 "dtype" if dtype is not None else "x_T")
     mdtype, mdevice = _model_dtype_device(model)
     if shape is None:
         cfg = getattr(model, "config", None)
@@ -203,7 +211,8 @@ def _initial_sample(model, shape, x_T, generator, dtype, device):
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape}")
-    return randn(shape, generator, torch.device(device or mdevice or "cpu"), dtype or mdtype or torch.float32)
+    x = randn(shape, generator, torch.device(device or mdevice or "cpu"), dtype or mdtype or torch.float32)
+    return check_model_dtype(model, x, "dtype")
 
 
 def _step_backend(x: torch.Tensor, backend: str, solver: bool = False) -> str:
@@ -323,6 +332,9 @@ def run_plan(plan, model: Callable, x: torch.Tensor, *, generator=None, backend=
     input scale here, as pipelines scale given latents).
     """
     _check_noise_mode(noise)
+    from fastdiff.validate import check_plan_alpha_bar
+
+    check_plan_alpha_bar(plan, x.dtype)  # an ᾱ outside the sample dtype's range: an error, not a NaN sample
     solver = isinstance(plan, SolverPlan)
     name = _step_backend(x, backend, solver)
     scale = initial_scale(plan) if scale_x_T else 1.0
@@ -532,12 +544,12 @@ def _check_eta(eta):
         raise ValueError(str(e)) from None
 
 
-def _check_args(steps=None, *, shape=None, generator=None, dtype=None, guidance_scale=None):
-    """The public samplers' common arguments, named in every error (fastdiff.validate)."""
+def _check_args(steps=None, *, shape=None, generator=None, dtype=None, guidance_scale=None, device=None):
+    """The public samplers' common arguments, named in every error (fastdiff.validate); steps by one rule."""
     from fastdiff.validate import check_sampler_args
 
     return check_sampler_args(steps=steps, shape=shape, generator=generator, dtype=dtype,
-                              guidance_scale=guidance_scale)
+                              guidance_scale=guidance_scale, device=device)
 
 
 def ddim_sample(model: Callable, steps: int = 50, *, shape=None, x_T=None, schedule=None, eta: float = 0.0,
@@ -556,7 +568,8 @@ def ddim_sample(model: Callable, steps: int = 50, *, shape=None, x_T=None, sched
     True | False): see `run_plan`.
     """
     eta = _check_eta(eta)
-    _check_args(shape=shape, generator=generator, dtype=dtype, guidance_scale=guidance_scale)
+    steps = _check_args(steps, shape=shape, generator=generator, dtype=dtype, guidance_scale=guidance_scale,
+                        device=device).get("steps", steps)
     _check_backend(backend)
     sched, opts = resolve_schedule(schedule, options)
     plan = make_plan("ddim", sched, opts, steps, eta)
@@ -577,7 +590,8 @@ def ddpm_sample(model: Callable, *, steps: int | None = None, shape=None, x_T=No
     """
     if variance is not None:
         options["variance_type"] = variance
-    _check_args(shape=shape, generator=generator, dtype=dtype, guidance_scale=guidance_scale)
+    steps = _check_args(steps, shape=shape, generator=generator, dtype=dtype, guidance_scale=guidance_scale,
+                        device=device).get("steps", steps)
     _check_backend(backend)
     sched, opts = resolve_schedule(schedule, options)
     plan = make_plan("ddpm", sched, opts, steps)
@@ -610,7 +624,11 @@ def sample(model: Callable, steps: int = 20, *, sampler: str | None = None, sche
     """
     from fastdiff import samplers as S
 
-    _check_args(shape=shape, generator=generator, dtype=dtype, guidance_scale=guidance_scale)
+    schedule = named_schedule(schedule)  # "linear", "cosine", ...: a NoiseSchedule, before any config question
+    if schedule is not None and not isinstance(schedule, NoiseSchedule):
+        diffusers_config(schedule)  # neither a schedule nor a scheduler/config: said before asking for sampler=
+    steps = _check_args(steps, shape=shape, generator=generator, dtype=dtype, guidance_scale=guidance_scale,
+                        device=device).get("steps", steps)
     if sampler is None and schedule is not None and not isinstance(schedule, NoiseSchedule) and \
             S.scheduler_class_name(schedule) is None:
         raise ValueError("sampler: schedule= is a config without '_class_name', so it does not say which solver it "

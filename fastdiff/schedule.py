@@ -206,10 +206,27 @@ def timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", st
     return ts
 
 
+SCHEDULE_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "cosine",
+                  "squaredcos_cap_v2": "cosine", "sigmoid": "sigmoid"}  # name → NoiseSchedule builder
+
+
+def named_schedule(obj: Any) -> Any:
+    """`schedule=` as users type it: a name ("linear", "scaled_linear", "cosine" = "squaredcos_cap_v2", "sigmoid")
+    is that NoiseSchedule builder with its defaults (T = 1000; e.g. NoiseSchedule.scaled_linear() is Stable
+    Diffusion's 0.00085..0.012); anything else is returned as is."""
+    if not isinstance(obj, str):
+        return obj
+    if obj not in SCHEDULE_NAMES:
+        raise ValueError(f"schedule: unknown schedule name {obj!r}; names: {tuple(SCHEDULE_NAMES)} (or pass a "
+                         "NoiseSchedule, e.g. NoiseSchedule.linear(num_train_timesteps=..., beta_start=..., "
+                         "beta_end=...), a diffusers scheduler or its config)")
+    return getattr(NoiseSchedule, SCHEDULE_NAMES[obj])()
+
+
 def diffusers_config(obj: Any) -> dict:
     """A plain dict of a diffusers scheduler's config (accepts the scheduler, its FrozenDict config, or a dict)."""
     cfg = getattr(obj, "config", obj)
     if not hasattr(cfg, "keys"):
-        raise TypeError(f"schedule: expected a NoiseSchedule, a diffusers scheduler or its config, got "
-                        f"{type(obj).__name__}")
+        raise TypeError(f"schedule: expected a NoiseSchedule, a schedule name {tuple(SCHEDULE_NAMES)}, a diffusers "
+                        f"scheduler or its config, got {type(obj).__name__}")
     return dict(cfg)

@@ -150,39 +150,41 @@ _BOOL_OPTIONS = ("clip_sample", "thresholding", "set_alpha_to_one", "rescale_bet
                  "use_clipped_model_output")
 
 
-def check_scheduler_config(cfg: Mapping[str, Any], name: str = "scheduler config") -> dict[str, Any]:
+def check_scheduler_config(cfg: Mapping[str, Any], name: str | None = "scheduler config") -> dict[str, Any]:
     """A diffusers-style scheduler config checked for types and consistency; returns a plain dict (numbers as
-    Python numbers). Unknown keys pass through (diffusers configs carry many)."""
+    Python numbers). Unknown keys pass through (diffusers configs carry many). name None: errors name the key
+    alone (keyword options such as clip_sample_range="1")."""
     from fastdiff.schedule import BETA_SCHEDULES
 
+    pre = f"{name}: " if name else ""
     if not isinstance(cfg, Mapping):
         raise TypeError(f"{name} must be a dict, got {_kind(cfg)}")
     out = dict(cfg)
     for k, kw in _INT_OPTIONS.items():
         if out.get(k) is not None:
-            out[k] = check_number(f"{name}: {k}", out[k], integer=True, **kw)
+            out[k] = check_number(f"{pre}{k}", out[k], integer=True, **kw)
     for k, kw in _NUMERIC_OPTIONS.items():
         if out.get(k) is not None:
-            out[k] = check_number(f"{name}: {k}", out[k], **kw)
+            out[k] = check_number(f"{pre}{k}", out[k], **kw)
     for k in _BOOL_OPTIONS:
         if out.get(k) is not None:
-            out[k] = check_bool(f"{name}: {k}", out[k])
+            out[k] = check_bool(f"{pre}{k}", out[k])
     for k, (switch, kw) in _SWITCHED_OPTIONS.items():
         if out.get(k) is not None:
-            out[k] = check_number(f"{name}: {k}", out[k], **(kw if out.get(switch) else {}))
+            out[k] = check_number(f"{pre}{k}", out[k], **(kw if out.get(switch) else {}))
     if out.get("beta_schedule") is not None and out.get("trained_betas") is None:
-        check_choice(f"{name}: beta_schedule", out["beta_schedule"], BETA_SCHEDULES)
+        check_choice(f"{pre}beta_schedule", out["beta_schedule"], BETA_SCHEDULES)
     tb = out.get("trained_betas")
     if tb is not None:
         if isinstance(tb, (str, bytes, Mapping)):
-            raise TypeError(f"{name}: trained_betas must be a list of numbers, got {_kind(tb)}")
-        vals = [check_number(f"{name}: trained_betas[{i}]", b, min=0, min_exclusive=True, max=1)
+            raise TypeError(f"{pre}trained_betas must be a list of numbers, got {_kind(tb)}")
+        vals = [check_number(f"{pre}trained_betas[{i}]", b, min=0, min_exclusive=True, max=1)
                 for i, b in enumerate(list(tb.flatten().tolist() if hasattr(tb, "flatten") else tb))]
         if not vals:
-            raise ValueError(f"{name}: trained_betas is empty")
+            raise ValueError(f"{pre}trained_betas is empty")
         T = out.get("num_train_timesteps")
         if T is not None and T != len(vals):
-            raise ValueError(f"{name}: trained_betas has {len(vals)} entries but num_train_timesteps is {T}")
+            raise ValueError(f"{pre}trained_betas has {len(vals)} entries but num_train_timesteps is {T}")
         out["trained_betas"] = vals
     return out
 
@@ -222,27 +224,64 @@ def check_rescale_zero_snr(betas: torch.Tensor, name: str = "rescale_zero_snr") 
         raise ValueError(f"{name}: √ᾱ_0 = √ᾱ_T-1 = {float(s[0]):.6g}: the schedule adds no noise to rescale")
 
 
-def check_alpha_bar(abar: Sequence[float] | torch.Tensor, dtype: torch.dtype, name: str = "schedule") -> None:
-    """Every ᾱ_t that a sampler will divide by √ᾱ_t must stay representable in the sample's `dtype`: ᾱ_t > 0 that
-    rounds to 0, or whose 1/√ᾱ_t overflows, is refused naming the timestep index (ᾱ_t = 0 exactly, a
-    zero-terminal-SNR schedule, is the caller's business: only v-/x0-prediction can start there)."""
+def _alpha_bar_limit(dtype: torch.dtype) -> tuple[float, str, str]:
+    """(smallest ᾱ_t > 0 a sample of `dtype` can be sampled at, why, the fix). The fused kernels and diffusers compute
+    in float32, so below float64 ᾱ must be a normal float32 number; a float16 sample also stores x̂0 = x/√ᾱ, which
+    for a 4σ sample must stay below float16's largest value (cosine's ᾱ_999 = 2.4e-9 gives 8e4)."""
+    if dtype == torch.float64:
+        return torch.finfo(torch.float64).tiny, "a normal float64 number", "use a schedule with a larger ᾱ"
+    lim, why = torch.finfo(torch.float32).tiny, "a normal float32 number (the kernels compute in float32)"
+    if dtype == torch.float16:
+        lim16 = (4.0 / torch.finfo(torch.float16).max) ** 2
+        if lim16 > lim:
+            lim, why = lim16, "large enough that x̂0 = x/√ᾱ of a 4σ sample fits float16 (max 65504)"
+    fix = "sample in float32 (dtype=torch.float32)" if dtype == torch.float16 else \
+        "sample in float64 (dtype=torch.float64)"
+    return lim, why, fix
+
+
+def check_alpha_bar(abar: Sequence[float] | torch.Tensor, dtype: torch.dtype, name: str = "schedule",
+                    labels: Sequence[str] | None = None) -> None:
+    """Every ᾱ_t > 0 that a sampler will divide by √ᾱ_t must be representable for a sample of `dtype`
+    (_alpha_bar_limit): one below is refused naming it (`labels[i]`, else the index) and the fix. ᾱ_t = 0 exactly,
+    a zero-terminal-SNR schedule, is the caller's business (only v-/x0-prediction can start there)."""
     a = torch.as_tensor(abar, dtype=torch.float64).flatten()
-    info = torch.finfo(dtype)
-    pos = a > 0
-    under = pos & ((a.to(dtype) == 0) | (1 / a.sqrt() > info.max))
+    lim, why, fix = _alpha_bar_limit(dtype)
+    under = (a > 0) & (a < lim)
     if under.any():
         i = int(under.nonzero()[0])
-        raise ValueError(f"{name}: ᾱ[{i}] = {float(a[i]):.3g} underflows {dtype} (1/√ᾱ = {float(1 / a[i].sqrt()):.3g},"
-                         f" smallest normal {info.tiny:.3g}): sample in float32, or use fewer timesteps / a larger "
-                         "terminal ᾱ")
+        at = labels[i] if labels is not None else f"ᾱ[{i}]"
+        raise ValueError(f"{name}: {at} = {float(a[i]):.3g} underflows {dtype}: ᾱ_t must be {why}, >= {lim:.3g} "
+                         f"(1/√ᾱ = {float(1 / a[i].sqrt()):.3g}); {fix}, or use a timestep spacing / schedule that "
+                         "does not visit it (a non-finite sample otherwise)")
+
+
+def check_plan_alpha_bar(plan: Any, dtype: torch.dtype, name: str = "schedule") -> None:
+    """check_alpha_bar over the ᾱ a sampling plan visits (a DDIM/DDPM plan: ᾱ at its timesteps; a solver plan: ᾱ =
+    1/(1 + σ²) of its σ grid), once per plan and dtype (the result is kept on the plan)."""
+    done = plan.__dict__.setdefault("_alpha_bar_ok", set())
+    if dtype in done:
+        return
+    if hasattr(plan, "abar_t"):
+        ts = plan.timesteps.tolist()
+        check_alpha_bar(plan.abar_t, dtype, name, [f"ᾱ at timestep {t}" for t in ts])
+    elif getattr(plan, "sigmas", None) is not None:
+        sig = [float(x) for x in plan.sigmas]
+        abar = [0.0 if math.isinf(x) else 1.0 / (1.0 + x * x) for x in sig]
+        check_alpha_bar(abar, dtype, name, [f"ᾱ = 1/(1+σ²) at σ = {x:.3g}" for x in sig])
+    done.add(dtype)
 
 
 def check_sampler_args(*, steps: Any = None, eta: Any = None, shape: Any = None, generator: Any = None,
-                       dtype: Any = None, guidance_scale: Any = None, steps_required: bool = False) -> dict[str, Any]:
+                       dtype: Any = None, guidance_scale: Any = None, steps_required: bool = False,
+                       device: Any = None) -> dict[str, Any]:
     """The public samplers' common arguments in one call (each checked only when given; None passes):
-    steps a positive int, eta a finite number >= 0, shape (B, ...) of positive ints, generator a torch.Generator
-    (or noise source), dtype a floating torch.dtype, guidance_scale a finite number. Returns them normalised."""
+    steps a positive int (one rule for every entry point: 5.0, "5" and True are refused), eta a finite number >= 0,
+    shape (B, ...) of positive ints, generator a torch.Generator (or noise source), dtype a floating torch.dtype,
+    guidance_scale a finite number, device one this process can use. Returns them normalised."""
     out: dict[str, Any] = {}
+    if device is not None:
+        out["device"] = check_device("device", device)
     if steps is not None or steps_required:
         out["steps"] = check_number("steps", steps, integer=True, min=1)
     if eta is not None:
@@ -254,3 +293,47 @@ def check_sampler_args(*, steps: Any = None, eta: Any = None, shape: Any = None,
     if guidance_scale is not None:
         out["guidance_scale"] = check_number("guidance_scale", guidance_scale)
     return out
+
+
+def check_device(name: str, device: Any) -> torch.device | None:
+    """None, or a device this process can use: 'gpu' and other non-devices are refused naming 'cuda', and 'cuda'
+    without a visible CUDA device names why (a CPU-only torch build, or no device visible) and the fix."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"{name} must be a device such as 'cpu', 'cuda' or 'cuda:1', got {_kind(device)}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        hint = " (a GPU is 'cuda' or 'cuda:N')" if str(device).lower().split(":")[0] in ("gpu", "nvidia") else ""
+        raise ValueError(f"{name}={device!r} is not a device{hint}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"this torch ({torch.__version__}) is a CPU-only build" if torch.version.cuda is None else
+                   "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)")
+            raise ValueError(f"{name}={device!r}: CUDA is not available: {why}; use {name}='cpu' or leave {name} "
+                             "unset (the model's device, else the CPU)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{name}={device!r}: only {n} CUDA device(s) are visible (cuda:0 … cuda:{n - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={device!r}: MPS is not available here; use {name}='cpu'")
+    return dev
+
+
+def check_model_dtype(model: Any, x: torch.Tensor, arg: str) -> torch.Tensor:
+    """x if an nn.Module `model` whose floating parameters share one dtype can take it; else a TypeError naming the
+    argument that set x's dtype (`arg`: "dtype" or "x_T"), the model's dtype and both fixes. fastdiff does not cast
+    the model or the sample behind the caller's back: a float16 model given float32 samples would otherwise fail
+    inside its first layer with torch's bias-type error."""
+    if not isinstance(model, torch.nn.Module):
+        return x
+    dts = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dts) != 1:
+        return x
+    (mdt,) = dts
+    if x.dtype == mdt:
+        return x
+    given = f"dtype={x.dtype}" if arg == "dtype" else f"x_T of dtype {x.dtype}"
+    raise TypeError(f"{arg}: {given} but the model's parameters are {mdt}; pass dtype={mdt} (or leave dtype unset "
+                    f"to follow the model), or cast the model: model.to({x.dtype})")

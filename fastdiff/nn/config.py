@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,12 @@ class UNet2DConfig:
     num_train_timesteps: int | None = None
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # NumPy numbers are numbers (a config read with NumPy, np.int64(4) groups)
+            v = getattr(self, f.name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v) is not int:
+                setattr(self, f.name, int(v))
+            elif isinstance(v, numbers.Real) and not isinstance(v, (int, float)):
+                setattr(self, f.name, float(v))
         self.down_block_types = tuple(self.down_block_types)
         self.up_block_types = tuple(self.up_block_types)
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)

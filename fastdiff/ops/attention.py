@@ -61,6 +61,9 @@ def _check(q, k, v):
                         f"{q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[2] == 0 and q.shape[2] > 0:
+        raise ValueError(f"k, v have no tokens (L_k = 0, k {tuple(k.shape)}): a softmax over zero keys is undefined; "
+                         "pass at least one key (attention over an empty sequence has no result)")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,

@@ -23,6 +23,8 @@ GroupNorm backward (eager PyTorch's own), in float32 for fp16/bf16.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -55,16 +57,22 @@ def _check(x, weight, bias, num_groups, eps, add):
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     C = x.shape[1]
-    if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups != 0:
+    if isinstance(num_groups, numbers.Integral) and not isinstance(num_groups, bool):
+        num_groups = int(num_groups)  # NumPy integers are integers
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1 or C % num_groups != 0:
         raise ValueError(f"num_groups must be a positive divisor of the channel count {C}, got {num_groups!r}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a tensor of shape ({C},) or None, got {type(t).__name__}; "
+                            f"wrap it: torch.tensor({name}, dtype=x.dtype, device=x.device)")
         if t is not None and (t.shape != (C,) or t.device != x.device):
             raise ValueError(f"{name} must have shape ({C},) on {x.device}, got {tuple(t.shape)} on {t.device}")
     if add is not None and (add.shape != (x.shape[0], C) or add.device != x.device):
         raise ValueError(f"add must have shape ({x.shape[0]}, {C}) on {x.device}, got {tuple(add.shape)} on "
                          f"{add.device}")
+    return num_groups
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
@@ -72,7 +80,7 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
                     backend: str = "auto") -> torch.Tensor:
     """act(GroupNorm(x + add)) with fp32 statistics; see the module docstring for shapes. Dispatch:
     fastdiff._backend.resolve (backend "auto" | "torch" | "triton" | "cpp" | "cuda")."""
-    _check(x, weight, bias, num_groups, eps, add)
+    num_groups = _check(x, weight, bias, num_groups, eps, add)
     name = _backend.resolve(OP, backend, x.device, SUPPORTED)
     if name == "torch":
         return group_norm_silu_ref(x, weight, bias, num_groups, eps, silu, add)
