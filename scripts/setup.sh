@@ -31,7 +31,7 @@ else
   PY=.venv/bin/python
   step "installing into .venv (use it: .venv/bin/fastdiff, .venv/bin/python, or source .venv/bin/activate)"
 fi
-pip_install() { "$PY" -m pip install --disable-pip-version-check "$@" 2>&1 | { grep -v "^Requirement already satisfied" || true; }; }
+pip_install() { "$PY" -m pip install --disable-pip-version-check "$@" 2>&1 | { grep --line-buffered -v "^Requirement already satisfied" || true; }; }
 
 # The CPU build of torch (a looser range would pull several GB of CUDA packages).
 if "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('torch').startswith(('2.11.', '2.12.', '2.13.')) else 1)" 2>/dev/null; then
@@ -50,8 +50,8 @@ log=build/setup-build.log
 # and setup.py's own lines
 set +e
 "$PY" -m pip install --disable-pip-version-check -v --no-build-isolation -e ".$extras" 2>&1 | tee "$log" \
-  | grep --line-buffered -E '^\[[0-9]+/[0-9]+\] |^setup\.py: |^Collecting |^Installing collected|^Successfully installed' \
-  | sed -u -E 's#^(\[[0-9]+/[0-9]+\]) .* -c (/[^ ]*/)?(csrc/[^ ]+) .*#  \1 \3#'
+  | grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] |^ *setup\.py: |^Collecting |^Installing collected|^Successfully installed' \
+  | sed -u -E 's#^ *(\[[0-9]+/[0-9]+\]) .* -c (/[^ ]*/)?(csrc/[^ ]+) .*#  \1 compiling \3#'
 rc=${PIPESTATUS[0]}
 set -e
 if [ "$rc" -ne 0 ]; then
