@@ -42,3 +42,36 @@ def _advancing(it: Iterable, bar: Any):
     for item in it:
         yield item
         bar.update(1)
+
+
+class deferred_signals:
+    """`with deferred_signals():` Ctrl-C and SIGTERM that arrive inside the block take effect at its end, so a save
+    in progress (a checkpoint and its train state, a finished batch) completes before the job unwinds. In a thread
+    other than the main one (where handlers cannot be set) it does nothing."""
+
+    def __init__(self):
+        import signal
+
+        self.signums = [signal.SIGINT, signal.SIGTERM]
+        self.old: dict = {}
+        self.pending: list[int] = []
+
+    def __enter__(self):
+        import signal
+
+        try:
+            for s in self.signums:
+                self.old[s] = signal.signal(s, lambda signum, frame: self.pending.append(signum))
+        except ValueError:  # not the main thread
+            self.old.clear()
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(self.pending):
+            if self.old.get(s) != signal.SIG_IGN:
+                signal.raise_signal(s)  # now, through the handler that was there before
+        return False

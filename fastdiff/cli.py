@@ -350,14 +350,33 @@ def _train(a) -> int:
         trainer.check_outputs(a.out, resume=a.resume, overwrite=a.overwrite)
     except OSError as e:
         raise CliError(e.strerror or str(e)) from None
-    res = trainer.train(cfg, a.out, resume=a.resume, device=dev, save_every=a.save_every,
-                        progress=not a.no_progress, log=log, overwrite=a.overwrite)
+    from fastdiff._util import Interrupted
+
+    try:
+        res = trainer.train(cfg, a.out, resume=a.resume, device=dev, save_every=a.save_every,
+                            progress=not a.no_progress, log=log, overwrite=a.overwrite)
+    except Interrupted as e:
+        if str(e).startswith("saved step"):
+            raise Interrupted(f"{e}. Resume with:\n  {_resume_command(a)}") from e
+        raise Interrupted(f"{e}; rerun the same command to start") from e
     done = res["steps"] - res["start"]
     rate = f" ({done / res['seconds']:.2f} steps/s)" if done and res["seconds"] > 0 else ""
-    log(f"trained {res['parameters']:,}-parameter UNet2D to step {res['steps']}{rate}; final loss "
-        f"{res['loss'] if res['loss'] is None else round(res['loss'], 4)}")
+    loss = ("not recorded (the train state predates the loss record)" if res["loss"] is None
+            else f"{res['loss']:.4f} ({res['loss_is']})")
+    log(f"trained {res['parameters']:,}-parameter UNet2D to step {res['steps']}{rate}; loss {loss}")
     log(f"wrote {res['checkpoint']} and {res['state']}")
     return 0
+
+
+def _resume_command(a) -> str:
+    """The command line that continues an interrupted `fastdiff train`: the same arguments, --overwrite (and any
+    abbreviation of it) dropped, --resume added."""
+    import shlex
+
+    args = [t for t in a.argv if not (len(t) > 3 and ("--overwrite".startswith(t) or "--resume".startswith(t)))]
+    prog = "fastdiff" if os.path.basename(sys.argv[0]) == "fastdiff" else \
+        f"{os.path.basename(sys.executable) or 'python'} -m fastdiff"
+    return shlex.join([*shlex.split(prog), *args, "--resume"])
 
 
 def _set_threads(a) -> None:
@@ -387,7 +406,9 @@ def _set_threads(a) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = parser.parse_args(argv)
+    a.argv = argv
     if a.cmd is None:
         parser.print_help()
         return EXIT_USAGE

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff import checkpoint as ckpt
+from fastdiff._util import Interrupted, deferred_signals
 from fastdiff._util import progress as _progress
 from fastdiff.schedule import NoiseSchedule
 from fastdiff.training import training_loss
@@ -28,6 +29,18 @@ from fastdiff.training import training_loss
 # "auto" vs 6.2 s "torch", noisy shared machine). Revisit when a GPU measurement shows training through them pays.
 TRAIN_BACKEND = "torch"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The reported loss: an exponential moving average of the per-step L_simple with this decay (about the last 100
+# steps), bias-corrected as Adam's moments are (divided by 1 − decay^n after n steps, so the first steps are not
+# pulled towards 0). Its running sum and n are kept in the train state: a resumed run reports what the uninterrupted one
+# would, bit for bit, and a finished run resumed reports its recorded value.
+LOSS_EMA_DECAY = 0.99
+LOSS_DESCRIPTION = (f"EMA of the training loss, decay {LOSS_EMA_DECAY} (~the last {round(1 / (1 - LOSS_EMA_DECAY))} "
+                    "steps)")
+
+
+def loss_ema(total: float, n: int) -> float | None:
+    """The reported loss from the running sum m_n = decay·m_{n−1} + (1 − decay)·loss_n: m_n / (1 − decay^n)."""
+    return total / (1 - LOSS_EMA_DECAY ** n) if n > 0 else None
 
 
 @dataclass
@@ -253,6 +266,7 @@ def _train(cfg: TrainConfig, out: str, *, resume: bool, device, save_every: int,
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     ema = None
     start = 0
+    loss_sum, loss_n = 0.0, 0  # the running loss EMA (LOSS_EMA_DECAY) and the steps in it
     spath = ckpt.state_path(out)
     if resume:
         ema, meta = ckpt.load_train_state(spath, model=model, optimizer=opt)
@@ -263,6 +277,7 @@ def _train(cfg: TrainConfig, out: str, *, resume: bool, device, save_every: int,
         if diffs:
             raise ValueError(f"--resume: {spath} was made with other options ({'; '.join(diffs)})")
         start = int(meta["step"])
+        loss_sum, loss_n = float(meta.get("loss_ema_sum", 0.0)), int(meta.get("loss_ema_steps", 0))
         if start >= cfg.steps:
             log(f"{spath} is already at step {start} >= --steps {cfg.steps}: nothing to do")
         else:
@@ -286,56 +301,90 @@ def _train(cfg: TrainConfig, out: str, *, resume: bool, device, save_every: int,
         except FloatingPointError as e:
             raise NonFiniteLoss(f"training diverged: {e}; nothing written for step {step} (the last checkpoint "
                                 "is kept): lower --lr or raise --warmup") from None
-        train_meta = {"step": step, "config": cfg.identity(), "steps": cfg.steps}
-        ckpt.save_train_state(spath, model=model, ema=ema, optimizer=opt, meta=train_meta)
-        ckpt.save_checkpoint(out, model, scheduler=scheduler_config(cfg), image=image,
-                             train={**train_meta, "command": "fastdiff train", "dataset_size": n},
-                             state_dict={k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
+        train_meta = {"step": step, "config": cfg.identity(), "steps": cfg.steps, "loss_ema_sum": loss_sum,
+                      "loss_ema_steps": loss_n}
+        with deferred_signals():  # a Ctrl-C now takes effect after both files are written (they match)
+            ckpt.save_train_state(spath, model=model, ema=ema, optimizer=opt, meta=train_meta)
+            ckpt.save_checkpoint(out, model, scheduler=scheduler_config(cfg), image=image,
+                                 train={**train_meta, "command": "fastdiff train", "dataset_size": n,
+                                        "loss": loss_ema(loss_sum, loss_n), "loss_is": LOSS_DESCRIPTION},
+                                 state_dict={k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
         saved[0] = step
 
     bar = _progress(None, progress and start < cfg.steps, total=cfg.steps, initial=start, unit="step", desc="training")
     model.train()
     t0 = time.perf_counter()
-    loss_avg = None
-    for step in range(start, cfg.steps):
-        g = _step_generator(cfg.seed, step)
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
-        x0 = data[idx.to(device)]
-        if cfg.hflip:
-            flip = torch.rand(cfg.batch_size, generator=g) < 0.5
-            x0 = torch.where(flip.to(device).view(-1, 1, 1, 1), x0.flip(-1), x0)
-        t = torch.randint(0, len(sched), (cfg.batch_size,), generator=g).to(device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        for grp in opt.param_groups:
-            grp["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-        loss = training_loss(lambda x, tt: model(x, tt, backend=TRAIN_BACKEND), x0, sched, t=t, noise=noise,
-                             prediction_type=cfg.prediction_type)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        d = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                if v.is_floating_point():
-                    ema[k].mul_(d).add_(v.float(), alpha=1 - d)
-                else:
-                    ema[k].copy_(v)
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            kept = (f"{out} and its train state are those of step {saved[0]}" if saved[0] is not None
-                    else "no checkpoint was written")
-            raise NonFiniteLoss(f"training diverged: loss is {lv} at step {step + 1} (lr {cfg.lr:g}); stopped "
-                                f"({kept}): lower --lr or raise --warmup")
-        loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
+    done = start  # optimizer steps applied to `model`, `opt` and `ema` so far
+    try:
+        for step in range(start, cfg.steps):
+            loss = _loss_and_grads(cfg, step, model, opt, data, sched, device)
+            with deferred_signals():  # weights, optimizer, EMA and the step count change together or not at all
+                _apply(cfg, step, model, opt, ema)
+                lv = float(loss.detach())
+                loss_sum, loss_n = LOSS_EMA_DECAY * loss_sum + (1 - LOSS_EMA_DECAY) * lv, loss_n + 1
+                done = step + 1
+            if not math.isfinite(lv):
+                kept = (f"{out} and its train state are those of step {saved[0]}" if saved[0] is not None
+                        else "no checkpoint was written")
+                raise NonFiniteLoss(f"training diverged: loss is {lv} at step {step + 1} (lr {cfg.lr:g}); stopped "
+                                    f"({kept}): lower --lr or raise --warmup")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_ema(loss_sum, loss_n):.4f}")
+            if done % save_every == 0 or done == cfg.steps:
+                save(done)
+    except KeyboardInterrupt as e:
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.4f}")
-        if (step + 1) % save_every == 0 or step + 1 == cfg.steps:
-            save(step + 1)
+            bar.close()
+        if done == 0:
+            raise Interrupted("stopped before the first step: nothing written") from e
+        if saved[0] != done:  # keep every finished step (also before the first periodic save)
+            save(done)
+        raise Interrupted(f"saved step {done} of {cfg.steps} to {out} and {spath} (loss {_fmt(loss_sum, loss_n)}, "
+                          f"{LOSS_DESCRIPTION})") from e
     if bar is not None:
         bar.close()
     if start >= cfg.steps and not os.path.exists(out):
         save(start)
-    return {"steps": cfg.steps, "start": start, "seconds": time.perf_counter() - t0, "loss": loss_avg,
-            "checkpoint": out, "state": spath, "parameters": sum(p.numel() for p in model.parameters())}
+    return {"steps": cfg.steps, "start": start, "seconds": time.perf_counter() - t0,
+            "loss": loss_ema(loss_sum, loss_n), "loss_is": LOSS_DESCRIPTION, "checkpoint": out, "state": spath,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _fmt(loss_sum: float, loss_n: int) -> str:
+    v = loss_ema(loss_sum, loss_n)
+    return "not recorded" if v is None else f"{v:.4f}"
+
+
+def _loss_and_grads(cfg, step, model, opt, data, sched, device) -> torch.Tensor:
+    """Step `step`'s loss, its gradients in `model` (batch, timesteps and noise from (seed, step)); nothing else
+    changes (the step is applied by `_apply`)."""
+    n = data.shape[0]
+    g = _step_generator(cfg.seed, step)
+    idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
+    x0 = data[idx.to(device)]
+    if cfg.hflip:
+        flip = torch.rand(cfg.batch_size, generator=g) < 0.5
+        x0 = torch.where(flip.to(device).view(-1, 1, 1, 1), x0.flip(-1), x0)
+    t = torch.randint(0, len(sched), (cfg.batch_size,), generator=g).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    loss = training_loss(lambda x, tt: model(x, tt, backend=TRAIN_BACKEND), x0, sched, t=t, noise=noise,
+                         prediction_type=cfg.prediction_type)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    return loss
+
+
+@torch.no_grad()
+def _apply(cfg, step, model, opt, ema) -> None:
+    """The optimizer step (warm-up LR) and the EMA weights' update."""
+    for grp in opt.param_groups:
+        grp["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    opt.step()
+    d = min(cfg.ema_decay, (1 + step) / (10 + step))
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            ema[k].mul_(d).add_(v.float(), alpha=1 - d)
+        else:
+            ema[k].copy_(v)

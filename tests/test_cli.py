@@ -72,6 +72,34 @@ def test_train_resume_continues_exactly(tmp_path, trained, capsys):
             assert torch.equal(ta[k], tb[k]), k
 
 
+def test_reported_loss_is_a_bias_corrected_ema_kept_across_resume(tmp_path, trained, capsys):
+    from fastdiff import trainer
+
+    state = checkpoint.load_checkpoint(trained)[1]["train"]
+    assert state["loss_ema_steps"] == 4 and state["loss_is"] == trainer.LOSS_DESCRIPTION
+    # recompute the reported value from the 4 per-step losses (the same seeded batches, noise and weights)
+    from fastdiff.nn import UNet2D
+    from fastdiff.schedule import NoiseSchedule
+
+    cfg = trainer.TrainConfig(block_out_channels=[8, 16], norm_num_groups=4, batch_size=4, warmup=2, image_size=8,
+                              steps=4)
+    torch.manual_seed(cfg.seed)
+    model = UNet2D(**trainer.unet_config(cfg, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    data, sched, losses = trainer.load_dataset(cfg), NoiseSchedule.from_name("linear", 1000), []
+    for step in range(4):
+        losses.append(float(trainer._loss_and_grads(cfg, step, model, opt, data, sched, "cpu")))
+        trainer._apply(cfg, step, model, opt, ema)
+    b = trainer.LOSS_EMA_DECAY
+    want = sum((1 - b) * b ** (3 - i) * v for i, v in enumerate(losses)) / (1 - b ** 4)
+    assert state["loss"] == pytest.approx(want, rel=1e-12)
+    # a finished run resumed reports the recorded loss, never "None"
+    rc, _, err = run(capsys, "train", "--steps", "4", "--save-every", "2", "--out", trained, "--resume", *TINY)
+    assert rc == 0 and "nothing to do" in err
+    assert f"loss {state['loss']:.4f} (EMA of the training loss, decay 0.99 (~the last 100 steps))" in err, err
+
+
 def test_train_refuses_to_clobber_or_resume_a_different_run(tmp_path, trained, capsys):
     rc, _, err = run(capsys, "train", "--steps", "4", "--out", trained, *TINY)
     assert rc == 2 and "pass --resume" in err

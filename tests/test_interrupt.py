@@ -94,3 +94,108 @@ def test_interrupt_without_out_says_nothing_is_kept(tmp_path, tiny_ckpt, capsys,
     err = capsys.readouterr().err
     assert rc == 130 and calls and "interrupted (Ctrl-C): no images are kept" in err and "--out DIR" in err, err
     assert os.listdir(tmp_path) == []
+
+
+TINY = ["--block-out-channels", "8,16", "--norm-groups", "4", "--batch-size", "4", "--warmup", "2"]
+
+
+def _tensors(path):
+    from fastdiff import checkpoint
+
+    return checkpoint._read(path, "x")[0]
+
+
+def _assert_same_files(a, b):
+    from fastdiff import checkpoint
+
+    for x, y in ((a, b), (checkpoint.state_path(a), checkpoint.state_path(b))):
+        tx, ty = _tensors(x), _tensors(y)
+        assert tx.keys() == ty.keys()
+        for k in tx:
+            assert torch.equal(tx[k], ty[k]), k
+
+
+def test_train_interrupted_before_the_first_save_keeps_its_steps_and_names_the_resume_command(tmp_path, capsys,
+                                                                                            monkeypatch):
+    from fastdiff import trainer
+
+    ref = str(tmp_path / "ref.safetensors")
+    assert cli.main(["train", "--steps", "5", "--out", ref, "--no-progress", *TINY]) == 0
+    ref_loss = re.search(r"loss (\S+) \(EMA of the training loss", capsys.readouterr().err)[1]
+
+    out = str(tmp_path / "m.safetensors")
+    real, n = trainer._loss_and_grads, [0]
+
+    def stop_at_step_3(*a, **k):
+        if n[0] == 3:
+            raise KeyboardInterrupt
+        n[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "_loss_and_grads", stop_at_step_3)
+    # --save-every 250: the interrupt comes before the first periodic save; --overwrite: not in the resume command
+    argv = ["train", "--steps", "5", "--out", out, "--no-progress", "--overwrite", *TINY]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted (Ctrl-C): saved step 3 of 5 to {out}" in err, err
+    m = re.search(r"Resume with:\n  (.*)\n", err)
+    assert m, err
+    cmd = m[1].split()
+    assert cmd[cmd.index("train"):] == [a for a in argv if a != "--overwrite"] + ["--resume"], cmd
+    assert _tensors(out) and checkpoint_step(out) == 3
+
+    monkeypatch.setattr(trainer, "_loss_and_grads", real)
+    assert cli.main(cmd[cmd.index("train"):]) == 0  # the printed command resumes, and the result is bit-identical
+    err = capsys.readouterr().err
+    assert "resuming from step 3 of 5" in err
+    _assert_same_files(out, ref)
+    assert re.search(r"loss (\S+) \(EMA", err)[1] == ref_loss, err  # the reported loss survives the resume too
+
+
+def checkpoint_step(path):
+    from fastdiff import checkpoint
+
+    return checkpoint.load_checkpoint(path)[1]["train"]["step"]
+
+
+def test_train_interrupted_before_any_step_writes_nothing(tmp_path, capsys, monkeypatch):
+    from fastdiff import trainer
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_loss_and_grads", stop)
+    out = str(tmp_path / "m.safetensors")
+    assert cli.main(["train", "--steps", "5", "--out", out, "--no-progress", *TINY]) == 130
+    err = capsys.readouterr().err
+    assert "stopped before the first step: nothing written; rerun the same command" in err, err
+    assert not [f for f in os.listdir(tmp_path) if not f.endswith(".lock")]
+
+
+def test_train_sigterm_saves_and_the_printed_command_resumes(tmp_path):
+    out = str(tmp_path / "m.safetensors")
+    log = tmp_path / "err.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fastdiff", "train", "--steps", "400", "--out", out, *TINY]
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
+        t_end = time.monotonic() + 240
+        step = 0
+        while step < 5 and p.poll() is None and time.monotonic() < t_end:  # the bar says how far it is
+            time.sleep(0.05)
+            steps = re.findall(r"(\d+)/400", log.read_text())
+            step = int(steps[-1]) if steps else 0
+        assert p.poll() is None, log.read_text()
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=120)
+    err = log.read_text()
+    assert p.returncode == 143, err
+    m = re.search(r"interrupted \(SIGTERM\): saved step (\d+) of 400 .*Resume with:\n  (.*)\n", err, re.S)
+    assert m and 5 <= int(m[1]) < 400, err
+    resume = m[2].split()
+    assert resume[-1] == "--resume" and resume[resume.index("train"):-1] == cmd[cmd.index("train"):], resume
+    assert checkpoint_step(out) == int(m[1])
+    r = subprocess.run([sys.executable, "-m", "fastdiff", *resume[resume.index("train"):], "--no-progress"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and f"resuming from step {m[1]} of 400" in r.stderr, r.stderr
+    assert checkpoint_step(out) == 400
