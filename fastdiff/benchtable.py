@@ -1,35 +1,142 @@
 """`fastdiff bench`: this machine's table of the fused backends against the plain-PyTorch reference.
 
 Ops are looked up at run time (each fastdiff.ops module's public function, its SUPPORTED backends and
-fastdiff.backends()); a missing op or backend is listed with the reason, never an error. GB/s = bytes / best time,
-with the bytes each op must move stated below the table (reads + writes of the tensors the fused op touches). The
-last rows time a whole DDIM loop of the bundled model with every op on the reference vs on "auto".
+fastdiff.backends()); a missing op or backend is listed with the reason, never an error.
+
+How it measures, so that a figure means something on a shared machine:
+- interleaved: every round runs the reference and each fused backend once, in an order shuffled per round, so a
+  load that comes and goes hits all of them alike; a ratio is the median over rounds of the ratio *within* a round.
+- disturbed rounds are dropped: on the CPU each call's CPU time is compared with its wall time × threads; a call that
+  got less than MIN_CPU_SHARE of the cores it asked for was descheduled (another job ran) and its round is not used.
+- repeated until stable: rounds continue until the per-round ratios agree (relative half-IQR <= STABLE_SPREAD) or the
+  round / time budget is spent; a figure that did not settle is printed as "noisy" with its spread, never as a ratio.
+- the load (1-minute load average against the cores) and the thread count are printed; a CPU that other jobs already
+  saturate runs with 1 thread unless --threads says otherwise (as `fastdiff sample` and `train` do).
+- units are kept apart: the op table is in ms and GB/s (bytes each op must move / median time), the end-to-end table in
+  ms per batch and images/s.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import random
+import statistics
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from fastdiff import _backend
 
+MIN_CPU_SHARE = 0.8  # a call that got less of its threads' CPU time than this was descheduled: its round is dropped
+STABLE_SPREAD = 0.05  # a ratio is stable when half its inter-quartile range is at most this fraction of its median
+NOISY_SPREAD = 0.15  # ... and printed as "noisy" when, at the end, half its IQR is above this fraction
 
-def _timeit(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
-    """Best (minimum) seconds of `repeat` calls after one warm-up call, synchronised on CUDA. The minimum, not the
-    median: on a CPU shared with other jobs the noise only ever adds time."""
+
+@dataclass
+class Timing:
+    """Interleaved timings of several callables (the first is the reference): per round each one's wall seconds and
+    CPU share (process CPU time / (wall · threads)). A round is clean when every call in it got at least
+    MIN_CPU_SHARE of the best share that callable had in any round (an op that uses fewer threads than the pool is
+    judged against itself); on CUDA every round is clean."""
+
+    names: list
+    cpu: bool = True
+    wall: list = field(default_factory=list)  # per round: {name: seconds}
+    share: list = field(default_factory=list)  # per round: {name: CPU share}
+    seconds: float = 0.0  # wall time spent
+
+    @property
+    def rounds(self) -> int:
+        return len(self.wall)
+
+    def clean_rounds(self) -> list:
+        if not self.cpu:
+            return list(self.wall)
+        best = {n: max(r[n] for r in self.share) for n in self.names}
+        return [w for w, sh in zip(self.wall, self.share) if all(sh[n] >= MIN_CPU_SHARE * best[n] for n in self.names)]
+
+    @property
+    def clean(self) -> int:
+        return len(self.clean_rounds())
+
+    @property
+    def dropped(self) -> int:
+        return self.rounds - self.clean
+
+    def secs(self, name: str) -> list:
+        return [w[name] for w in self.clean_rounds()]
+
+    def ratios(self, name: str) -> list:
+        """base seconds / name seconds within each clean round."""
+        base = self.names[0]
+        return [w[base] / w[name] for w in self.clean_rounds() if w[name] > 0]
+
+    def median_s(self, name: str) -> float | None:
+        s = self.secs(name)
+        return statistics.median(s) if s else None
+
+    @staticmethod
+    def spread(values) -> float | None:
+        """Half the inter-quartile range relative to the median (None with fewer than 3 values)."""
+        if len(values) < 3:
+            return None
+        q1, med, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        return (q3 - q1) / 2 / med if med > 0 else None
+
+    def ratio(self, name: str) -> tuple[float | None, float | None]:
+        """(median of the per-round ratios, their relative half-IQR)."""
+        r = self.ratios(name)
+        return (statistics.median(r) if r else None), self.spread(r)
+
+    def noisy(self, name: str, min_clean: int) -> bool:
+        med, sp = self.ratio(name)
+        return med is None or self.clean < min_clean or sp is None or sp > NOISY_SPREAD
+
+    def stable(self, min_clean: int) -> bool:
+        if self.clean < min_clean:
+            return False
+        spreads = [self.ratio(n)[1] for n in self.names[1:]]
+        return all(sp is not None and sp <= STABLE_SPREAD for sp in spreads)
+
+
+def _cpu_time() -> float:
+    return time.process_time()  # all of this process's threads (the intra-op pool included)
+
+
+def interleave(fns: dict, device: torch.device, *, min_rounds: int = 5, max_rounds: int = 40,
+               budget_s: float = 4.0, threads: int | None = None, seed: int = 0) -> Timing:
+    """Time `fns` (name -> callable; the first is the reference) side by side until the ratios are stable.
+
+    Every round runs each callable once in a shuffled order (Timing says which rounds were disturbed). Stops once
+    `min_rounds` rounds are clean and every ratio's spread is <= STABLE_SPREAD, or at `max_rounds` rounds, or after
+    `budget_s` seconds (always at least `min_rounds` rounds)."""
+    names = list(fns)
+    threads = threads or torch.get_num_threads()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
+    for f in fns.values():  # warm-up, outside the timing
+        f()
     sync()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
+    t = Timing(names, cpu=device.type == "cpu")
+    rng = random.Random(seed)
+    order = list(names)
+    t_start = time.perf_counter()
+    while True:
+        rng.shuffle(order)
+        wall, share = {}, {}
+        for n in order:
+            c0, t0 = _cpu_time(), time.perf_counter()
+            fns[n]()
+            sync()
+            dt, dc = time.perf_counter() - t0, _cpu_time() - c0
+            wall[n] = dt
+            share[n] = dc / (dt * threads) if dt > 0 else 1.0
+        t.wall.append(wall)
+        t.share.append(share)
+        t.seconds = time.perf_counter() - t_start
+        if t.rounds >= min_rounds and (t.stable(min_rounds) or t.rounds >= max_rounds or t.seconds >= budget_s):
+            return t
 
 
 def _cases(device: torch.device, quick: bool):
@@ -106,40 +213,72 @@ def _unavailable(mod, device: torch.device) -> list[str]:
     return notes
 
 
-def _loop_rows(device: torch.device, repeat: int, quick: bool):
-    from fastdiff import checkpoint as ckpt
-    from fastdiff import jobs
+def _ratio_cell(t: Timing, name: str, min_clean: int) -> str:
+    """The "vs reference" cell: the median per-round ratio ± its spread, or "noisy" (never a ratio that did not
+    settle)."""
+    med, sp = t.ratio(name)
+    if t.noisy(name, min_clean):
+        why = f"±{sp:.0%}" if sp is not None else f"{t.clean} clean rounds"
+        return f"noisy ({why})"
+    return f"{med:.2f}× ±{sp:.0%}"
 
-    path = ckpt.bundled_checkpoint()
-    if not os.path.isfile(path):
-        return [("DDIM loop (bundled model)", "-", "-", "-", "-", "skipped: bundled checkpoint missing")]
-    model, meta = ckpt.load_checkpoint(path, device=device)
-    steps, B = (5, 16) if quick else (20, 64)
-    cfg = jobs.SampleConfig("ddim", steps, 0.0, 0, "float32", B)
-    from fastdiff.sampling import OPTION_NAMES, resolve_schedule
 
-    sch = meta["scheduler"]
-    schedule, _ = resolve_schedule(sch or None, {})
-    opts = {k: sch[k] for k in OPTION_NAMES if k in sch}
-    c, s = meta["config"]["in_channels"], meta["config"]["sample_size"]
-    idx = list(range(B))
-    rows, base = [], None
-    for label, env in (("reference", "torch"), ("auto", None)):
+def _ms_cell(t: Timing, name: str) -> str:
+    s = t.median_s(name)
+    if s is None:
+        return "-"
+    sp = t.spread(t.secs(name))
+    return f"{s * 1e3:.3f}" + (f" ±{sp:.0%}" if sp is not None else "")
+
+
+def _with_backend(env: str | None, fn: Callable) -> Callable:
+    def run():
         old = os.environ.get("FASTDIFF_BACKEND")
         if env:
             os.environ["FASTDIFF_BACKEND"] = env
+        else:
+            os.environ.pop("FASTDIFF_BACKEND", None)
         try:
-            dt = _timeit(lambda: jobs.sample_batch(model, idx, cfg, schedule, opts, (c, s, s), device),
-                         device, repeat)
+            return fn()
         finally:
             if old is None:
                 os.environ.pop("FASTDIFF_BACKEND", None)
             else:
                 os.environ["FASTDIFF_BACKEND"] = old
-        base = base or dt
-        rows.append((f"DDIM {steps} steps, bundled UNet2D", f"{B}×{c}×{s}×{s}", label, f"{dt * 1e3:.1f}",
-                     f"{B / dt:.0f} img/s", f"{base / dt:.2f}×"))
-    return rows
+    return run
+
+
+def _loop_rows(device: torch.device, repeat: int, quick: bool, budget_s: float, threads: int):
+    """End-to-end rows: a DDIM loop of the bundled model with every op on the reference vs on "auto"."""
+    from fastdiff import checkpoint as ckpt
+    from fastdiff import jobs
+    from fastdiff.sampling import OPTION_NAMES, resolve_schedule
+
+    path = ckpt.bundled_checkpoint()
+    if not os.path.isfile(path):
+        return [], ["DDIM loop: skipped (bundled checkpoint missing)"]
+    model, meta = ckpt.load_checkpoint(path, device=device)
+    steps, B = (5, 16) if quick else (20, 64)
+    cfg = jobs.SampleConfig("ddim", steps, 0.0, 0, "float32", B)
+    sch = meta["scheduler"]
+    schedule, _ = resolve_schedule(sch or None, {})
+    opts = {k: sch[k] for k in OPTION_NAMES if k in sch}
+    c, s = meta["config"]["in_channels"], meta["config"]["sample_size"]
+    idx = list(range(B))
+
+    def batch():
+        return jobs.sample_batch(model, idx, cfg, schedule, opts, (c, s, s), device)
+
+    fns = {"reference": _with_backend("torch", batch), "auto": _with_backend(None, batch)}
+    t = interleave(fns, device, min_rounds=max(3, repeat // 2), max_rounds=max(6, 2 * repeat), budget_s=budget_s,
+                   threads=threads)
+    rows = []
+    for name in fns:
+        sec = t.median_s(name)
+        rows.append((f"DDIM {steps} steps, bundled UNet2D", f"{B}×{c}×{s}×{s}", name, _ms_cell(t, name),
+                     f"{B / sec:.0f}" if sec else "-",
+                     "1" if name == "reference" else _ratio_cell(t, name, max(3, repeat // 2))))
+    return rows, [f"DDIM loop: {t.clean} clean of {t.rounds} interleaved rounds in {t.seconds:.1f} s"]
 
 
 def _cpu_name() -> str:
@@ -153,7 +292,40 @@ def _cpu_name() -> str:
     return ""
 
 
-def run(device: torch.device, repeat: int = 5, quick: bool = False, out=print) -> int:
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def choose_threads(device: torch.device, threads: int | None) -> tuple[int, str]:
+    """Set and return the intra-op thread count, with the reason: --threads if given; on a CPU that other jobs already
+    saturate (1-minute load >= cores) 1, since several OpenMP threads then spin at each barrier while their siblings
+    wait for a core; else torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+        return threads, "--threads"
+    n = torch.get_num_threads()
+    load, cores = load_average(), os.cpu_count() or 1
+    if device.type == "cpu" and n > 1 and load is not None and load >= cores:
+        torch.set_num_threads(1)
+        return 1, f"the CPU is busy (load {load:.1f} on {cores} cores): 1 thread; --threads N to choose"
+    return n, "torch's default"
+
+
+def _table(header, rows, out) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    out("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    out("  ".join("-" * w for w in widths))
+    for r in rows:
+        out("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def run(device: torch.device, repeat: int = 5, quick: bool = False, out=print, threads: int | None = None,
+        budget_s: float | None = None) -> int:
+    """Print the tables. repeat: the least number of clean interleaved rounds per figure (more are run until the
+    ratios settle). budget_s: wall seconds per op case (default 4, or 30 for the end-to-end loop; quick: half)."""
     import platform
 
     try:
@@ -162,16 +334,18 @@ def run(device: torch.device, repeat: int = 5, quick: bool = False, out=print) -
         tv = triton.__version__
     except ImportError:
         tv = "not installed"
+    nthreads, why = choose_threads(device, threads)
+    load0, cores = load_average(), os.cpu_count() or 1
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name() or platform.processor()
-    out(f"fastdiff bench on {device} ({name}), torch {torch.__version__}, triton {tv}, "
-        f"{torch.get_num_threads()} CPU threads")
+    out(f"fastdiff bench on {device} ({name}), torch {torch.__version__}, triton {tv}")
+    out(f"threads: {nthreads} ({why}); load: "
+        + (f"{load0:.2f} on {cores} cores at the start" if load0 is not None else "unknown on this platform"))
     out("backends:")
     for b, st in _backend.backends().items():
         out(f"  {b:7s} {'yes' if st['available'] else 'no ':3s}  {st['why']}")
-    header = ("op", "shape (fp32)", "backend", f"ms (best of {repeat})", "GB/s", "vs reference")
-    rows = []
-    notes = []
-    done = set()
+    op_budget = budget_s if budget_s is not None else (2.0 if quick else 4.0)
+    rows, notes, done = [], [], set()
+    dropped = total = 0
     for op, shape, build in _cases(device, quick):
         try:
             mod = importlib.import_module(f"fastdiff.ops.{op}")
@@ -193,32 +367,50 @@ def run(device: torch.device, repeat: int = 5, quick: bool = False, out=print) -
         except Exception as e:  # an op whose API changed: say so, keep going
             notes.append(f"{op}: could not build inputs ({type(e).__name__}: {e}); skipped")
             continue
-        base = None
-        for b, fn in fns.items():
+        ok = {}
+        for b, fn in fns.items():  # a backend that fails is listed with the reason, not timed
             try:
-                dt = _timeit(fn, device, repeat)
+                fn()
+                ok[b] = fn
             except Exception as e:
                 rows.append((label, "×".join(map(str, shape)), b, "-", "-", f"failed: {type(e).__name__}: {e}"))
-                continue
-            base = base or dt
-            rows.append((label, "×".join(map(str, shape)), b, f"{dt * 1e3:.3f}", f"{nbytes / dt / 1e9:.1f}",
-                         f"{base / dt:.2f}×"))
+        if "reference" not in ok:
+            continue
+        t = interleave(ok, device, min_rounds=repeat, max_rounds=max(8 * repeat, 40), budget_s=op_budget,
+                       threads=nthreads)
+        dropped, total = dropped + t.dropped, total + t.rounds
+        for b in ok:
+            sec = t.median_s(b)
+            rows.append((label, "×".join(map(str, shape)), b, _ms_cell(t, b),
+                         f"{nbytes / sec / 1e9:.1f}" if sec else "-",
+                         "1" if b == "reference" else _ratio_cell(t, b, repeat)))
+    out("")
+    out("Ops (median of the clean interleaved rounds; GB/s = bytes the op must move / median time):")
+    _table(("op", "shape (fp32)", "backend", "ms", "GB/s", "vs reference"), rows, out)
     try:
-        rows += _loop_rows(device, repeat, quick)
+        lrows, lnotes = _loop_rows(device, repeat, quick, budget_s if budget_s is not None else
+                                   (15.0 if quick else 30.0), nthreads)
+        notes += lnotes
+        if lrows:
+            out("")
+            out("End to end (one batch of the bundled model; the model's convolutions dominate on a CPU):")
+            _table(("loop", "batch", "ops on", "ms per batch", "images/s", "vs reference"), lrows, out)
     except Exception as e:
         notes.append(f"DDIM loop: failed ({type(e).__name__}: {e})")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    load1 = load_average()
+    notes.append(f"ops: {total - dropped} clean of {total} interleaved rounds; a round is dropped when a call got "
+                 f"less than {MIN_CPU_SHARE:.0%} of its threads' CPU time (descheduled by another job)"
+                 if device.type == "cpu" else f"ops: {total} interleaved rounds")
+    if load1 is not None:
+        notes.append(f"load: {load1:.2f} on {cores} cores at the end")
     out("")
-    out("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    out("  ".join("-" * w for w in widths))
-    for r in rows:
-        out("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-    if notes:
-        out("")
-        out("notes:")
-        for n in notes:
-            out(f"  {n}")
+    out("notes:")
+    for n in notes:
+        out(f"  {n}")
     out("")
+    out(f"vs reference: the median over rounds of (reference time / backend time) within one round, ± half its "
+        f"inter-quartile range; 'noisy' where that spread stayed above {NOISY_SPREAD:.0%} or too few rounds were "
+        "clean (rerun on a quieter machine, or with --threads 1).")
     out("bytes per op: DDIM step 3·N·4 (read x, o; write x'); GroupNorm+SiLU 2·N·4 (read x, write y); "
         "attention 4·B·L·D·4 (read q, k, v; write o). 'reference' is the plain-PyTorch *_ref function.")
     return 0

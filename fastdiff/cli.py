@@ -153,7 +153,9 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time the fused backends against the plain-PyTorch reference here")
     b.add_argument("--device", default=None)
-    b.add_argument("--repeat", type=_positive_int("--repeat"), default=5, help="timed repetitions (best is shown)")
+    b.add_argument("--repeat", type=_positive_int("--repeat"), default=5,
+                   help="least number of clean interleaved rounds per figure; more run until the ratios settle, "
+                        "else the figure is marked noisy (default: %(default)s)")
     b.add_argument("--quick", action="store_true", help="small sizes only")
     b.add_argument("--threads", type=_positive_int("--threads"), default=None, help="CPU intra-op threads")
     return p
@@ -425,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(a)
         from fastdiff import benchtable
 
-        return benchtable.run(device=_device(a.device), repeat=a.repeat, quick=a.quick)
+        return benchtable.run(device=_device(a.device), repeat=a.repeat, quick=a.quick, threads=a.threads)
     except (CliError, CheckpointError, RunMismatch, ValueError) as e:
         if os.environ.get("FASTDIFF_DEBUG") == "1":  # the traceback, for bug reports
             raise
