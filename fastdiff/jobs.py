@@ -28,6 +28,7 @@ import torch
 
 from fastdiff import sampling
 from fastdiff._util import Interrupted  # noqa: F401  (sample_to_dir raises it: str() says how many images are kept)
+from fastdiff._util import deferred_signals
 from fastdiff._util import progress as _progress
 from fastdiff.samplers import SAMPLERS  # every sampler fastdiff.sample runs
 from fastdiff.fsutil import DirLock, atomic_write, clean_temps, exclusive_create, is_fastdiff_temp, LOCK_NAME
@@ -562,8 +563,9 @@ def _fill_and_merge(model, out_dir, num, cfg, schedule, options, chw, device, sh
                 idx = list(range(blo, bhi))
                 imgs = to_uint8_nhwc(sample_batch(model, idx, cfg, schedule, options, (c, h, w), device, backend,
                                                   check_nan, bar=bar))
-                save_npz(part_path(out_dir, k, j), imgs, indices=np.asarray(idx, np.int64), run=tag)
-                made += len(idx)
+                with deferred_signals():  # a finished batch is kept even if Ctrl-C comes while it is written
+                    save_npz(part_path(out_dir, k, j), imgs, indices=np.asarray(idx, np.int64), run=tag)
+                    made += len(idx)
                 if bar is not None:
                     bar.set_postfix_str(f"{made} new images", refresh=False)
             imgs = np.concatenate([_load_shard(part_path(out_dir, k, j), k, blo, bhi, (h, w, c), tag, what="batch")
