@@ -218,7 +218,7 @@ def _ratio_cell(t: Timing, name: str, min_clean: int) -> str:
     settle)."""
     med, sp = t.ratio(name)
     if t.noisy(name, min_clean):
-        why = f"±{sp:.0%}" if sp is not None else f"{t.clean} clean rounds"
+        why = f"±{sp:.0%}" if sp is not None and t.clean >= min_clean else f"{t.clean} clean rounds"
         return f"noisy ({why})"
     return f"{med:.2f}× ±{sp:.0%}"
 

@@ -224,51 +224,39 @@ def check_rescale_zero_snr(betas: torch.Tensor, name: str = "rescale_zero_snr") 
         raise ValueError(f"{name}: √ᾱ_0 = √ᾱ_T-1 = {float(s[0]):.6g}: the schedule adds no noise to rescale")
 
 
-def _alpha_bar_limit(dtype: torch.dtype) -> tuple[float, str, str]:
-    """(smallest ᾱ_t > 0 a sample of `dtype` can be sampled at, why, the fix). The fused kernels and diffusers compute
-    in float32, so below float64 ᾱ must be a normal float32 number; a float16 sample also stores x̂0 = x/√ᾱ, which
-    for a 4σ sample must stay below float16's largest value (cosine's ᾱ_999 = 2.4e-9 gives 8e4)."""
-    if dtype == torch.float64:
-        return torch.finfo(torch.float64).tiny, "a normal float64 number", "use a schedule with a larger ᾱ"
-    lim, why = torch.finfo(torch.float32).tiny, "a normal float32 number (the kernels compute in float32)"
-    if dtype == torch.float16:
-        lim16 = (4.0 / torch.finfo(torch.float16).max) ** 2
-        if lim16 > lim:
-            lim, why = lim16, "large enough that x̂0 = x/√ᾱ of a 4σ sample fits float16 (max 65504)"
-    fix = "sample in float32 (dtype=torch.float32)" if dtype == torch.float16 else \
-        "sample in float64 (dtype=torch.float64)"
-    return lim, why, fix
-
-
 def check_alpha_bar(abar: Sequence[float] | torch.Tensor, dtype: torch.dtype, name: str = "schedule",
                     labels: Sequence[str] | None = None) -> None:
-    """Every ᾱ_t > 0 that a sampler will divide by √ᾱ_t must be representable for a sample of `dtype`
-    (_alpha_bar_limit): one below is refused naming it (`labels[i]`, else the index) and the fix. ᾱ_t = 0 exactly,
-    a zero-terminal-SNR schedule, is the caller's business (only v-/x0-prediction can start there)."""
+    """Every ᾱ_t that a sampler will divide by √ᾱ_t must stay representable in `dtype`: ᾱ_t > 0 that rounds to 0, or
+    whose 1/√ᾱ_t overflows, is refused naming it (`labels[i]`, else the index) and the fix (ᾱ_t = 0 exactly, a
+    zero-terminal-SNR schedule, is the caller's business: only v-/x0-prediction can start there)."""
     a = torch.as_tensor(abar, dtype=torch.float64).flatten()
-    lim, why, fix = _alpha_bar_limit(dtype)
-    under = (a > 0) & (a < lim)
+    info = torch.finfo(dtype)
+    pos = a > 0
+    under = pos & ((a.to(dtype) == 0) | (1 / a.sqrt() > info.max))
     if under.any():
         i = int(under.nonzero()[0])
         at = labels[i] if labels is not None else f"ᾱ[{i}]"
-        raise ValueError(f"{name}: {at} = {float(a[i]):.3g} underflows {dtype}: ᾱ_t must be {why}, >= {lim:.3g} "
-                         f"(1/√ᾱ = {float(1 / a[i].sqrt()):.3g}); {fix}, or use a timestep spacing / schedule that "
-                         "does not visit it (a non-finite sample otherwise)")
+        fix = "sample in float64 (dtype=torch.float64)" if dtype != torch.float64 else "use a larger ᾱ"
+        raise ValueError(f"{name}: {at} = {float(a[i]):.3g} underflows {dtype} (1/√ᾱ = {float(1 / a[i].sqrt()):.3g}, "
+                         f"smallest normal {info.tiny:.3g}): {fix}, or a timestep spacing / schedule that does not "
+                         "visit it (the sample would not be finite)")
 
 
 def check_plan_alpha_bar(plan: Any, dtype: torch.dtype, name: str = "schedule") -> None:
     """check_alpha_bar over the ᾱ a sampling plan visits (a DDIM/DDPM plan: ᾱ at its timesteps; a solver plan: ᾱ =
-    1/(1 + σ²) of its σ grid), once per plan and dtype (the result is kept on the plan)."""
+    1/(1 + σ²) of its σ grid) in the dtype the steps compute in: float64 for float64 samples, else float32 (the
+    fused kernels' arithmetic, and diffusers' tables). Once per plan and dtype (the result is kept on the plan)."""
     done = plan.__dict__.setdefault("_alpha_bar_ok", set())
     if dtype in done:
         return
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
     if hasattr(plan, "abar_t"):
         ts = plan.timesteps.tolist()
-        check_alpha_bar(plan.abar_t, dtype, name, [f"ᾱ at timestep {t}" for t in ts])
+        check_alpha_bar(plan.abar_t, compute, name, [f"ᾱ at timestep {t}" for t in ts])
     elif getattr(plan, "sigmas", None) is not None:
         sig = [float(x) for x in plan.sigmas]
         abar = [0.0 if math.isinf(x) else 1.0 / (1.0 + x * x) for x in sig]
-        check_alpha_bar(abar, dtype, name, [f"ᾱ = 1/(1+σ²) at σ = {x:.3g}" for x in sig])
+        check_alpha_bar(abar, compute, name, [f"ᾱ = 1/(1+σ²) at σ = {x:.3g}" for x in sig])
     done.add(dtype)
 
 
