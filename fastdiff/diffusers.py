@@ -39,6 +39,7 @@ one write per step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import threading
@@ -84,6 +85,44 @@ def _init_like(hf_cls):
     return register_to_config(__init__)
 
 
+# what fastdiff's checks raise for a configuration they refuse (diffusers' class may still accept it)
+_REFUSALS = (ValueError, TypeError, NotImplementedError)
+
+
+def _or_diffusers(fn, name=None):
+    """A public method that diffusers' own instance answers while it runs this scheduler (see _Base._to_diffusers)."""
+    name = name or fn.__name__
+
+    @functools.wraps(fn)
+    def method(self, *args, **kwargs):
+        impl = self._hf_impl
+        if impl is not None:
+            return getattr(impl, name)(*args, **kwargs)
+        return fn(self, *args, **kwargs)
+    return method
+
+
+def _set_timesteps(fn):
+    """set_timesteps: fastdiff's plan of the live config when it can run it, else diffusers' class runs the run
+    (diffusers' error when diffusers refuses it too)."""
+
+    @functools.wraps(fn)
+    def set_timesteps(self, *args, **kwargs):
+        try:
+            out = fn(self, *args, **kwargs)
+        except _REFUSALS as e:
+            out = []
+            self._to_diffusers(e, run=lambda impl: out.append(impl.set_timesteps(*args, **kwargs)))
+            return out[0]
+        if self._hf_impl is not None:  # the live config runs fused again (a pipeline rewrote it)
+            self._hf_impl = None
+            self.betas = self._schedule.betas.to(torch.float32)
+            self.alphas = 1.0 - self.betas
+            self.alphas_cumprod = self._schedule.alphas_cumprod_f32()
+        return out
+    return set_timesteps
+
+
 def _check_steps(n, T):
     if n is None:
         raise ValueError("num_inference_steps: pass the number of steps (got None)")
@@ -102,19 +141,63 @@ class _Base(SchedulerMixin, ConfigMixin):
     order = 1
 
     def _setup(self, args: dict):
-        self._check_config(args)
-        self._schedule = NoiseSchedule.from_diffusers(args)
-        self.betas = self._schedule.betas.to(torch.float32)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = self._schedule.alphas_cumprod_f32()
         self.num_inference_steps = None
         self._step_index = None
         self._begin_index = None
         self._host_ts: list = []
         self._dev_cache: dict = {}
         self._planned_cfg = None
+        self._hf_impl = None
         T = args["num_train_timesteps"]
         self.timesteps = torch.from_numpy(np.arange(0, T)[::-1].copy())
+        try:
+            self._check_config(args)
+            self._schedule = NoiseSchedule.from_diffusers(args)
+        except _REFUSALS as e:  # diffusers' class may take it: then it runs this config (else its error is raised)
+            self._to_diffusers(e, args)
+            return
+        self.betas = self._schedule.betas.to(torch.float32)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = self._schedule.alphas_cumprod_f32()
+
+    # ---- configurations the fused step does not run: diffusers' own class runs them, never refused ----
+    def _to_diffusers(self, why, cfg=None, run=None):
+        """Hand this scheduler's work to diffusers' own class, built from the live config: for a configuration that
+        fastdiff refuses (where diffusers computes NaN, or a setting fastdiff's solvers lack) but diffusers' class
+        accepts. A configuration (or `run`, the set_timesteps call) diffusers refuses too raises diffusers' error
+        here, and nothing changes. Warned once per reason."""
+        cfg = dict(self.config) if cfg is None else dict(cfg)
+        params = inspect.signature(self._hf_class.__init__).parameters
+        impl = self._hf_class(**{k: v for k, v in cfg.items() if k in params and k != "self"})
+        if run is not None:
+            run(impl)
+        self._hf_impl, self._hf_why = impl, str(why)
+        self._mirror()
+        said = self.__dict__.setdefault("_hf_said", set())
+        if str(why) not in said:
+            said.add(str(why))
+            warnings.warn(f"fastdiff.diffusers.{type(self).__name__}: {why}; this configuration runs on diffusers' "
+                          f"own {self._hf_class.__name__} (unfused)", stacklevel=4)
+        return impl
+
+    _MIRRORED = ("betas", "alphas", "alphas_cumprod", "timesteps", "sigmas", "num_inference_steps", "prk_timesteps",
+                 "plms_timesteps", "custom_timesteps")
+
+    def _mirror(self):
+        """The public attributes of the diffusers instance that runs this scheduler, copied here (pipelines read
+        them from this object)."""
+        for k in self._MIRRORED:
+            if hasattr(self._hf_impl, k):
+                self.__dict__[k] = getattr(self._hf_impl, k)
+
+    def __getattr__(self, name):
+        impl = self.__dict__.get("_hf_impl")
+        if impl is not None and not name.startswith("__"):
+            try:
+                return getattr(impl, name)
+            except AttributeError:
+                pass
+        return super().__getattr__(name)
 
     def _check_config(self, cfg: dict):
         """Refuse, at construction, settings this class cannot run (the same check runs at set_timesteps)."""
@@ -199,12 +282,14 @@ class _Base(SchedulerMixin, ConfigMixin):
         return self._bcast(a.index_select(0, idx), original_samples) * original_samples + \
             self._bcast(b.index_select(0, idx), original_samples) * noise
 
+    @_or_diffusers
     def get_velocity(self, sample, noise, timesteps):
         a, b = self._abar_sqrt(sample.device, sample.dtype)
         idx = timesteps.to(sample.device).long().reshape(-1)
         a_t, b_t = self._bcast(a.index_select(0, idx), sample), self._bcast(b.index_select(0, idx), sample)
         return a_t * noise - b_t * sample
 
+    @_or_diffusers
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
 
@@ -258,26 +343,67 @@ class _PlanScheduler(_Base):
         S.solver_options(self._sampler, dict(cfg), {})
 
     def _setup(self, args):
-        super()._setup(args)
         self._plans: dict = {}
         self._start = 0
         self._slots: list = []
         self.sigmas = None
         self._checked = False
         self._running = False
+        self._init_grid_active = False
+        super()._setup(args)
+        if self._euler_family and self._hf_impl is None:
+            try:
+                self._init_grid()
+            except _REFUSALS as e:
+                self._to_diffusers(e)
+
+    _INIT_GRID = dict(timestep_spacing="linspace", use_karras_sigmas=False, final_sigmas_type="zero",
+                      interpolation_type="linear")
+
+    def _init_grid(self):
+        """The Euler family is usable before set_timesteps, as in diffusers: Euler and Euler ancestral on the full
+        training grid (T linspace timesteps, σ's of the table, final σ 0; num_inference_steps stays None), Heun on
+        set_timesteps(T) of its config (what diffusers' HeunDiscreteScheduler.__init__ runs)."""
+        T = self.config.num_train_timesteps
+        if self._sampler == "heun":
+            self._set(T, None)
+        else:
+            self._set(T, None, overrides={k: v for k, v in self._INIT_GRID.items() if k in self.config})
+            self.num_inference_steps = None
+        self._init_grid_active = True
 
     # ---- step position (DDIM/DDPM have none in diffusers) ----
     @property
     def step_index(self):
-        return self._step_index
+        return self._hf_impl.step_index if self._hf_impl is not None else self._step_index
 
     @property
     def begin_index(self):
-        return self._begin_index
+        return self._hf_impl.begin_index if self._hf_impl is not None else self._begin_index
+
+    @_or_diffusers
+    def index_for_timestep(self, timestep, schedule_timesteps=None):
+        """diffusers' rule: the position of `timestep` in the schedule, the second match when there are several; no
+        match: the last position (DPM-Solver, UniPC) or an error (the Euler family)."""
+        if schedule_timesteps is not None:
+            ts = [t for t in torch.as_tensor(schedule_timesteps).reshape(-1).tolist()]
+            v = timestep.reshape(-1)[0].item() if torch.is_tensor(timestep) else timestep
+            hits = [i for i, t in enumerate(ts) if t == v]
+            if not hits:
+                if self._euler_family:
+                    raise IndexError(f"timestep {v} is not in schedule_timesteps")
+                return len(ts) - 1
+            return hits[1] if len(hits) > 1 else hits[0]
+        _, v = self._timestep_value(timestep)
+        try:
+            return self._index_for_value(v, missing_last=not self._euler_family)
+        except ValueError as e:
+            raise IndexError(str(e)) from None
 
     # ---- set_timesteps ----
-    def _set(self, num_inference_steps, device, timesteps=None, sigmas=None):
+    def _set(self, num_inference_steps, device, timesteps=None, sigmas=None, overrides=None):
         cfg = dict(self.config)
+        cfg.update(overrides or {})
         T = cfg["num_train_timesteps"]
         custom = None
         if timesteps is not None or sigmas is not None:
@@ -285,7 +411,8 @@ class _PlanScheduler(_Base):
             n = len(custom[1]) - (1 if custom[0] == "sigmas" else 0)
         else:
             n = _check_steps(num_inference_steps, T)
-        memo = self._memo((n, custom))
+        self._init_grid_active = False
+        memo = self._memo((n, custom, tuple(sorted((overrides or {}).items()))))
         if "plans" not in memo:
             sched = NoiseSchedule.from_diffusers(cfg)
             opts = S.solver_options(self._sampler, cfg, {})
@@ -316,13 +443,14 @@ class _PlanScheduler(_Base):
 
     @property
     def init_noise_sigma(self):
-        if not self._plans:  # before set_timesteps: diffusers' value for the full training grid
-            if not self._euler_family:
-                return 1.0
-            a = self.alphas_cumprod
-            smax = float((((1 - a) / a) ** 0.5).max())
-            return smax if self.config.timestep_spacing in ("linspace", "trailing") else math.sqrt(smax**2 + 1)
-        return self._init_sigma
+        """diffusers' value and type: 1.0 (DPM-Solver, UniPC, PNDM); the Euler family's a float32 0-d tensor from
+        its σ's, max σ for linspace/trailing spacing, else √(max σ² + 1)."""
+        if self._hf_impl is not None:
+            return self._hf_impl.init_noise_sigma
+        if not self._euler_family:
+            return 1.0
+        smax = self.sigmas.max()
+        return smax if self.config.timestep_spacing in ("linspace", "trailing") else (smax**2 + 1) ** 0.5
 
     def _rows(self, start, device):
         return self._cached(("rows", start, str(device)), lambda: self._plans[start].diffusers_rows().to(device))
@@ -415,6 +543,7 @@ class _PlanScheduler(_Base):
         plan.sampler = self._sampler
         return plan
 
+    @_or_diffusers
     def set_begin_index(self, begin_index: int = 0):
         self._begin_index = begin_index
         if self._plans and self._restarts and 0 < begin_index < len(self._host_ts) and begin_index not in self._plans:
@@ -439,6 +568,8 @@ class _PlanScheduler(_Base):
                                       f"{i}) is not supported by fastdiff")
 
     def _require_plan(self):
+        if self._init_grid_active and self._internal_dict is not self._planned_cfg:
+            self._init_grid()  # the config changed before set_timesteps: the training grid of the live config
         if not self._plans:
             raise ValueError(f"{type(self).__name__}: call set_timesteps before step (num_inference_steps is None)")
         if self._internal_dict is not self._planned_cfg:
@@ -547,6 +678,7 @@ class DPMSolverMultistepScheduler(_PlanScheduler):
 
     _custom_ok = ("timesteps",)
 
+    @_set_timesteps
     def set_timesteps(self, num_inference_steps: int = None, device=None, mu: float | None = None,
                       timesteps: list[int] | None = None):
         if mu is not None:
@@ -554,11 +686,13 @@ class DPMSolverMultistepScheduler(_PlanScheduler):
                                       "supported by fastdiff")
         self._set(num_inference_steps, device, timesteps=timesteps)
 
+    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):
         prev, _ = self._fused_step(model_output, timestep, sample, generator, variance_noise)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
+    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
 
@@ -572,6 +706,7 @@ class UniPCMultistepScheduler(_PlanScheduler):
     _sampler = "unipc"
     __init__ = _init_like(_hf.UniPCMultistepScheduler)
 
+    @_set_timesteps
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas: list[float] | None = None,
                       mu: float | None = None):
         if mu is not None:
@@ -579,10 +714,12 @@ class UniPCMultistepScheduler(_PlanScheduler):
                                       "supported by fastdiff")
         self._set(num_inference_steps, device, sigmas=sigmas)
 
+    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         prev, _ = self._fused_step(model_output, timestep, sample)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
+    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
 
@@ -601,13 +738,15 @@ class EulerDiscreteScheduler(_PlanScheduler):
 
     _custom_ok = ("timesteps", "sigmas")
 
+    @_set_timesteps
     def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps: list[int] | None = None,
                       sigmas: list[float] | None = None):
         self._set(num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
         self.is_scale_input_called = False
 
-    scale_model_input = _scaled_input
+    scale_model_input = _or_diffusers(_scaled_input, "scale_model_input")
 
+    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
              return_dict: bool = True):
@@ -624,6 +763,7 @@ class EulerDiscreteScheduler(_PlanScheduler):
         return _hf.schedulers.scheduling_euler_discrete.EulerDiscreteSchedulerOutput(prev_sample=prev,
                                                                                    pred_original_sample=x0)
 
+    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
 
@@ -640,12 +780,14 @@ class EulerAncestralDiscreteScheduler(_PlanScheduler):
     __init__ = _init_like(_hf.EulerAncestralDiscreteScheduler)
     is_scale_input_called = False
 
+    @_set_timesteps
     def set_timesteps(self, num_inference_steps: int, device=None):
         self._set(num_inference_steps, device)
         self.is_scale_input_called = False
 
-    scale_model_input = _scaled_input
+    scale_model_input = _or_diffusers(_scaled_input, "scale_model_input")
 
+    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
@@ -658,6 +800,7 @@ class EulerAncestralDiscreteScheduler(_PlanScheduler):
         out = _hf.schedulers.scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput
         return out(prev_sample=prev, pred_original_sample=x0)
 
+    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
 
@@ -675,6 +818,7 @@ class HeunDiscreteScheduler(_PlanScheduler):
 
     _custom_ok = ("timesteps",)
 
+    @_set_timesteps
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, num_train_timesteps: int | None = None,
                       timesteps: list[int] | None = None):
         if num_train_timesteps is not None and num_train_timesteps != self.config.num_train_timesteps:
@@ -682,12 +826,13 @@ class HeunDiscreteScheduler(_PlanScheduler):
                                       "config's is not supported by fastdiff")
         self._set(num_inference_steps, device, timesteps=timesteps)
 
-    scale_model_input = _scaled_input
+    scale_model_input = _or_diffusers(_scaled_input, "scale_model_input")
 
     @property
     def state_in_first_order(self):
         return self._step_index is None or (self._step_index - self._start) % 2 == 0
 
+    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         prev, x0 = self._fused_step(model_output, timestep, sample, want_x0=return_dict)
         if not return_dict:
@@ -695,6 +840,7 @@ class HeunDiscreteScheduler(_PlanScheduler):
         return _hf.schedulers.scheduling_heun_discrete.HeunDiscreteSchedulerOutput(prev_sample=prev,
                                                                                  pred_original_sample=x0)
 
+    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
 
@@ -708,8 +854,98 @@ class PNDMScheduler(_PlanScheduler):
     _sampler = "pndm"
     __init__ = _init_like(_hf.PNDMScheduler)
 
+    def _setup(self, args):
+        self._explicit_reset()
+        self.prk_timesteps = self.plms_timesteps = None
+        super()._setup(args)
+
+    @_set_timesteps
     def set_timesteps(self, num_inference_steps: int, device=None):
         self._set(num_inference_steps, device)
+        ts = np.asarray(self._host_ts, dtype=np.int64)
+        k = 0 if self.config.skip_prk_steps else len(ts) - (self.num_inference_steps - 3)  # the PRK warm-up calls
+        self.prk_timesteps = ts[:k] if k else np.array([])
+        self.plms_timesteps = ts[k:]
+        self._explicit_reset()
+
+    # ---- diffusers' explicit PRK / PLMS calls (the fused `step` runs the same updates from its plan) ----
+    def _explicit_reset(self):
+        """The public state of step_prk / step_plms: past ε's, call counter, the PRK partial sum and its sample."""
+        self.ets, self.counter, self.cur_model_output, self.cur_sample = [], 0, 0, None
+
+    def _transfer(self, sample, eps, t, t_prev):
+        """The PNDM transfer φ (Liu et al. 2022, eq. 11) from t to t_prev with the combined model output `eps`
+        (ε, or v turned into ε with the sample), coefficients in float64."""
+        abar = self._schedule.alphas_cumprod
+        at = float(abar[int(t)])
+        ap = float(abar[int(t_prev)]) if t_prev >= 0 else (1.0 if self.config.set_alpha_to_one else float(abar[0]))
+        pt = self.config.prediction_type
+        if pt == "v_prediction":
+            eps = at**0.5 * eps + (1 - at) ** 0.5 * sample
+        elif pt != "epsilon":
+            raise ValueError(f"prediction_type given as {pt} must be one of `epsilon` or `v_prediction`")
+        c_eps = (ap - at) / (at * (1 - ap) ** 0.5 + (at * (1 - at) * ap) ** 0.5)
+        return (ap / at) ** 0.5 * sample - c_eps * eps
+
+    def _explicit_ready(self):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+
+    @_or_diffusers
+    def step_prk(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One pseudo-Runge-Kutta call (4 per warm-up step: ε weights 1/6, 1/3, 1/3, 1/6; half steps between), as
+        diffusers' step_prk, with its public state (ets, counter, cur_model_output, cur_sample)."""
+        self._explicit_ready()
+        T, n, c = self.config.num_train_timesteps, self.num_inference_steps, self.counter
+        t_prev = int(timestep) - (0 if c % 2 else T // n // 2)
+        t_from = int(self.prk_timesteps[c // 4 * 4])
+        stage = c % 4
+        if stage == 0:
+            self.cur_model_output = self.cur_model_output + model_output / 6
+            self.ets.append(model_output)
+            self.cur_sample = sample
+        elif stage in (1, 2):
+            self.cur_model_output = self.cur_model_output + model_output / 3
+        else:
+            model_output = self.cur_model_output + model_output / 6
+            self.cur_model_output = 0
+        base = self.cur_sample if self.cur_sample is not None else sample
+        prev = self._transfer(base, model_output, t_from, t_prev)
+        self.counter += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    # Adams–Bashforth weights of the linear multistep method over the last k ε's, newest first
+    _AB = {2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
+
+    @_or_diffusers
+    def step_plms(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One pseudo-linear-multistep call, as diffusers' step_plms: with skip_prk_steps the first two calls are a
+        2-stage warm-up at the same timestep (ε, then the mean of both ε's), then Adams–Bashforth of order up to 4
+        over the stored ε's."""
+        self._explicit_ready()
+        if not self.config.skip_prk_steps and len(self.ets) < 3:
+            raise ValueError(f"{type(self)} can only be run AFTER scheduler has been run in 'prk' mode for at least "
+                             "12 iterations (step_prk over prk_timesteps first)")
+        step = self.config.num_train_timesteps // self.num_inference_steps
+        t = int(timestep)
+        t_prev = t - step
+        if self.counter == 1:  # the warm-up's second call repeats the first's step from t + step
+            t_prev, t = t, t + step
+        else:
+            self.ets = self.ets[-3:] + [model_output]
+        k = len(self.ets)
+        if k == 1 and self.counter == 0:
+            self.cur_sample = sample
+        elif k == 1 and self.counter == 1:
+            model_output = (model_output + self.ets[-1]) / 2
+            sample, self.cur_sample = self.cur_sample, None
+        else:
+            w, d = self._AB[min(k, 4)]
+            model_output = sum(wi * e for wi, e in zip(w, reversed(self.ets[-len(w):]))) / d
+        prev = self._transfer(sample, model_output, t, t_prev)
+        self.counter += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     # diffusers' PNDMScheduler has no begin index (pipelines check hasattr): the start is the first timestep passed
     set_begin_index = property(doc="not offered, as in diffusers' PNDMScheduler")  # hasattr(...) is False
@@ -718,10 +954,12 @@ class PNDMScheduler(_PlanScheduler):
         self._begin_index = None
         super()._init_step_index(timestep)
 
+    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         prev, _ = self._fused_step(model_output, timestep, sample)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
+    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return self._vp_add_noise(original_samples, noise, timesteps)
 
@@ -837,6 +1075,7 @@ class DDIMScheduler(_StepScheduler):
     __init__ = _init_like(_hf.DDIMScheduler)
     init_noise_sigma = 1.0
 
+    @_set_timesteps
     def set_timesteps(self, num_inference_steps: int, device=None):
         self._opts = self._options()
         T = self.config.num_train_timesteps
@@ -865,6 +1104,7 @@ class DDIMScheduler(_StepScheduler):
             return rows
         return self._table((float(eta), bool(ucmo)), device, fill)
 
+    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: torch.Tensor | None = None,
              return_dict: bool = True):
@@ -897,10 +1137,22 @@ class DDIMScheduler(_StepScheduler):
             return prev, None
         return _hf.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
+    @_or_diffusers
+    def _get_variance(self, timestep, prev_timestep):
+        """σ_t²/η² of DDIM (eq. 16): (1 − ᾱ_p)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_p), from the float64 ᾱ table (ᾱ_p of a
+        negative prev_timestep: 1 with set_alpha_to_one, else ᾱ_0), as a float32 tensor like diffusers'."""
+        abar = self._schedule.alphas_cumprod
+        final = 1.0 if self.config.set_alpha_to_one else float(abar[0])
+        t, p = torch.as_tensor(timestep).cpu().long(), torch.as_tensor(prev_timestep).cpu().long()
+        at = abar[t]
+        ap = torch.where(p >= 0, abar[p.clamp(min=0)], torch.full_like(at, final))
+        return ((1 - ap) / (1 - at) * (1 - at / ap)).to(torch.float32)
+
     def _host_nan(self, t):
         a = self._abar_host[t]
         return math.nan if (a <= 0.0 and self._opts.prediction_type == "epsilon") else 0.0
 
+    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return self._vp_add_noise(original_samples, noise, timesteps)
 
@@ -924,6 +1176,7 @@ class DDPMScheduler(_StepScheduler):
         self._pos_of = {t: j for j, t in enumerate(self._host_ts)}
         self._opts = None
 
+    @_set_timesteps
     def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps: list[int] | None = None):
         self._opts = self._options()
         T = self.config.num_train_timesteps
@@ -965,11 +1218,42 @@ class DDPMScheduler(_StepScheduler):
             return rows
         return self._table("ddpm", device, fill)
 
+    @_or_diffusers
     def previous_timestep(self, timestep):
+        """The next timestep of the grid (-1 after the last), typed as diffusers' returns it: a tensor once
+        set_timesteps has run (an element of the grid), else t − 1 in the timestep's own type."""
         _, t = self._timestep_value(timestep)
-        j = self._pos_of[int(t)]
-        return self._host_ts[j + 1] if j + 1 < len(self._host_ts) else -1
+        j = self._pos_of.get(int(t))
+        if j is None:
+            raise IndexError(f"timestep {t} is not one of the scheduler's timesteps")
+        p = self._host_ts[j + 1] if j + 1 < len(self._host_ts) else -1
+        if self.custom_timesteps or self.num_inference_steps:
+            return torch.tensor(p, device=self.timesteps.device)
+        return timestep - 1
 
+    @_or_diffusers
+    def _get_variance(self, t, predicted_variance=None, variance_type=None):
+        """The DDPM variance term in diffusers' form, from the float64 ᾱ table (a float32 tensor): β̃ (fixed_small,
+        clamped at 1e-20), its square root (fixed_small_log), β′ = 1 − ᾱ_t/ᾱ_p (fixed_large), log β′
+        (fixed_large_log), the model's v (learned), or the log-variance f·log β′ + (1 − f)·log β̃ with
+        f = (v + 1)/2 (learned_range)."""
+        variance_type = variance_type or self.config.variance_type
+        abar = self._schedule.alphas_cumprod
+        p = self.previous_timestep(int(t))
+        at = float(abar[int(t)])
+        ap = float(abar[p]) if p >= 0 else 1.0
+        beta = 1.0 - at / ap
+        small = max((1.0 - ap) / (1.0 - at) * beta, 1e-20)
+        if variance_type == "learned":
+            return predicted_variance
+        if variance_type == "learned_range":
+            f = (predicted_variance + 1) / 2
+            return f * math.log(beta) + (1 - f) * math.log(small)
+        value = {"fixed_small": small, "fixed_small_log": math.sqrt(small), "fixed_large": beta,
+                 "fixed_large_log": math.log(beta) if beta > 0 else -math.inf}.get(variance_type, small)
+        return torch.tensor(value, dtype=torch.float32)
+
+    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         if self._opts is None:
@@ -1000,6 +1284,7 @@ class DDPMScheduler(_StepScheduler):
             return prev, None
         return _hf.schedulers.scheduling_ddpm.DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
+    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return self._vp_add_noise(original_samples, noise, timesteps)
 
@@ -1010,15 +1295,35 @@ SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMul
 
 
 def equivalent(scheduler):
-    """fastdiff's scheduler for a diffusers scheduler (same config), or None when fastdiff has no equivalent of its
-    class or cannot run its settings (the reason is warned). A fastdiff scheduler is returned as is."""
+    """fastdiff's scheduler for a diffusers scheduler, or None, with a warning that says why diffusers' class is
+    kept: fastdiff has no class of that name, or its fused step does not run this configuration (fastdiff's class
+    would hand it to diffusers' own, so nothing would be gained). The new scheduler gets every live config value of
+    the old one, those a pipeline rewrote after construction included (`from_config` would reset the ones listed in
+    `_use_default_values`: a StableDiffusionPipeline's steps_offset = 1 on an old config), the keys its class does not
+    take and `_use_default_values` itself. A fastdiff scheduler is returned as is."""
     if type(scheduler) in SCHEDULERS.values():
         return scheduler
-    cls = SCHEDULERS.get(type(scheduler).__name__)
-    if cls is None or not type(scheduler).__module__.startswith("diffusers"):
+    name = type(scheduler).__name__
+    if not type(scheduler).__module__.startswith("diffusers") or not hasattr(scheduler, "config"):
         return None
+    cls = SCHEDULERS.get(name)
+    if cls is None:
+        warnings.warn(f"fastdiff: keeping diffusers' {name}: fastdiff has no equivalent class (it has "
+                      f"{', '.join(SCHEDULERS)})", stacklevel=3)
+        return None
+    cfg = dict(scheduler.config)
+    params = inspect.signature(cls.__init__).parameters
     try:
-        return cls.from_config(scheduler.config)
-    except (ValueError, TypeError, NotImplementedError) as e:
-        warnings.warn(f"fastdiff: keeping diffusers' {type(scheduler).__name__}: {e}", stacklevel=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            new = cls(**{k: v for k, v in cfg.items() if k in params and k != "self"})
+    except _REFUSALS as e:  # diffusers' class took a config its own constructor refuses (set after construction)
+        warnings.warn(f"fastdiff: keeping diffusers' {name}: {e}", stacklevel=3)
         return None
+    if new._hf_impl is not None:
+        warnings.warn(f"fastdiff: keeping diffusers' {name}: {new._hf_why}", stacklevel=3)
+        return None
+    rest = {k: v for k, v in cfg.items() if k not in params and k != "_class_name"}
+    if rest:
+        new.register_to_config(**rest)
+    return new

@@ -15,8 +15,10 @@ What it changes (each a no-op when already done, so a second call changes nothin
   fastdiff's attention *is* SDPA, diffusers' default, so there is nothing to win); "fastdiff" installs it everywhere,
   "keep" leaves the processors alone. Calls the processor cannot serve (masks, spatial/group norms, q/k norms) go to
   diffusers' AttnProcessor2_0.
-- the scheduler becomes fastdiff's class of the same name with the same config (fastdiff.diffusers), when fastdiff
-  has one and can run its settings (else a warning names why and diffusers' stays).
+- the scheduler becomes fastdiff's class of the same name with the same live config (fastdiff.diffusers.equivalent:
+  every value, those a pipeline rewrote after construction included, e.g. steps_offset, which `from_config` would
+  reset), when fastdiff has one and its fused step runs the settings (else a warning names why and diffusers'
+  stays).
 - `cuda_graph=True`: the U-Net call is captured in a CUDA graph per input structure (shapes, dtypes, devices and the
   non-tensor arguments) and per identity of the U-Net's weights (`fastdiff._graphkey.model_key`: every
   parameter's and buffer's storage), so a new batch size or resolution recaptures and swapped weights (a LoRA
@@ -304,6 +306,10 @@ class FrozenCompiled:
                 torch._dynamo.reset()
             self.fn = torch.compile(self.forward, backend="inductor", options={"freezing": True})
             self.key, self.compiles = k, self.compiles + 1
+            import warnings  # the first call below compiles (a minute or more on a CPU): say so before it starts
+
+            warnings.warn("fastdiff.optimize(compile=True): compiling the U-Net with inductor on this call (once per "
+                          "weights; a minute or more on a CPU); later calls run the compiled code", stacklevel=2)
         return self.fn(*args, **kwargs)
 
 

@@ -76,6 +76,40 @@ def test_optimize_sd_pipeline(kind):
     assert fastdiff.optimize.report(pipe) == rep
 
 
+@pytest.mark.parametrize("kind", ["text2img", "img2img"])
+def test_optimize_keeps_the_live_scheduler_config(kind):
+    """A StableDiffusionPipeline built on a scheduler config without steps_offset (0) rewrites it to 1 and lists it in
+    `_use_default_values`, which `from_config` would reset to 0 (DDIM's first timestep 830 instead of 831, other
+    images): optimize() carries every live value over, and the images stay diffusers' within 1e-4 of max|image|."""
+    ref = tp.sd_pipe(kind)
+    old = ref.scheduler
+    assert old.config.steps_offset == 1 and "steps_offset" in old.config["_use_default_values"]
+    assert fd.DDIMScheduler.from_config(old.config).config.steps_offset == 0  # what a plain from_config gives
+    pipe = _fresh_sd(kind)
+    fastdiff.optimize(pipe, fuse=False)
+    assert type(pipe.scheduler) is fd.DDIMScheduler
+    assert {k: v for k, v in pipe.scheduler.config.items() if k != "_class_name"} == \
+        {k: v for k, v in old.config.items() if k != "_class_name"}
+    kw = dict(num_inference_steps=4, output_type="np")
+    kw.update(image=tp.init_image(), strength=0.7) if kind == "img2img" else kw.update(height=tp.SD_SIZE,
+                                                                                     width=tp.SD_SIZE)
+    a = ref("a tiny photo", generator=torch.Generator().manual_seed(0), **kw).images
+    b = pipe("a tiny photo", generator=torch.Generator().manual_seed(0), **kw).images
+    assert pipe.scheduler.timesteps[0].item() == ref.scheduler.timesteps[0].item()
+    err = _rel(b, a)
+    print(f"optimize/live config/{kind}: image {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_equivalent_says_why_it_keeps_diffusers_class():
+    with pytest.warns(UserWarning, match="keeping diffusers' LMSDiscreteScheduler: fastdiff has no equivalent"):
+        assert fd.equivalent(hf.LMSDiscreteScheduler()) is None
+    with pytest.warns(UserWarning, match="keeping diffusers' EulerDiscreteScheduler: .*use_beta_sigmas"):
+        assert fd.equivalent(hf.EulerDiscreteScheduler(use_beta_sigmas=True)) is None
+    s = fd.equivalent(hf.DPMSolverMultistepScheduler(solver_order=3))
+    assert type(s) is fd.DPMSolverMultistepScheduler and s.config.solver_order == 3
+
+
 def test_optimize_unet2d_pipelines_and_bare_models():
     unet = copy.deepcopy(tp.unet2d())
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
@@ -188,7 +222,7 @@ def test_optimize_cuda_graph_wiring_with_stub():
     pipe = _fresh_sd()
     stub = _StubCapture()
     ref = tp.sd_pipe()
-    ref.scheduler = fd.DDIMScheduler.from_config(ref.scheduler.config)
+    ref.scheduler = fd.equivalent(ref.scheduler)  # the live config (from_config would reset steps_offset to 0)
     fastdiff.optimize(pipe, cuda_graph=True, _capture=stub)
     assert isinstance(pipe.unet.forward, GraphedForward)
     kw = dict(num_inference_steps=3, height=tp.SD_SIZE, width=tp.SD_SIZE, output_type="np")

@@ -1,0 +1,205 @@
+"""Drop-in behaviour of fastdiff.diffusers' classes beyond the pipeline loop (issue 21): configurations diffusers'
+classes take are taken (the ones the fused step lacks run on diffusers' own class, warned), the Euler family before
+set_timesteps, init_noise_sigma's type, PNDM's explicit step_prk / step_plms, DDIM/DDPM _get_variance,
+previous_timestep and index_for_timestep, each against diffusers' class."""
+import inspect
+import warnings
+
+import diffusers as hf
+import numpy as np
+import pytest
+import torch
+
+import fastdiff.diffusers as fd
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# fastdiff's tables are float64, diffusers' float32: ᾱ-derived values near t = 0 differ by up to ~5e-5 relative
+# (README, Precision); σ's and variances are compared at this bound, samples at their own
+F64 = 1e-4
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def _loop(s, steps=None, x=None, seed=0, limit=None):
+    """A loop (the first `limit` steps, all by default) of a scheduler with a smooth synthetic model, noise from a
+    seeded generator."""
+    if steps is not None:
+        s.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)) if x is None else x
+    x = x * s.init_noise_sigma
+    kw = {"generator": g} if "generator" in inspect.signature(s.step).parameters else {}
+    for t in s.timesteps[:limit]:
+        xi = s.scale_model_input(x, t)
+        x = s.step(0.3 * xi + 0.1 * torch.sin(3 * xi), t, x, **kw).prev_sample
+    return x
+
+
+# (class, config diffusers takes and the fused step does not run, steps, what the warning names)
+HANDED_OVER = [
+    ("DDIMScheduler", {"trained_betas": [0.1, 0.3, 0.5], "num_train_timesteps": 4}, 2, "trained_betas"),
+    ("DDIMScheduler", {"thresholding": True, "sample_max_value": 0.5}, 5, "sample_max_value"),
+    ("DDPMScheduler", {"beta_end": 2.0, "clip_sample": False}, 4, "beta_end"),
+    ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}, 6, "use_exponential_sigmas"),
+    ("DPMSolverMultistepScheduler", {"thresholding": True, "dynamic_thresholding_ratio": 0.0}, 6,
+     "dynamic_thresholding_ratio"),
+    ("DPMSolverMultistepScheduler", {"timestep_spacing": "linspace"}, 1000, "repeats timestep"),
+    ("UniPCMultistepScheduler", {"use_beta_sigmas": True}, 6, "use_beta_sigmas"),
+    ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}, 6,
+     "timestep_type"),
+    ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}, 4, "use_exponential_sigmas"),
+]
+
+
+@pytest.mark.parametrize("name,cfg,steps,named", HANDED_OVER, ids=[c[3] + "-" + c[0] for c in HANDED_OVER])
+def test_configs_diffusers_takes_are_taken(name, cfg, steps, named):
+    """Warned once, naming the setting; then the same loop as diffusers' class (its own code runs it), the
+    timesteps / sigmas / init_noise_sigma a pipeline reads included."""
+    ref = getattr(hf, name)(**cfg)
+    with pytest.warns(UserWarning, match=named):
+        got = getattr(fd, name)(**cfg)
+        got.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    assert torch.equal(got.timesteps, ref.timesteps)
+    if getattr(ref, "sigmas", None) is not None:
+        assert torch.equal(got.sigmas, ref.sigmas)
+    assert getattr(got, "step_index", None) == getattr(ref, "step_index", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per reason, not per step
+        a = _loop(got, limit=8)  # a few steps are enough
+    b = _loop(ref, limit=8)
+    assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+
+
+def test_handed_over_config_returns_to_the_fused_step():
+    """A pipeline that rewrites the config into one the fused step runs gets the fused step at its next
+    set_timesteps (and diffusers' numbers within float64-vs-float32 rounding)."""
+    with pytest.warns(UserWarning, match="sample_max_value"):
+        s = fd.DDIMScheduler(thresholding=True, sample_max_value=0.5)
+    s.register_to_config(sample_max_value=1.5)
+    s.set_timesteps(5)
+    assert s._hf_impl is None
+    assert _rel(_loop(s), _loop(hf.DDIMScheduler(thresholding=True, sample_max_value=1.5), 5)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                  "HeunDiscreteScheduler"])
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_euler_family_before_set_timesteps(name, spacing):
+    """diffusers builds the full training grid in __init__: timesteps, sigmas, a tensor init_noise_sigma, and a
+    step from any of its timesteps, without set_timesteps."""
+    cfg = dict(timestep_spacing=spacing)
+    if name != "EulerAncestralDiscreteScheduler":
+        cfg["use_karras_sigmas"] = True  # not used by __init__'s grid (Heun's excepted: it runs set_timesteps(T))
+    ref, got = getattr(hf, name)(**cfg), getattr(fd, name)(**cfg)
+    assert got.num_inference_steps == ref.num_inference_steps
+    assert torch.equal(got.timesteps, ref.timesteps)
+    assert torch.allclose(got.sigmas, ref.sigmas, rtol=F64)
+    assert torch.is_tensor(got.init_noise_sigma) and got.init_noise_sigma.dtype == ref.init_noise_sigma.dtype
+    assert abs(float(got.init_noise_sigma) - float(ref.init_noise_sigma)) <= 1e-6 * float(ref.init_noise_sigma)
+    x = torch.randn(2, 3, 4, 4)
+    outs = []
+    for s in (ref, got):
+        t = s.timesteps[10]
+        kw = {} if name == "HeunDiscreteScheduler" else {"generator": torch.Generator().manual_seed(3)}
+        outs.append(s.step(0.2 * s.scale_model_input(x, t), t, x, **kw).prev_sample)
+    assert _rel(outs[1], outs[0]) < 1e-5
+
+
+def test_init_grid_follows_a_config_rewritten_before_set_timesteps():
+    ref, got = hf.EulerDiscreteScheduler(), fd.EulerDiscreteScheduler()
+    for s in (ref, got):
+        s.register_to_config(prediction_type="v_prediction")
+    x = torch.randn(1, 3, 4, 4)
+    outs = [s.step(0.5 * x, s.timesteps[0], x).prev_sample for s in (ref, got)]
+    assert _rel(outs[1], outs[0]) < 1e-5
+
+
+@pytest.mark.parametrize("cfg", [{}, {"prediction_type": "v_prediction", "set_alpha_to_one": True},
+                                 {"skip_prk_steps": True}, {"timestep_spacing": "trailing"}])
+def test_pndm_explicit_prk_and_plms(cfg):
+    """prk_timesteps / plms_timesteps and step_prk / step_plms over them, as diffusers' PNDMScheduler; the fused
+    `step` over `timesteps` gives the same sample."""
+    ref, got = hf.PNDMScheduler(**cfg), fd.PNDMScheduler(**cfg)
+    res = []
+    for s in (ref, got):
+        s.set_timesteps(10)
+        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+        for t in s.prk_timesteps:
+            x = s.step_prk(0.3 * x + 0.1 * torch.sin(3 * x), t, x).prev_sample
+        for t in s.plms_timesteps:
+            x = s.step_plms(0.3 * x + 0.1 * torch.sin(3 * x), t, x).prev_sample
+        res.append(x)
+    np.testing.assert_array_equal(got.prk_timesteps, ref.prk_timesteps)
+    np.testing.assert_array_equal(got.plms_timesteps, ref.plms_timesteps)
+    assert got.counter == ref.counter and len(got.ets) == len(ref.ets)
+    assert _rel(res[1], res[0]) < 1e-5
+    fused = fd.PNDMScheduler(**cfg)
+    assert _rel(_loop(fused, 10), res[0]) < 1e-4
+
+
+def test_pndm_explicit_calls_with_given_history_and_errors():
+    """The public state (ets set by the caller) drives step_plms / step_prk as in diffusers; step_plms before the
+    PRK warm-up and either call before set_timesteps are errors, as in diffusers."""
+    x = torch.randn(2, 3, 4, 4)
+    past = [x * (0.1 + k / 10) for k in range(4)]
+    outs = []
+    for lib in (hf, fd):
+        s = lib.PNDMScheduler()
+        with pytest.raises(ValueError, match="set_timesteps"):
+            s.step_prk(x, 1, x)
+        s.set_timesteps(10)
+        with pytest.raises(ValueError, match="prk"):
+            s.step_plms(x, 1, x)
+        s.ets = past[:]
+        outs.append(s.step_prk(0.1 * x, 901, x).prev_sample)
+        outs.append(s.step_plms(0.1 * x, 801, x).prev_sample)
+    assert _rel(outs[2], outs[0]) < 1e-5 and _rel(outs[3], outs[1]) < 1e-5
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log",
+                                           "learned_range"])
+def test_ddpm_get_variance_like_diffusers(variance_type):
+    ref, got = hf.DDPMScheduler(variance_type=variance_type), fd.DDPMScheduler(variance_type=variance_type)
+    v = torch.linspace(-0.9, 0.9, 5)
+    for t in (1, 487, 999, 950):
+        if t == 950:  # on the grid of a run: ᾱ_p of the grid's next timestep
+            for s in (ref, got):
+                s.set_timesteps(20)
+        a, b = got._get_variance(t, predicted_variance=v), ref._get_variance(t, predicted_variance=v)
+        assert torch.is_tensor(a) and _rel(a, b) < F64, (t, a, b)
+
+
+def test_ddim_get_variance_and_ddpm_previous_timestep_types():
+    # (ᾱ_p = ᾱ_0 of a negative prev_timestep with set_alpha_to_one=False is not compared: 1 − ᾱ_0 ≈ 1e-4 has a
+    # relative error of ~6e-4 in diffusers' float32)
+    ref, got = hf.DDIMScheduler(), fd.DDIMScheduler()
+    for t, p in ((0, 0), (420, 400), (980, 960), (487, 486), (999, 998), (30, -1)):
+        a, b = got._get_variance(t, p), ref._get_variance(t, p)
+        assert torch.is_tensor(a) and abs(float(a) - float(b)) <= F64 * max(abs(float(b)), 1e-6), (t, p, a, b)
+    s, h = fd.DDPMScheduler(), hf.DDPMScheduler()
+    h.set_timesteps(timesteps=[100, 87, 50, 1, 0])
+
+    def hf_prev(t):
+        return h.previous_timestep(t).item()
+    s.set_timesteps(timesteps=[100, 87, 50, 1, 0])
+    prev = [s.previous_timestep(t) for t in s.timesteps]
+    assert all(torch.is_tensor(p) for p in prev) and [p.item() for p in prev] == [87, 50, 1, 0, -1]
+    assert s.previous_timestep(50).item() == 1 == hf_prev(50)
+    assert fd.DDPMScheduler().previous_timestep(500) == 499 == hf.DDPMScheduler().previous_timestep(500)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                  "EulerDiscreteScheduler", "HeunDiscreteScheduler"])
+def test_index_for_timestep_like_diffusers(name):
+    ref, got = getattr(hf, name)(), getattr(fd, name)()
+    for s in (ref, got):
+        s.set_timesteps(8)
+    for k in (0, 3, len(ref.timesteps) - 1):
+        assert got.index_for_timestep(got.timesteps[k]) == ref.index_for_timestep(ref.timesteps[k])
+    sched = torch.tensor([9.0, 5.0, 5.0, 1.0])
+    assert got.index_for_timestep(torch.tensor(5.0), sched) == ref.index_for_timestep(torch.tensor(5.0), sched)
