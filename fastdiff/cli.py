@@ -79,26 +79,33 @@ _SAMPLERS = ("ddim", "ddpm", "dpmsolver++", "sde-dpmsolver++", "unipc", "euler",
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastdiff", description="Fast DDPM/DDIM sampling: train, sample, bench.")
+    p = argparse.ArgumentParser(prog="fastdiff", description="Fast diffusion sampling (DDIM, DDPM and multistep "
+                                "solvers): sample, train, bench.")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd", metavar="{sample,train,bench}")
 
-    s = sub.add_parser("sample", help="sample images (DDIM or DDPM) to a PNG grid and a .npz",
+    s = sub.add_parser("sample", help="sample images (DDIM, DDPM or a multistep solver) to an image grid and a .npz",
                        description="Sample images. Without --out: one grid (--png) and one .npz (--npz). With --out "
-                       "DIR: numbered shards written atomically; rerun the same command to resume; under torchrun "
+                       "DIR: numbered shards written atomically, every finished batch kept (also on Ctrl-C or "
+                       "SIGTERM); rerun the same command to resume; under torchrun "
                        "(torchrun ... -m fastdiff -- sample ...) every rank takes disjoint images; the merged set is "
                        "DIR/samples.npz.")
     s.add_argument("--checkpoint", default=None, help="a fastdiff checkpoint (default: the bundled digits model)")
-    s.add_argument("--sampler", choices=_SAMPLERS, default="ddim",
-                   help="ddim, ddpm, or a multistep solver (dpmsolver++, unipc, euler, heun, pndm, ...; default ddim)")
+    s.add_argument("--sampler", choices=_SAMPLERS, default="ddim", metavar="SAMPLER",
+                   help=f"one of {', '.join(_SAMPLERS)} (default: ddim)")
     s.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                   help="sampling steps (default: 50 for DDIM; all training steps for DDPM)")
+                   help="sampling steps (default: 50 for ddim, 20 for the multistep solvers, all the model's training "
+                   "timesteps for ddpm)")
     s.add_argument("--eta", type=_nonneg_float("--eta"), default=0.0, help="DDIM η (0 = deterministic)")
     s.add_argument("--seed", type=_nonneg_int("--seed"), default=0,
                    help="image i's noise is seeded from (seed, i): the same at any batch size or resume point")
     s.add_argument("-n", "--num", type=_positive_int("--num"), default=64, help="number of images (default 64)")
-    s.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
+    s.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64,
+                   help="images per model call (default: 64); part of a run's record: it can change the last bits")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="the model's weights and activations (default: float32; the sampler's per-step coefficients "
+                   "are float64 either way)")
     s.add_argument("--backend", choices=("auto", "torch", "triton", "cuda", "cpp"), default="auto",
                    help="kernel backend for the sampler step (default auto)")
     s.add_argument("--out", default=None,
@@ -108,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="images per shard file with --out (default: min(1000, num / ranks), so that every torchrun "
                    "rank gets images; a resumed run keeps its recorded shard size). Finished batches are kept as "
                    "they are made, so an interrupted shard loses at most the batch in flight")
-    s.add_argument("--png", default=None, help="grid image path (default samples.png; DIR/grid.png with --out)")
+    s.add_argument("--png", default=None, help="grid image path; its extension picks the format (.png, .jpg, .webp, "
+                   "...; default samples.png; DIR/grid.png with --out)")
     s.add_argument("--npz", default=None, help="uint8 NHWC images under 'arr_0' (default samples.npz)")
     s.add_argument("--grid-scale", type=_positive_int("--grid-scale"), default=None,
                    help="nearest-neighbour upscale of the grid (default: to at least 48 px per image)")
@@ -118,34 +126,50 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a UNet2D on scikit-learn's digits or a folder of images",
                        description="Train a UNet2D with L_simple. Writes OUT (EMA weights, config, schedule) and "
-                       "OUT.train-state (raw weights, optimizer, step) every --save-every steps; --resume continues.")
-    t.add_argument("--data", default="digits", help="'digits' (scikit-learn, no download) or a folder of images")
-    t.add_argument("--out", default="fastdiff-model.safetensors", help="checkpoint path")
+                       "OUT.train-state (raw weights, optimizer, step, loss) every --save-every steps and on Ctrl-C or "
+                       "SIGTERM; --resume continues exactly. The reported loss is an exponential moving average of "
+                       "the per-step loss (decay 0.99, about the last 100 steps), kept across --resume.")
+    t.add_argument("--data", default="digits",
+                   help="'digits' (scikit-learn, no download) or a folder of images (default: digits)")
+    t.add_argument("--out", default="fastdiff-model.safetensors",
+                   help="checkpoint path (default: fastdiff-model.safetensors)")
     t.add_argument("--resume", action="store_true", help="continue the run recorded in OUT.train-state")
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT (and OUT.train-state) with a new run (default: refuse)")
-    t.add_argument("--steps", type=_positive_int("--steps"), default=3000, help="optimizer steps in total")
-    t.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
-    t.add_argument("--lr", type=_nonneg_float("--lr"), default=2e-3)
-    t.add_argument("--warmup", type=_nonneg_int("--warmup"), default=100, help="linear LR warm-up steps")
-    t.add_argument("--ema-decay", type=_nonneg_float("--ema-decay"), default=0.995)
-    t.add_argument("--seed", type=_nonneg_int("--seed"), default=0)
+    t.add_argument("--steps", type=_positive_int("--steps"), default=3000,
+                   help="optimizer steps in total (default: %(default)s)")
+    t.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64,
+                   help="training images per step (default: %(default)s)")
+    t.add_argument("--lr", type=_nonneg_float("--lr"), default=2e-3,
+                   help="AdamW learning rate, reached after --warmup steps (default: %(default)s)")
+    t.add_argument("--warmup", type=_nonneg_int("--warmup"), default=100,
+                   help="linear learning-rate warm-up steps (default: %(default)s)")
+    t.add_argument("--ema-decay", type=_nonneg_float("--ema-decay"), default=0.995,
+                   help="decay of the EMA weights written to OUT (default: %(default)s)")
+    t.add_argument("--seed", type=_nonneg_int("--seed"), default=0,
+                   help="initial weights, and step s's batch and noise from (seed, s) (default: %(default)s)")
     t.add_argument("--image-size", type=_positive_int("--image-size"), default=8,
                    help="training resolution (digits are 8×8; default 8)")
     t.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="image channels (digits: 1; folder default 3)")
     t.add_argument("--block-out-channels", type=_int_list("--block-out-channels"), default=[32, 64],
-                   help="U-Net width per level, e.g. 32,64")
-    t.add_argument("--layers-per-block", type=_positive_int("--layers-per-block"), default=1)
+                   help="U-Net width per level (default: 32,64)")
+    t.add_argument("--layers-per-block", type=_positive_int("--layers-per-block"), default=1,
+                   help="ResNet blocks per level (default: %(default)s)")
     t.add_argument("--attention", type=_flag_list, default=None,
                    help="attention per level, e.g. 0,1 (default: lowest resolution only)")
-    t.add_argument("--norm-groups", type=_positive_int("--norm-groups"), default=8)
-    t.add_argument("--timesteps", type=_positive_int("--timesteps"), default=1000, help="training timesteps T")
+    t.add_argument("--norm-groups", type=_positive_int("--norm-groups"), default=8,
+                   help="GroupNorm groups; must divide every width (default: %(default)s)")
+    t.add_argument("--timesteps", type=_positive_int("--timesteps"), default=1000,
+                   help="training timesteps T (default: %(default)s)")
     t.add_argument("--beta-schedule", choices=("linear", "scaled_linear", "cosine", "squaredcos_cap_v2",
-                                               "sigmoid"), default="linear")
-    t.add_argument("--prediction-type", choices=("epsilon", "sample", "v_prediction"), default="epsilon")
+                                               "sigmoid"), default="linear", help="β schedule (default: %(default)s)")
+    t.add_argument("--prediction-type", choices=("epsilon", "sample", "v_prediction"), default="epsilon",
+                   help="what the network predicts (default: %(default)s)")
     t.add_argument("--hflip", action="store_true", help="random horizontal flips (not for digits)")
-    t.add_argument("--save-every", type=_positive_int("--save-every"), default=250)
+    t.add_argument("--save-every", type=_positive_int("--save-every"), default=250,
+                   help="write OUT and its train state every N steps (and at the end, and on Ctrl-C; default: "
+                   "%(default)s)")
     t.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     t.add_argument("--threads", type=_positive_int("--threads"), default=None,
                    help="CPU intra-op threads (default: torch's; 1 is best on a CPU shared with other jobs)")
@@ -159,6 +183,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small sizes only")
     b.add_argument("--threads", type=_positive_int("--threads"), default=None, help="CPU intra-op threads")
     return p
+
+
+def _version() -> str:
+    import platform
+
+    from fastdiff import __version__
+
+    torch = sys.modules.get("torch")  # already imported with the package; --version never imports it itself
+    parts = ([f"torch {torch.__version__}"] if torch else []) + [f"Python {platform.python_version()}"]
+    return f"fastdiff {__version__} ({', '.join(parts)})"
 
 
 def _device(name: str | None):
@@ -206,6 +240,9 @@ def _check_sample_outputs(a) -> None:
                     check_output_file(os.path.join(a.out, name), "--out")
         else:
             png = check_output_file(a.png or "samples.png", "--png")
+            from fastdiff.jobs import image_format
+
+            image_format(a.png or "samples.png", "--png")  # an extension Pillow writes (.png, .jpg, ...)
             npz = check_output_file(a.npz or "samples.npz", "--npz")
             if png == npz:
                 raise CliError(f"--png and --npz name the same file {png!r}")
@@ -409,6 +446,8 @@ def _set_threads(a) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `python -m fastdiff -- sample ...`: the torchrun form, run without torchrun
+        argv = argv[1:]
     a = parser.parse_args(argv)
     a.argv = argv
     if a.cmd is None:

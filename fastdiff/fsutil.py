@@ -91,12 +91,23 @@ def _mkstemp(path: str, d: str) -> tuple[int, str]:
     the file being written and its directory rather than the temp name."""
     try:
         return tempfile.mkstemp(prefix=temp_prefix(path), dir=d)
-    except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, f"cannot write {path!r}: directory {d!r} does not exist") from None
-    except PermissionError:
-        raise PermissionError(errno.EACCES, f"cannot write {path!r}: directory {d!r} is not writable") from None
     except OSError as e:
-        raise type(e)(e.errno, f"cannot write {path!r} in {d!r}: {e.strerror}") from None
+        raise type(e)(e.errno, f"cannot write {path!r}: {_why_not_creatable(d, e)}") from None
+
+
+def _why_not_creatable(d: str, e: OSError) -> str:
+    """Why no file can be created in directory `d`, from the error creating one raised: the real cause, named."""
+    if not os.path.lexists(d):
+        return f"directory {d!r} does not exist"
+    if not os.path.isdir(d):
+        return f"{d!r} is not a directory"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"directory {d!r} is not writable ({e.strerror})"
+    if e.errno == errno.EROFS:
+        return f"directory {d!r} is on a read-only file system"
+    if e.errno == errno.ENOENT:  # the directory is there but takes no new files: /proc, /sys, a FUSE mount, ...
+        return f"directory {d!r} does not accept new files (creating one failed: {e.strerror}; a virtual file system?)"
+    return f"cannot create a file in directory {d!r}: {e.strerror}"
 
 
 def atomic_write(path: str, write: Callable[[Any], None]) -> None:
@@ -249,6 +260,14 @@ def _writable_dir(d: str, what: str) -> None:
         raise NotADirectoryError(errno.ENOTDIR, f"{what}: {d!r} is not a directory")
     if not os.access(d, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, f"{what}: directory {d!r} is not writable")
+    # os.access trusts the permission bits (and root passes them all): create and remove a probe file, so that a
+    # read-only mount or a virtual file system (/proc) is reported now, with its real cause, not after the work
+    try:
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(os.path.join(d, "probe")), dir=d)
+    except OSError as e:
+        raise type(e)(e.errno, f"{what}: {_why_not_creatable(d, e)}") from None
+    os.close(fd)
+    os.remove(probe)
 
 
 def check_output_file(path: str, what: str) -> str:
@@ -259,10 +278,15 @@ def check_output_file(path: str, what: str) -> str:
     p = os.path.abspath(os.fspath(path))
     if os.path.isdir(p):
         raise IsADirectoryError(errno.EISDIR, f"{what}: {path!r} is a directory, not a file name")
+    a = os.path.dirname(p)
+    while not os.path.lexists(a):
+        a = os.path.dirname(a)
+    if not os.path.isdir(a):  # x.npz/a.png: lstat would say only "Not a directory"
+        raise NotADirectoryError(errno.ENOTDIR, f"{what}: cannot write {path!r}: {a!r} is a file, not a directory")
     try:
         _replaceable(p)
     except OSError as e:
-        raise type(e)(e.errno, f"{what}: {e.strerror}") from None
+        raise type(e)(e.errno, f"{what}: {e.strerror or e}") from None
     _writable_dir(os.path.dirname(p), what)
     return p
 

@@ -161,24 +161,42 @@ def save_npz(path: str, images: np.ndarray, **extra) -> None:
     atomic_write(path, lambda f: np.savez(f, arr_0=images, **extra))
 
 
-def save_grid(path: str, images: np.ndarray, nrow: int | None = None, scale: int = 1, pad: int = 1) -> None:
-    """A PNG grid of uint8 NHWC images (nearest-neighbour upscaled by `scale`), written atomically."""
+GUTTER = 128  # the grid's lines between images: mid-grey, visible against dark and light images alike
+
+
+def image_format(path: str, what: str = "--png") -> str:
+    """Pillow's format name for `path`'s extension (.png → PNG, .jpg → JPEG, ...); ValueError naming `what` and the
+    formats Pillow can write if it has none."""
     from PIL import Image
 
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        why = f"{ext!r} is not an image format Pillow writes" if ext else "no file extension names the image format"
+        raise ValueError(f"{what} {path!r}: {why} (use .png, .jpg, .webp, .bmp, .tif, ...)")
+    return fmt
+
+
+def save_grid(path: str, images: np.ndarray, nrow: int | None = None, scale: int = 1, pad: int = 2) -> None:
+    """A grid of uint8 NHWC images (nearest-neighbour upscaled by `scale`, `pad`-pixel grey gutters), written
+    atomically in the format of `path`'s extension (PNG, JPEG, WebP, ...: `image_format`)."""
+    from PIL import Image
+
+    fmt = image_format(path, "grid")
     n, h, w, c = images.shape
     if n == 0:
         raise ValueError("save_grid: no images")
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
     hs, ws = h * scale, w * scale
-    grid = np.zeros((ncol * (hs + pad) + pad, nrow * (ws + pad) + pad, c), np.uint8)
+    grid = np.full((ncol * (hs + pad) + pad, nrow * (ws + pad) + pad, c), GUTTER, np.uint8)
     big = images.repeat(scale, axis=1).repeat(scale, axis=2)
     for k in range(n):
         r, q = divmod(k, nrow)
         y, x = pad + r * (hs + pad), pad + q * (ws + pad)
         grid[y:y + hs, x:x + ws] = big[k]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    atomic_write(path, lambda f: img.save(f, format=fmt))
 
 
 def shard_path(out_dir: str, k: int) -> str:

@@ -89,7 +89,7 @@ def test_reported_loss_is_a_bias_corrected_ema_kept_across_resume(tmp_path, trai
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     data, sched, losses = trainer.load_dataset(cfg), NoiseSchedule.from_name("linear", 1000), []
     for step in range(4):
-        losses.append(float(trainer._loss_and_grads(cfg, step, model, opt, data, sched, "cpu")))
+        losses.append(float(trainer._loss_and_grads(cfg, step, model, opt, data, sched, "cpu").detach()))
         trainer._apply(cfg, step, model, opt, ema)
     b = trainer.LOSS_EMA_DECAY
     want = sum((1 - b) * b ** (3 - i) * v for i, v in enumerate(losses)) / (1 - b ** 4)
@@ -120,7 +120,7 @@ def test_sample_writes_png_grid_and_fid_npz(tmp_path, trained, capsys):
         a = z["arr_0"]
     assert a.shape == (5, 8, 8, 1) and a.dtype == np.uint8  # NHWC uint8, as FID tools read
     im = Image.open(png)
-    assert im.size == (3 * (8 * 6 + 1) + 1, 2 * (8 * 6 + 1) + 1)  # 3 columns × 2 rows, 6× upscaled, 1 px gaps
+    assert im.size == (3 * (8 * 6 + 2) + 2, 2 * (8 * 6 + 2) + 2)  # 3 columns × 2 rows, 6× upscaled, 2 px gutters
     # the same seed gives the same images at another batch size; DDPM and η > 0 run too
     npz2 = str(tmp_path / "s2.npz")
     assert run(capsys, "sample", "--checkpoint", trained, "--steps", "3", "--num", "5", "--batch-size", "5",
