@@ -173,10 +173,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     t.add_argument("--threads", type=_positive_int("--threads"), default=None,
                    help="CPU intra-op threads (default: torch's; 1 is best on a CPU shared with other jobs)")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     b = sub.add_parser("bench", help="time the fused backends against the plain-PyTorch reference here")
-    b.add_argument("--device", default=None)
+    b.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
     b.add_argument("--repeat", type=_positive_int("--repeat"), default=5,
                    help="least number of clean interleaved rounds per figure; more run until the ratios settle, "
                         "else the figure is marked noisy (default: %(default)s)")
