@@ -591,24 +591,26 @@ def _fill_and_merge(model, out_dir, num, cfg, schedule, options, chw, device, sh
             save_npz(shard_path(out_dir, k), imgs, indices=np.arange(lo, hi, dtype=np.int64), run=tag)
             for j in range(len(shard_batches(k, num, shard_size, bs))):
                 os.remove(part_path(out_dir, k, j))
+        dt = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+            bar = None
+        _barrier(info)
+        result = {"images": n_mine, "seconds": dt, "images_per_second": n_mine / dt if dt > 0 and n_mine else None}
+        if info.rank == 0:  # an interrupt here keeps every image: the rerun only merges
+            result["npz"] = merge_shards(out_dir, num, shard_size, (h, w, c), tag)
+            first = np.concatenate([_load_shard(shard_path(out_dir, k), k, k * shard_size,
+                                                min((k + 1) * shard_size, num), (h, w, c), tag)
+                                    for k in range(math.ceil(min(grid_count, num) / shard_size))])[:grid_count]
+            result["png"] = os.path.join(out_dir, GRID)
+            save_grid(result["png"], first, scale=grid_scale)
+        _barrier(info)
     except KeyboardInterrupt as e:
         if bar is not None:
             bar.close()
         kept = images_on_disk(out_dir, num, shard_size, bs)
         who = f"rank {info.rank}: " if info.world > 1 else ""
+        rest = "; the rerun only merges them" if kept == num else ""
         raise Interrupted(f"{who}{kept} of {num} images are kept in {out_dir} ({made} made by this run); rerun the "
-                          "same command to resume") from e
-    dt = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
-    _barrier(info)
-    result = {"images": n_mine, "seconds": dt, "images_per_second": n_mine / dt if dt > 0 and n_mine else None}
-    if info.rank == 0:
-        result["npz"] = merge_shards(out_dir, num, shard_size, (h, w, c), tag)
-        first = np.concatenate([_load_shard(shard_path(out_dir, k), k, k * shard_size,
-                                            min((k + 1) * shard_size, num), (h, w, c), tag)
-                                for k in range(math.ceil(min(grid_count, num) / shard_size))])[:grid_count]
-        result["png"] = os.path.join(out_dir, GRID)
-        save_grid(result["png"], first, scale=grid_scale)
-    _barrier(info)
+                          f"same command to resume{rest}") from e
     return result

@@ -150,6 +150,21 @@ def test_interrupt_keeps_finished_batches_of_an_unfinished_shard(tmp_path, monke
     assert not [f for f in os.listdir(out) if f.startswith("part_")]
 
 
+def test_interrupt_during_the_merge_keeps_every_image(tmp_path, monkeypatch):
+    _, _, ref = _run_dir(tmp_path, "ref", num=11, shard=5)
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "merge_shards", stop)
+    with pytest.raises(jobs.Interrupted, match="11 of 11 images are kept .*; the rerun only merges them"):
+        _run_dir(tmp_path, "run", num=11, shard=5)
+    monkeypatch.undo()
+    _, res, again = _run_dir(tmp_path, "run", num=11, shard=5)
+    assert res["images"] == 0
+    np.testing.assert_array_equal(again, ref)
+
+
 def test_default_shard_size_shares_small_runs_and_keeps_a_recorded_one(tmp_path):
     assert jobs.default_shard_size(None, 20, world=2) == 10  # each of 2 ranks gets 10 of 20 images
     assert jobs.default_shard_size(None, 50000, world=8) == 1000
