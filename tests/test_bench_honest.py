@@ -51,12 +51,24 @@ def test_ratio_of_a_run_that_did_not_settle_is_printed_as_noisy_never_as_a_ratio
 
 
 def test_too_few_clean_rounds_are_noisy_whatever_the_spread():
-    t = Timing(["reference", "cpp"], cpu=True)
+    t = Timing(["reference", "cpp"], cpu=True, threads=1)
     for sh in (1.0, 1.0, 0.2, 0.2, 0.2):  # three rounds descheduled: two clean ones left
         t.wall.append({"reference": 2.0, "cpp": 1.0})
         t.share.append({"reference": 1.0, "cpp": sh})
     assert t.clean == 2
     assert benchtable._ratio_cell(t, "cpp", 3) == "noisy (2 clean rounds)"
+
+
+def test_one_thread_that_never_got_its_core_has_no_clean_round():
+    # a steady load that halves every call's CPU share: relative to itself every round looks alike, but with one
+    # thread the baseline is the whole core, so none is clean and no ratio is printed
+    t = Timing(["reference", "cpp"], cpu=True, threads=1)
+    for _ in range(6):
+        t.wall.append({"reference": 2.0, "cpp": 1.0})
+        t.share.append({"reference": 0.5, "cpp": 0.5})
+    assert t.clean == 0 and benchtable._ratio_cell(t, "cpp", 3) == "noisy (0 clean rounds)"
+    t.threads = 2  # two threads: an op may use one of them, so the baseline is the best share seen
+    assert t.clean == 6
 
 
 def test_settled_ratio_is_the_median_of_per_round_ratios_with_its_spread():
