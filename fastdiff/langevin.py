@@ -90,6 +90,9 @@ def langevin_sample(score_model: Callable, sigmas: Sequence[float], steps_per_le
     σ_1·N(0, I) of `shape`; for variance-preserving levels pass N(0, I) explicitly). final_denoise: add one
     noise-free step x ← x + σ_L²·s(x, σ_L) (Tweedie) at the end. callback(d) gets i, level, sigma, x after each level.
     """
+    from fastdiff.validate import check_device
+
+    check_device("device", device)  # 'gpu', or 'cuda' without CUDA: named, with the fix
     sig = [float(s) for s in sigmas]
     if len(sig) < 1 or any(not (s > 0 and math.isfinite(s)) for s in sig):
         raise ValueError("sigmas must be a non-empty sequence of finite numbers > 0")

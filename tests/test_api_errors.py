@@ -255,6 +255,11 @@ def test_langevin_score_returning_none_is_a_type_error():
         langevin_sample(lambda x, s: None, [1.0, 0.1], 2, 0.01, shape=(2, 3))
 
 
+def test_langevin_device_is_checked_like_the_samplers():
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device \(a GPU is 'cuda' or 'cuda:N'\)"):
+        langevin_sample(lambda x, s: -x, [1.0], 1, 0.01, shape=(2, 3), device="gpu")
+
+
 def test_langevin_score_in_the_final_denoise_is_checked_too():
     calls = []
 
