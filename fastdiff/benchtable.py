@@ -81,6 +81,13 @@ class Timing:
         s = self.secs(name)
         return statistics.median(s) if s else None
 
+    def median_any_s(self, name: str) -> tuple[float | None, bool]:
+        """(median seconds, whether from clean rounds): the clean rounds' median, else that of every round."""
+        s = self.median_s(name)
+        if s is not None or not self.wall:
+            return s, s is not None
+        return statistics.median(w[name] for w in self.wall), False
+
     @staticmethod
     def spread(values) -> float | None:
         """Half the inter-quartile range relative to the median (None with fewer than 3 values)."""
@@ -228,11 +235,21 @@ def _ratio_cell(t: Timing, name: str, min_clean: int) -> str:
 
 
 def _ms_cell(t: Timing, name: str) -> str:
-    s = t.median_s(name)
+    s, clean = t.median_any_s(name)
     if s is None:
         return "-"
+    if not clean:  # no clean round: the median of the disturbed ones, marked as such
+        return f"~{s * 1e3:.3f} (disturbed)"
     sp = t.spread(t.secs(name))
     return f"{s * 1e3:.3f}" + (f" ±{sp:.0%}" if sp is not None else "")
+
+
+def _rate_cell(t: Timing, name: str, per_second: Callable[[float], float], fmt: str) -> str:
+    """bytes/s or images/s from the median time, "~" where every round was disturbed."""
+    s, clean = t.median_any_s(name)
+    if s is None:
+        return "-"
+    return ("" if clean else "~") + format(per_second(s), fmt)
 
 
 def _with_backend(env: str | None, fn: Callable) -> Callable:
@@ -278,9 +295,8 @@ def _loop_rows(device: torch.device, repeat: int, quick: bool, budget_s: float, 
                    threads=threads)
     rows = []
     for name in fns:
-        sec = t.median_s(name)
         rows.append((f"DDIM {steps} steps, bundled UNet2D", f"{B}×{c}×{s}×{s}", name, _ms_cell(t, name),
-                     f"{B / sec:.0f}" if sec else "-",
+                     _rate_cell(t, name, lambda sec: B / sec, ".0f"),
                      "1" if name == "reference" else _ratio_cell(t, name, max(3, repeat // 2))))
     return rows, [f"DDIM loop: {t.clean} clean of {t.rounds} interleaved rounds in {t.seconds:.1f} s"]
 
@@ -384,9 +400,8 @@ def run(device: torch.device, repeat: int = 5, quick: bool = False, out=print, t
                        threads=nthreads)
         dropped, total = dropped + t.dropped, total + t.rounds
         for b in ok:
-            sec = t.median_s(b)
             rows.append((label, "×".join(map(str, shape)), b, _ms_cell(t, b),
-                         f"{nbytes / sec / 1e9:.1f}" if sec else "-",
+                         _rate_cell(t, b, lambda sec: nbytes / sec / 1e9, ".1f"),
                          "1" if b == "reference" else _ratio_cell(t, b, repeat)))
     out("")
     out("Ops (median of the clean interleaved rounds; GB/s = bytes the op must move / median time):")

@@ -67,6 +67,8 @@ def test_one_thread_that_never_got_its_core_has_no_clean_round():
         t.wall.append({"reference": 2.0, "cpp": 1.0})
         t.share.append({"reference": 0.5, "cpp": 0.5})
     assert t.clean == 0 and benchtable._ratio_cell(t, "cpp", 3) == "noisy (0 clean rounds)"
+    assert benchtable._ms_cell(t, "reference") == "~2000.000 (disturbed)"  # a time, marked; never a ratio
+    assert benchtable._rate_cell(t, "cpp", lambda s: 64 / s, ".0f") == "~64"
     t.threads = 2  # two threads: an op may use one of them, so the baseline is the best share seen
     assert t.clean == 6
 
