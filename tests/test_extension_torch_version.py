@@ -59,3 +59,31 @@ def test_running_build_matches_running_torch():
     if cfg is None or not cfg.BUILT_CPP or recorded is None:
         pytest.skip("no C++ build with a torch version record here")
     assert recorded.split("+")[0] == torch.__version__.split("+")[0]
+
+
+def _build_backend():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "fastdiff_build_backend", os.path.join(ROOT, "build_backend", "fastdiff_build_backend.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_isolated_build_asks_for_the_target_environments_torch(monkeypatch):
+    """pip's isolated build gets torch==<the release installed for the interpreter running the build>, not the
+    newest torch; FASTDIFF_BUILD_TORCH overrides it; FASTDIFF_SKIP_BUILD=1 needs no torch."""
+    pytest.importorskip("setuptools")
+    be = _build_backend()
+    monkeypatch.delenv("FASTDIFF_BUILD_TORCH", raising=False)
+    monkeypatch.delenv("FASTDIFF_SKIP_BUILD", raising=False)
+    # what pip sets for the backend: its overlay on PYTHONPATH; the target's site-packages must still be found
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent-pip-overlay")
+    monkeypatch.setenv("PYTHONNOUSERSITE", "1")
+    release = torch.__version__.split("+")[0]
+    assert be.get_requires_for_build_wheel() == [f"torch=={release}", "ninja"]
+    assert be.get_requires_for_build_editable() == [f"torch=={release}", "ninja"]
+    monkeypatch.setenv("FASTDIFF_BUILD_TORCH", "2.12.1+cpu")
+    assert be.get_requires_for_build_wheel() == ["torch==2.12.1", "ninja"]
+    monkeypatch.setenv("FASTDIFF_SKIP_BUILD", "1")
+    assert be.get_requires_for_build_wheel() == []
