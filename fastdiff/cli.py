@@ -389,6 +389,10 @@ def _train(a) -> int:
         trainer.check_outputs(a.out, resume=a.resume, overwrite=a.overwrite)
     except OSError as e:
         raise CliError(e.strerror or str(e)) from None
+    except ValueError as e:
+        if "pass --resume" in str(e):  # the same command after an interrupt: say exactly what continues it
+            raise CliError(f"{e}. Resume with:\n  {_resume_command(a)}") from None
+        raise
     from fastdiff._util import Interrupted
 
     try:

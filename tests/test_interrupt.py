@@ -143,6 +143,10 @@ def test_train_interrupted_before_the_first_save_keeps_its_steps_and_names_the_r
     cmd = m[1].split()
     assert cmd[cmd.index("train"):] == [a for a in argv if a != "--overwrite"] + ["--resume"], cmd
     assert _tensors(out) and checkpoint_step(out) == 3
+    # the same command again (no --resume) is refused, and the refusal names the same resume command
+    assert cli.main([a for a in argv if a != "--overwrite"]) == 2
+    refused = capsys.readouterr().err
+    assert "pass --resume" in refused and f"Resume with:\n  {m[1]}\n" in refused, refused
 
     monkeypatch.setattr(trainer, "_loss_and_grads", real)
     assert cli.main(cmd[cmd.index("train"):]) == 0  # the printed command resumes, and the result is bit-identical
