@@ -123,6 +123,22 @@ def _set_timesteps(fn):
     return set_timesteps
 
 
+def _checkable(cfg):
+    """(the config as fastdiff's checks see it, the values they would refuse that diffusers takes and computes
+    finitely). Dynamic thresholding: diffusers clamps the per-sample scale into [1, sample_max_value], which for a
+    sample_max_value in (0, 1) is sample_max_value itself (torch.clamp with min > max gives max), and a ratio of 0
+    takes the quantile 0, the minimum; fastdiff.sample refuses both as likely mistakes, the drop-in classes run
+    them as diffusers does (fastdiff.ops.sampler_step.linear_threshold_scale clamps the same way)."""
+    cfg, real = dict(cfg), {}
+    if cfg.get("thresholding") is True:
+        r, m = cfg.get("dynamic_thresholding_ratio"), cfg.get("sample_max_value")
+        if type(r) in (int, float) and r == 0:
+            real["dynamic_thresholding_ratio"], cfg["dynamic_thresholding_ratio"] = 0.0, 1.0
+        if type(m) in (int, float) and 0 < m < 1:
+            real["sample_max_value"], cfg["sample_max_value"] = float(m), 1.0
+    return cfg, real
+
+
 def _check_steps(n, T):
     if n is None:
         raise ValueError("num_inference_steps: pass the number of steps (got None)")
@@ -152,7 +168,7 @@ class _Base(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.from_numpy(np.arange(0, T)[::-1].copy())
         try:
             self._check_config(args)
-            self._schedule = NoiseSchedule.from_diffusers(args)
+            self._schedule = NoiseSchedule.from_diffusers(_checkable(args)[0])
         except _REFUSALS as e:  # diffusers' class may take it: then it runs this config (else its error is raised)
             self._to_diffusers(e, args)
             return
@@ -308,6 +324,17 @@ def _model_output(model_output, sample, variance_type):
     return model_output if model_output.dtype == sample.dtype else model_output.to(sample.dtype)
 
 
+def _as_result(prev, sample, model_output, rule: str):
+    """prev_sample in the dtype diffusers' class returns for a sample and model output of different dtypes: the model
+    output's ("model": Euler, Euler ancestral cast their float32 result to it), the sample's ("sample": UniPC), else
+    the promotion of the two (the others' arithmetic)."""
+    if sample.dtype == model_output.dtype == prev.dtype:  # the usual case: nothing to decide (no torch call)
+        return prev
+    dt = model_output.dtype if rule == "model" else sample.dtype if rule == "sample" else \
+        torch.promote_types(sample.dtype, model_output.dtype)
+    return prev if prev.dtype == dt else prev.to(dt)
+
+
 def _fast_layout(x, *ts):
     """True when the raw op may run unchecked: x dense contiguous, every tensor of x's shape/dtype/strides."""
     if not x.is_contiguous():
@@ -336,11 +363,12 @@ def _patched(module, name, fn):
 
 class _PlanScheduler(_Base):
     _sampler = ""  # the fastdiff sampler of this class
+    _result_dtype = "promote"  # the dtype diffusers returns prev_sample in (see _as_result)
     _restarts = True  # history restarts at the first step (multistep solvers); False: rows are per step
     _euler_family = False
 
     def _check_config(self, cfg):
-        S.solver_options(self._sampler, dict(cfg), {})
+        S.solver_options(self._sampler, _checkable(cfg)[0], {})
 
     def _setup(self, args):
         self._plans: dict = {}
@@ -414,8 +442,10 @@ class _PlanScheduler(_Base):
         self._init_grid_active = False
         memo = self._memo((n, custom, tuple(sorted((overrides or {}).items()))))
         if "plans" not in memo:
-            sched = NoiseSchedule.from_diffusers(cfg)
-            opts = S.solver_options(self._sampler, cfg, {})
+            sched = NoiseSchedule.from_diffusers(_checkable(cfg)[0])
+            checked, real = _checkable(cfg)
+            opts = S.solver_options(self._sampler, checked, {})
+            opts.update(real)
             plan = S.build_plan(self._sampler, sched, n, opts) if custom is None else \
                 self._custom_plan(sched, opts, n, custom)
             memo.update(schedule=sched, opts=opts, plans={0: plan}, dev={})
@@ -471,9 +501,6 @@ class _PlanScheduler(_Base):
         for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
             if kind == "timesteps" and cfg.get(k):
                 raise ValueError(f"Cannot set `timesteps` with `config.{k} = True`.")
-        if cfg.get("interpolation_type", "linear") != "linear":
-            raise NotImplementedError(f"{name}.set_timesteps: custom {kind}= with interpolation_type="
-                                      f"{cfg['interpolation_type']!r} is not supported by fastdiff")
         vals = [float(v) for v in (vals.tolist() if hasattr(vals, "tolist") else vals)]
         T = cfg["num_train_timesteps"]
         if len(vals) < (2 if kind == "sigmas" else 1) or not all(math.isfinite(v) for v in vals):
@@ -502,8 +529,12 @@ class _PlanScheduler(_Base):
             ts_arr = np.asarray(vals, dtype=np.int64 if int_ts else np.float32)
             ts = [int(t) for t in ts_arr] if int_ts else [float(t) for t in ts_arr]
             final = opts.get("final_sigmas_type", "zero")
-            sig = [float(v) for v in np.interp(ts_arr, np.arange(T), s64)] + \
-                [float(s64[0]) if final == "sigma_min" else 0.0]
+            if opts.get("interpolation_type", "linear") == "log_linear":  # diffusers: σ's of the grid, not of `ts`
+                sig = [float(v) for v in torch.linspace(math.log(s64[-1]), math.log(s64[0]), len(ts) + 1,
+                                                        dtype=torch.float64).exp()]
+            else:
+                sig = [float(v) for v in np.interp(ts_arr, np.arange(T), s64)]
+            sig.append(float(s64[0]) if final == "sigma_min" else 0.0)
 
         def custom_grid(schedule, steps, o, **kw):
             return list(ts), list(sig)
@@ -594,10 +625,12 @@ class _PlanScheduler(_Base):
         if not self._running:  # the history slots of this run (owned here; a call never writes a slot it reads)
             self._slots = [torch.empty_like(x) for _ in range(plan.num_slots)]
             self._running = True
-        elif self._slots and (self._slots[0].shape != x.shape or self._slots[0].dtype != x.dtype
-                              or self._slots[0].device != x.device or self._slots[0].stride() != x.stride()):
-            raise RuntimeError(f"{type(self).__name__}.step: the sample's shape/dtype/device changed mid-run; call "
+        elif self._slots and (self._slots[0].shape != x.shape or self._slots[0].device != x.device
+                              or self._slots[0].stride() != x.stride()):
+            raise RuntimeError(f"{type(self).__name__}.step: the sample's shape/device changed mid-run; call "
                                "set_timesteps to start a new run")
+        elif self._slots and self._slots[0].dtype != x.dtype:  # a prev_sample promoted by a wider model output
+            self._slots = [h.to(x.dtype) for h in self._slots]
         noise = None
         if row.noise or self._draws_every_step:
             noise = variance_noise if variance_noise is not None else \
@@ -628,7 +661,7 @@ class _PlanScheduler(_Base):
         if want_x0 and x0 is None and plan.d_is_x0:
             x0 = d_out.clone()
         self._step_index += 1
-        return out, (x0 if plan.d_is_x0 else None)
+        return _as_result(out, sample, model_output, self._result_dtype), (x0 if plan.d_is_x0 else None)
 
 
 def _scaled_input(self, sample, timestep):
@@ -704,6 +737,7 @@ class UniPCMultistepScheduler(_PlanScheduler):
     _compatibles = list(_hf.UniPCMultistepScheduler._compatibles)
     order = _hf.UniPCMultistepScheduler.order
     _sampler = "unipc"
+    _result_dtype = "sample"
     __init__ = _init_like(_hf.UniPCMultistepScheduler)
 
     @_set_timesteps
@@ -733,6 +767,7 @@ class EulerDiscreteScheduler(_PlanScheduler):
     _sampler = "euler"
     _restarts = False
     _euler_family = True
+    _result_dtype = "model"
     __init__ = _init_like(_hf.EulerDiscreteScheduler)
     is_scale_input_called = False
 
@@ -777,6 +812,7 @@ class EulerAncestralDiscreteScheduler(_PlanScheduler):
     _sampler = "euler_ancestral"
     _restarts = False
     _euler_family = True
+    _result_dtype = "model"
     __init__ = _init_like(_hf.EulerAncestralDiscreteScheduler)
     is_scale_input_called = False
 
@@ -991,14 +1027,17 @@ class _StepScheduler(_Base):
     def _check_config(self, cfg):
         from fastdiff.sampling import resolve_schedule
 
-        resolve_schedule(dict(cfg), {})  # every setting that changes the math, validated (errors name it)
+        resolve_schedule(_checkable(cfg)[0], {})  # every setting that changes the math, validated (errors name it)
 
     def _options(self):
         from fastdiff.sampling import resolve_schedule
 
         memo = self._memo("options")
         if "opts" not in memo:
-            res = resolve_schedule(dict(self.config), {})  # (schedule, options[, ...])
+            checked, real = _checkable(self.config)
+            res = resolve_schedule(checked, {})  # (schedule, options[, ...])
+            for k, v in real.items():
+                setattr(res[1], k, v)
             memo.update(schedule=res[0], opts=res[1], abar=res[0].alphas_cumprod.tolist())
         self._schedule, self._abar_host = memo["schedule"], memo["abar"]
         return memo["opts"]
@@ -1133,6 +1172,7 @@ class DDIMScheduler(_StepScheduler):
             noise = variance_noise if variance_noise is not None else _draw(o.shape, generator, o.device, o.dtype)
             noise = noise.to(x.dtype)
         prev, x0 = self._run(x, o, coef, noise, None, self._opts, return_dict)
+        prev = _as_result(prev, sample, model_output, "promote")
         if not return_dict:
             return prev, None
         return _hf.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -1280,6 +1320,7 @@ class DDPMScheduler(_StepScheduler):
         coef = self._coefs(x.device)[j]
         noise = _draw(o.shape, generator, o.device, o.dtype).to(x.dtype) if t > 0 else None
         prev, x0 = self._run(x, o, coef, noise, v if noise is not None else None, opts, return_dict)
+        prev = _as_result(prev, sample, model_output, "promote")
         if not return_dict:
             return prev, None
         return _hf.schedulers.scheduling_ddpm.DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -40,7 +40,7 @@ class _Plugin:
     def __init__(self, swap: bool):
         self.swap = swap
         self.results: dict = {}
-        self.fallback: set = set()  # tests where a fastdiff class handed a configuration to diffusers' class
+        self.fallback: dict = {}  # test -> why a fastdiff class handed its configuration to diffusers' class
         self.current = None
 
     def pytest_configure(self, config):
@@ -56,9 +56,9 @@ class _Plugin:
             setattr(diffusers.schedulers, name, getattr(fd, name))
         orig = fd._Base._to_diffusers
 
-        def to_diffusers(sched, *a, **kw):
-            impl = orig(sched, *a, **kw)  # raises (nothing handed over) where diffusers refuses too
-            self.fallback.add(self.current)
+        def to_diffusers(sched, why, *a, **kw):
+            impl = orig(sched, why, *a, **kw)  # raises (nothing handed over) where diffusers refuses too
+            self.fallback.setdefault(self.current, str(why).splitlines()[0][:160])
             return impl
         fd._Base._to_diffusers = to_diffusers
 
@@ -88,7 +88,7 @@ def _run_one(test_dir, swap, kexpr, out_path):
         args += ["-k", kexpr]
     pytest.main(args, plugins=[plugin])
     with open(out_path, "w") as f:
-        json.dump({n: (o, m, n in plugin.fallback) for n, (o, m) in plugin.results.items()}, f)
+        json.dump({n: (o, m, plugin.fallback.get(n)) for n, (o, m) in plugin.results.items()}, f)
 
 
 def _class_of(nodeid):
@@ -137,7 +137,7 @@ def main(argv=None):
     if fbs:
         print("\npassing via diffusers' class (a configuration fastdiff does not run fused):")
         for n in fbs:
-            print(f"  {n.split('tests/schedulers/')[-1]}")
+            print(f"  {n.split('tests/schedulers/')[-1]}: {got[n][2]}")
     if failing:
         print("\nfailing with fastdiff's classes (passing with diffusers'):")
         for n, (o, msg) in sorted(failing):

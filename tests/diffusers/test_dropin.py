@@ -42,11 +42,8 @@ def _loop(s, steps=None, x=None, seed=0, limit=None):
 # (class, config diffusers takes and the fused step does not run, steps, what the warning names)
 HANDED_OVER = [
     ("DDIMScheduler", {"trained_betas": [0.1, 0.3, 0.5], "num_train_timesteps": 4}, 2, "trained_betas"),
-    ("DDIMScheduler", {"thresholding": True, "sample_max_value": 0.5}, 5, "sample_max_value"),
     ("DDPMScheduler", {"beta_end": 2.0, "clip_sample": False}, 4, "beta_end"),
     ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}, 6, "use_exponential_sigmas"),
-    ("DPMSolverMultistepScheduler", {"thresholding": True, "dynamic_thresholding_ratio": 0.0}, 6,
-     "dynamic_thresholding_ratio"),
     ("DPMSolverMultistepScheduler", {"timestep_spacing": "linspace"}, 1000, "repeats timestep"),
     ("UniPCMultistepScheduler", {"use_beta_sigmas": True}, 6, "use_beta_sigmas"),
     ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}, 6,
@@ -78,12 +75,31 @@ def test_configs_diffusers_takes_are_taken(name, cfg, steps, named):
 def test_handed_over_config_returns_to_the_fused_step():
     """A pipeline that rewrites the config into one the fused step runs gets the fused step at its next
     set_timesteps (and diffusers' numbers within float64-vs-float32 rounding)."""
-    with pytest.warns(UserWarning, match="sample_max_value"):
-        s = fd.DDIMScheduler(thresholding=True, sample_max_value=0.5)
-    s.register_to_config(sample_max_value=1.5)
+    with pytest.warns(UserWarning, match="use_exponential_sigmas"):
+        s = fd.DPMSolverMultistepScheduler(use_exponential_sigmas=True)
+    s.register_to_config(use_exponential_sigmas=False)
     s.set_timesteps(5)
     assert s._hf_impl is None
-    assert _rel(_loop(s), _loop(hf.DDIMScheduler(thresholding=True, sample_max_value=1.5), 5)) < 1e-4
+    assert _rel(_loop(s), _loop(hf.DPMSolverMultistepScheduler(), 5)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+                                  "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("thr", [{"sample_max_value": 0.5}, {"dynamic_thresholding_ratio": 0.0,
+                                                              "sample_max_value": 1.5}])
+def test_thresholding_values_diffusers_takes_run_fused(name, thr):
+    """sample_max_value < 1 (the scale is then sample_max_value itself) and ratio 0 (the minimum |x̂0|): refused by
+    fastdiff.sample, run fused here with diffusers' numbers."""
+    cfg = dict(thresholding=True, **thr)
+    if name != "DPMSolverMultistepScheduler" and name != "UniPCMultistepScheduler":
+        cfg["clip_sample"] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing handed over
+        got = getattr(fd, name)(**cfg)
+        a = _loop(got, 6, x=3 * torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)))
+    assert got._hf_impl is None
+    b = _loop(getattr(hf, name)(**cfg), 6, x=3 * torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)))
+    assert _rel(a, b) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
@@ -203,3 +219,22 @@ def test_index_for_timestep_like_diffusers(name):
         assert got.index_for_timestep(got.timesteps[k]) == ref.index_for_timestep(ref.timesteps[k])
     sched = torch.tensor([9.0, 5.0, 5.0, 1.0])
     assert got.index_for_timestep(torch.tensor(5.0), sched) == ref.index_for_timestep(torch.tensor(5.0), sched)
+
+
+@pytest.mark.parametrize("name", list(fd.SCHEDULERS))
+def test_mixed_precision_result_dtype_like_diffusers(name):
+    """fp16 / fp32 samples and model outputs in any mix: prev_sample in the dtype diffusers' class returns (history
+    kept across a promoted sample), the loop within fp16 rounding of diffusers'."""
+    for sd, od in ((torch.float32, torch.float16), (torch.float16, torch.float32), (torch.float16, torch.float16)):
+        res = []
+        for lib in (hf, fd):
+            s = getattr(lib, name)()
+            s.set_timesteps(5)
+            x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0)).to(sd) * s.init_noise_sigma
+            kw = {"generator": torch.Generator().manual_seed(1)} if "generator" in \
+                inspect.signature(s.step).parameters else {}
+            for t in s.timesteps:
+                x = s.step((0.1 * s.scale_model_input(x, t)).to(od), t, x, **kw).prev_sample
+            res.append(x)
+        assert res[1].dtype == res[0].dtype, (sd, od)
+        assert _rel(res[1].float(), res[0].float()) < 1e-2, (sd, od)  # fp16: ~1e-3 per rounding
