@@ -14,6 +14,9 @@ import sys
 import time
 from typing import Callable, Sequence
 
+# every sampler fastdiff.sample runs (the package imports torch anyway; a copy spelled out here went stale)
+from fastdiff.samplers import SAMPLERS as _SAMPLERS
+
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
@@ -74,8 +77,6 @@ def _flag_list(s):
     return [f in ("1", "true") for f in flags]
 
 
-_SAMPLERS = ("ddim", "ddpm", "dpmsolver++", "sde-dpmsolver++", "unipc", "euler", "euler_ancestral", "heun", "pndm",
-             "plms")  # fastdiff.samplers.SAMPLERS, spelled here so that --help does not import torch
 
 
 def _parser() -> argparse.ArgumentParser:
