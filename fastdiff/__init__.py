@@ -9,11 +9,12 @@ from fastdiff._backend import backends
 from fastdiff.langevin import langevin_sample
 from fastdiff.ops.sampler_step import sampler_step
 from fastdiff.sampling import ddim_sample, ddpm_sample, sample
+from fastdiff.calibration import calibrate
 from fastdiff import optimize  # a callable module: fastdiff.optimize(pipe), fastdiff.optimize.report(pipe)
 from fastdiff.schedule import NoiseSchedule, timesteps
 from fastdiff.training import q_sample, training_loss
 from fastdiff.vlb import vlb
 
 __version__ = "0.1.0"
-__all__ = ["NoiseSchedule", "backends", "ddim_sample", "ddpm_sample", "langevin_sample", "optimize", "q_sample",
+__all__ = ["NoiseSchedule", "backends", "calibrate", "ddim_sample", "ddpm_sample", "langevin_sample", "optimize", "q_sample",
            "sample", "sampler_step", "timesteps", "toy", "training_loss", "vlb"]

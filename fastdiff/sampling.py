@@ -125,37 +125,45 @@ class SamplerPlan:
 _PLANS: "collections.OrderedDict[tuple, SamplerPlan]" = collections.OrderedDict()  # built plans (read-only)
 
 
-def make_plan(kind: str, schedule: NoiseSchedule, opts: SamplerOptions, steps: int | None, eta: float = 0.0):
-    """The DDIM/DDPM plan (cached by kind, schedule content, options, steps and η: a sampling call reuses it)."""
-    if opts.timestep_spacing == "quad":  # its repeated-timestep warning is said on every call
+def make_plan(kind: str, schedule: NoiseSchedule, opts: SamplerOptions, steps: int | None, eta: float = 0.0,
+              grid=None):
+    """The DDIM/DDPM plan (cached by kind, schedule content, options, steps, η and grid: a sampling call reuses it).
+    grid: the step times as data (fastdiff.samplers.grids.Grid); None: the spacing's grid."""
+    if opts.timestep_spacing == "quad" and grid is None:  # its repeated-timestep warning is said on every call
         return _make_plan(kind, schedule, opts, steps, eta)
     from fastdiff.samplers import _fingerprint
 
-    key = (kind, _fingerprint(schedule), dataclasses.astuple(opts), steps, float(eta))
+    key = (kind, _fingerprint(schedule), dataclasses.astuple(opts), steps, float(eta),
+           grid.key() if grid is not None else None)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _make_plan(kind, schedule, opts, steps, eta)
+        plan = _PLANS[key] = _make_plan(kind, schedule, opts, steps, eta, grid)
         while len(_PLANS) > 64:
             _PLANS.popitem(last=False)
     return plan
 
 
-def _make_plan(kind: str, schedule: NoiseSchedule, opts: SamplerOptions, steps: int | None, eta: float = 0.0):
+def _make_plan(kind: str, schedule: NoiseSchedule, opts: SamplerOptions, steps: int | None, eta: float = 0.0,
+               grid=None):
+    from fastdiff.samplers.grids import abar_at
+
     T = len(schedule)
-    if kind == "ddpm" and steps is None:
+    if grid is not None:  # the step times as data: whole numbers stay int64 timesteps, fractional ones float64
+        ts = torch.tensor(grid.timesteps, dtype=torch.long if grid.integral else torch.float64)
+    elif kind == "ddpm" and steps is None:
         ts = torch.arange(T - 1, -1, -1, dtype=torch.long)
     else:
         ts = timesteps(T, steps, opts.timestep_spacing, opts.steps_offset)
     n = ts.numel()
     abar = schedule.alphas_cumprod
     tl = ts.tolist()
-    if kind == "ddim" and opts.prev_timestep == "diffusers":
+    if kind == "ddim" and opts.prev_timestep == "diffusers" and grid is None:
         prev = [t - T // n for t in tl]
     else:
         prev = tl[1:] + [-1]
     final = 1.0 if (kind == "ddpm" or opts.set_alpha_to_one) else float(abar[0])
-    abar_t = [float(abar[t]) for t in tl]
-    abar_p = [float(abar[p]) if p >= 0 else final for p in prev]
+    abar_t = [abar_at(schedule, t) for t in tl]
+    abar_p = [abar_at(schedule, p) if p >= 0 else final for p in prev]
     if opts.prediction_type == "epsilon" and min(abar_t) <= 0.0:
         bad = tl[abar_t.index(min(abar_t))]
         raise ValueError(f"prediction_type='epsilon' cannot sample timestep {bad}, where ᾱ_t = 0 (zero terminal SNR): "
@@ -552,12 +560,39 @@ def _check_args(steps=None, *, shape=None, generator=None, dtype=None, guidance_
                               guidance_scale=guidance_scale, device=device)
 
 
-def ddim_sample(model: Callable, steps: int = 50, *, shape=None, x_T=None, schedule=None, eta: float = 0.0,
+def resolve_grid(schedule: NoiseSchedule, steps, timesteps=None, sigmas=None, time_grid=None):
+    """(Grid or None, steps) from the grid arguments of the samplers: `timesteps=` (model-call times, fractional
+    allowed), `sigmas=` (VE noise levels), or `time_grid=` (a named grid: "logsnr", "exponential", "quadratic",
+    "karras", "uniform"; fastdiff.samplers.grids.make_grid). None of them: the sampler's own grid (None)."""
+    from fastdiff.samplers import grids
+
+    given = [n for n, v in (("timesteps", timesteps), ("sigmas", sigmas), ("time_grid", time_grid)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass only one of timesteps=, sigmas= and time_grid= (got {', '.join(given)})")
+    if timesteps is not None or sigmas is not None:
+        g = grids.custom_grid(schedule, timesteps=timesteps, sigmas=sigmas)
+        if steps is not None and steps != len(g):
+            raise ValueError(f"{given[0]}: the grid has {len(g)} times but steps={steps}; pass steps={len(g)} or "
+                             "leave steps out")
+        return g, len(g)
+    if time_grid is not None:
+        if not isinstance(time_grid, str):
+            raise TypeError(f"time_grid must be a name, one of {grids.TIME_GRIDS}, got {time_grid!r}")
+        if steps is None:
+            raise ValueError("steps: a named time_grid needs a number of steps")
+        if not 1 <= steps <= len(schedule):
+            raise ValueError(f"steps must be in [1, num_train_timesteps={len(schedule)}], got {steps}")
+        return grids.make_grid(schedule, steps, time_grid), steps
+    return None, steps
+
+
+def ddim_sample(model: Callable, steps: int | None = None, *, shape=None, x_T=None, schedule=None, eta: float = 0.0,
                 generator: torch.Generator | None = None, backend: str = "auto", progress: bool = False,
                 callback: Callable | None = None, dtype: torch.dtype | None = None, device=None,
                 check_nan: bool = False, guidance_scale: float | None = None, noise: str = "randn",
-                cuda_graph="auto", **options) -> torch.Tensor:
-    """DDIM sampling (Song et al. 2021, eq. 12) in `steps` steps; returns x_0 of shape (B, ...).
+                cuda_graph="auto", timesteps=None, sigmas=None, time_grid: str | None = None,
+                **options) -> torch.Tensor:
+    """DDIM sampling (Song et al. 2021, eq. 12) in `steps` steps (default 50); returns x_0 of shape (B, ...).
 
     model(x_t, t) -> ε̂ / x̂0 / v (per `prediction_type`), t a LongTensor (B,) of training timesteps; a tensor or an
     object with `.sample`. `schedule`: a NoiseSchedule, a diffusers scheduler or its config (default: linear,
@@ -565,14 +600,17 @@ def ddim_sample(model: Callable, steps: int = 50, *, shape=None, x_T=None, sched
     η = 0 is deterministic; η = 1 with use_clipped_model_output is DDPM's fixed_small posterior.
     backend: "auto" runs the fused step kernel (fastdiff.ops.sampler_step) for fp32/fp16/bf16 samples, the reference
     for float64; "torch" forces the reference. guidance_scale, noise ("randn" | "philox") and cuda_graph ("auto" |
-    True | False): see `run_plan`.
+    True | False): see `run_plan`. timesteps= / sigmas= / time_grid=: the step times as data (`resolve_grid`);
+    the last step then goes to ᾱ = 1 (set_alpha_to_one) as usual.
     """
     eta = _check_eta(eta)
     steps = _check_args(steps, shape=shape, generator=generator, dtype=dtype, guidance_scale=guidance_scale,
                         device=device).get("steps", steps)
     _check_backend(backend)
     sched, opts = resolve_schedule(schedule, options)
-    plan = make_plan("ddim", sched, opts, steps, eta)
+    grid, steps = resolve_grid(sched, steps, timesteps, sigmas, time_grid)
+    steps = 50 if steps is None else steps
+    plan = make_plan("ddim", sched, opts, steps, eta, grid)
     x = _initial_sample(model, shape, x_T, generator, dtype, device)
     return run_plan(plan, model, x, generator=generator, backend=backend, progress=progress, callback=callback,
                     check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph)
@@ -582,7 +620,8 @@ def ddpm_sample(model: Callable, *, steps: int | None = None, shape=None, x_T=No
                 variance: str | None = None, generator: torch.Generator | None = None, backend: str = "auto",
                 progress: bool = False, callback: Callable | None = None, dtype: torch.dtype | None = None,
                 device=None, check_nan: bool = False, guidance_scale: float | None = None, noise: str = "randn",
-                cuda_graph="auto", **options) -> torch.Tensor:
+                cuda_graph="auto", timesteps=None, sigmas=None, time_grid: str | None = None,
+                **options) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2); `steps=None` runs all T steps, fewer strides the grid.
 
     variance: "fixed_small" (β̃), "fixed_large" (β, the DDPM CIFAR-10 setting), "learned_range" (the model returns
@@ -594,17 +633,18 @@ def ddpm_sample(model: Callable, *, steps: int | None = None, shape=None, x_T=No
                         device=device).get("steps", steps)
     _check_backend(backend)
     sched, opts = resolve_schedule(schedule, options)
-    plan = make_plan("ddpm", sched, opts, steps)
+    grid, steps = resolve_grid(sched, steps, timesteps, sigmas, time_grid)
+    plan = make_plan("ddpm", sched, opts, steps, grid=grid)
     x = _initial_sample(model, shape, x_T, generator, dtype, device)
     return run_plan(plan, model, x, generator=generator, backend=backend, progress=progress, callback=callback,
                     check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph)
 
 
-def sample(model: Callable, steps: int = 20, *, sampler: str | None = None, schedule=None, shape=None, x_T=None,
-           generator: torch.Generator | None = None, eta: float | None = None, backend: str = "auto",
+def sample(model: Callable, steps: int | None = None, *, sampler: str | None = None, schedule=None, shape=None,
+           x_T=None, generator: torch.Generator | None = None, eta: float | None = None, backend: str = "auto",
            progress: bool = False, callback: Callable | None = None, dtype: torch.dtype | None = None, device=None,
            check_nan: bool = False, guidance_scale: float | None = None, noise: str = "randn", cuda_graph="auto",
-           **options) -> torch.Tensor:
+           timesteps=None, sigmas=None, time_grid: str | None = None, **options) -> torch.Tensor:
     """Sample with any solver in `steps` steps; returns x_0 of shape (B, ...).
 
     sampler: "ddim", "ddpm", "dpmsolver++" (orders 1–3 via solver_order; algorithm_type "dpmsolver++" or
@@ -620,6 +660,12 @@ def sample(model: Callable, steps: int = 20, *, sampler: str | None = None, sche
     Same seed, same result as a diffusers pipeline: x_T = randn(shape, generator) · init_noise_sigma (a given x_T is
     scaled by init_noise_sigma too, as pipelines scale given latents); the model sees diffusers' scale_model_input(x)
     and t as diffusers passes it (float32 for the σ-grid solvers, shape (B,)); per-step noise in diffusers' order.
+    steps: the number of steps (default 20), or the length of a grid given as data:
+    timesteps= (model-call times in [0, T−1], strictly decreasing, fractional allowed: the model is called with
+    them and the σ's follow by log-σ interpolation of the schedule), sigmas= (VE noise levels σ = √((1−ᾱ)/ᾱ),
+    mapped to times as diffusers' σ samplers do), or time_grid= "logsnr" | "exponential" | "quadratic" | "karras" |
+    "uniform" (fastdiff.samplers.grids.make_grid). Every sampler then ends at σ = 0 as usual. A grid from
+    fastdiff.calibrate is such a timesteps= list.
     Other arguments as `ddim_sample` (eta: DDIM only).
     """
     from fastdiff import samplers as S
@@ -637,11 +683,14 @@ def sample(model: Callable, steps: int = 20, *, sampler: str | None = None, sche
     if sampler is not None and schedule is not None:
         S.sampler_for(schedule)  # a scheduler class without an equivalent is an error even when sampler= is given
     _check_backend(backend)
+    grid_kw = dict(timesteps=timesteps, sigmas=sigmas, time_grid=time_grid)
+    if steps is None and timesteps is None and sigmas is None:
+        steps = 20
     if name == "ddim":
         return ddim_sample(model, steps, shape=shape, x_T=x_T, schedule=schedule, eta=0.0 if eta is None else eta,
                            generator=generator, backend=backend, progress=progress, callback=callback, dtype=dtype,
                            device=device, check_nan=check_nan, guidance_scale=guidance_scale, noise=noise,
-                           cuda_graph=cuda_graph, **options)
+                           cuda_graph=cuda_graph, **grid_kw, **options)
     if eta is not None:
         raise ValueError(f"eta applies to sampler='ddim' only (got sampler={name!r}); stochastic solvers: "
                          "'ddpm', 'euler_ancestral', 'sde-dpmsolver++'")
@@ -649,9 +698,10 @@ def sample(model: Callable, steps: int = 20, *, sampler: str | None = None, sche
         return ddpm_sample(model, steps=steps, shape=shape, x_T=x_T, schedule=schedule, generator=generator,
                            backend=backend, progress=progress, callback=callback, dtype=dtype, device=device,
                            check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph,
-                           **options)
+                           **grid_kw, **options)
     sched, cfg = _schedule_and_config(schedule)
-    plan = S.build_plan(name, sched, steps, S.solver_options(name, cfg, options))
+    grid, steps = resolve_grid(sched, steps, **grid_kw)
+    plan = S.build_plan(name, sched, steps, S.solver_options(name, cfg, options), grid)
     x = _initial_sample(model, shape, x_T, generator, dtype, device)
     return run_plan(plan, model, x, generator=generator, backend=backend, progress=progress, callback=callback,
                     check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph,

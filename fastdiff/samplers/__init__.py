@@ -4,6 +4,7 @@
     unipc       UniPC predictor-corrector, bh1/bh2, orders 1–3 (Zhao et al. 2023)
     euler       Euler, Euler ancestral, Heun on the σ grid (Karras et al. 2022)
     pndm        PLMS with PRK warm-up or without (Liu et al. 2022)
+    ipndm       iPNDM, Adams–Bashforth on ε̂ with a lower-order warm-up, on any grid (Zhang & Chen 2023, DEIS)
 
 DDIM and DDPM plans live in fastdiff.sampling (their fused step, fastdiff.ops.sampler_step, predates these).
 `build_plan(sampler, schedule, steps, options)` compiles a solver to a `SolverPlan` (plan.py) that the one loop
@@ -18,7 +19,8 @@ from typing import Any
 
 import torch
 
-from fastdiff.samplers import dpm_solver, euler, pndm, unipc
+from fastdiff.samplers import dpm_solver, euler, ipndm, pndm, unipc
+from fastdiff.samplers.grids import TIME_GRIDS, Grid, custom_grid, make_grid
 from fastdiff.samplers.plan import COEF, NUM_COEF, Lin, PlanBuilder, PlanError, SolverPlan
 
 # name -> (plan function, diffusers defaults of the matching scheduler class, fixed settings)
@@ -31,6 +33,7 @@ _FAMILIES = {
     "heun": (euler.heun_plan, euler.HEUN_DEFAULTS, {}),
     "pndm": (pndm.plan, pndm.DEFAULTS, {}),
     "plms": (pndm.plan, pndm.DEFAULTS, {"skip_prk_steps": True}),
+    "ipndm": (ipndm.plan, ipndm.DEFAULTS, {}),
 }
 SAMPLERS = ("ddim", "ddpm", *_FAMILIES)
 SOLVERS = tuple(_FAMILIES)
@@ -125,18 +128,22 @@ def _number(name, v):
         raise TypeError(f"{name} must be a finite number, got {v!r}")
 
 
-def build_plan(sampler: str, schedule, steps: int, options: dict) -> SolverPlan:
+def build_plan(sampler: str, schedule, steps: int, options: dict, grid: Grid | None = None) -> SolverPlan:
     """Compile `sampler` over `schedule` (a NoiseSchedule) in `steps` steps with the full `options` dict
-    (solver_options) to a SolverPlan."""
+    (solver_options) to a SolverPlan. `grid`: the model-call times as data (fastdiff.samplers.grids.Grid: a named
+    grid, a user's timesteps/σ's, a calibrated grid); None builds the sampler's own (diffusers') grid."""
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if not 1 <= steps <= len(schedule):
         raise ValueError(f"steps must be in [1, num_train_timesteps={len(schedule)}], got {steps}")
-    key = (sampler, _fingerprint(schedule), steps, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    if grid is not None and len(grid) != steps:
+        raise ValueError(f"timesteps: the grid has {len(grid)} times but steps={steps}")
+    key = (sampler, _fingerprint(schedule), steps, tuple(sorted((k, repr(v)) for k, v in options.items())),
+           grid.key() if grid is not None else None)
     p = _PLANS.get(key)
     if p is None:
         fn, _, _ = _FAMILIES[sampler]
-        p = fn(schedule, steps, options)
+        p = fn(schedule, steps, options) if grid is None else fn(schedule, steps, options, grid)
         p.sampler = sampler
         _PLANS[key] = p
         while len(_PLANS) > 64:

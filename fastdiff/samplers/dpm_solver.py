@@ -175,9 +175,21 @@ def _update(alg, solver_type, order, x, ms, sig_t, sigs, z):
     raise PlanError("solver_order=3 with algorithm_type='sde-dpmsolver' is not implemented by diffusers either")
 
 
-def plan(schedule: NoiseSchedule, steps: int, o: dict):
+def grid_sigmas(schedule: NoiseSchedule, g: grids.Grid, o: dict):
+    """(timesteps, σ's with the final one appended, the model's t dtype) of a given Grid (fastdiff.samplers.grids)."""
+    last = 0.0 if o["final_sigmas_type"] == "zero" else float(np.exp(grids.log_sigma_table(schedule)[0]))
+    if g.integral:
+        return [int(t) for t in g.timesteps], list(g.sigmas) + [last], torch.int64
+    return list(g.timesteps), list(g.sigmas) + [last], torch.float32
+
+
+def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
     validate(o)
-    ts, sig = grid(schedule, steps, o)
+    if grid_ is None:
+        ts, sig = grid(schedule, steps, o)
+        t_dtype = torch.int64
+    else:
+        ts, sig, t_dtype = grid_sigmas(schedule, grid_, o)
     N = len(ts)
     alg, order = o["algorithm_type"], o["solver_order"]
     b = PlanBuilder("dpmsolver++" if alg.endswith("++") else "dpmsolver")
@@ -205,5 +217,5 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict):
         c.force_noise = alg.startswith("sde")  # diffusers draws every step's noise, the last (σ_t = 0) too
         c.next(x_next)
         lower_nums = min(lower_nums + 1, order)
-    return b.build(t_dtype=torch.int64, init_noise_sigma=1.0, sigmas=sig, timesteps=ts, options=dict(o),
+    return b.build(t_dtype=t_dtype, init_noise_sigma=1.0, sigmas=sig, timesteps=ts, options=dict(o),
                    noise_dtype=torch.float32, d_is_x0=alg.endswith("++"))

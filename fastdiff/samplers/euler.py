@@ -38,10 +38,13 @@ def _check(o, *, karras_ok=True):
         raise ValueError(f"interpolation_type must be 'linear' or 'log_linear', got {o['interpolation_type']!r}")
 
 
-def grid(schedule: NoiseSchedule, steps: int, o: dict, *, final: str = "zero"):
+def grid(schedule: NoiseSchedule, steps: int, o: dict, *, final: str = "zero", given: grids.Grid | None = None):
     """(model timesteps float32 values, σ's float64 with the final one appended), as EulerDiscreteScheduler builds
     them (Heun and Euler ancestral build the same grid without the options they lack)."""
     a64, a32 = grids.abar_tables(schedule)
+    if given is not None:  # a grid given as data (fastdiff.samplers.grids.Grid)
+        last = float(grids.sigma_table(a64)[0]) if final == "sigma_min" else 0.0
+        return list(given.timesteps), list(given.sigmas) + [last]
     T = len(a64)
     ts = grids.spaced_timesteps(T, steps, o["timestep_spacing"], o["steps_offset"])
     s32, s64 = grids.sigma_table(a32), grids.sigma_table(a64)
@@ -83,9 +86,9 @@ def _scale(s):
     return math.sqrt(s * s + 1.0)
 
 
-def euler_plan(schedule: NoiseSchedule, steps: int, o: dict):
+def euler_plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
     _check(o)
-    ts, sig = grid(schedule, steps, o, final=o["final_sigmas_type"])
+    ts, sig = grid(schedule, steps, o, final=o["final_sigmas_type"], given=grid_)
     b = PlanBuilder("euler")
     N = len(ts)
     for i in range(N):
@@ -100,12 +103,12 @@ def euler_plan(schedule: NoiseSchedule, steps: int, o: dict):
                    options=dict(o))
 
 
-def ancestral_plan(schedule: NoiseSchedule, steps: int, o: dict):
+def ancestral_plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
     _check(o)
     if o["prediction_type"] == "sample":
         raise ValueError("prediction_type='sample' is not implemented by diffusers' EulerAncestralDiscreteScheduler; "
                          "fastdiff does not offer it for euler_ancestral either")
-    ts, sig = grid(schedule, steps, o)
+    ts, sig = grid(schedule, steps, o, given=grid_)
     b = PlanBuilder("euler_ancestral")
     N = len(ts)
     for i in range(N):
@@ -123,9 +126,9 @@ def ancestral_plan(schedule: NoiseSchedule, steps: int, o: dict):
                    options=dict(o))
 
 
-def heun_plan(schedule: NoiseSchedule, steps: int, o: dict):
+def heun_plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
     _check(o)
-    ts0, sig0 = grid(schedule, steps, o)
+    ts0, sig0 = grid(schedule, steps, o, given=grid_)
     # diffusers: σ = [σ0, σ1, σ1, …, σ_{N−1}, σ_{N−1}, 0], timesteps [t0, t1, t1, …]: 2N − 1 model calls
     S = sig0[:1] + [s for s in sig0[1:-1] for _ in (0, 1)] + sig0[-1:]
     Ts = ts0[:1] + [t for t in ts0[1:] for _ in (0, 1)]

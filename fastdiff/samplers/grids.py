@@ -83,3 +83,145 @@ def vp(sigma: float) -> tuple[float, float, float]:
     """(α_t, σ_t, λ_t) of the VP process at VE noise level σ: α = 1/√(σ²+1), σ_t = σ·α, λ = log(α/σ_t) = −log σ."""
     a = 1.0 / math.sqrt(sigma * sigma + 1.0)
     return a, sigma * a, (-math.log(sigma) if sigma > 0 else math.inf)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The time grid as data: the model-call times of a sampler (and the σ's they stand for), built once and handed to
+# any planner. `Grid` is what every plan function takes; `make_grid` builds the named grids, `custom_grid` the
+# user's timesteps= / sigmas=.
+
+TIME_GRIDS = ("logsnr", "exponential", "quadratic", "karras", "uniform")
+
+
+class Grid:
+    """N model-call times, descending: `timesteps` (the t the model sees, floats; whole numbers where the grid lies
+    on the training timesteps) and `sigmas` (the VE noise level σ_t = √((1 − ᾱ_t)/ᾱ_t) of each, float64). The
+    sampler appends its own final σ (0, or σ_min with final_sigmas_type="sigma_min")."""
+
+    __slots__ = ("timesteps", "sigmas")
+
+    def __init__(self, timesteps, sigmas):
+        self.timesteps = [float(t) for t in timesteps]
+        self.sigmas = [float(s) for s in sigmas]
+
+    def __len__(self):
+        return len(self.timesteps)
+
+    @property
+    def integral(self) -> bool:
+        """Every time a whole number (the discrete-time samplers then hand the model int64 timesteps)."""
+        return all(float(t).is_integer() for t in self.timesteps)
+
+    def key(self) -> tuple:
+        return tuple(self.timesteps), tuple(self.sigmas)
+
+    def __repr__(self):
+        return f"Grid({[round(t, 3) for t in self.timesteps]})"
+
+
+def log_sigma_table(schedule: NoiseSchedule) -> np.ndarray:
+    """log σ_t for t = 0 … T−1 in float64 (a zero-terminal-SNR schedule: diffusers' finite stand-in at T−1)."""
+    a64, _ = abar_tables(schedule)
+    return np.log(sigma_table(a64))
+
+
+def sigma_at(schedule: NoiseSchedule, ts) -> np.ndarray:
+    """σ at (possibly fractional) times t ∈ [0, T−1]: σ interpolated linearly between training timesteps, as
+    diffusers maps custom timesteps to σ's (np.interp) and fastdiff.toy's oracle reads a fractional t; exact at
+    whole t."""
+    a64, _ = abar_tables(schedule)
+    s = sigma_table(a64)
+    return np.interp(np.asarray(ts, dtype=np.float64), np.arange(len(s), dtype=np.float64), s)
+
+
+def abar_at(schedule: NoiseSchedule, t: float) -> float:
+    """ᾱ at a (possibly fractional) time: the float64 table at whole t, else 1/(1 + σ(t)²)."""
+    t = float(t)
+    if t.is_integer():
+        return float(schedule.alphas_cumprod[int(t)])
+    s = float(sigma_at(schedule, [t])[0])
+    return 1.0 / (1.0 + s * s)
+
+
+def times_for_sigmas(schedule: NoiseSchedule, sigmas) -> np.ndarray:
+    """The fractional time of each σ: the inverse of `sigma_at` (σ_t increases with t)."""
+    a64, _ = abar_tables(schedule)
+    s = sigma_table(a64)
+    return np.interp(np.asarray(sigmas, dtype=np.float64), s, np.arange(len(s), dtype=np.float64))
+
+
+def make_grid(schedule: NoiseSchedule, steps: int, name: str, *, t_max: float | None = None, t_min: float = 0.0,
+              rho: float = 7.0) -> Grid:
+    """A model-blind grid of `steps` call times from t_max (default T − 1) down to t_min (default 0):
+
+        logsnr       uniform in λ = log(α/σ) = −log σ (= diffusers' "exponential" σ's: uniform in log σ)
+        exponential  the same grid, under diffusers' name
+        quadratic    t_i = t_min + (t_max − t_min)·(1 − i/(N−1))², dense near the data (Song et al. 2021, DDIM §D.2)
+        karras       σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, ρ = 7 (Karras et al. 2022, eq. 5)
+        uniform      t uniform from t_max to t_min (unlike diffusers' linspace, the last call is at t_min)
+    """
+    T = len(schedule)
+    if name not in TIME_GRIDS:
+        raise ValueError(f"time_grid must be one of {TIME_GRIDS}, got {name!r}")
+    t_max = float(T - 1 if t_max is None else t_max)
+    if not 0 <= t_min <= t_max <= T - 1:
+        raise ValueError(f"time_grid: need 0 <= t_min <= t_max <= {T - 1}, got t_min={t_min}, t_max={t_max}")
+    if steps == 1:
+        return custom_grid(schedule, timesteps=[t_max])
+    u = np.linspace(0.0, 1.0, steps)
+    if name == "uniform":
+        ts = t_max + u * (t_min - t_max)
+    elif name == "quadratic":
+        ts = t_min + (t_max - t_min) * (1.0 - u) ** 2
+    else:
+        s_hi, s_lo = sigma_at(schedule, [t_max, t_min])
+        if name == "karras":
+            sig = karras(float(s_lo), float(s_hi), steps, rho)
+        else:
+            sig = np.exp(np.log(s_hi) + u * (np.log(s_lo) - np.log(s_hi)))
+        ts = times_for_sigmas(schedule, sig)
+        ts[0], ts[-1] = t_max, t_min  # exact ends (the interpolation round-trips to ~1e-12)
+    return custom_grid(schedule, timesteps=ts)
+
+
+def custom_grid(schedule: NoiseSchedule, timesteps=None, sigmas=None) -> Grid:
+    """A user's grid: `timesteps` (model-call times in [0, T−1], fractional allowed, σ's by `sigma_at`) or `sigmas`
+    (VE noise levels within the schedule's range, used as given; the model sees the times `sigma_to_t` gives, as in
+    diffusers' σ samplers), strictly decreasing; errors name the argument."""
+    T = len(schedule)
+    if (timesteps is None) == (sigmas is None):
+        raise ValueError("pass exactly one of timesteps= and sigmas=")
+    name = "timesteps" if timesteps is not None else "sigmas"
+    v = timesteps if timesteps is not None else sigmas
+    if torch.is_tensor(v):
+        v = v.detach().to("cpu", torch.float64).numpy()
+    try:
+        arr = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(v).__name__}") from None
+    if arr.ndim != 1 or arr.size < 1:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {tuple(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite, got {arr.tolist()}")
+    if arr.size > 1 and not (np.diff(arr) < 0).all():
+        k = int(np.argmax(np.diff(arr) >= 0))
+        raise ValueError(f"{name} must be strictly decreasing (no repeats): {name}[{k}] = {arr[k]:g}, "
+                         f"{name}[{k + 1}] = {arr[k + 1]:g}")
+    if timesteps is not None:
+        if arr[0] > T - 1 or arr[-1] < 0:
+            raise ValueError(f"timesteps must lie in [0, {T - 1}] (num_train_timesteps = {T}), got "
+                             f"[{arr[-1]:g}, {arr[0]:g}]")
+        return Grid(arr, sigma_at(schedule, arr))
+    ls = log_sigma_table(schedule)
+    lo, hi = math.exp(ls[0]), math.exp(ls[-1])
+    if arr[-1] < lo * (1 - 1e-9) or arr[0] > hi * (1 + 1e-9):
+        raise ValueError(f"sigmas must lie in the schedule's range [{lo:.6g}, {hi:.6g}], got [{arr[-1]:g}, {arr[0]:g}]")
+    # the model sees the time diffusers' σ samplers give it (sigma_to_t: log σ interpolated); the σ's stay as given
+    return Grid(np.clip(sigma_to_t(arr, ls), 0, T - 1), arr)
+
+
+def check_steps_match(grid: Grid, steps) -> None:
+    """`steps` given beside a grid must equal its length (None: take the grid's)."""
+    if steps is not None and steps != len(grid):
+        raise ValueError(f"timesteps: the grid has {len(grid)} times but steps={steps}; pass steps={len(grid)} or "
+                         "leave it out")

@@ -89,8 +89,9 @@ class Loop:
             t_dtype = plan.t_dtype
             ts = [c.t for c in plan.calls]
         else:
-            t_dtype = torch.long
-            ts = [int(t) for t in plan.timesteps.tolist()]
+            fractional = plan.timesteps.is_floating_point()  # a grid given as data may hold fractional times
+            t_dtype = torch.float32 if fractional else torch.long
+            ts = plan.timesteps.tolist()
         Bm = B * (2 if self.guided else 1)
         self.tb = torch.tensor(ts, dtype=t_dtype).view(-1, 1).expand(-1, Bm).contiguous().to(dev)
         self.tb_rows = list(self.tb.unbind(0))

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import torch
 
+from fastdiff.samplers import grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
 
@@ -43,7 +44,19 @@ def timesteps(T: int, n: int, o: dict):
     return [int(t) for t in prk], [int(t) for t in plms]
 
 
-def plan(schedule: NoiseSchedule, steps: int, o: dict):
+def grid_timesteps(g: list, o: dict):
+    """(prk, plms) call times over a grid given as data (descending `g`): the same structure as `timesteps`, with
+    the PRK midpoints halfway between grid points."""
+    if o["skip_prk_steps"]:
+        return [], g[:2] + g[1:]  # diffusers' PLMS start: the second time twice
+    prk = []
+    for k in range(3):
+        m = (g[k] + g[k + 1]) / 2
+        prk += [g[k], m, m, g[k + 1]]
+    return prk, list(g[3:])
+
+
+def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_=None):
     if o["prediction_type"] not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction' for pndm, got {o['prediction_type']!r}")
     T = len(schedule)
@@ -51,14 +64,22 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict):
         raise ValueError(f"steps: PNDM with PRK warm-up needs steps >= 4, got {steps}")
     if o["skip_prk_steps"] and steps < 2:
         raise ValueError(f"steps: PLMS (skip_prk_steps) needs steps >= 2, got {steps}")
-    abar = schedule.alphas_cumprod.tolist()
-    final = 1.0 if o["set_alpha_to_one"] else abar[0]
-    prk, plms = timesteps(T, steps, o)
-    ratio = T // steps
+    final = 1.0 if o["set_alpha_to_one"] else float(schedule.alphas_cumprod[0])
+    if grid_ is None:
+        prk, plms = timesteps(T, steps, o)
+        ratio = T // steps
+        down, up = (lambda t: t - ratio), (lambda t: t + ratio)  # noqa: E731 (diffusers' t ∓ T//N)
+    else:  # a grid given as data: the neighbours on the grid (below the last one: the final ᾱ)
+        g = [int(t) for t in grid_.timesteps] if grid_.integral else list(grid_.timesteps)
+        prk, plms = grid_timesteps(g, o)
+        nxt = {g[k]: (g[k + 1] if k + 1 < len(g) else -1) for k in range(len(g))}
+        prv = {g[k + 1]: g[k] for k in range(len(g) - 1)}
+        down, up = nxt.__getitem__, prv.__getitem__
+    calls = prk + plms
 
     def prev_sample(sample, t, pt, mo):
-        at = abar[t]
-        ap = abar[pt] if pt >= 0 else final
+        at = grids.abar_at(schedule, t)
+        ap = grids.abar_at(schedule, pt) if pt >= 0 else final
         if o["prediction_type"] == "v_prediction":
             mo = math.sqrt(at) * mo + math.sqrt(1 - at) * sample
         denom = at * math.sqrt(1 - ap) + math.sqrt(at * (1 - at) * ap)
@@ -66,12 +87,11 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict):
 
     b = PlanBuilder("pndm")
     counter, ets, cmo = 0, [], None  # ets: names of the stored raw model outputs, oldest first
-    for k, t in enumerate(prk + plms):
+    for k, t in enumerate(calls):
         c = b.call(t)
         e = c.convert(1.0 * c.o)  # d = the raw model output
         if counter < len(prk):
-            diff = 0 if counter % 2 else T // steps // 2
-            pt = t - diff
+            pt = prk[counter + 1] if counter % 2 == 0 else t  # the midpoint, or the next grid time
             tt = prk[counter // 4 * 4]
             r = counter % 4
             mo = e
@@ -92,7 +112,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict):
             elif c.has("cmo"):
                 c.drop("cmo")
         else:
-            pt = t - ratio
+            pt = down(t)
             sample = c.x
             if counter != 1:
                 for old in ets[:-3]:
@@ -101,7 +121,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict):
                 c.put(ets[-1], e)
                 vals = [c.get(n) for n in ets[:-1]] + [e]  # oldest first, the newest is this call's
             else:
-                pt, t = t, t + ratio
+                pt, t = t, up(t)
                 vals = [c.get(n) for n in ets]
             if c.has("cmo"):
                 c.drop("cmo")
@@ -123,4 +143,5 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict):
             nxt = prev_sample(sample, t, pt, mo)
         c.next(nxt)
         counter += 1
-    return b.build(t_dtype=torch.int64, init_noise_sigma=1.0, timesteps=prk + plms, options=dict(o), d_is_x0=False)
+    t_dtype = torch.int64 if all(float(t).is_integer() for t in calls) else torch.float32
+    return b.build(t_dtype=t_dtype, init_noise_sigma=1.0, timesteps=calls, options=dict(o), d_is_x0=False)

@@ -97,10 +97,14 @@ def _step(o, order, x, m0, ms, sig_t, sig_s0, sig_ks, *, corrector: bool, model_
     return base - scale * res
 
 
-def plan(schedule: NoiseSchedule, steps: int, o: dict):
+def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
     validate(o)
     o = dict(o, lambda_min_clipped=-math.inf)
-    ts, sig = dpm_solver.grid(schedule, steps, o, unipc=True)
+    if grid_ is None:
+        ts, sig = dpm_solver.grid(schedule, steps, o, unipc=True)
+        t_dtype = torch.int64
+    else:
+        ts, sig, t_dtype = dpm_solver.grid_sigmas(schedule, grid_, o)
     N, order = len(ts), o["solver_order"]
     b = PlanBuilder("unipc")
     names = [f"m{k}" for k in range(order)]  # the previous outputs, m0 the newest
@@ -129,7 +133,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict):
                        [sig[i - k] for k in range(1, this_order)], corrector=False)
         c.next(x_next)
         lower_nums = min(lower_nums + 1, order)
-    return b.build(t_dtype=torch.int64, init_noise_sigma=1.0, sigmas=sig, timesteps=ts, options=dict(o),
+    return b.build(t_dtype=t_dtype, init_noise_sigma=1.0, sigmas=sig, timesteps=ts, options=dict(o),
                    d_is_x0=bool(o["predict_x0"]))
 
 

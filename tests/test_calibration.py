@@ -1,0 +1,117 @@
+"""fastdiff.calibrate: per-model grids (GITS dynamic programming + refinement on the final error), checked against
+the exact mixture oracle on held-out x_T's."""
+import time
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.calibration import _gits, _rms, calibrate_report, fine_grid, jump_costs
+from fastdiff.schedule import NoiseSchedule
+
+MIX = fastdiff.toy.GaussianMixture([0.2, 0.3, 0.5], [[-2.0, 0.0], [2.0, 1.0], [0.0, -3.0]], 0.3)
+SCHED = NoiseSchedule.linear()
+
+
+def _held_out(model, sched, n=1000, seed=123):
+    xT = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ref = fastdiff.sample(model, 500, sampler="dpmsolver++", solver_order=3, time_grid="quadratic", x_T=xT,
+                          schedule=sched)
+    return xT, ref
+
+
+def test_calibrate_returns_a_descending_float64_grid_and_is_deterministic():
+    m = MIX.model(SCHED)
+    a = fastdiff.calibrate(m, 6, shape=(64, 2), generator=torch.Generator().manual_seed(0), progress=False)
+    b = fastdiff.calibrate(m, 6, shape=(64, 2), generator=torch.Generator().manual_seed(0), progress=False)
+    assert a.dtype == torch.float64 and a.shape == (6,)
+    assert a[0] == len(SCHED) - 1 and (a[1:] < a[:-1]).all() and a[-1] >= 0
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sched", [NoiseSchedule.linear(), NoiseSchedule.scaled_linear()], ids=["linear", "scaled"])
+def test_calibrated_grid_beats_the_default_and_model_blind_grids_on_held_out_x_T(sched):
+    m = MIX.model(sched)
+    xT, ref = _held_out(m, sched)
+    t0 = time.perf_counter()
+    r = calibrate_report(m, 8, sampler="unipc", shape=(256, 2), schedule=sched,
+                         generator=torch.Generator().manual_seed(0), progress=False)
+    assert time.perf_counter() - t0 < 120
+    err = {k: _rms(fastdiff.sample(m, 8, sampler="unipc", x_T=xT, schedule=sched, **kw), ref)
+           for k, kw in [("default", {}), ("logsnr", dict(time_grid="logsnr")),
+                         ("quadratic", dict(time_grid="quadratic")), ("calibrated", dict(timesteps=r.timesteps))]}
+    assert err["calibrated"] <= 0.5 * err["default"], err
+    assert err["calibrated"] < 0.8 * min(err["logsnr"], err["quadratic"]), err
+    assert r.errors["calibrated"] <= min(r.errors["gits"], r.errors["quadratic"], r.errors["logsnr"])
+    assert r.model_calls > 0 and r.seconds > 0
+
+
+def test_gits_dynamic_programme_finds_the_cheapest_path():
+    """On a tiny teacher, the DP's path costs no more than any other path of the same length (brute force)."""
+    import itertools
+
+    m = MIX.model(SCHED)
+    xT = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    from fastdiff.calibration import _teacher
+
+    tr = _teacher(m, SCHED, None, xT, 5, "epsilon")
+    C = jump_costs(tr)
+    M = len(tr.times)
+
+    def cost(path):
+        return sum(C[i, j] for i, j in zip(path, path[1:])) + C[path[-1], M]
+
+    for steps in (2, 3, 4):
+        got = [tr.times.index(t) for t in _gits(tr, steps)]
+        best = min(cost([0, *rest]) for rest in itertools.combinations(range(1, M), steps - 1))
+        assert got[0] == 0 and cost(got) == pytest.approx(best, rel=1e-12)
+
+
+def test_fine_grid_spans_the_schedule():
+    g = fine_grid(SCHED, 30)
+    assert g[0] == 999 and g[-1] == 0 and all(a > b for a, b in zip(g, g[1:]))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler", "heun", "ipndm", "plms", "ddpm"])
+def test_calibrate_works_for_every_sampler(sampler):
+    m = MIX.model(SCHED)
+    r = calibrate_report(m, 5, sampler=sampler, shape=(32, 2), generator=torch.Generator().manual_seed(0),
+                         progress=False, fine_steps=20, sweeps=1)
+    assert r.timesteps.shape == (5,) and r.sampler == sampler
+    x = fastdiff.sample(m, sampler=sampler, timesteps=r.timesteps, shape=(4, 2),
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+
+
+def test_calibrate_in_bfloat16_keeps_a_float64_grid():
+    lin = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    oracle = MIX.model(SCHED)
+
+    class Model(torch.nn.Module):  # a bfloat16 module: calibration runs in its dtype
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x, t):
+            assert x.dtype == torch.bfloat16
+            return oracle(x, t)
+
+    r = calibrate_report(Model(), 5, shape=(32, 2), generator=torch.Generator().manual_seed(0), progress=False,
+                         fine_steps=20, sweeps=1)
+    assert r.timesteps.dtype == torch.float64 and r.errors["calibrated"] < r.errors["default"]
+
+
+def test_calibrate_bad_models_and_arguments():
+    good = MIX.model(SCHED)
+    with pytest.raises(ValueError, match="model output at step 0 has shape"):
+        fastdiff.calibrate(lambda x, t: x[:, :1], 5, shape=(8, 2), progress=False)
+    with pytest.raises(FloatingPointError, match="model output at step 0 contains NaN"):
+        fastdiff.calibrate(lambda x, t: torch.full_like(x, float("nan")), 5, shape=(8, 2), progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        fastdiff.calibrate(good, 5, progress=False)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        fastdiff.calibrate(good, 5, sampler="lms", shape=(8, 2), progress=False)
+    with pytest.raises(TypeError, match="do not apply to sampler='unipc'"):
+        fastdiff.calibrate(good, 5, shape=(8, 2), eta=1.0, progress=False)
+    with pytest.raises((TypeError, ValueError), match="steps"):
+        fastdiff.calibrate(good, 0, shape=(8, 2), progress=False)
