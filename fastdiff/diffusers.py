@@ -130,6 +130,8 @@ def _checkable(cfg):
     takes the quantile 0, the minimum; fastdiff.sample refuses both as likely mistakes, the drop-in classes run
     them as diffusers does (fastdiff.ops.sampler_step.linear_threshold_scale clamps the same way)."""
     cfg, real = dict(cfg), {}
+    if cfg.get("timestep_type") == "continuous":  # Euler: only the model's timestep values change (see _set)
+        real["timestep_type"], cfg["timestep_type"] = "continuous", "discrete"
     if cfg.get("thresholding") is True:
         r, m = cfg.get("dynamic_thresholding_ratio"), cfg.get("sample_max_value")
         if type(r) in (int, float) and r == 0:
@@ -189,6 +191,9 @@ class _Base(SchedulerMixin, ConfigMixin):
             run(impl)
         self._hf_impl, self._hf_why = impl, str(why)
         self._mirror()
+        if str(why) == "math domain error":  # a plan's float64 math met √(negative), where diffusers computes NaN
+            why = ("the step's float64 math takes √ of a negative number on this grid (e.g. a σ grid that is not "
+                   "decreasing); diffusers computes NaN on that step")
         said = self.__dict__.setdefault("_hf_said", set())
         if str(why) not in said:
             said.add(str(why))
@@ -442,10 +447,10 @@ class _PlanScheduler(_Base):
         self._init_grid_active = False
         memo = self._memo((n, custom, tuple(sorted((overrides or {}).items()))))
         if "plans" not in memo:
-            sched = NoiseSchedule.from_diffusers(_checkable(cfg)[0])
             checked, real = _checkable(cfg)
+            sched = NoiseSchedule.from_diffusers(checked)
             opts = S.solver_options(self._sampler, checked, {})
-            opts.update(real)
+            opts.update({k: v for k, v in real.items() if k != "timestep_type"})  # the model's t: see below
             plan = S.build_plan(self._sampler, sched, n, opts) if custom is None else \
                 self._custom_plan(sched, opts, n, custom)
             memo.update(schedule=sched, opts=opts, plans={0: plan}, dev={})
@@ -461,6 +466,12 @@ class _PlanScheduler(_Base):
         self._host_ts = [type(t)(t) for t in plan.timesteps]
         self.timesteps = torch.tensor(plan.timesteps, dtype=plan.t_dtype).to(device)
         self.sigmas = torch.tensor(plan.sigmas, dtype=torch.float32) if plan.sigmas is not None else None
+        if cfg.get("timestep_type") == "continuous" and cfg.get("prediction_type") == "v_prediction":
+            # Euler's EDM-style timesteps: the model sees 0.25·log σ (float32, as diffusers forms them); the plan's
+            # rows depend on the σ's only
+            cont = 0.25 * self.sigmas[:-1].log()
+            self._host_ts = [float(t) for t in cont.tolist()]
+            self.timesteps = cont.to(device)
         self._init_sigma = float(plan.init_noise_sigma)
         self._step_index = None
         self._begin_index = None
@@ -495,6 +506,10 @@ class _PlanScheduler(_Base):
         if n is not None:
             raise ValueError("Can only pass one of `num_inference_steps` or `timesteps` or `sigmas`.")
         kind, vals = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+        if kind == "timesteps" and cfg.get("timestep_type") == "continuous" and \
+                cfg.get("prediction_type") == "v_prediction":
+            raise ValueError("Cannot set `timesteps` with `config.timestep_type = 'continuous'` and "
+                             "`config.prediction_type = 'v_prediction'`.")
         if kind not in self._custom_ok:
             raise NotImplementedError(f"{name}.set_timesteps: custom {kind}= is not supported by fastdiff; pass "
                                       f"num_inference_steps, or use diffusers' {name} for a custom grid")

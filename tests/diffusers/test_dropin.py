@@ -46,8 +46,7 @@ HANDED_OVER = [
     ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}, 6, "use_exponential_sigmas"),
     ("DPMSolverMultistepScheduler", {"timestep_spacing": "linspace"}, 1000, "repeats timestep"),
     ("UniPCMultistepScheduler", {"use_beta_sigmas": True}, 6, "use_beta_sigmas"),
-    ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}, 6,
-     "timestep_type"),
+    ("HeunDiscreteScheduler", {"beta_schedule": "exp"}, 4, "beta_schedule"),
     ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}, 4, "use_exponential_sigmas"),
 ]
 
@@ -238,3 +237,29 @@ def test_mixed_precision_result_dtype_like_diffusers(name):
             res.append(x)
         assert res[1].dtype == res[0].dtype, (sd, od)
         assert _rel(res[1].float(), res[0].float()) < 1e-2, (sd, od)  # fp16: ~1e-3 per rounding
+
+
+def test_euler_continuous_timesteps_like_diffusers():
+    """timestep_type='continuous' with v-prediction: the model sees 0.25·log σ (before and after set_timesteps), the
+    loop runs fused with diffusers' numbers; custom timesteps= with it is diffusers' error."""
+    cfg = dict(timestep_type="continuous", prediction_type="v_prediction")
+    ref = hf.EulerDiscreteScheduler(**cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing handed over
+        got = fd.EulerDiscreteScheduler(**cfg)
+        assert torch.allclose(got.timesteps, ref.timesteps, atol=F64)
+        b = _loop(got, 10)
+    a = _loop(ref, 10)
+    assert torch.allclose(got.timesteps, ref.timesteps, atol=F64) and got._hf_impl is None
+    assert _rel(b, a) < 1e-5
+    with pytest.raises(ValueError, match="continuous"):
+        got.set_timesteps(timesteps=[900.0, 500.0, 100.0])
+
+
+def test_nan_diffusers_computes_is_warned():
+    """Euler ancestral on its full zero-terminal-SNR training grid: σ_max = 4096 (ᾱ = 2⁻²⁴) sits below its
+    neighbour, σ_up = √(negative) at the first step: diffusers' NaN, warned and handed to diffusers' class."""
+    with pytest.warns(UserWarning, match="diffusers computes NaN"):
+        s = fd.EulerAncestralDiscreteScheduler(rescale_betas_zero_snr=True)
+    s.set_timesteps(10)  # a grid the fused step runs
+    assert s._hf_impl is None
