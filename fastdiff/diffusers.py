@@ -7,8 +7,21 @@ DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteSchedule
 HeunDiscreteScheduler, UniPCMultistepScheduler and PNDMScheduler carry diffusers' names, `__init__` parameters and
 defaults (taken from the installed diffusers' classes, so `from_config`, `save_config` and `_compatibles` behave as
 diffusers'), `order`, `timesteps` (int64; float32 for the Euler family), `sigmas`, `init_noise_sigma`,
-`scale_model_input`, `add_noise`, `set_begin_index` / `begin_index` / `step_index`, and `set_timesteps` / `step`
-with the signatures of diffusers' classes (pipelines inspect them).
+`scale_model_input`, `add_noise`, `set_begin_index` / `begin_index` / `step_index` / `index_for_timestep` (where
+diffusers' class has them), and `set_timesteps` / `step` with the signatures of diffusers' classes (pipelines inspect
+them). Also as diffusers': the Euler family is usable before set_timesteps (the full training grid; Heun runs
+set_timesteps(T) in __init__), its init_noise_sigma a float32 0-d tensor; PNDM's `prk_timesteps`, `plms_timesteps`
+and the explicit `step_prk` / `step_plms` with their public state (`ets`, `counter`, `cur_model_output`,
+`cur_sample`); DDIM/DDPM `_get_variance`; DDPM `previous_timestep` typed as diffusers'; prev_sample in the dtype
+diffusers returns for a sample and model output of different dtypes.
+
+Every configuration diffusers' class takes is taken. One the fused step refuses (where diffusers computes NaN:
+repeated timesteps of a multistep grid, √ of a negative number) or lacks (exponential/beta/λ σ grids, flow sigmas,
+`algorithm_type="deis"`, the `exp` β schedule, trained_betas of another length than num_train_timesteps, β > 1,
+unknown variance_type strings, `mu=`) is run by an instance of diffusers' own class built from the live config, with a
+warning naming the reason (once per scheduler and reason); a config diffusers refuses too raises diffusers' error. The
+next set_timesteps of a config the fused step runs (a pipeline rewrote it) returns to the fused step.
+`fastdiff.sample` stays strict about the same settings.
 
 How a step runs. `set_timesteps` reads the config (pipelines rewrite `steps_offset` / `clip_sample` after
 construction, so nothing is cached from `__init__`) and computes every coefficient of the run once, in float64:
@@ -28,9 +41,9 @@ when η > 0, DDPM when t > 0, Euler ancestral every step, the SDE DPM-Solvers ev
 Starting mid-schedule (img2img: `set_begin_index(k)`, or the first timestep passed): the Euler family steps on from
 row k; DPM-Solver, UniPC and PLMS restart their history there, as diffusers' do (its warm-up orders from step k),
 from a plan of the remaining grid. Custom grids where diffusers' class takes them: `timesteps=` (DDPM, DPM-Solver,
-Euler, Heun) and `sigmas=` (Euler), planned with diffusers' σ's for them. Not offered (a clear error): UniPC's
-`sigmas=`, `mu=` (dynamic shifting), `s_churn` > 0, PNDM's PRK warm-up started mid-schedule, and the diffusers
-settings that fastdiff's solvers lack (`fastdiff.samplers.solver_options` names them).
+Euler, Heun) and `sigmas=` (Euler), planned with diffusers' σ's for them (Euler's `interpolation_type="log_linear"`
+included). Step arguments not offered (a clear error; the run has started, so nothing is handed over): `s_churn` > 0
+and PNDM's PRK warm-up started mid-schedule.
 
 `pred_original_sample`: written (one extra output of the fused pass) when `step(..., return_dict=True)`; the tuple
 form (`return_dict=False`, what pipelines use) returns `(prev_sample, None)` where diffusers returns x̂0, to keep
