@@ -10,7 +10,7 @@ t0=$SECONDS
 python3 -m venv "$work/venv"
 py=$work/venv/bin/python
 "$py" -m pip install -q --disable-pip-version-check torch==2.13.0
-before=$("$py" -c "import torch; print(torch.__version__)")
+before=$("$py" -c "import importlib.metadata as m; print(m.version('torch'))")
 echo "wheel_check [$((SECONDS - t0))s]: pip wheel . (fresh venv with torch $before)"
 "$py" -m pip wheel -q --disable-pip-version-check --no-deps -w "$work/dist" .
 whl=$(ls "$work"/dist/fastdiff-*.whl)
