@@ -102,17 +102,10 @@ def _init_like(hf_cls):
 _REFUSALS = (ValueError, TypeError, NotImplementedError)
 
 
-def _or_diffusers(fn, name=None):
-    """A public method that diffusers' own instance answers while it runs this scheduler (see _Base._to_diffusers)."""
-    name = name or fn.__name__
-
-    @functools.wraps(fn)
-    def method(self, *args, **kwargs):
-        impl = self._hf_impl
-        if impl is not None:
-            return getattr(impl, name)(*args, **kwargs)
-        return fn(self, *args, **kwargs)
-    return method
+# the public methods that diffusers' own instance answers while it runs a scheduler (see _Base._to_diffusers): bound
+# to the instance (no wrapper on the fused path)
+_HANDED = ("step", "add_noise", "get_velocity", "scale_model_input", "set_begin_index", "previous_timestep",
+           "_get_variance", "step_prk", "step_plms", "index_for_timestep")
 
 
 def _set_timesteps(fn):
@@ -129,6 +122,8 @@ def _set_timesteps(fn):
             return out[0]
         if self._hf_impl is not None:  # the live config runs fused again (a pipeline rewrote it)
             self._hf_impl = None
+            for name in _HANDED:
+                self.__dict__.pop(name, None)
             self.betas = self._schedule.betas.to(torch.float32)
             self.alphas = 1.0 - self.betas
             self.alphas_cumprod = self._schedule.alphas_cumprod_f32()
@@ -203,6 +198,9 @@ class _Base(SchedulerMixin, ConfigMixin):
         if run is not None:
             run(impl)
         self._hf_impl, self._hf_why = impl, str(why)
+        for name in _HANDED:
+            if hasattr(impl, name):
+                self.__dict__[name] = getattr(impl, name)
         self._mirror()
         if str(why) == "math domain error":  # a plan's float64 math met √(negative), where diffusers computes NaN
             why = ("the step's float64 math takes √ of a negative number on this grid (e.g. a σ grid that is not "
@@ -316,14 +314,12 @@ class _Base(SchedulerMixin, ConfigMixin):
         return self._bcast(a.index_select(0, idx), original_samples) * original_samples + \
             self._bcast(b.index_select(0, idx), original_samples) * noise
 
-    @_or_diffusers
     def get_velocity(self, sample, noise, timesteps):
         a, b = self._abar_sqrt(sample.device, sample.dtype)
         idx = timesteps.to(sample.device).long().reshape(-1)
         a_t, b_t = self._bcast(a.index_select(0, idx), sample), self._bcast(b.index_select(0, idx), sample)
         return a_t * noise - b_t * sample
 
-    @_or_diffusers
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
 
@@ -427,7 +423,6 @@ class _PlanScheduler(_Base):
     def begin_index(self):
         return self._hf_impl.begin_index if self._hf_impl is not None else self._begin_index
 
-    @_or_diffusers
     def index_for_timestep(self, timestep, schedule_timesteps=None):
         """diffusers' rule: the position of `timestep` in the schedule, the second match when there are several; no
         match: the last position (DPM-Solver, UniPC) or an error (the Euler family)."""
@@ -602,7 +597,6 @@ class _PlanScheduler(_Base):
         plan.sampler = self._sampler
         return plan
 
-    @_or_diffusers
     def set_begin_index(self, begin_index: int = 0):
         self._begin_index = begin_index
         if self._plans and self._restarts and 0 < begin_index < len(self._host_ts) and begin_index not in self._plans:
@@ -747,13 +741,11 @@ class DPMSolverMultistepScheduler(_PlanScheduler):
                                       "supported by fastdiff")
         self._set(num_inference_steps, device, timesteps=timesteps)
 
-    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):
         prev, _ = self._fused_step(model_output, timestep, sample, generator, variance_noise)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
 
@@ -776,12 +768,10 @@ class UniPCMultistepScheduler(_PlanScheduler):
                                       "supported by fastdiff")
         self._set(num_inference_steps, device, sigmas=sigmas)
 
-    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         prev, _ = self._fused_step(model_output, timestep, sample)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
 
@@ -807,9 +797,8 @@ class EulerDiscreteScheduler(_PlanScheduler):
         self._set(num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
         self.is_scale_input_called = False
 
-    scale_model_input = _or_diffusers(_scaled_input, "scale_model_input")
+    scale_model_input = _scaled_input
 
-    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
              return_dict: bool = True):
@@ -826,7 +815,6 @@ class EulerDiscreteScheduler(_PlanScheduler):
         return _hf.schedulers.scheduling_euler_discrete.EulerDiscreteSchedulerOutput(prev_sample=prev,
                                                                                    pred_original_sample=x0)
 
-    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
 
@@ -849,9 +837,8 @@ class EulerAncestralDiscreteScheduler(_PlanScheduler):
         self._set(num_inference_steps, device)
         self.is_scale_input_called = False
 
-    scale_model_input = _or_diffusers(_scaled_input, "scale_model_input")
+    scale_model_input = _scaled_input
 
-    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
@@ -864,7 +851,6 @@ class EulerAncestralDiscreteScheduler(_PlanScheduler):
         out = _hf.schedulers.scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput
         return out(prev_sample=prev, pred_original_sample=x0)
 
-    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
 
@@ -890,13 +876,12 @@ class HeunDiscreteScheduler(_PlanScheduler):
                                       "config's is not supported by fastdiff")
         self._set(num_inference_steps, device, timesteps=timesteps)
 
-    scale_model_input = _or_diffusers(_scaled_input, "scale_model_input")
+    scale_model_input = _scaled_input
 
     @property
     def state_in_first_order(self):
         return self._step_index is None or (self._step_index - self._start) % 2 == 0
 
-    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         prev, x0 = self._fused_step(model_output, timestep, sample, want_x0=return_dict)
         if not return_dict:
@@ -904,7 +889,6 @@ class HeunDiscreteScheduler(_PlanScheduler):
         return _hf.schedulers.scheduling_heun_discrete.HeunDiscreteSchedulerOutput(prev_sample=prev,
                                                                                  pred_original_sample=x0)
 
-    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
 
@@ -956,7 +940,6 @@ class PNDMScheduler(_PlanScheduler):
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
                              "the scheduler")
 
-    @_or_diffusers
     def step_prk(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """One pseudo-Runge-Kutta call (4 per warm-up step: ε weights 1/6, 1/3, 1/3, 1/6; half steps between), as
         diffusers' step_prk, with its public state (ets, counter, cur_model_output, cur_sample)."""
@@ -982,7 +965,6 @@ class PNDMScheduler(_PlanScheduler):
     # Adams–Bashforth weights of the linear multistep method over the last k ε's, newest first
     _AB = {2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
 
-    @_or_diffusers
     def step_plms(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """One pseudo-linear-multistep call, as diffusers' step_plms: with skip_prk_steps the first two calls are a
         2-stage warm-up at the same timestep (ε, then the mean of both ε's), then Adams–Bashforth of order up to 4
@@ -1018,12 +1000,10 @@ class PNDMScheduler(_PlanScheduler):
         self._begin_index = None
         super()._init_step_index(timestep)
 
-    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         prev, _ = self._fused_step(model_output, timestep, sample)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return self._vp_add_noise(original_samples, noise, timesteps)
 
@@ -1171,7 +1151,6 @@ class DDIMScheduler(_StepScheduler):
             return rows
         return self._table((float(eta), bool(ucmo)), device, fill)
 
-    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: torch.Tensor | None = None,
              return_dict: bool = True):
@@ -1205,7 +1184,6 @@ class DDIMScheduler(_StepScheduler):
             return prev, None
         return _hf.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
-    @_or_diffusers
     def _get_variance(self, timestep, prev_timestep):
         """σ_t²/η² of DDIM (eq. 16): (1 − ᾱ_p)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_p), from the float64 ᾱ table (ᾱ_p of a
         negative prev_timestep: 1 with set_alpha_to_one, else ᾱ_0), as a float32 tensor like diffusers'."""
@@ -1220,7 +1198,6 @@ class DDIMScheduler(_StepScheduler):
         a = self._abar_host[t]
         return math.nan if (a <= 0.0 and self._opts.prediction_type == "epsilon") else 0.0
 
-    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return self._vp_add_noise(original_samples, noise, timesteps)
 
@@ -1286,7 +1263,6 @@ class DDPMScheduler(_StepScheduler):
             return rows
         return self._table("ddpm", device, fill)
 
-    @_or_diffusers
     def previous_timestep(self, timestep):
         """The next timestep of the grid (-1 after the last), typed as diffusers' returns it: a tensor once
         set_timesteps has run (an element of the grid), else t − 1 in the timestep's own type."""
@@ -1299,7 +1275,6 @@ class DDPMScheduler(_StepScheduler):
             return torch.tensor(p, device=self.timesteps.device)
         return timestep - 1
 
-    @_or_diffusers
     def _get_variance(self, t, predicted_variance=None, variance_type=None):
         """The DDPM variance term in diffusers' form, from the float64 ᾱ table (a float32 tensor): β̃ (fixed_small,
         clamped at 1e-20), its square root (fixed_small_log), β′ = 1 − ᾱ_t/ᾱ_p (fixed_large), log β′
@@ -1321,7 +1296,6 @@ class DDPMScheduler(_StepScheduler):
                  "fixed_large_log": math.log(beta) if beta > 0 else -math.inf}.get(variance_type, small)
         return torch.tensor(value, dtype=torch.float32)
 
-    @_or_diffusers
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         if self._opts is None:
@@ -1353,7 +1327,6 @@ class DDPMScheduler(_StepScheduler):
             return prev, None
         return _hf.schedulers.scheduling_ddpm.DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
-    @_or_diffusers
     def add_noise(self, original_samples, noise, timesteps):
         return self._vp_add_noise(original_samples, noise, timesteps)
 
