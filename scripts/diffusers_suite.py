@@ -12,6 +12,9 @@ test modules' imports and diffusers' `_compatibles` lookups resolve to fastdiff'
 the number of tests that pass with fastdiff's class among those that pass with diffusers'; every such test that
 fails is listed with the first line of its error. "via diffusers" counts the passing tests in which a fastdiff class
 handed a configuration it does not run fused to diffusers' own class (fastdiff.diffusers._Base._to_diffusers).
+
+`--goldens` runs the golden-sum tests that fastdiff's classes fail by rounding alone three times: with diffusers'
+class, with diffusers' class on exact float64 tables (β, ᾱ, σ), and with fastdiff's, printing the sum each gets.
 """
 from __future__ import annotations
 
@@ -91,6 +94,78 @@ def _run_one(test_dir, swap, kexpr, out_path):
         json.dump({n: (o, m, plugin.fallback.get(n)) for n, (o, m) in plugin.results.items()}, f)
 
 
+# the golden-sum tests fastdiff's classes fail by float rounding alone (see --goldens)
+GOLDENS = [("DDPMScheduler", "test_scheduler_ddpm", "DDPMSchedulerTest", "test_full_loop_with_noise"),
+           ("EulerDiscreteScheduler", "test_scheduler_euler", "EulerDiscreteSchedulerTest", "test_full_loop_with_noise"),
+           ("HeunDiscreteScheduler", "test_scheduler_heun", "HeunDiscreteSchedulerTest", "test_full_loop_with_noise")]
+
+
+def _float64_tables(cls):
+    """diffusers' class `cls` with exact float64 tables: β from a float64 linspace, ᾱ = cumprod in float64, and the
+    σ grid re-interpolated in float64 at its timesteps after set_timesteps (diffusers casts σ to float32 there)."""
+    import numpy as np
+    import torch
+
+    class Float64Tables(cls):
+        def _tables(self):
+            c = self.config
+            if c.beta_schedule == "linear":
+                b = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float64)
+            else:  # scaled_linear
+                b = torch.linspace(c.beta_start**0.5, c.beta_end**0.5, c.num_train_timesteps, dtype=torch.float64) ** 2
+            self.betas, self.alphas, self.alphas_cumprod = b, 1 - b, torch.cumprod(1 - b, 0)
+            if hasattr(self, "one"):
+                self.one = torch.tensor(1.0, dtype=torch.float64)
+            if getattr(self, "sigmas", None) is not None:
+                table = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().numpy()
+                ts = self.timesteps.double().numpy()
+                heun = cls.__name__ == "HeunDiscreteScheduler"
+                base = np.concatenate([ts[:1], ts[1::2]]) if heun else ts
+                sig = torch.from_numpy(np.concatenate([np.interp(base, np.arange(len(table)), table), [0.0]]))
+                self.sigmas = torch.cat([sig[:1], sig[1:-1].repeat_interleave(2), sig[-1:]]) if heun else sig
+
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self._tables()
+
+        def set_timesteps(self, *a, **k):
+            out = super().set_timesteps(*a, **k)
+            self._tables()
+            return out
+
+    Float64Tables.__name__ = cls.__name__
+    return Float64Tables
+
+
+def _goldens(test_dir):
+    """Each golden-sum test run with diffusers' class, diffusers' class on exact float64 tables, and fastdiff's: the
+    sum each gets (the test's message), so a failure of fastdiff's is seen to be the tables' precision (and float32
+    rounding order) rather than a different computation."""
+    import importlib
+    import re
+    import warnings
+
+    import diffusers
+
+    import fastdiff.diffusers as fd
+
+    warnings.simplefilter("ignore")
+    sys.path.insert(0, os.path.abspath(test_dir))
+    for name, mod, case, test in GOLDENS:
+        m = importlib.import_module(f"tests.schedulers.{mod}")
+        T = getattr(m, case)
+        sums = []
+        for cls in (getattr(diffusers, name), _float64_tables(getattr(diffusers, name)), getattr(fd, name)):
+            T.scheduler_classes = (cls,)
+            try:
+                getattr(T(test), test)()
+                sums.append("pass")
+            except AssertionError as e:
+                got = re.search(r"but get (?:tensor\()?([-0-9.e]+)", str(e))
+                sums.append(got.group(1) if got else str(e).splitlines()[0][:60])
+        print(f"{case}::{test}: diffusers {sums[0]}, diffusers with float64 tables {sums[1]}, fastdiff {sums[2]}")
+
+
 def _class_of(nodeid):
     fname = nodeid.split("::")[0].rsplit("/", 1)[-1]
     for cls, f in FILES.items():
@@ -104,9 +179,14 @@ def main(argv=None):
     ap.add_argument("test_dir", help="a directory holding diffusers' tests/ (tests/schedulers, tests/testing_utils.py)")
     ap.add_argument("-k", default=None, help="pytest -k expression")
     ap.add_argument("--json", default=None, help="write the per-test outcomes of both runs here")
+    ap.add_argument("--goldens", action="store_true", help="only the golden-sum tests, with diffusers' classes on "
+                    "float64 tables too")
     ap.add_argument("--_child", choices=["diffusers", "fastdiff"], help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.goldens:
+        _goldens(a.test_dir)
+        return 0
     if a._child:
         _run_one(os.path.abspath(a.test_dir), a._child == "fastdiff", a.k, a._out)
         return 0
