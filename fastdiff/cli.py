@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastdiff", description="Fast diffusion sampling (DDIM, DDPM and multistep "
                                 "solvers): sample, train, bench.")
     p.add_argument("--version", action="version", version=_version())
-    sub = p.add_subparsers(dest="cmd", metavar="{sample,train,bench}")
+    sub = p.add_subparsers(dest="cmd", metavar="{sample,calibrate,train,bench}")
 
     s = sub.add_parser("sample", help="sample images (DDIM, DDPM or a multistep solver) to an image grid and a .npz",
                        description="Sample images. Without --out: one grid (--png) and one .npz (--npz). With --out "
@@ -92,8 +92,11 @@ def _parser() -> argparse.ArgumentParser:
                        "(torchrun ... -m fastdiff -- sample ...) every rank takes disjoint images; the merged set is "
                        "DIR/samples.npz.")
     s.add_argument("--checkpoint", default=None, help="a fastdiff checkpoint (default: the bundled digits model)")
-    s.add_argument("--sampler", choices=_SAMPLERS, default="ddim", metavar="SAMPLER",
-                   help=f"one of {', '.join(_SAMPLERS)} (default: ddim)")
+    s.add_argument("--sampler", choices=_SAMPLERS, default=None, metavar="SAMPLER",
+                   help=f"one of {', '.join(_SAMPLERS)} (default: ddim, or the sampler of --grid)")
+    s.add_argument("--grid", default=None, metavar="GRID.json",
+                   help="a grid from `fastdiff calibrate`: its timesteps replace the sampler's grid (refused if its "
+                   "checkpoint, sampler or steps differ from this run's)")
     s.add_argument("--steps", type=_positive_int("--steps"), default=None,
                    help="sampling steps (default: 50 for ddim, 20 for the multistep solvers, all the model's training "
                    "timesteps for ddpm)")
@@ -176,6 +179,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="CPU intra-op threads (default: torch's; 1 is best on a CPU shared with other jobs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    c = sub.add_parser("calibrate", help="compute a time grid for a checkpoint and sampler (fastdiff.calibrate)",
+                       description="Compute the model-call times that minimise a sampler's error on this model "
+                       "(a teacher trajectory on a fine grid, GITS dynamic programming, then a search on the final "
+                       "error, checked on held-out noise) and write them to a JSON file for `fastdiff sample --grid`.")
+    c.add_argument("--checkpoint", default=None, help="a fastdiff checkpoint (default: the bundled digits model)")
+    c.add_argument("--sampler", choices=_SAMPLERS, default="unipc", metavar="SAMPLER",
+                   help=f"one of {', '.join(_SAMPLERS)} (default: %(default)s)")
+    c.add_argument("--steps", type=_positive_int("--steps"), default=10,
+                   help="model-call times of the grid (default: %(default)s)")
+    c.add_argument("--out", required=True, help="the grid file to write (JSON)")
+    c.add_argument("--batch", type=_positive_int("--batch"), default=64,
+                   help="calibration batch; as many held-out x_T's check the result (default: %(default)s)")
+    c.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="seeds the x_T's (default: %(default)s)")
+    c.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="the model's dtype during calibration (default: %(default)s; the grid is float64)")
+    c.add_argument("--threads", type=_positive_int("--threads"), default=None, help="CPU intra-op threads")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     b = sub.add_parser("bench", help="time the fused backends against the plain-PyTorch reference here")
     b.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
     b.add_argument("--repeat", type=_positive_int("--repeat"), default=5,
@@ -229,6 +251,90 @@ def _sampler_spec(a) -> tuple[str, int | None, float]:
     raise CliError(f"--sampler {a.sampler!r} is not known")
 
 
+GRID_FORMAT = "fastdiff-grid/1"
+
+
+def _read_grid(a, checkpoint_path: str) -> dict | None:
+    """--grid's file, checked against this run: the checkpoint (by checksum), the sampler and the steps must be the
+    ones it was calibrated for; --sampler/--steps default to its own."""
+    if a.grid is None:
+        a.sampler = a.sampler or "ddim"
+        return None
+    import json
+
+    from fastdiff import jobs
+
+    try:
+        with open(a.grid, encoding="utf-8") as f:
+            g = json.load(f)
+    except OSError as e:
+        raise CliError(f"--grid {a.grid!r}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise CliError(f"--grid {a.grid!r} is not JSON ({e})") from None
+    if not isinstance(g, dict) or g.get("format") != GRID_FORMAT or not isinstance(g.get("timesteps"), list):
+        raise CliError(f"--grid {a.grid!r} is not a fastdiff grid file (format {GRID_FORMAT}, from fastdiff calibrate)")
+    digest = jobs.file_digest(checkpoint_path)
+    if g.get("checkpoint_sha256") != digest:
+        raise CliError(f"--grid {a.grid!r} was calibrated for another checkpoint ({g.get('checkpoint')!r}, sha256 "
+                       f"{str(g.get('checkpoint_sha256'))[:12]}…), not {checkpoint_path!r} ({digest[:12]}…)")
+    if a.sampler is not None and a.sampler != g.get("sampler"):
+        raise CliError(f"--grid {a.grid!r} was calibrated for sampler {g.get('sampler')!r}, not --sampler {a.sampler}")
+    if a.steps is not None and a.steps != g.get("steps"):
+        raise CliError(f"--grid {a.grid!r} holds {g.get('steps')} steps, not --steps {a.steps}")
+    a.sampler, a.steps = g["sampler"], int(g["steps"])
+    return g
+
+
+def _calibrate(a) -> int:
+    import json
+
+    import torch
+
+    from fastdiff import checkpoint as ckpt
+    from fastdiff import jobs
+    from fastdiff import samplers as S
+    from fastdiff.calibration import calibrate_report
+    from fastdiff.fsutil import atomic_write, check_output_file
+    from fastdiff.sampling import OPTION_NAMES, resolve_schedule, sample_hw
+
+    path = a.checkpoint or ckpt.bundled_checkpoint()
+    try:
+        check_output_file(a.out, "--out")
+    except OSError as e:
+        raise CliError(e.strerror or str(e)) from None
+    dev = _device(a.device)
+    model, meta = ckpt.load_checkpoint(path, device=dev, dtype=jobs.DTYPES[a.dtype])
+    sch = meta["scheduler"]
+    schedule, _ = resolve_schedule(sch or None, {})
+    options = {k: sch[k] for k in OPTION_NAMES if k in sch}
+    if a.sampler not in ("ddim", "ddpm"):  # a solver takes the recorded settings it has (as `fastdiff sample` does)
+        options = S.solver_options(a.sampler, options, {})
+        options = {k: v for k, v in options.items() if k in sch}
+    if a.steps >= len(schedule):
+        raise CliError(f"--steps {a.steps} must be below the model's {len(schedule)} training timesteps")
+    size = model.config.sample_size or meta["image"].get("size")
+    h, w = sample_hw(size)
+    shape = (a.batch, int(model.config.in_channels), h, w)
+    print(f"fastdiff calibrate: {a.sampler}, {a.steps} steps, {path}, batch {a.batch} (+{a.batch} held out), "
+          f"{a.dtype} on {dev}", file=sys.stderr)
+    r = calibrate_report(model, a.steps, sampler=a.sampler, shape=shape, schedule=schedule,
+                         generator=torch.Generator().manual_seed(a.seed), device=dev, progress=not a.no_progress,
+                         **options)
+    rec = {"format": GRID_FORMAT, "timesteps": [float(t) for t in r.timesteps], "sampler": a.sampler,
+           "steps": a.steps, "options": options, "checkpoint": os.path.abspath(path),
+           "checkpoint_sha256": jobs.file_digest(path), "seed": a.seed, "batch": a.batch, "dtype": a.dtype,
+           "errors": r.errors, "error_measure": "held-out mean RMS distance to the teacher's x0 (DPM-Solver++ 3M on "
+           f"{r.teacher['fine_points']} fine points)", "model_calls": r.model_calls, "seconds": round(r.seconds, 2),
+           "gits_timesteps": [float(t) for t in r.gits_timesteps]}
+    atomic_write(a.out, lambda f: f.write(json.dumps(rec, indent=1).encode()))
+    e = r.errors
+    print(f"held-out error: default grid {e['default']:.4g}, calibrated {e['calibrated']:.4g} ({e['chosen']}); "
+          f"{r.model_calls} model calls of batch {a.batch} in {r.seconds:.1f}s", file=sys.stderr)
+    print(f"wrote {a.out}: fastdiff sample --grid {a.out}" + (f" --checkpoint {a.checkpoint}" if a.checkpoint else ""),
+          file=sys.stderr)
+    return 0
+
+
 def _check_sample_outputs(a) -> None:
     """Every output can be written, checked before the model is loaded or any image sampled."""
     from fastdiff.fsutil import check_output_dir, check_output_file
@@ -260,6 +366,7 @@ def _sample(a) -> int:
     path = a.checkpoint or ckpt.bundled_checkpoint()
     if a.checkpoint is None and not os.path.isfile(path):
         raise CliError(f"the bundled checkpoint {path} is missing from this install; pass --checkpoint")
+    grid = _read_grid(a, path)
     _sampler_spec(a)  # the option combination, before anything is loaded
     if a.out is not None and (a.npz is not None or a.png is not None):
         raise CliError("--npz/--png: with --out the merged set is OUT/samples.npz and the grid OUT/grid.png")
@@ -292,7 +399,8 @@ def _sample(a) -> int:
         sampler, steps, eta = _sampler_spec(a)
         if steps is not None and steps > T:
             raise CliError(f"--steps {steps} exceeds the model's {T} training timesteps")
-        cfg = jobs.SampleConfig(sampler, steps, eta, a.seed, a.dtype, a.batch_size).validate()
+        cfg = jobs.SampleConfig(sampler, steps, eta, a.seed, a.dtype, a.batch_size,
+                                timesteps=grid["timesteps"] if grid else None).validate()
         c = int(model.config.in_channels)
         size = model.config.sample_size or meta["image"].get("size")
         if size is None:
@@ -469,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sample(a)
         if a.cmd == "train":
             return _train(a)
+        if a.cmd == "calibrate":
+            return _calibrate(a)
         from fastdiff import benchtable
 
         return benchtable.run(device=_device(a.device), repeat=a.repeat, quick=a.quick, threads=a.threads)

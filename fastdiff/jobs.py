@@ -79,6 +79,7 @@ class SampleConfig:
     seed: int = 0
     dtype: str = "float32"
     batch_size: int = 64
+    timesteps: tuple | None = None  # the model-call times as data (fastdiff calibrate's grid; None: the sampler's)
 
     def validate(self) -> "SampleConfig":
         from fastdiff.validate import check_choice, check_number
@@ -94,7 +95,22 @@ class SampleConfig:
         check_choice("dtype", self.dtype, tuple(DTYPES))
         self.batch_size = check_number("batch_size", self.batch_size, integer=True, min=1)
         self.seed = check_number("seed", self.seed, integer=True, min=0)
+        if self.timesteps is not None:
+            self.timesteps = tuple(float(t) for t in self.timesteps)
+            if self.steps is not None and self.steps != len(self.timesteps):
+                raise ValueError(f"steps: {self.steps} but the grid has {len(self.timesteps)} timesteps")
+            self.steps = len(self.timesteps)
         return self
+
+    def record(self) -> dict:
+        """What a run's manifest records (a run without a grid records no `timesteps`, as runs made before grids
+        existed did, so those still resume)."""
+        d = dataclasses.asdict(self)
+        if d["timesteps"] is None:
+            del d["timesteps"]
+        else:
+            d["timesteps"] = list(d["timesteps"])
+        return d
 
 
 def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
@@ -114,7 +130,7 @@ def sample_batch(model: Callable, indices: Sequence[int], cfg: SampleConfig, sch
     per-step host update would turn off the CUDA-graph loop).
     """
     dtype = DTYPES[cfg.dtype]
-    plan = sampling.plan_for(cfg.sampler, schedule, dict(options), cfg.steps, cfg.eta)
+    plan = sampling.plan_for(cfg.sampler, schedule, dict(options), cfg.steps, cfg.eta, cfg.timesteps)
     noise = IndexedNoise(cfg.seed, indices, image_shape)
     x = noise.draw(device=device, dtype=dtype)
     per_step = bar is not None and x.device.type != "cuda"
@@ -134,7 +150,7 @@ def sample_batch(model: Callable, indices: Sequence[int], cfg: SampleConfig, sch
 
 def steps_per_batch(cfg: SampleConfig, schedule: NoiseSchedule, options: dict[str, Any]) -> int:
     """Model steps of one batch (the unit of the progress bars: steps × batches)."""
-    return sampling.plan_for(cfg.sampler, schedule, dict(options), cfg.steps, cfg.eta).steps
+    return sampling.plan_for(cfg.sampler, schedule, dict(options), cfg.steps, cfg.eta, cfg.timesteps).steps
 
 
 def sample_images(model: Callable, indices: Sequence[int], cfg: SampleConfig, schedule: NoiseSchedule,
@@ -514,7 +530,7 @@ def sample_to_dir(model: Callable, out_dir: str, num: int, cfg: SampleConfig, *,
     run = {"model": run_id, "num": num, "shard_size": shard_size, "image_shape": [c, h, w],
            "device_type": device.type, "options": {k: options[k] for k in sorted(options)},
            "backend": backend, "kernels": sorted(b for b, st in backends().items() if st["available"]),
-           "torch": torch.__version__, **dataclasses.asdict(cfg)}
+           "torch": torch.__version__, **cfg.record()}
     runs = _gather(run, info)
     todo: dict[str, Any] = {}
     err: Exception | None = None

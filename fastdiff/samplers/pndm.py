@@ -91,7 +91,9 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_=None):
         c = b.call(t)
         e = c.convert(1.0 * c.o)  # d = the raw model output
         if counter < len(prk):
-            pt = prk[counter + 1] if counter % 2 == 0 else t  # the midpoint, or the next grid time
+            # even calls step to the midpoint / the next grid time: diffusers' t − ⌊⌊T/N⌋/2⌋ (not always the next
+            # listed time when T/N is odd), the next listed time on a given grid; odd calls re-evaluate there
+            pt = t if counter % 2 else (t - T // steps // 2 if grid_ is None else prk[counter + 1])
             tt = prk[counter // 4 * 4]
             r = counter % 4
             mo = e
