@@ -14,7 +14,10 @@ import fastdiff.diffusers as fd  # noqa: E402
 import fastdiff.optimize  # noqa: E402
 import tiny_pipes as tp  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# the fused step is what these tests check: a hand-over to diffusers' own class (fastdiff.diffusers._Base._to_diffusers,
+# warned "fastdiff.diffusers.<Class>: ...") is an error here unless a test expects it (pytest.warns)
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings(r"error:fastdiff\.diffusers\.:UserWarning")]
 
 
 def _rel(a, b):
