@@ -55,6 +55,8 @@ import contextlib
 import functools
 import inspect
 import math
+import os
+import sys
 import threading
 import warnings
 
@@ -131,6 +133,16 @@ def _set_timesteps(fn):
     return set_timesteps
 
 
+def _user_level() -> int:
+    """warnings.warn's stacklevel, for the function that calls this, of the first frame outside this module and
+    the diffusers package (the user's or the pipeline's call)."""
+    inside = (__file__, os.path.dirname(_hf.__file__) + os.sep)
+    f, level = sys._getframe(1), 1
+    while f.f_back is not None and (f.f_code.co_filename == inside[0] or f.f_code.co_filename.startswith(inside[1])):
+        f, level = f.f_back, level + 1
+    return level
+
+
 def _checkable(cfg):
     """(the config as fastdiff's checks see it, the values they would refuse that diffusers takes and computes
     finitely). Dynamic thresholding: diffusers clamps the per-sample scale into [1, sample_max_value], which for a
@@ -205,11 +217,13 @@ class _Base(SchedulerMixin, ConfigMixin):
         if str(why) == "math domain error":  # a plan's float64 math met √(negative), where diffusers computes NaN
             why = ("the step's float64 math takes √ of a negative number on this grid (e.g. a σ grid that is not "
                    "decreasing); diffusers computes NaN on that step")
+        elif cfg.get("variance_type") == "fixed_large_log" and "fixed_large_log" in str(why):
+            why = f"{why} (diffusers' step takes √(log β) of it: NaN samples)"
         said = self.__dict__.setdefault("_hf_said", set())
         if str(why) not in said:
             said.add(str(why))
             warnings.warn(f"fastdiff.diffusers.{type(self).__name__}: {why}; this configuration runs on diffusers' "
-                          f"own {self._hf_class.__name__} (unfused)", stacklevel=4)
+                          f"own {self._hf_class.__name__} (unfused)", stacklevel=_user_level())
         return impl
 
     _MIRRORED = ("betas", "alphas", "alphas_cumprod", "timesteps", "sigmas", "num_inference_steps", "prk_timesteps",
@@ -221,6 +235,14 @@ class _Base(SchedulerMixin, ConfigMixin):
         for k in self._MIRRORED:
             if hasattr(self._hf_impl, k):
                 self.__dict__[k] = getattr(self._hf_impl, k)
+
+    def _warn_nan(self, what):
+        """Where diffusers computes NaN (or fastdiff, to stay finite, not diffusers' number): said once per
+        scheduler and case, never refused."""
+        said = self.__dict__.setdefault("_hf_said", set())
+        if what not in said:
+            said.add(what)
+            warnings.warn(f"fastdiff.diffusers.{type(self).__name__}.step: {what}", stacklevel=_user_level())
 
     def __getattr__(self, name):
         impl = self.__dict__.get("_hf_impl")
@@ -1058,6 +1080,26 @@ class _StepScheduler(_Base):
             self._planned_cfg = self._internal_dict
             self._dev_cache = self._memo((self.num_inference_steps, tuple(self._host_ts)))
 
+    def _diffusers_step(self, t, model_output, timestep, sample, **kw):
+        """One step by diffusers' own class (built from the live config, on this grid): ε-prediction at ᾱ_t = 0
+        (zero terminal SNR) divides by √ᾱ_t = 0, which diffusers' arithmetic turns into ±∞ (then ±range under
+        clip_sample) or NaN; the fused step's coefficient form cannot. DDIM and DDPM steps keep no state, so this
+        one step is diffusers' exactly (same generator draws)."""
+        self._warn_nan(f"prediction_type='epsilon' at timestep {t}, where ᾱ_t = 0 (zero terminal SNR), divides by "
+                       "√ᾱ_t = 0 (x̂0 = ±∞, clipped when clip_sample, else NaN): this step runs on diffusers' own "
+                       f"{self._hf_class.__name__}")
+        key = ("hf_step", tuple(self._host_ts), self.num_inference_steps)
+        impl = self._dev_cache.get(key)
+        if impl is None:
+            params = inspect.signature(self._hf_class.__init__).parameters
+            impl = self._hf_class(**{k: v for k, v in dict(self.config).items() if k in params and k != "self"})
+            if getattr(self, "custom_timesteps", False):
+                impl.set_timesteps(timesteps=list(self._host_ts))
+            elif self.num_inference_steps:
+                impl.set_timesteps(self.num_inference_steps)
+            self._dev_cache[key] = impl
+        return impl.step(model_output, timestep, sample, **kw)
+
     def _finish_set(self, ts, device):
         self._host_ts = [int(t) for t in ts]
         self.timesteps = torch.from_numpy(np.asarray(ts, dtype=np.int64).copy()).to(device)
@@ -1157,6 +1199,9 @@ class DDIMScheduler(_StepScheduler):
         self._require()
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or math.isnan(eta) or eta < 0:
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+        if eta > 1:
+            self._warn_nan(f"eta={eta} > 1 makes 1 − ᾱ_p − σ_t² negative: diffusers' DDIMScheduler takes its √ (NaN); "
+                           "fastdiff clamps it at 0")
         x = sample
         o = _model_output(model_output, x, None)
         table = self._coefs(float(eta), bool(use_clipped_model_output), x.device)
@@ -1167,8 +1212,9 @@ class DDIMScheduler(_StepScheduler):
                 raise ValueError(f"timestep {t} is outside [0, num_train_timesteps={table.shape[0]})")
             coef = table[t]
             if math.isnan(self._host_nan(t)):
-                raise ValueError(f"DDIMScheduler.step: prediction_type='epsilon' cannot step from timestep {t}, "
-                                 "where ᾱ_t = 0 (zero terminal SNR): use prediction_type='v_prediction' or 'sample'")
+                return self._diffusers_step(t, model_output, timestep, sample, eta=eta,
+                                            use_clipped_model_output=use_clipped_model_output, generator=generator,
+                                            variance_noise=variance_noise, return_dict=return_dict)
         else:  # a timestep tensor from elsewhere: indexed on the device (no read)
             coef = table.index_select(0, timestep.to(table.device).long().reshape(1)).reshape(-1)
         noise = None
@@ -1317,8 +1363,8 @@ class DDPMScheduler(_StepScheduler):
         if j is None:
             raise ValueError(f"DDPMScheduler.step: timestep {t} is not one of the scheduler's timesteps")
         if opts.prediction_type == "epsilon" and self._abar_host[t] <= 0.0:
-            raise ValueError(f"DDPMScheduler.step: prediction_type='epsilon' cannot step from timestep {t}, where "
-                             "ᾱ_t = 0 (zero terminal SNR): use prediction_type='v_prediction' or 'sample'")
+            return self._diffusers_step(t, model_output, timestep, sample, generator=generator,
+                                        return_dict=return_dict)
         coef = self._coefs(x.device)[j]
         noise = _draw(o.shape, generator, o.device, o.dtype).to(x.dtype) if t > 0 else None
         prev, x0 = self._run(x, o, coef, noise, v if noise is not None else None, opts, return_dict)

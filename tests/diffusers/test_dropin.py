@@ -263,3 +263,40 @@ def test_nan_diffusers_computes_is_warned():
         s = fd.EulerAncestralDiscreteScheduler(rescale_betas_zero_snr=True)
     s.set_timesteps(10)  # a grid the fused step runs
     assert s._hf_impl is None
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_epsilon_at_zero_snr_steps_as_diffusers(name, clip):
+    """ε-prediction at ᾱ_t = 0 divides by 0: diffusers gets x̂0 = ±∞, clipped to ±1 (finite) or NaN; that step is
+    diffusers' (warned once, at the caller's line), the rest of the run fused."""
+    cfg = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=clip)
+    got, ref = getattr(fd, name)(**cfg), getattr(hf, name)(**cfg)
+    res = []
+    for s in (got, ref):
+        s.set_timesteps(5)
+        x, g = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)), torch.Generator().manual_seed(0)
+        with (pytest.warns(UserWarning, match="ᾱ_t = 0.*diffusers' own") if s is got else warnings.catch_warnings()):
+            for t in s.timesteps:
+                x = s.step(0.1 * x, t, x, generator=g).prev_sample
+        res.append(x)
+    assert torch.isfinite(res[1]).all() == clip
+    if clip:
+        assert _rel(res[0], res[1]) < 1e-4
+    else:
+        assert torch.equal(torch.isnan(res[0]), torch.isnan(res[1]))
+
+
+def test_where_diffusers_computes_nan_it_is_said_not_refused():
+    """DDIM's η > 1 stays finite (diffusers: NaN), DDPM's fixed_large_log is handed over: each warned once, at the
+    caller's line, naming the NaN."""
+    x = torch.randn(2, 3, 4, 4)
+    s = fd.DDIMScheduler()
+    s.set_timesteps(5)
+    with pytest.warns(UserWarning, match="eta=1.5 > 1.*NaN.*clamps"):
+        for t in s.timesteps:
+            x = s.step(0.1 * x, t, x, eta=1.5, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert torch.isfinite(x).all()
+    with pytest.warns(UserWarning, match=r"fixed_large_log.*NaN samples.*diffusers' own DDPMScheduler") as rec:
+        fd.DDPMScheduler(variance_type="fixed_large_log")
+    assert rec[0].filename == __file__
