@@ -658,11 +658,15 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
     "sde-dpmsolver++"; "sde-dpmsolver++" is also a sampler name), "unipc" (solver_type bh1/bh2, orders 1–3, the
     corrector), "euler", "euler_ancestral", "heun" (2·steps − 1 model calls), "pndm" (PRK warm-up then PLMS;
     "plms" = skip_prk_steps), "ipndm" (iPNDM: Adams–Bashforth on ε̂, orders 1–4, default 3; its default grid is
-    time-quadratic). Default: the sampler of a diffusers `schedule`, else "ipndm" (DEFAULT_SAMPLER, the best
-    measured few-step sampler on a model-blind grid).
+    time-quadratic), "flow_euler" / "flow_heun" (flow-matching velocity models, diffusers' FlowMatchEuler/Heun:
+    shift, use_dynamic_shifting with mu= or image_seq_len=, time_shift_type, shift_terminal, invert_sigmas,
+    stochastic_sampling, Karras/exponential/beta σ's; sigmas= in (0, 1] and timesteps= as diffusers' set_timesteps
+    takes them; fastdiff.samplers.flow). Default: the sampler of a diffusers `schedule`, else "ipndm"
+    (DEFAULT_SAMPLER, the best measured few-step sampler on a model-blind grid).
     schedule: a NoiseSchedule, or a diffusers scheduler (instance or config) of DDIMScheduler, DDPMScheduler,
     DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-    HeunDiscreteScheduler or PNDMScheduler: its β schedule and every setting that changes the math are adopted
+    HeunDiscreteScheduler, PNDMScheduler, FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler:
+    its β schedule and every setting that changes the math are adopted
     (solver_order, algorithm_type, solver_type, use_karras_sigmas, final_sigmas_type, lower_order_final,
     timestep_spacing, steps_offset, prediction_type, thresholding and its settings, ...); `options` override them.
     An option the chosen sampler does not have is an error naming it.
@@ -709,7 +713,11 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
                            check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph,
                            **grid_kw, **options)
     sched, cfg = _schedule_and_config(schedule)
-    grid, steps = resolve_grid(sched, steps, **grid_kw)
+    if name in S.FLOW_SAMPLERS:  # a velocity model: its σ grid is built from σ's in (0, 1], not from the β table
+        options, steps = S.flow.grid_options(name, steps, options, **grid_kw)
+        grid = None
+    else:
+        grid, steps = resolve_grid(sched, steps, **grid_kw)
     plan = S.build_plan(name, sched, steps, S.solver_options(name, cfg, options), grid)
     x = _initial_sample(model, shape, x_T, generator, dtype, device)
     return run_plan(plan, model, x, generator=generator, backend=backend, progress=progress, callback=callback,

@@ -10,7 +10,8 @@ mixture, q_t = Σ_k w_k N(a·m_k, v·I) with v = a²s² + σ², so the optimal d
     v*  = a·ε* − σ·x̂0
 
 `GaussianMixture.model(schedule)` wraps these as a `model(x_t, t)` for any fastdiff sampler, so sampling error is
-discretization error only (no training error). Test helpers: `component_weights`, `component_moments` and
+discretization error only (no training error). `GaussianMixture.flow_model()` is the same for a flow-matching model:
+the exact velocity E[ε − x0 | x_t] of x_t = (1 − t)·x0 + t·ε (the marginal is the mixture with a = 1 − t, σ = t). Test helpers: `component_weights`, `component_moments` and
 `moment_recursion` (the exact mean and variance of every sampler step for K = 1).
 """
 from __future__ import annotations
@@ -226,6 +227,49 @@ class GaussianMixture:
 
         oracle.mixture = self
         oracle.prediction_type = prediction_type
+        return oracle
+
+    # ---- flow matching (rectified flow): x_t = (1 − t)·x0 + t·ε, t ∈ [0, 1] ----
+    def flow_velocity(self, x: torch.Tensor, t) -> torch.Tensor:
+        """The exact velocity v*(x, t) = E[ε − x0 | x_t = x] of the straight path x_t = (1 − t)·x0 + t·ε (Lipman et al.
+        2023; Liu et al. 2023): with a = 1 − t and var = a²s² + t² the marginal is Σ_k w_k N(a·m_k, var·I), and
+        x̂0 = Σ r_k m_k·t²/var + (a·s²/var)·x, ε̂ = (t/var)·(x − a·Σ r_k m_k), v* = ε̂ − x̂0: x's shape, float64
+        (finite at t = 0 and t = 1). t: a float or a (n,) tensor in [0, 1]."""
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise TypeError("x must be a floating-point tensor of shape (n, D) or (n, ...) with D elements per row")
+        xf = x.reshape(x.shape[0], -1).to(torch.float64) if x.dim() > 0 else None
+        if xf is None or xf.shape[1] != self.D:
+            raise ValueError(f"x must have {self.D} elements per row (the mixture's D), got shape {tuple(x.shape)}")
+        tt = torch.as_tensor(t, dtype=torch.float64, device=x.device).detach().reshape(-1)
+        if tt.numel() not in (1, xf.shape[0]) or ((tt < 0) | (tt > 1) | ~torch.isfinite(tt)).any():
+            raise ValueError(f"t must be a float or {xf.shape[0]} values in [0, 1]")
+        tt = tt.reshape(-1, 1).expand(xf.shape[0], 1)
+        a = 1.0 - tt
+        var = a * a * self.std**2 + tt * tt
+        mm = self._mean_mix(xf, a, var)
+        x0 = mm * (tt * tt / var) + (a * self.std**2 / var) * xf
+        eps = (tt / var) * (xf - a * mm)
+        return (eps - x0).reshape(x.shape)
+
+    def flow_model(self, num_train_timesteps: int = 1000) -> Callable:
+        """`model(x_t, t)` of a flow-matching (velocity) model for fastdiff.sample(sampler="flow_euler" | "flow_heun"
+        | a VP solver with prediction_type="flow_prediction", use_flow_sigmas=True): t the timestep as diffusers'
+        FlowMatch schedulers hand it (σ·num_train_timesteps, float, shape (B,)); returns the exact v* in x_t's dtype."""
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or \
+                num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        T = float(num_train_timesteps)
+
+        def oracle(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            tf = torch.as_tensor(t).reshape(-1).to("cpu", torch.float64)
+            if tf.numel() == 1:
+                tf = tf.expand(x_t.shape[0])
+            if tf.numel() != x_t.shape[0] or (tf < 0).any() or (tf > T).any():
+                raise ValueError(f"t must hold {x_t.shape[0]} timesteps in [0, {T:g}]")
+            return self.flow_velocity(x_t, (tf / T).to(x_t.device)).to(x_t.dtype)
+
+        oracle.mixture = self
+        oracle.prediction_type = "flow_prediction"
         return oracle
 
     def score_model(self) -> Callable:

@@ -5,6 +5,8 @@
     euler       Euler, Euler ancestral, Heun on the σ grid (Karras et al. 2022)
     pndm        PLMS with PRK warm-up or without (Liu et al. 2022)
     ipndm       iPNDM, Adams–Bashforth on ε̂ with a lower-order warm-up, on any grid (Zhang & Chen 2023, DEIS)
+    flow        flow-matching Euler (deterministic or re-noising) and Heun on a velocity model's σ ∈ (0, 1] grid
+                (Lipman et al. 2023; Liu et al. 2023; the SD3 shift of Esser et al. 2024)
 
 DDIM and DDPM plans live in fastdiff.sampling (their fused step, fastdiff.ops.sampler_step, predates these).
 `build_plan(sampler, schedule, steps, options)` compiles a solver to a `SolverPlan` (plan.py) that the one loop
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fastdiff.samplers import dpm_solver, euler, ipndm, pndm, unipc
+from fastdiff.samplers import dpm_solver, euler, flow, ipndm, pndm, unipc
 from fastdiff.samplers.grids import TIME_GRIDS, Grid, custom_grid, make_grid
 from fastdiff.samplers.plan import COEF, NUM_COEF, Lin, PlanBuilder, PlanError, SolverPlan
 
@@ -34,7 +36,10 @@ _FAMILIES = {
     "pndm": (pndm.plan, pndm.DEFAULTS, {}),
     "plms": (pndm.plan, pndm.DEFAULTS, {"skip_prk_steps": True}),
     "ipndm": (ipndm.plan, ipndm.DEFAULTS, {}),
+    "flow_euler": (flow.euler_plan, flow.EULER_DEFAULTS, {}),
+    "flow_heun": (flow.heun_plan, flow.HEUN_DEFAULTS, {}),
 }
+FLOW_SAMPLERS = ("flow_euler", "flow_heun")  # velocity models: σ ∈ (0, 1], no β table (fastdiff.samplers.flow)
 SAMPLERS = ("ddim", "ddpm", *_FAMILIES)
 SOLVERS = tuple(_FAMILIES)
 
@@ -43,11 +48,12 @@ SCHEDULER_CLASSES = {
     "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmsolver++",
     "UniPCMultistepScheduler": "unipc", "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_ancestral", "HeunDiscreteScheduler": "heun",
-    "PNDMScheduler": "pndm",
+    "PNDMScheduler": "pndm", "FlowMatchEulerDiscreteScheduler": "flow_euler",
+    "FlowMatchHeunDiscreteScheduler": "flow_heun",
 }
 
-# Settings of diffusers' schedulers that change the math but have no fastdiff equivalent: an error when set to
-# anything but the value that leaves the math alone.
+# Settings of diffusers' schedulers that change the math: an error when set to anything but the value that leaves
+# the math alone, unless the chosen sampler has the setting (its defaults name it).
 _UNSUPPORTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
                 "use_flow_sigmas": False, "use_dynamic_shifting": False, "timestep_type": "discrete",
                 "solver_p": None, "shift_terminal": None}
@@ -96,8 +102,10 @@ def solver_options(sampler: str, config: dict | None, options: dict) -> dict:
     o = dict(defaults)
     if config:
         for k, v in config.items():
-            if k in _UNSUPPORTED and v != _UNSUPPORTED[k] and not (v is False and _UNSUPPORTED[k] is None):
-                raise ValueError(f"schedule: the diffusers setting {k}={v!r} has no fastdiff equivalent")
+            if k in _UNSUPPORTED and k not in defaults and v != _UNSUPPORTED[k] and \
+                    not (v is False and _UNSUPPORTED[k] is None):
+                raise ValueError(f"schedule: the diffusers setting {k}={v!r} has no fastdiff equivalent"
+                                 f"{'' if k not in _HAS else f' for sampler={sampler!r} (it has: {_HAS[k]})'}")
             if k == "variance_type" and v not in ("learned", "learned_range"):
                 v = None  # DDPM's fixed variances: nothing for a solver to ignore
             if k in o:
@@ -160,5 +168,9 @@ def _fingerprint(schedule) -> tuple:
     return (schedule.betas.numpy().tobytes(), schedule.rescale_zero_snr, spec, schedule.name)
 
 
-__all__ = ["COEF", "NUM_COEF", "Lin", "PlanBuilder", "PlanError", "SAMPLERS", "SCHEDULER_CLASSES", "SOLVERS",
+# which samplers have a setting that others lack (for the error above)
+_HAS = {k: [n for n, (_, d, _) in _FAMILIES.items() if k in d] for k in _UNSUPPORTED}
+_HAS = {k: v for k, v in _HAS.items() if v}
+
+__all__ = ["COEF", "FLOW_SAMPLERS", "NUM_COEF", "Lin", "PlanBuilder", "PlanError", "SAMPLERS", "SCHEDULER_CLASSES", "SOLVERS",
            "SolverPlan", "build_plan", "check_sampler", "sampler_for", "solver_options"]

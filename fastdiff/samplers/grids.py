@@ -138,7 +138,10 @@ def abar_at(schedule: NoiseSchedule, t: float) -> float:
     """ᾱ at a (possibly fractional) time: the float64 table at whole t, else 1/(1 + σ(t)²)."""
     t = float(t)
     if t.is_integer():
-        return float(schedule.alphas_cumprod[int(t)])
+        host = schedule.__dict__.get("_abar_host")
+        if host is None:  # one host copy of the table per schedule (no tensor op per lookup)
+            host = schedule.__dict__["_abar_host"] = schedule.alphas_cumprod.tolist()
+        return host[int(t)]
     s = float(sigma_at(schedule, [t])[0])
     return 1.0 / (1.0 + s * s)
 
@@ -184,15 +187,8 @@ def make_grid(schedule: NoiseSchedule, steps: int, name: str, *, t_max: float | 
     return custom_grid(schedule, timesteps=ts)
 
 
-def custom_grid(schedule: NoiseSchedule, timesteps=None, sigmas=None) -> Grid:
-    """A user's grid: `timesteps` (model-call times in [0, T−1], fractional allowed, σ's by `sigma_at`) or `sigmas`
-    (VE noise levels within the schedule's range, used as given; the model sees the times `sigma_to_t` gives, as in
-    diffusers' σ samplers), strictly decreasing; errors name the argument."""
-    T = len(schedule)
-    if (timesteps is None) == (sigmas is None):
-        raise ValueError("pass exactly one of timesteps= and sigmas=")
-    name = "timesteps" if timesteps is not None else "sigmas"
-    v = timesteps if timesteps is not None else sigmas
+def vector(name: str, v) -> np.ndarray:
+    """A user's 1-D sequence of numbers (list, array, tensor) as float64 NumPy; errors name the argument."""
     if torch.is_tensor(v):
         v = v.detach().to("cpu", torch.float64).numpy()
     try:
@@ -201,6 +197,18 @@ def custom_grid(schedule: NoiseSchedule, timesteps=None, sigmas=None) -> Grid:
         raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(v).__name__}") from None
     if arr.ndim != 1 or arr.size < 1:
         raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def custom_grid(schedule: NoiseSchedule, timesteps=None, sigmas=None) -> Grid:
+    """A user's grid: `timesteps` (model-call times in [0, T−1], fractional allowed, σ's by `sigma_at`) or `sigmas`
+    (VE noise levels within the schedule's range, used as given; the model sees the times `sigma_to_t` gives, as in
+    diffusers' σ samplers), strictly decreasing; errors name the argument."""
+    T = len(schedule)
+    if (timesteps is None) == (sigmas is None):
+        raise ValueError("pass exactly one of timesteps= and sigmas=")
+    name = "timesteps" if timesteps is not None else "sigmas"
+    arr = vector(name, timesteps if timesteps is not None else sigmas)
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} must be finite, got {arr.tolist()}")
     if arr.size > 1 and not (np.diff(arr) < 0).all():

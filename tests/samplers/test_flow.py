@@ -1,0 +1,201 @@
+"""Flow-matching samplers (fastdiff.samplers.flow) against diffusers' FlowMatch schedulers and the exact flow oracle.
+
+The reference is diffusers' scheduler loop as its pipelines run it (latents = randn(shape, generator); model(x, t)
+with t from scheduler.timesteps; step(..., generator)), so x_T, the timesteps the model sees and every noise draw are
+compared. diffusers keeps σ's and steps in float32, fastdiff in float64: bound 1e-4 of max|x| for Euler/Heun.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import toy
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = (2, 3, 5, 5)
+BOUND = 1e-4
+
+
+class Net(torch.nn.Module):
+    """A small random conv net of (x, t), t a float timestep tensor of shape (B,) in [0, 1000]."""
+
+    def __init__(self, c=3, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = torch.nn.Conv2d(c, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, c, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, device=x.device).reshape(-1).float().expand(x.shape[0])
+        return self.b(torch.tanh(self.a(x) + torch.sin(t / 137.0).view(-1, 1, 1, 1))) + 0.2 * x
+
+
+@torch.no_grad()
+def diffusers_loop(sch, steps, model, seed, **set_kw):
+    seen = []
+    sch.set_timesteps(steps, **set_kw)
+    g = torch.Generator().manual_seed(seed)
+    x = diffusers.utils.torch_utils.randn_tensor(SHAPE, generator=g)
+    for t in sch.timesteps:
+        seen.append(float(t))
+        x = sch.step(model(x, t.expand(SHAPE[0])), t, x, generator=g).prev_sample
+    return x, seen
+
+
+def recording(model):
+    seen = []
+
+    def m(x, t):
+        seen.append(float(t.reshape(-1)[0]))
+        assert t.dtype == torch.float32 and t.shape == (x.shape[0],)
+        return model(x, t)
+
+    return m, seen
+
+
+EULER = "FlowMatchEulerDiscreteScheduler"
+HEUN = "FlowMatchHeunDiscreteScheduler"
+CASES = [
+    (EULER, {}, {}),
+    (EULER, {"shift": 3.0}, {}),  # SD3
+    (EULER, {"shift": 3.0, "stochastic_sampling": True}, {}),
+    (EULER, {"use_dynamic_shifting": True}, {"mu": 0.8}),  # Flux
+    (EULER, {"use_dynamic_shifting": True, "time_shift_type": "linear"}, {"mu": 1.7}),
+    (EULER, {"use_dynamic_shifting": True, "shift_terminal": 0.1}, {"mu": 1.2}),  # LTX
+    (EULER, {"shift": 2.0, "use_karras_sigmas": True}, {}),
+    (EULER, {"shift": 2.0, "use_exponential_sigmas": True}, {}),
+    (EULER, {"shift": 2.0, "use_beta_sigmas": True}, {}),
+    (EULER, {"shift": 2.0, "invert_sigmas": True}, {}),
+    (EULER, {"shift": 3.0}, {"sigmas": list(np.linspace(1.0, 0.1, 7))}),  # Flux-style custom σ's
+    (EULER, {"use_dynamic_shifting": True}, {"sigmas": [1.0, 0.8, 0.5, 0.3, 0.2, 0.1, 0.05], "mu": 0.5}),
+    (EULER, {"shift": 3.0}, {"timesteps": [999.0, 800.0, 650.5, 400.0, 250.0, 90.0, 10.0]}),
+    (HEUN, {}, {}),
+    (HEUN, {"shift": 3.0}, {}),
+]
+
+
+@pytest.mark.parametrize("cls,cfg,kw", CASES, ids=lambda v: str(v) if not isinstance(v, list) else "")
+def test_same_seed_same_result_as_diffusers(cls, cfg, kw):
+    model = Net()
+    steps = 7
+    sch = getattr(diffusers, cls)(**cfg)
+    ref, ref_ts = diffusers_loop(getattr(diffusers, cls).from_config(sch.config), steps, model, 0, **kw)
+    m, seen = recording(model)
+    out = fastdiff.sample(m, steps, schedule=sch, shape=SHAPE, generator=torch.Generator().manual_seed(0), **kw)
+    assert seen == ref_ts  # the model sees diffusers' float32 timesteps exactly
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert err <= BOUND, err
+
+
+def test_sampler_name_and_config_dict():
+    """sampler="flow_euler" with options, and schedule= a config dict, equal the scheduler instance."""
+    model = Net()
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    a = fastdiff.sample(model, 6, schedule=sch, shape=SHAPE, generator=torch.Generator().manual_seed(1))
+    b = fastdiff.sample(model, 6, sampler="flow_euler", shift=3.0, shape=SHAPE,
+                        generator=torch.Generator().manual_seed(1))
+    c = fastdiff.sample(model, 6, schedule={**sch.config, "_class_name": EULER}, shape=SHAPE,
+                        generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and torch.equal(a, c)
+    d = fastdiff.sample(model, 6, sampler="flow_euler", shift=1.0, shape=SHAPE,
+                        generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(a, d)  # the option is used
+
+
+def test_image_seq_len_computes_mu_as_pipelines():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    model = Net()
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    mu = calculate_shift(1024, 256, 4096, 0.5, 1.15)
+    a = fastdiff.sample(model, 5, schedule=sch, mu=mu, shape=SHAPE, generator=torch.Generator().manual_seed(2))
+    b = fastdiff.sample(model, 5, schedule=sch, image_seq_len=1024, shape=SHAPE,
+                        generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(sampler="flow_euler", use_dynamic_shifting=True), "mu"),
+    (dict(sampler="flow_euler", sigmas=[1.0, 0.5], timesteps=[1000.0, 500.0]), "sigmas"),
+    (dict(sampler="flow_euler", sigmas=[1.5, 0.5]), "sigmas"),
+    (dict(sampler="flow_euler", sigmas=[1.0, 0.0]), "sigmas"),
+    (dict(sampler="flow_euler", sigmas=[0.5, 0.8]), "sigmas"),
+    (dict(sampler="flow_euler", timesteps=[1200.0, 500.0]), "timesteps"),
+    (dict(sampler="flow_euler", prediction_type="epsilon"), "prediction_type"),
+    (dict(sampler="flow_heun", prediction_type="v_prediction"), "prediction_type"),
+    (dict(sampler="flow_euler", shift=0.0), "shift"),
+    (dict(sampler="flow_euler", time_shift_type="cubic"), "time_shift_type"),
+    (dict(sampler="flow_euler", use_karras_sigmas=True, use_beta_sigmas=True), "use_karras_sigmas"),
+    (dict(sampler="flow_euler", time_grid="karras"), "time_grid"),
+    (dict(sampler="flow_heun", sigmas=[1.0, 0.5]), "sigmas"),
+    (dict(sampler="flow_heun", stochastic_sampling=True), "stochastic_sampling"),
+])
+def test_bad_input_named(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastdiff.sample(Net(), kw.pop("steps", 2) if "sigmas" not in kw and "timesteps" not in kw else None,
+                        shape=SHAPE, **kw)
+
+
+def test_epsilon_scheduler_config_refused_for_flow_sampler():
+    """An ε-prediction model's scheduler config under a flow sampler: an error naming prediction_type."""
+    cfg = dict(diffusers.DPMSolverMultistepScheduler().config)
+    with pytest.raises(ValueError, match="prediction_type"):
+        fastdiff.sample(Net(), 4, sampler="flow_euler", schedule=cfg, shape=SHAPE)
+
+
+# ---- the exact flow oracle -----------------------------------------------------------------------------------------
+
+MIX = toy.GaussianMixture([0.3, 0.7], [[2.0, 0.0], [-1.0, 1.5]], 0.3)
+
+
+def test_flow_velocity_is_the_conditional_expectation():
+    """E[(ε − x0 − v*(x_t))·f(x_t)] = 0 for f = 1 and f = x (v* is the regression of ε − x0 on x_t), by Monte Carlo
+    within 5 standard errors, at three t's; a velocity off by 20% fails."""
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    for t in (0.2, 0.6, 0.95):
+        x0 = MIX.sample(n, g)
+        e = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        xt = (1 - t) * x0 + t * e
+        for v, ok in ((MIX.flow_velocity(xt, t), True), (1.2 * MIX.flow_velocity(xt, t), False)):
+            r = e - x0 - v
+            z = torch.stack([(r * f).mean(0).abs() / ((r * f).std(0) / n**0.5) for f in (torch.ones_like(xt), xt)])
+            assert bool((z < 5).all()) == ok, (t, z)
+
+
+def test_flow_velocity_ends():
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(MIX.flow_velocity(x, 0.0), -x)  # t = 0: x0 = x, E[ε] = 0
+    mean = (MIX.weights[:, None] * MIX.means).sum(0)
+    assert torch.allclose(MIX.flow_velocity(x, 1.0), x - mean)  # t = 1: x = ε, E[x0] = the data mean
+
+
+@pytest.mark.parametrize("sampler,steps", [("flow_euler", 40), ("flow_heun", 12)])
+def test_flow_samplers_reproduce_the_mixture(sampler, steps):
+    x = fastdiff.sample(MIX.flow_model(), steps, sampler=sampler, shape=(4000, 2), dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(4))
+    w, se = toy.component_weights(x, MIX)
+    assert ((w - MIX.weights).abs() <= 4 * se).all(), w
+    _, means, var = toy.component_moments(x, MIX)
+    assert ((means - MIX.means).abs() <= 0.05).all(), means
+    assert ((var.sqrt() - MIX.std).abs() <= 0.05).all(), var
+
+
+@pytest.mark.parametrize("sampler,order", [("flow_euler", 1), ("flow_heun", 2)])
+def test_flow_samplers_converge_at_their_order(sampler, order):
+    """Median distance to the ODE solution (Heun, 800 steps) from the same x_T; the slope in log steps."""
+    model = MIX.flow_model()
+    kw = dict(shape=(1000, 2), dtype=torch.float64)
+    ref = fastdiff.sample(model, 800, sampler="flow_heun", generator=torch.Generator().manual_seed(1), **kw)
+    ns = [16, 32, 64]
+    errs = [float((fastdiff.sample(model, n, sampler=sampler, generator=torch.Generator().manual_seed(1), **kw)
+                   - ref).norm(dim=1).median()) for n in ns]
+    slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
+    assert abs(slope - order) < 0.25, (errs, slope)
