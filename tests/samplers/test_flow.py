@@ -12,29 +12,13 @@ import torch
 
 import fastdiff
 from fastdiff import toy
+from tests.samplers.test_diffusers_parity import Net  # a small random conv net of (x, t)
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPE = (2, 3, 5, 5)
 BOUND = 1e-4
-
-
-class Net(torch.nn.Module):
-    """A small random conv net of (x, t), t a float timestep tensor of shape (B,) in [0, 1000]."""
-
-    def __init__(self, c=3, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.a = torch.nn.Conv2d(c, 8, 3, padding=1)
-        self.b = torch.nn.Conv2d(8, c, 3, padding=1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-    def forward(self, x, t):
-        t = torch.as_tensor(t, device=x.device).reshape(-1).float().expand(x.shape[0])
-        return self.b(torch.tanh(self.a(x) + torch.sin(t / 137.0).view(-1, 1, 1, 1))) + 0.2 * x
 
 
 @torch.no_grad()
