@@ -64,7 +64,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_=None):
         raise ValueError(f"steps: PNDM with PRK warm-up needs steps >= 4, got {steps}")
     if o["skip_prk_steps"] and steps < 2:
         raise ValueError(f"steps: PLMS (skip_prk_steps) needs steps >= 2, got {steps}")
-    final = 1.0 if o["set_alpha_to_one"] else float(schedule.alphas_cumprod[0])
+    final = 1.0 if o["set_alpha_to_one"] else grids.abar_at(schedule, 0)
     if grid_ is None:
         prk, plms = timesteps(T, steps, o)
         ratio = T // steps
