@@ -11,6 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 export PYTHON=$PY  # the helper scripts below use the same Python
+t0=$SECONDS
+stage() { echo "test.sh [$((SECONDS - t0))s]: $*"; }
 if ! "$PY" -c "import pytest" 2>/dev/null; then
   echo "test.sh: pytest is not installed for $PY: run bash scripts/setup.sh --test first" >&2
   exit 1
@@ -39,6 +41,7 @@ if [ $# -eq 0 ]; then
   if cuda_headers; then bash scripts/cuda_emu_test.sh; else need_toolkit "the CUDA emulator run (no cuda_runtime.h)"; fi
 fi
 export TRITON_INTERPRET=1
+stage "pytest (Triton under its interpreter)"
 set +e
 $PY -m pytest -q -p no:cacheprovider tests "$@"
 rc=$?
@@ -47,4 +50,5 @@ if [ $rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
 [ $rc -eq 0 ] || exit $rc
 # every Triton kernel specialization the tests launch, compiled for sm_80/sm_90 with Triton's own ptxas (no GPU
 # needed): catches what the interpreter accepts and a GPU rejects (tl.dot shapes, shared memory over the limit)
-if [ $# -eq 0 ]; then $PY scripts/triton_aot_check.py; fi
+if [ $# -eq 0 ]; then stage "Triton AOT compile check"; $PY scripts/triton_aot_check.py; fi
+stage "done"
