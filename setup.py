@@ -48,7 +48,8 @@ def _import_torch():
             f"setup.py: building fastdiff's C++ extension needs torch in the build environment ({e}).\n"
             "  Install torch first and build against it: pip install torch==2.13.0 && "
             "pip install --no-build-isolation .\n"
-            "  (plain `pip install .` gets torch from build_backend/; FASTDIFF_SKIP_BUILD=1: no extension)") from None
+            "  (plain `pip install .`, with build isolation, installs a matching torch for the build itself; "
+            "FASTDIFF_SKIP_BUILD=1 builds no extension)") from None
     release = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
     if release < tuple(int(p) for p in MIN_TORCH.split(".")):
         raise SystemExit(f"setup.py: fastdiff needs torch >= {MIN_TORCH}; the build environment has "
