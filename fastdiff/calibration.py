@@ -78,10 +78,12 @@ def calibrate(model: Callable, steps: int, *, sampler: str = "unipc", shape=None
 def calibrate_report(model: Callable, steps: int, *, sampler: str = "unipc", shape=None, schedule=None,
                      generator: torch.Generator | None = None, dtype: torch.dtype | None = None, device=None,
                      fine_steps: int = 60, sweeps: int = 4, refine: bool = True, progress: bool = True,
-                     **options: Any) -> Calibration:
+                     integer: bool = False, **options: Any) -> Calibration:
     """`calibrate` with the whole report (a `Calibration`). fine_steps: points of each half of the teacher's fine
     grid (uniform in t, uniform in log-SNR; ~2·fine_steps model calls per teacher). sweeps: refinement passes (the
-    search step halves each pass). refine=False stops at the GITS grid."""
+    search step halves each pass). refine=False stops at the GITS grid. integer=True rounds the result to whole
+    timesteps (for diffusers' classes, whose set_timesteps(timesteps=) takes integers) and reports its held-out error
+    as errors["calibrated"]."""
     from fastdiff import samplers as S
     from fastdiff.sampling import _check_args, _model_dtype_device, _schedule_and_config, sample
 
@@ -142,6 +144,9 @@ def calibrate_report(model: Callable, steps: int, *, sampler: str = "unipc", sha
                   **held_err}
         errors["calibrated"] = errors[best]
         errors["chosen"] = best  # "gits", "quadratic", "logsnr" or "refined:<start>"
+        if integer:
+            result = _whole(result)
+            errors["calibrated"] = err(xs[1], result, held)
     finally:
         counter.close()
     return Calibration(torch.tensor(result, dtype=torch.float64), name, steps, dict(options),
@@ -178,6 +183,19 @@ class _Trajectory:
     x0hat: torch.Tensor  # (M, B, ...) float32: the data prediction at each call
     x0: torch.Tensor  # (B, ...) float32: the teacher's end
     abar: list  # ᾱ at each call time
+
+
+def _whole(ts: list) -> list:
+    """`ts` rounded to whole timesteps, kept strictly decreasing (a collision moves the later time down by one)."""
+    out = []
+    for t in ts:
+        r = float(round(t))
+        if out and r >= out[-1]:
+            r = out[-1] - 1
+        out.append(r)
+    if out[-1] < 0:
+        raise ValueError(f"integer=True: {len(ts)} whole timesteps do not fit below {ts[0]}")
+    return out
 
 
 def default_grid(name: str, sched, cfg, steps: int, options: dict) -> list | None:

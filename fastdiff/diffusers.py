@@ -74,12 +74,13 @@ from fastdiff.ops import sampler_step as SS
 from fastdiff.samplers import dpm_solver as _dpm
 from fastdiff.samplers import euler as _euler
 from fastdiff.samplers import grids as _grids
+from fastdiff.samplers import lms as _lms
 from fastdiff.samplers import pndm as _pndm
 from fastdiff.schedule import NoiseSchedule
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
-           "SCHEDULERS", "equivalent"]
+           "LMSDiscreteScheduler", "SCHEDULERS", "equivalent"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,6 +105,11 @@ def _init_like(hf_cls):
 _REFUSALS = (ValueError, TypeError, NotImplementedError)
 
 
+class GridError(ValueError):
+    """A bad grid for fastdiff's own extension (UniPC's and DDIM's set_timesteps(timesteps=), which diffusers'
+    classes lack): raised as is, never handed to diffusers' class."""
+
+
 # the public methods that diffusers' own instance answers while it runs a scheduler (see _Base._to_diffusers): bound
 # to the instance (no wrapper on the fused path)
 _HANDED = ("step", "add_noise", "get_velocity", "scale_model_input", "set_begin_index", "previous_timestep",
@@ -118,6 +124,8 @@ def _set_timesteps(fn):
     def set_timesteps(self, *args, **kwargs):
         try:
             out = fn(self, *args, **kwargs)
+        except GridError:
+            raise
         except _REFUSALS as e:
             out = []
             self._to_diffusers(e, run=lambda impl: out.append(impl.set_timesteps(*args, **kwargs)))
@@ -429,7 +437,7 @@ class _PlanScheduler(_Base):
         training grid (T linspace timesteps, σ's of the table, final σ 0; num_inference_steps stays None), Heun on
         set_timesteps(T) of its config (what diffusers' HeunDiscreteScheduler.__init__ runs)."""
         T = self.config.num_train_timesteps
-        if self._sampler == "heun":
+        if self._sampler in ("heun", "lms"):  # diffusers' __init__ runs set_timesteps(T) of the config
             self._set(T, None)
         else:
             self._set(T, None, overrides={k: v for k, v in self._INIT_GRID.items() if k in self.config})
@@ -570,7 +578,7 @@ class _PlanScheduler(_Base):
             ts = [float(t) for t in np.asarray([_grids.sigma_to_t(np.float32(v), np.log(s32)) for v in sig[:-1]],
                                              np.float32)]
         else:
-            int_ts = self._sampler == "dpmsolver++"
+            int_ts = self._sampler in ("dpmsolver++", "unipc")
             ts_arr = np.asarray(vals, dtype=np.int64 if int_ts else np.float32)
             ts = [int(t) for t in ts_arr] if int_ts else [float(t) for t in ts_arr]
             final = opts.get("final_sigmas_type", "zero")
@@ -584,7 +592,7 @@ class _PlanScheduler(_Base):
         def custom_grid(schedule, steps, o, **kw):
             return list(ts), list(sig)
 
-        module = _dpm if self._sampler == "dpmsolver++" else _euler
+        module = _dpm if self._sampler in ("dpmsolver++", "unipc") else _euler
         with _patched(module, "grid", custom_grid):
             return self._build_uncached(n, opts)
 
@@ -782,13 +790,25 @@ class UniPCMultistepScheduler(_PlanScheduler):
     _result_dtype = "sample"
     __init__ = _init_like(_hf.UniPCMultistepScheduler)
 
+    _custom_ok = ("timesteps",)
+
     @_set_timesteps
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas: list[float] | None = None,
-                      mu: float | None = None):
+                      mu: float | None = None, timesteps: list[int] | None = None):
+        """diffusers' set_timesteps; `timesteps=` is fastdiff's extension (diffusers' UniPC has none): integer
+        model-call times such as a rounded fastdiff.calibrate grid, as DPMSolverMultistepScheduler takes them."""
         if mu is not None:
             raise NotImplementedError("UniPCMultistepScheduler.set_timesteps: mu= (dynamic shifting) is not "
                                       "supported by fastdiff")
-        self._set(num_inference_steps, device, sigmas=sigmas)
+        if timesteps is not None:  # the extension's checks, raised as they are (GridError)
+            ts = [float(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]
+            T = self.config.num_train_timesteps
+            if num_inference_steps is not None or sigmas is not None:
+                raise GridError("Can only pass one of `num_inference_steps`, `timesteps` or `sigmas`.")
+            if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] > T - 1 or ts[-1] < 0 or \
+                    any(t != int(t) for t in ts):
+                raise GridError(f"`timesteps` must be strictly decreasing integers in [0, {T}), got {ts}")
+        self._set(num_inference_steps, device, sigmas=sigmas, timesteps=timesteps)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         prev, _ = self._fused_step(model_output, timestep, sample)
@@ -1030,6 +1050,66 @@ class PNDMScheduler(_PlanScheduler):
         return self._vp_add_noise(original_samples, noise, timesteps)
 
 
+class LMSDiscreteScheduler(_PlanScheduler):
+    """diffusers' LMSDiscreteScheduler (linear multistep on the σ grid, Lagrange-integral weights; fastdiff.samplers.lms)
+    on fastdiff's fused op: the weights of every step computed once per set_timesteps in float64 (diffusers integrates
+    them with scipy in every step). Usable before set_timesteps (diffusers runs set_timesteps(T) in __init__); a run
+    started mid-schedule (img2img) takes diffusers' orders min(order, step index + 1) with the slopes of this run."""
+
+    _hf_class = _hf.LMSDiscreteScheduler
+    _compatibles = list(_hf.LMSDiscreteScheduler._compatibles)
+    order = _hf.LMSDiscreteScheduler.order
+    _sampler = "lms"
+    _euler_family = True
+    __init__ = _init_like(_hf.LMSDiscreteScheduler)
+    is_scale_input_called = False
+
+    @_set_timesteps
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        self._set(num_inference_steps, device)
+        self.is_scale_input_called = False
+
+    scale_model_input = _scaled_input
+
+    def _tail_plan(self, k: int):
+        plan = _lms.plan(self._schedule, self.num_inference_steps, self._opts, start=k)
+        plan.sampler = self._sampler
+        return plan
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4,
+             return_dict: bool = True):
+        if not self.is_scale_input_called:
+            warnings.warn("The `scale_model_input` function should be called before `step` to ensure correct "
+                          "denoising. See `StableDiffusionPipeline` for a usage example.")
+        if order != self._opts.get("order", 4):
+            self._replan(order)
+        prev, x0 = self._fused_step(model_output, timestep, sample, want_x0=return_dict)
+        if self._step_index - 1 - self._start in self._plans[self._start].nan_calls:
+            self._warn_nan("this step's σ's repeat (a grid that repeats a timestep): diffusers' Lagrange weights "
+                           "divide by 0 (NaN); fastdiff leaves the repeated σ out (the weights of the distinct σ's)")
+        if not return_dict:
+            return prev, None
+        return _hf.schedulers.scheduling_lms_discrete.LMSDiscreteSchedulerOutput(prev_sample=prev,
+                                                                               pred_original_sample=x0)
+
+    def _replan(self, order):
+        """step(order=k) other than the planned order: the plans of this run rebuilt for k before its first step
+        (diffusers takes the order per step; a run that changes it midway is not offered)."""
+        self._require_plan()
+        if self._running:
+            raise NotImplementedError("LMSDiscreteScheduler.step: changing `order` in the middle of a run is not "
+                                      "supported by fastdiff; pass the same order at every step")
+        _lms.validate(dict(self._opts, order=order))
+        self._opts = dict(self._opts, order=order)
+        self._plans = {0: self._build_uncached(self.num_inference_steps, self._opts)}
+        if self._start:
+            self._plans[self._start] = self._tail_plan(self._start)
+        self._dev_cache = {}
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DDIM and DDPM: fused sampler_step rows indexed by the timestep
 
@@ -1078,7 +1158,8 @@ class _StepScheduler(_Base):
         if self._internal_dict is not self._planned_cfg:  # a pipeline rewrote the config: re-read it
             self._opts = self._options()
             self._planned_cfg = self._internal_dict
-            self._dev_cache = self._memo((self.num_inference_steps, tuple(self._host_ts)))
+            self._dev_cache = self._memo((self.num_inference_steps, tuple(self._host_ts),
+                                          *(("custom",) if getattr(self, "_prev_custom", None) else ())))
 
     def _diffusers_step(self, t, model_output, timestep, sample, **kw):
         """One step by diffusers' own class (built from the live config, on this grid): ε-prediction at ᾱ_t = 0
@@ -1165,27 +1246,45 @@ class DDIMScheduler(_StepScheduler):
     init_noise_sigma = 1.0
 
     @_set_timesteps
-    def set_timesteps(self, num_inference_steps: int, device=None):
+    def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps: list[int] | None = None):
+        """diffusers' set_timesteps; `timesteps=` is fastdiff's extension (diffusers' DDIM has none): integer
+        step times, descending (a rounded fastdiff.calibrate grid), each step going to the next one (the last to
+        ᾱ = 1 with set_alpha_to_one, else ᾱ_0)."""
         self._opts = self._options()
         T = self.config.num_train_timesteps
-        if num_inference_steps is not None and num_inference_steps > T:
-            raise ValueError(f"`num_inference_steps`: {num_inference_steps} cannot be larger than "
-                             f"`self.config.train_timesteps`: {T}")
-        n = _check_steps(num_inference_steps, T)
-        self.num_inference_steps = n
-        self._finish_set(_spaced(T, n, self._opts.timestep_spacing, self._opts.steps_offset), device)
+        self._prev_custom = None
+        if timesteps is not None:
+            if num_inference_steps is not None:
+                raise GridError("Can only pass one of `num_inference_steps` or `timesteps`.")
+            ts = [int(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]
+            if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= T or ts[-1] < 0:
+                raise GridError(f"`timesteps` must be strictly decreasing integers in [0, {T}), got {ts}")
+            self.num_inference_steps = len(ts)
+            self._prev_custom = dict(zip(ts, ts[1:] + [-1]))
+            self._finish_set(np.asarray(ts, dtype=np.int64), device)
+            self._dev_cache = self._memo((self.num_inference_steps, tuple(self._host_ts), "custom"))
+        else:
+            if num_inference_steps is not None and num_inference_steps > T:
+                raise ValueError(f"`num_inference_steps`: {num_inference_steps} cannot be larger than "
+                                 f"`self.config.train_timesteps`: {T}")
+            n = _check_steps(num_inference_steps, T)
+            self.num_inference_steps = n
+            self._finish_set(_spaced(T, n, self._opts.timestep_spacing, self._opts.steps_offset), device)
         if device is not None:
             self._coefs(0.0, False, torch.device(device))
 
+    _prev_custom = None
+
     def _coefs(self, eta, ucmo, device):
         opts, T, n = self._opts, self.config.num_train_timesteps, self.num_inference_steps
+        prev_of = self._prev_custom
 
         def fill():
             abar = self._abar_host
             final = 1.0 if opts.set_alpha_to_one else abar[0]
             rows = []
             for t in range(T):
-                p = t - T // n
+                p = t - T // n if prev_of is None else prev_of.get(t, t - 1)
                 ap = abar[p] if p >= 0 else final
                 rows.append(_row("ddim", abar[t], ap, prediction_type=opts.prediction_type,
                                  sigma=SS.ddim_sigma(abar[t], ap, eta), use_clipped_model_output=ucmo,
@@ -1379,7 +1478,7 @@ class DDPMScheduler(_StepScheduler):
 
 SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                                       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
-                                      UniPCMultistepScheduler, PNDMScheduler)}
+                                      UniPCMultistepScheduler, PNDMScheduler, LMSDiscreteScheduler)}
 
 
 def equivalent(scheduler):

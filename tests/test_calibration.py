@@ -110,8 +110,17 @@ def test_calibrate_bad_models_and_arguments():
     with pytest.raises(ValueError, match="shape"):
         fastdiff.calibrate(good, 5, progress=False)
     with pytest.raises(ValueError, match="sampler must be one of"):
-        fastdiff.calibrate(good, 5, sampler="lms", shape=(8, 2), progress=False)
+        fastdiff.calibrate(good, 5, sampler="no_such_sampler", shape=(8, 2), progress=False)
     with pytest.raises(TypeError, match="do not apply to sampler='unipc'"):
         fastdiff.calibrate(good, 5, shape=(8, 2), eta=1.0, progress=False)
     with pytest.raises((TypeError, ValueError), match="steps"):
         fastdiff.calibrate(good, 0, shape=(8, 2), progress=False)
+
+
+def test_integer_grid_for_the_diffusers_classes():
+    m = MIX.model(SCHED)
+    r = calibrate_report(m, 6, shape=(64, 2), generator=torch.Generator().manual_seed(0), progress=False,
+                         fine_steps=20, sweeps=2, integer=True)
+    ts = r.timesteps.tolist()
+    assert all(float(t).is_integer() for t in ts) and all(a > b for a, b in zip(ts, ts[1:]))
+    assert r.errors["calibrated"] < r.errors["default"]
