@@ -657,7 +657,8 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
     sampler: "ddim", "ddpm", "dpmsolver++" (orders 1–3 via solver_order; algorithm_type "dpmsolver++" or
     "sde-dpmsolver++"; "sde-dpmsolver++" is also a sampler name), "unipc" (solver_type bh1/bh2, orders 1–3, the
     corrector), "euler", "euler_ancestral", "heun" (2·steps − 1 model calls), "pndm" (PRK warm-up then PLMS;
-    "plms" = skip_prk_steps), "ipndm" (iPNDM: Adams–Bashforth on ε̂, orders 1–4, default 3; its default grid is
+    "plms" = skip_prk_steps), "lms" (linear multistep on the σ grid, option order=, default 4; diffusers'
+    LMSDiscreteScheduler), "ipndm" (iPNDM: Adams–Bashforth on ε̂, orders 1–4, default 3; its default grid is
     time-quadratic), "flow_euler" / "flow_heun" (flow-matching velocity models, diffusers' FlowMatchEuler/Heun:
     shift, use_dynamic_shifting with mu= or image_seq_len=, time_shift_type, shift_terminal, invert_sigmas,
     stochastic_sampling, Karras/exponential/beta σ's; sigmas= in (0, 1] and timesteps= as diffusers' set_timesteps
@@ -665,7 +666,8 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
     (DEFAULT_SAMPLER, the best measured few-step sampler on a model-blind grid).
     schedule: a NoiseSchedule, or a diffusers scheduler (instance or config) of DDIMScheduler, DDPMScheduler,
     DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-    HeunDiscreteScheduler, PNDMScheduler, FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler:
+    HeunDiscreteScheduler, PNDMScheduler, LMSDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler:
     its β schedule and every setting that changes the math are adopted
     (solver_order, algorithm_type, solver_type, use_karras_sigmas, final_sigmas_type, lower_order_final,
     timestep_spacing, steps_offset, prediction_type, thresholding and its settings, ...); `options` override them.

@@ -1,0 +1,161 @@
+"""The rest of diffusers' solver family as fastdiff.diffusers drop-in classes (issue 21, item 4) against diffusers'
+own classes: full scheduler loops with a tiny model (same generator, same samples, x̂0, add_noise, img2img starts,
+step arguments), and tiny Stable Diffusion pipelines (same images, latents and U-Net inputs at every call)."""
+import diffusers as hf
+import pytest
+import torch
+
+import fastdiff.diffusers as fd
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings(r"error:fastdiff\.diffusers\.:UserWarning"),
+              pytest.mark.filterwarnings("ignore:.*__array__ implementation:DeprecationWarning")]
+
+TOL = 5e-4  # of max|x|, as tests/samplers/test_diffusers_parity.py: diffusers keeps its scalars in float32
+SHAPE = (2, 4, 8, 8)
+
+
+class Tiny(torch.nn.Module):
+    """A random conv model that depends on t."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 4, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t).reshape(-1).float().expand(x.shape[0])
+        return self.b(torch.tanh(self.a(x) + torch.sin(t / 137.0).view(-1, 1, 1, 1))) + 0.2 * x
+
+
+def loop(sch, steps, begin=None, seed=0, step_kw=None):
+    """A pipeline's loop; begin=k: img2img from step k (set_begin_index, x = add_noise of a clean sample)."""
+    sch.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    ts = sch.timesteps
+    x = torch.randn(SHAPE, generator=g)
+    if begin:
+        sch.set_begin_index(begin)
+        ts = ts[begin:]
+        x = sch.add_noise(torch.rand(SHAPE, generator=g), x, ts[:1].repeat(SHAPE[0]))
+    else:
+        x = x * sch.init_noise_sigma
+    m, x0s = Tiny(), []
+    for t in ts:
+        out = sch.step(m(sch.scale_model_input(x, t), t), t, x, **(step_kw or {}))
+        x = out.prev_sample
+        x0s.append(out.pred_original_sample)
+    return x, x0s
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def same_run(name, cfg, steps, begin=None, step_kw=None):
+    ref, ref_x0 = loop(getattr(hf, name)(**cfg), steps, begin, step_kw=step_kw)
+    got, got_x0 = loop(getattr(fd, name)(**cfg), steps, begin, step_kw=step_kw)
+    err = max([rel(got, ref)] + [rel(a, b) for a, b in zip(got_x0, ref_x0) if b is not None])
+    print(f"{name} {cfg} steps={steps} begin={begin}: {err:.2e}")
+    assert err <= TOL, err
+
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+LMS_CFGS = [{}, SD, dict(SD, use_karras_sigmas=True), dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+            dict(SD, timestep_spacing="leading", steps_offset=1), dict(prediction_type="sample")]
+
+
+@pytest.mark.parametrize("cfg", LMS_CFGS, ids=range(len(LMS_CFGS)))
+@pytest.mark.parametrize("steps", [1, 4, 12])
+def test_lms_loop_like_diffusers(cfg, steps):
+    same_run("LMSDiscreteScheduler", cfg, steps)
+
+
+@pytest.mark.parametrize("begin", [1, 2, 5])
+def test_lms_img2img_start_like_diffusers(begin):
+    """diffusers takes the order from the step index but has only this run's slopes (fastdiff.samplers.lms)."""
+    same_run("LMSDiscreteScheduler", SD, 10, begin)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 5])
+def test_lms_order_argument_like_diffusers(order):
+    same_run("LMSDiscreteScheduler", SD, 8, step_kw={"order": order})
+
+
+def test_lms_before_set_timesteps_and_surface():
+    """Usable before set_timesteps (diffusers runs set_timesteps(T) in __init__), init_noise_sigma a tensor, the
+    step index, a changed order mid-run refused."""
+    a, b = fd.LMSDiscreteScheduler(**SD), hf.LMSDiscreteScheduler(**SD)
+    assert a.num_inference_steps == b.num_inference_steps == 1000
+    assert torch.equal(a.timesteps, b.timesteps) and torch.allclose(a.sigmas, b.sigmas, rtol=1e-5, atol=1e-6)
+    assert torch.is_tensor(a.init_noise_sigma) and abs(float(a.init_noise_sigma) - float(b.init_noise_sigma)) < 1e-3
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * b.init_noise_sigma
+    m = Tiny()
+    for _ in range(3):  # the first steps of the full training grid
+        t = b.timesteps[b.step_index or 0]
+        o = m(b.scale_model_input(x, t), t)
+        assert rel(a.scale_model_input(x, t), b.scale_model_input(x, t)) <= 1e-6
+        xa, xb = a.step(o, t, x).prev_sample, b.step(o, t, x).prev_sample
+        assert rel(xa, xb) <= TOL and a.step_index == b.step_index
+        x = xb
+    a.set_timesteps(5)
+    t = a.timesteps[0]
+    a.step(m(a.scale_model_input(x, t), t), t, x)
+    with pytest.raises(NotImplementedError, match="order"):
+        a.step(x, a.timesteps[1], x, order=2)
+
+
+def test_lms_add_noise_and_index_like_diffusers():
+    a, b = fd.LMSDiscreteScheduler(**SD), hf.LMSDiscreteScheduler(**SD)
+    for s in (a, b):
+        s.set_timesteps(9)
+    x0, n = torch.rand(SHAPE), torch.randn(SHAPE)
+    ts = b.timesteps[[0, 4]]
+    assert rel(a.add_noise(x0, n, ts), b.add_noise(x0, n, ts)) <= 1e-6
+    assert a.index_for_timestep(b.timesteps[3]) == b.index_for_timestep(b.timesteps[3])
+
+
+# ---- tiny Stable Diffusion pipelines ----
+
+tp = pytest.importorskip("tiny_pipes")
+pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("kind", ["text2img", "img2img"])
+@pytest.mark.parametrize("name,over", [("LMSDiscreteScheduler", {}),
+                                       ("LMSDiscreteScheduler", {"use_karras_sigmas": True})])
+def test_sd_pipeline_like_diffusers(kind, name, over):
+    from test_pipe_schedulers import SD_TOL, _compare, _config, _sd_run
+
+    pipe = tp.sd_pipe(kind)
+    cfg = _config(pipe.scheduler.config, over)
+    pipe.scheduler = getattr(hf, name).from_config(cfg)
+    ref = _sd_run(pipe, kind, 4, {})
+    pipe.scheduler = getattr(fd, name).from_config(cfg)
+    got = _sd_run(pipe, kind, 4, {})
+    _compare(got, ref, SD_TOL, f"{kind}/{name}")
+
+
+@pytest.mark.filterwarnings("default:fastdiff\\.diffusers\\.:UserWarning")
+def test_lms_repeated_sigma_is_said_not_nan():
+    """SD's config (leading, steps_offset 1) repeats σ_max in the training grid diffusers builds in __init__: its
+    second step divides by 0 there (NaN); fastdiff's is finite, leaves the repeated σ out, and says so."""
+    cfg = dict(SD, timestep_spacing="leading", steps_offset=1)
+    a, b = fd.LMSDiscreteScheduler(**cfg), hf.LMSDiscreteScheduler(**cfg)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * b.init_noise_sigma
+    xa, xb, m = x, x, Tiny()
+    for i in range(2):
+        t = b.timesteps[i]
+        ea, eb = m(a.scale_model_input(xa, t), t), m(b.scale_model_input(xb, t), t)
+        if i == 1:
+            with pytest.warns(UserWarning, match="repeat"):
+                xa = a.step(ea, t, xa).prev_sample
+        else:
+            xa = a.step(ea, t, xa).prev_sample
+        xb = b.step(eb, t, xb).prev_sample
+    assert not torch.isfinite(xb).all() and torch.isfinite(xa).all()
