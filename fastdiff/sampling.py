@@ -198,8 +198,6 @@ def sample_hw(size) -> tuple[int, int]:
 
 
 def _initial_sample(model, shape, x_T, generator, dtype, device):
-    from fastdiff.validate import check_model_dtype
-
     if x_T is not None:
         if not torch.is_tensor(x_T) or not x_T.is_floating_point():
             raise TypeError("x_T must be a floating-point tensor")
@@ -207,8 +205,7 @@ def _initial_sample(model, shape, x_T, generator, dtype, device):
             raise ValueError(f"shape {tuple(shape)} disagrees with x_T.shape {tuple(x_T.shape)}")
         if x_T.dim() < 1 or x_T.shape[0] < 1:
             raise ValueError(f"x_T must have shape (B, ...) with B >= 1, got {tuple(x_T.shape)}")
-        return check_model_dtype(model, x_T.to(device=device or x_T.device, dtype=dtype or x_T.dtype),
-                                 "dtype" if dtype is not None else "x_T")
+        return x_T.to(device=device or x_T.device, dtype=dtype or x_T.dtype)
     mdtype, mdevice = _model_dtype_device(model)
     if shape is None:
         cfg = getattr(model, "config", None)
@@ -219,8 +216,7 @@ def _initial_sample(model, shape, x_T, generator, dtype, device):
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape}")
-    x = randn(shape, generator, torch.device(device or mdevice or "cpu"), dtype or mdtype or torch.float32)
-    return check_model_dtype(model, x, "dtype")
+    return randn(shape, generator, torch.device(device or mdevice or "cpu"), dtype or mdtype or torch.float32)
 
 
 def _step_backend(x: torch.Tensor, backend: str, solver: bool = False) -> str:
@@ -715,7 +711,7 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
                            check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph,
                            **grid_kw, **options)
     sched, cfg = _schedule_and_config(schedule)
-    if name in S.FLOW_SAMPLERS:  # a velocity model: its σ grid is built from σ's in (0, 1], not from the β table
+    if S.flow.on_flow_sigmas(name, cfg, options):  # σ ∈ (0, 1]: the grid is built from flow σ's, not from β
         options, steps = S.flow.grid_options(name, steps, options, **grid_kw)
         grid = None
     else:

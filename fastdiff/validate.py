@@ -309,19 +309,19 @@ def check_device(name: str, device: Any) -> torch.device | None:
     return dev
 
 
-def check_model_dtype(model: Any, x: torch.Tensor, arg: str) -> torch.Tensor:
-    """x if an nn.Module `model` whose floating parameters share one dtype can take it; else a TypeError naming the
-    argument that set x's dtype (`arg`: "dtype" or "x_T"), the model's dtype and both fixes. fastdiff does not cast
-    the model or the sample behind the caller's back: a float16 model given float32 samples would otherwise fail
-    inside its first layer with torch's bias-type error."""
+def model_dtype_error(model: Any, x: torch.Tensor) -> TypeError | None:
+    """The error to raise when `model(x, t)` failed and an nn.Module `model` whose floating parameters share one dtype
+    was handed a sample of another dtype (None otherwise: the failure has another cause). Checked after a failure,
+    not before: a module that casts inside, or runs under autocast, takes other dtypes fine. fastdiff does not cast
+    the model or the sample behind the caller's back."""
     if not isinstance(model, torch.nn.Module):
-        return x
+        return None
     dts = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(dts) != 1:
-        return x
+        return None
     (mdt,) = dts
     if x.dtype == mdt:
-        return x
-    given = f"dtype={x.dtype}" if arg == "dtype" else f"x_T of dtype {x.dtype}"
-    raise TypeError(f"{arg}: {given} but the model's parameters are {mdt}; pass dtype={mdt} (or leave dtype unset "
-                    f"to follow the model), or cast the model: model.to({x.dtype})")
+        return None
+    return TypeError(f"dtype / x_T: the sample is {x.dtype} but the model's parameters are {mdt}, and the model "
+                     f"failed on it; pass dtype={mdt} (or leave dtype unset and x_T out to follow the model), or cast "
+                     f"the model: model.to({x.dtype})")

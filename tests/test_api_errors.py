@@ -121,14 +121,14 @@ class Half(torch.nn.Module):
 @pytest.mark.parametrize("entry", ["sample", "ddim_sample", "ddpm_sample"])
 def test_dtype_other_than_the_models_is_an_error_naming_both(entry):
     m = Half().half()
-    with pytest.raises(TypeError, match=r"dtype: dtype=torch.float32 but the model's parameters are torch.float16; "
-                                        r"pass dtype=torch.float16 .* or cast the model"):
+    with pytest.raises(TypeError, match=r"dtype / x_T: the sample is torch.float32 but the model's parameters are "
+                                        r"torch.float16, .* pass dtype=torch.float16 .* or cast the model"):
         getattr(fastdiff, entry)(m, steps=3, shape=SHAPE, dtype=torch.float32)
 
 
 def test_x_T_of_another_dtype_than_the_model_names_x_T():
     m = Half().half()
-    with pytest.raises(TypeError, match=r"x_T: x_T of dtype torch.float32 but the model's parameters are "):
+    with pytest.raises(TypeError, match=r"dtype / x_T: the sample is torch.float32 but the model's parameters are "):
         fastdiff.ddim_sample(m, 3, x_T=torch.randn(SHAPE))
 
 

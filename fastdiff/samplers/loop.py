@@ -23,7 +23,15 @@ def call_model(model, x, t, i, learned: bool, check_nan: bool, channels: int | N
     `check_nan`): (o, v), v the variance half of a 2·C-channel output when `learned` (DDPM; v None otherwise).
     `channels`: a solver that ignores a learned variance (diffusers' DPM-Solver with variance_type learned*) takes a
     2·C-channel output and keeps the first C channels. `i`: the step, for errors."""
-    out = model(x, t)
+    try:
+        out = model(x, t)
+    except RuntimeError as e:  # a module of another dtype than the sample: say so (fastdiff.validate)
+        from fastdiff.validate import model_dtype_error
+
+        err = model_dtype_error(model, x)
+        if err is None:
+            raise
+        raise err from e
     if channels:
         o = check_model_output(out, x, channels_factor=2, step=i, check_finite=check_nan) \
             if _channels(out) != x.shape[1] else check_model_output(out, x, step=i, check_finite=check_nan)
