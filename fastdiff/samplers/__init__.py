@@ -106,8 +106,8 @@ def solver_options(sampler: str, config: dict | None, options: dict) -> dict:
         for k, v in config.items():
             if k in _UNSUPPORTED and k not in defaults and v != _UNSUPPORTED[k] and \
                     not (v is False and _UNSUPPORTED[k] is None):
-                raise ValueError(f"schedule: the diffusers setting {k}={v!r} has no fastdiff equivalent"
-                                 f"{'' if k not in _HAS else f' for sampler={sampler!r} (it has: {_HAS[k]})'}")
+                has = f" for sampler={sampler!r} (samplers that have it: {_HAS[k]})" if k in _HAS else ""
+                raise ValueError(f"schedule: the diffusers setting {k}={v!r} has no fastdiff equivalent{has}")
             if k == "variance_type" and v not in ("learned", "learned_range"):
                 v = None  # DDPM's fixed variances: nothing for a solver to ignore
             if k in o:

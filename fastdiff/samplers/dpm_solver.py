@@ -27,7 +27,9 @@ from fastdiff.schedule import NoiseSchedule
 DEFAULTS = dict(solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
                 sample_max_value=1.0, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
                 euler_at_final=False, use_karras_sigmas=False, final_sigmas_type="zero",
-                lambda_min_clipped=-math.inf, variance_type=None, timestep_spacing="linspace", steps_offset=0)
+                lambda_min_clipped=-math.inf, variance_type=None, timestep_spacing="linspace", steps_offset=0,
+                use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False,
+                flow_shift=1.0, use_dynamic_shifting=False, time_shift_type="exponential", mu=None)
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 
 
@@ -45,12 +47,97 @@ def validate(o: dict):
                          "(as in diffusers): use final_sigmas_type='sigma_min'")
     if o["variance_type"] not in (None, "learned", "learned_range"):
         raise ValueError(f"variance_type must be None, 'learned' or 'learned_range', got {o['variance_type']!r}")
+    validate_sigmas(o, "dpmsolver++")
+    if o["prediction_type"] == "flow_prediction" and not o["algorithm_type"].endswith("++"):
+        raise ValueError(f"prediction_type='flow_prediction' needs algorithm_type 'dpmsolver++' or 'sde-dpmsolver++' "
+                         f"(as in diffusers), got {o['algorithm_type']!r}")
+
+
+def validate_sigmas(o: dict, sampler: str):
+    """The σ-grid options of DPM-Solver++ and UniPC: one spreading at a time, flow σ's alone (the combinations diffusers'
+    if-chain silently drops or runs on VP σ's with flow α's), prediction_type='flow_prediction' with flow σ's."""
+    grids.check_spread(o)
+    on = [k for k in (*grids.SPREADS, "use_lu_lambdas") if o.get(k)]
+    if len(on) > 1:
+        raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas can "
+                         f"be set, got {on}")
+    flow_ok = ("use_karras_sigmas",) if sampler == "unipc" else ()  # UniPC maps Karras σ's to σ/(σ + 1)
+    if o.get("use_flow_sigmas") and set(on) - set(flow_ok):
+        raise ValueError(f"use_flow_sigmas=True with {on[0]}=True is not a flow grid in diffusers' {sampler} either "
+                         "(VP σ's under flow α's); set one of them")
+    if o["prediction_type"] == "flow_prediction" and not o.get("use_flow_sigmas"):
+        raise ValueError("prediction_type='flow_prediction' (a velocity model) needs use_flow_sigmas=True (σ ∈ (0, 1], "
+                         "x = (1 − σ)·x0 + σ·ε); or sample it with sampler='flow_euler'")
+    for k in ("flow_shift",):
+        if isinstance(o[k], bool) or not isinstance(o[k], (int, float)) or not o[k] > 0:
+            raise ValueError(f"{k} must be a number > 0, got {o[k]!r}")
+    if o.get("mu") is not None and not o.get("use_dynamic_shifting"):
+        raise ValueError("mu applies with use_dynamic_shifting=True only")
+    if o.get("use_dynamic_shifting"):
+        if not o.get("use_flow_sigmas"):
+            raise ValueError("use_dynamic_shifting=True shifts flow σ's: it needs use_flow_sigmas=True")
+        if o.get("mu") is None:
+            raise ValueError("mu: use_dynamic_shifting=True needs mu= (the pipelines compute it from the image "
+                             "sequence length)")
+        if sampler != "unipc" and o["time_shift_type"] != "exponential":
+            raise ValueError(f"time_shift_type must be 'exponential' for {sampler} (diffusers: flow_shift = e^mu), got "
+                             f"{o['time_shift_type']!r}")
+    if o.get("time_shift_type", "exponential") not in ("exponential", "linear"):
+        raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {o['time_shift_type']!r}")
+
+
+def flow_grid(schedule: NoiseSchedule, steps: int, o: dict, *, unipc: bool = False):
+    """(model timesteps int64, flow σ's float64 with the final one appended) of use_flow_sigmas, as diffusers 0.42's
+    DPMSolverMultistepScheduler (σ = shift(1 − linspace(1, 1/T, N + 1)), flipped, last dropped; flow_shift = e^mu
+    with dynamic shifting) and UniPCMultistepScheduler (σ = linspace(1, 1/T, N + 1)[:-1] or the given sigmas=, flow
+    or dynamic time shift, shift_terminal, the first σ kept 1e-6 below 1; Karras σ's mapped to σ/(σ + 1)) build it."""
+    from fastdiff.samplers import flow
+
+    T = len(schedule)
+    a64, a32 = grids.abar_tables(schedule)
+    s32_tab, s64_tab = grids.sigma_table(a32), grids.sigma_table(a64)
+    dynamic = bool(o.get("use_dynamic_shifting"))
+    if not unipc:
+        shift = math.exp(float(o["mu"])) if dynamic else float(o["flow_shift"])
+        sig = np.flip(flow.shift_sigmas(1.0 - np.linspace(1, 1 / T, steps + 1), shift))[:-1].copy()
+        ts = (sig * T).astype(np.int64)
+        last = float(s64_tab[0]) if o["final_sigmas_type"] == "sigma_min" else 0.0
+        return [int(t) for t in ts], [float(v) for v in sig] + [last]
+    if o.get("use_karras_sigmas"):
+        lo32 = float(o["sigma_min"]) if o.get("sigma_min") is not None else float(s32_tab[0])
+        hi32 = float(o["sigma_max"]) if o.get("sigma_max") is not None else float(s32_tab[-1])
+        lo64 = float(o["sigma_min"]) if o.get("sigma_min") is not None else float(s64_tab[0])
+        hi64 = float(o["sigma_max"]) if o.get("sigma_max") is not None else float(s64_tab[-1])
+        k32, sig = grids.karras(lo32, hi32, steps), grids.karras(lo64, hi64, steps)
+        k32, sig = k32 / (k32 + 1), sig / (sig + 1)
+        ts = (k32 * T).astype(np.int64)
+    else:
+        if o.get("sigmas") is not None:
+            sig = flow._values("sigmas", o["sigmas"])
+            if len(sig) != steps:
+                raise ValueError(f"sigmas: {len(sig)} values but steps={steps}")
+        else:
+            sig = np.linspace(1, 1 / T, steps + 1)[:-1]
+        if dynamic:
+            sig = flow.time_shift(sig, float(o["mu"]), o["time_shift_type"])
+        else:
+            sig = flow.shift_sigmas(sig, float(o["flow_shift"]))
+        if o.get("shift_terminal"):
+            sig = flow.stretch_to_terminal(sig, float(o["shift_terminal"]))
+        sig = np.array(sig, dtype=np.float64)
+        if abs(sig[0] - 1) < 1e-6:
+            sig[0] -= 1e-6  # diffusers: λ = log(1 − σ) − log σ is −∞ at σ = 1
+        ts = (sig * T).astype(np.int64)
+    last = float(sig[-1]) if o["final_sigmas_type"] == "sigma_min" else 0.0
+    return [int(t) for t in ts], [float(v) for v in sig] + [last]
 
 
 def grid(schedule: NoiseSchedule, steps: int, o: dict, *, unipc: bool = False):
     """(model timesteps as int64 values, σ's float64 with the final one appended) as DPMSolverMultistepScheduler
     builds them (unipc=True: UniPCMultistepScheduler's variant: no λ clipping, Karras timesteps always rounded,
     config sigma_min/sigma_max honoured, final σ_min = the last Karras σ)."""
+    if o.get("use_flow_sigmas"):
+        return flow_grid(schedule, steps, o, unipc=unipc)
     a64, a32 = grids.abar_tables(schedule)
     T = len(a64)
     last_t = T
@@ -60,19 +147,23 @@ def grid(schedule: NoiseSchedule, steps: int, o: dict, *, unipc: bool = False):
     ts = grids.spaced_timesteps(T, steps, o["timestep_spacing"], o["steps_offset"], plus_one=True,
                                 last_timestep=last_t)
     s32, s64 = grids.sigma_table(a32), grids.sigma_table(a64)
-    if o["use_karras_sigmas"]:
+    lu = not unipc and o.get("use_lu_lambdas")
+    spread = o.get("use_karras_sigmas") or o.get("use_exponential_sigmas") or o.get("use_beta_sigmas") or lu
+    if spread:  # Karras / exponential / beta σ's, or Lu et al.'s λ-uniform grid, over the table's σ range
         lo32, hi32, lo64, hi64 = float(s32[0]), float(s32[-1]), float(s64[0]), float(s64[-1])
         if unipc:
             if o.get("sigma_min") is not None:
                 lo32 = lo64 = float(o["sigma_min"])
             if o.get("sigma_max") is not None:
                 hi32 = hi64 = float(o["sigma_max"])
-        k32 = grids.karras(lo32, hi32, steps)
+        make = (lambda lo, hi: grids.exponential_sigmas(lo, hi, steps)) if lu else \
+            (lambda lo, hi: grids.spread(lo, hi, steps, o))  # λ uniform (Lu et al. 2022a) = log σ uniform
+        k32 = make(lo32, hi32)
         tf = np.array([grids.sigma_to_t(s, np.log(s32)) for s in k32])
-        if unipc or schedule.name != "cosine":
+        if (o["use_karras_sigmas"] or lu) and (unipc or schedule.name != "cosine"):
             tf = tf.round()
         ts = tf.astype(np.int64)  # diffusers: .to(torch.int64) truncates what was not rounded
-        sig = [float(v) for v in grids.karras(lo64, hi64, steps)]
+        sig = [float(v) for v in make(lo64, hi64)]
     else:
         sig = [float(v) for v in np.interp(ts, np.arange(T), s64)]
     for i in range(len(sig) - 1):
@@ -81,7 +172,7 @@ def grid(schedule: NoiseSchedule, steps: int, o: dict, *, unipc: bool = False):
                              f"{int(ts[i])}: a multistep solver divides by the step size λ_t − λ_s = 0 there "
                              "(diffusers: NaN); use fewer steps or another spacing")
     if o["final_sigmas_type"] == "sigma_min":
-        last = sig[-1] if unipc and o["use_karras_sigmas"] else float(s64[0])
+        last = sig[-1] if unipc and spread else float(s64[0])
     else:
         last = 0.0
     return [int(t) for t in ts], sig + [last]
@@ -89,10 +180,12 @@ def grid(schedule: NoiseSchedule, steps: int, o: dict, *, unipc: bool = False):
 
 def convert(c, sig: float, o: dict, *, to_x0: bool):
     """The model output as x̂0 (DPM-Solver++) or ε̂ (DPM-Solver), thresholded as diffusers' convert_model_output."""
-    a, s, _ = grids.vp(sig)
+    a, s, _ = alpha_sigma(o)(sig)
     pt = o["prediction_type"]
     if to_x0:
-        if pt == "epsilon":
+        if pt == "flow_prediction":  # x̂0 = x − σ·v on the flow path
+            v = c.x - sig * c.o
+        elif pt == "epsilon":
             v = (c.x - s * c.o) / a
         elif pt == "sample":
             v = 1.0 * c.o
@@ -115,10 +208,16 @@ def convert(c, sig: float, o: dict, *, to_x0: bool):
     return c.convert(v)
 
 
-def _update(alg, solver_type, order, x, ms, sig_t, sigs, z):
-    """x_t from x_s and the outputs ms = [m0, m1, m2] (newest first) at σ's sigs = [σ_s0, σ_s1, σ_s2]."""
-    a_t, s_t, l_t = grids.vp(sig_t)
-    a0, s0, l0 = grids.vp(sigs[0])
+def alpha_sigma(o: dict):
+    """σ → (α_t, σ_t, λ_t): the VP map, or the flow path's with use_flow_sigmas (diffusers' _sigma_to_alpha_sigma_t)."""
+    return grids.flow_vp if o.get("use_flow_sigmas") else grids.vp
+
+
+def _update(alg, solver_type, order, x, ms, sig_t, sigs, z, ab=grids.vp):
+    """x_t from x_s and the outputs ms = [m0, m1, m2] (newest first) at σ's sigs = [σ_s0, σ_s1, σ_s2]; `ab` maps σ to
+    (α_t, σ_t, λ_t) (alpha_sigma)."""
+    a_t, s_t, l_t = ab(sig_t)
+    a0, s0, l0 = ab(sigs[0])
     h = l_t - l0
     em, ep = math.exp(-h), (math.exp(h) if h < math.inf else math.inf)
     ratio = s_t / s0
@@ -130,7 +229,7 @@ def _update(alg, solver_type, order, x, ms, sig_t, sigs, z):
         if alg == "sde-dpmsolver++":
             return (ratio * em) * x + (a_t * (1 - math.exp(-2 * h))) * ms[0] + s_t * math.sqrt(1 - math.exp(-2 * h)) * z
         return (a_t / a0) * x - 2.0 * (s_t * (ep - 1.0)) * ms[0] + s_t * math.sqrt(math.exp(2 * h) - 1.0) * z
-    _, _, l1 = grids.vp(sigs[1])
+    _, _, l1 = ab(sigs[1])
     h0 = l0 - l1
     r0 = h0 / h
     m0, m1 = ms[0], ms[1]
@@ -154,7 +253,7 @@ def _update(alg, solver_type, order, x, ms, sig_t, sigs, z):
         if solver_type == "midpoint":
             return (a_t / a0) * x - 2.0 * (s_t * (ep - 1.0)) * D0 - (s_t * (ep - 1.0)) * D1 + noise
         return (a_t / a0) * x - 2.0 * (s_t * (ep - 1.0)) * D0 - 2.0 * (s_t * ((ep - 1.0) / h - 1.0)) * D1 + noise
-    _, _, l2 = grids.vp(sigs[2])
+    _, _, l2 = ab(sigs[2])
     h1 = l1 - l2
     r1 = h1 / h
     m2 = ms[2]
@@ -183,8 +282,17 @@ def grid_sigmas(schedule: NoiseSchedule, g: grids.Grid, o: dict):
     return list(g.timesteps), list(g.sigmas) + [last], torch.float32
 
 
+def no_grid_with(o: dict, grid_):
+    """A grid given as data (timesteps=, sigmas=, time_grid=) replaces the sampler's σ options: refused with them."""
+    on = [k for k in (*grids.SPREADS, "use_lu_lambdas", "use_flow_sigmas") if o.get(k)]
+    if grid_ is not None and on:
+        raise ValueError(f"timesteps: a grid given as data (timesteps=, sigmas=, time_grid=) cannot be used with "
+                         f"{on[0]}=True (diffusers refuses it too)")
+
+
 def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
     validate(o)
+    no_grid_with(o, grid_)
     if grid_ is None:
         ts, sig = grid(schedule, steps, o)
         t_dtype = torch.int64
@@ -208,7 +316,8 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
             k = 2
         else:
             k = 3
-        x_next = _update(alg, o["solver_type"], k, c.x, ms, sig[i + 1], [sig[i - j] for j in range(k)], c.z)
+        x_next = _update(alg, o["solver_type"], k, c.x, ms, sig[i + 1], [sig[i - j] for j in range(k)], c.z,
+                         alpha_sigma(o))
         for j in range(len(names) - 1, 0, -1):
             if c.has(names[j - 1]):
                 c.put(names[j], c.get(names[j - 1]))

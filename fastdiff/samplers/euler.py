@@ -7,7 +7,8 @@ step to σ = 0); Euler ancestral splits the step into a deterministic part down 
 σ_up, σ_up² = σ_to²(σ_from² − σ_to²)/σ_from², σ_down² = σ_to² − σ_up² (as k-diffusion's sample_euler_ancestral with
 η = 1). diffusers' Euler/Heun/EulerAncestral schedulers keep x_σ; fastdiff keeps the model's input x = x_σ/√(σ²+1)
 (the variance-preserving scale), so no scaling pass runs per step; the coefficients below absorb the √(σ²+1).
-Timestep grids, Karras σ's and the timesteps the model sees follow diffusers' schedulers exactly (grids.py).
+Timestep grids, Karras / exponential / beta σ's and the timesteps the model sees follow diffusers' schedulers exactly
+(grids.py).
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
 
 EULER_DEFAULTS = dict(prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False,
-                      sigma_min=None, sigma_max=None, timestep_spacing="linspace", steps_offset=0,
-                      final_sigmas_type="zero")
+                      use_exponential_sigmas=False, use_beta_sigmas=False, sigma_min=None, sigma_max=None,
+                      timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero")
 ANCESTRAL_DEFAULTS = dict(prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0)
-HEUN_DEFAULTS = dict(prediction_type="epsilon", use_karras_sigmas=False, clip_sample=False, clip_sample_range=1.0,
+HEUN_DEFAULTS = dict(prediction_type="epsilon", use_karras_sigmas=False, use_exponential_sigmas=False,
+                     use_beta_sigmas=False, clip_sample=False, clip_sample_range=1.0,
                      timestep_spacing="linspace", steps_offset=0)
 
 
@@ -34,6 +36,7 @@ def _check(o, *, karras_ok=True):
         raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {pt!r}")
     if o.get("final_sigmas_type", "zero") not in ("zero", "sigma_min"):
         raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {o['final_sigmas_type']!r}")
+    grids.check_spread(o)
     if o.get("interpolation_type", "linear") not in ("linear", "log_linear"):
         raise ValueError(f"interpolation_type must be 'linear' or 'log_linear', got {o['interpolation_type']!r}")
 
@@ -54,12 +57,12 @@ def grid(schedule: NoiseSchedule, steps: int, o: dict, *, final: str = "zero", g
     else:
         sig = list(np.interp(ts, np.arange(T), s64))
         sig32 = list(np.interp(ts, np.arange(T), s32))
-    if o.get("use_karras_sigmas"):
+    if any(o.get(k) for k in grids.SPREADS):  # Karras / exponential / beta σ's between the grid's ends
         lo32, hi32 = (o.get("sigma_min") or float(sig32[-1])), (o.get("sigma_max") or float(sig32[0]))
         lo64, hi64 = (o.get("sigma_min") or float(sig[-1])), (o.get("sigma_max") or float(sig[0]))
-        k32 = grids.karras(lo32, hi32, steps)
+        k32 = grids.spread(lo32, hi32, steps, o)
         ts = np.array([grids.sigma_to_t(s, np.log(s32)) for s in k32])
-        sig = list(grids.karras(lo64, hi64, steps))
+        sig = list(grids.spread(lo64, hi64, steps, o))
     last = float(s64[0]) if final == "sigma_min" else 0.0
     ts = np.asarray(ts, dtype=np.float32)
     return [float(t) for t in ts], [float(s) for s in sig] + [last]

@@ -67,42 +67,6 @@ def mu_for(image_seq_len: float, o: dict) -> float:
     return image_seq_len * m + o["base_shift"] - m * o["base_image_seq_len"]
 
 
-def exponential_sigmas(lo: float, hi: float, n: int) -> np.ndarray:
-    """n σ's uniform in log σ from hi to lo (diffusers' use_exponential_sigmas)."""
-    return np.exp(np.linspace(math.log(hi), math.log(lo), n))
-
-
-def beta_sigmas(lo: float, hi: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
-    """σ = lo + F⁻¹(1 − i/(n − 1))·(hi − lo), F the Beta(0.6, 0.6) CDF (Lee et al. 2024, "Beta Sampling is All You
-    Need", arXiv 2407.12173; diffusers' use_beta_sigmas)."""
-    try:
-        from scipy.stats import beta as beta_dist
-    except ImportError:  # pragma: no cover - scipy is a test dependency
-        raise ImportError("use_beta_sigmas needs scipy (the Beta distribution's inverse CDF): pip install scipy") \
-            from None
-    return np.array([lo + beta_dist.ppf(u, alpha, beta) * (hi - lo) for u in 1 - np.linspace(0, 1, n)])
-
-
-def spread(sig, n: int, o: dict, lo=None, hi=None) -> np.ndarray | None:
-    """Karras / exponential / beta σ's between the ends of `sig` (or the given lo/hi), or None when none is set."""
-    lo = float(sig[-1]) if lo is None else lo
-    hi = float(sig[0]) if hi is None else hi
-    if o.get("use_karras_sigmas"):
-        return grids.karras(lo, hi, n)
-    if o.get("use_exponential_sigmas"):
-        return exponential_sigmas(lo, hi, n)
-    if o.get("use_beta_sigmas"):
-        return beta_sigmas(lo, hi, n)
-    return None
-
-
-def check_spread(o: dict):
-    on = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if o.get(k)]
-    if len(on) > 1:
-        raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set, got "
-                         f"{on}")
-
-
 def _number(name, v, *, positive=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
         raise TypeError(f"{name} must be a finite number, got {v!r}")
@@ -157,7 +121,7 @@ def validate(o: dict, sampler: str):
         t = _number("shift_terminal", o["shift_terminal"])
         if not 0 <= t < 1:
             raise ValueError(f"shift_terminal must be in [0, 1), got {t}")
-    check_spread(o)
+    grids.check_spread(o)
     if o.get("sigmas") is not None and o.get("timesteps") is not None:
         raise ValueError("pass only one of sigmas= and timesteps= (diffusers takes both only for a pipeline that "
                          "hands the model other times than the σ's; fastdiff calls the model at t = σ·T)")
@@ -191,7 +155,7 @@ def euler_grid(T: int, steps: int, o: dict):
         sig = time_shift(sig, mu, o.get("time_shift_type", "exponential")) if dynamic else shift_sigmas(sig, shift)
         if o.get("shift_terminal"):
             sig = stretch_to_terminal(sig, float(o["shift_terminal"]))
-        k = spread(sig, steps, o)
+        k = grids.spread(float(sig[-1]), float(sig[0]), steps, o)
         return sig if k is None else k
 
     # the model's times from diffusers' own arithmetic (custom σ's are float32 there), the coefficients in float64
@@ -261,17 +225,20 @@ def heun_plan(schedule, steps: int, o: dict, grid_=None):
 
 
 def grid_options(sampler: str, steps, options: dict, timesteps=None, sigmas=None, time_grid=None):
-    """(options, steps) with fastdiff.sample's timesteps=/sigmas= moved into a flow sampler's options (diffusers'
-    set_timesteps arguments: σ's before the shift, in (0, 1]; timesteps in (0, T], the model called with them)."""
+    """(options, steps) with fastdiff.sample's timesteps=/sigmas= moved into the options of a sampler on flow σ's
+    (flow_euler, flow_heun, or DPM-Solver++/UniPC with use_flow_sigmas), as diffusers' set_timesteps takes them:
+    σ's before the shift, in (0, 1]; timesteps in (0, T], the model called with them."""
     if time_grid is not None:
         raise ValueError(f"time_grid: sampler={sampler!r} builds a flow σ grid; pass sigmas= or timesteps= instead")
-    if sampler == "flow_heun" and (timesteps is not None or sigmas is not None):
-        raise ValueError("sigmas: flow_heun takes no custom grid (diffusers' FlowMatchHeunDiscreteScheduler has none); "
-                         "use sampler='flow_euler'")
+    allowed = {"flow_euler": ("sigmas", "timesteps"), "unipc": ("sigmas",)}.get(sampler, ())
     options = dict(options)
     for name, v in (("sigmas", sigmas), ("timesteps", timesteps)):
         if v is None:
             continue
+        if name not in allowed:
+            raise ValueError(f"{name}: sampler={sampler!r} on flow σ's takes no custom {name} (neither does diffusers' "
+                             f"scheduler); custom flow grids: sampler='flow_euler' (sigmas=, timesteps=), 'unipc' "
+                             "(sigmas=)")
         if options.get(name) is not None:
             raise ValueError(f"{name} given twice")
         try:
@@ -283,3 +250,12 @@ def grid_options(sampler: str, steps, options: dict, timesteps=None, sigmas=None
             raise ValueError(f"{name}: {n} values but steps={steps}; pass steps={n} or leave steps out")
         steps = n
     return options, steps
+
+
+def on_flow_sigmas(sampler: str, config: dict | None, options: dict) -> bool:
+    """Whether `sampler` runs on flow σ's: a flow sampler, or a VP solver with use_flow_sigmas (option or config)."""
+    if sampler in ("flow_euler", "flow_heun"):
+        return True
+    if sampler not in ("dpmsolver++", "sde-dpmsolver++", "unipc"):
+        return False
+    return bool(options.get("use_flow_sigmas", (config or {}).get("use_flow_sigmas", False)))

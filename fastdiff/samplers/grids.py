@@ -79,10 +79,56 @@ def karras(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.n
     return (hi + ramp * (lo - hi)) ** rho
 
 
+def exponential_sigmas(lo: float, hi: float, n: int) -> np.ndarray:
+    """n σ's uniform in log σ from hi to lo (diffusers' use_exponential_sigmas)."""
+    return np.exp(np.linspace(math.log(hi), math.log(lo), n))
+
+
+def beta_sigmas(lo: float, hi: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """σ = lo + F⁻¹(1 − i/(n − 1))·(hi − lo), F the Beta(0.6, 0.6) CDF (Lee et al. 2024, "Beta Sampling is All You
+    Need", arXiv 2407.12173; diffusers' use_beta_sigmas)."""
+    try:
+        from scipy.stats import beta as beta_dist
+    except ImportError:  # pragma: no cover - scipy is a test dependency
+        raise ImportError("use_beta_sigmas needs scipy (the Beta distribution's inverse CDF): pip install scipy") \
+            from None
+    return np.array([lo + beta_dist.ppf(u, alpha, beta) * (hi - lo) for u in 1 - np.linspace(0, 1, n)])
+
+
+def spread(lo: float, hi: float, n: int, o: dict) -> np.ndarray | None:
+    """n Karras / exponential / beta σ's from hi down to lo (whichever of use_karras_sigmas, use_exponential_sigmas,
+    use_beta_sigmas `o` sets), or None when none is set."""
+    if o.get("use_karras_sigmas"):
+        return karras(lo, hi, n)
+    if o.get("use_exponential_sigmas"):
+        return exponential_sigmas(lo, hi, n)
+    if o.get("use_beta_sigmas"):
+        return beta_sigmas(lo, hi, n)
+    return None
+
+
+SPREADS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def check_spread(o: dict):
+    on = [k for k in SPREADS if o.get(k)]
+    if len(on) > 1:
+        raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set, got "
+                         f"{on}")
+
+
 def vp(sigma: float) -> tuple[float, float, float]:
     """(α_t, σ_t, λ_t) of the VP process at VE noise level σ: α = 1/√(σ²+1), σ_t = σ·α, λ = log(α/σ_t) = −log σ."""
     a = 1.0 / math.sqrt(sigma * sigma + 1.0)
     return a, sigma * a, (-math.log(sigma) if sigma > 0 else math.inf)
+
+
+def flow_vp(sigma: float) -> tuple[float, float, float]:
+    """(α_t, σ_t, λ_t) of the flow-matching path x = (1 − σ)·x0 + σ·ε (diffusers' use_flow_sigmas): α = 1 − σ,
+    σ_t = σ, λ = log(α/σ) (+∞ at σ = 0, −∞ at σ = 1)."""
+    a = 1.0 - sigma
+    lam = math.inf if sigma <= 0 else (-math.inf if a <= 0 else math.log(a) - math.log(sigma))
+    return a, sigma, lam
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ from fastdiff.schedule import NoiseSchedule
 DEFAULTS = dict(solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
                 sample_max_value=1.0, predict_x0=True, solver_type="bh2", lower_order_final=True,
                 disable_corrector=(), use_karras_sigmas=False, timestep_spacing="linspace", steps_offset=0,
-                final_sigmas_type="zero", sigma_min=None, sigma_max=None)
+                final_sigmas_type="zero", sigma_min=None, sigma_max=None, use_exponential_sigmas=False,
+                use_beta_sigmas=False, use_flow_sigmas=False, flow_shift=1.0, use_dynamic_shifting=False,
+                time_shift_type="exponential", shift_terminal=None, mu=None, sigmas=None)
 
 
 def validate(o: dict):
@@ -40,6 +42,12 @@ def validate(o: dict):
     if o["final_sigmas_type"] == "zero" and not o["predict_x0"]:
         raise ValueError("unipc: predict_x0=False with final_sigmas_type='zero' is NaN in diffusers (σ_t·(e^h − 1) = "
                          "0·∞ on the last step); use predict_x0=True or final_sigmas_type='sigma_min'")
+    dpm_solver.validate_sigmas(o, "unipc")
+    if o.get("shift_terminal") is not None and not o.get("use_flow_sigmas"):
+        raise ValueError("shift_terminal is only supported with use_flow_sigmas=True (as in diffusers)")
+    if o.get("sigmas") is not None and not o.get("use_flow_sigmas"):
+        raise ValueError("sigmas: custom σ's need use_flow_sigmas=True for unipc (as in diffusers); a VP grid is "
+                         "given as timesteps= or sigmas= of fastdiff.sample instead")
     dc = o["disable_corrector"]
     if not isinstance(dc, (list, tuple)) or not all(isinstance(k, (int, np.integer)) for k in dc):
         raise ValueError(f"disable_corrector must be a list of step indices, got {dc!r}")
@@ -74,10 +82,11 @@ def _coeffs(order: int, h: float, lams_k: list, predict_x0: bool, solver_type: s
 def _step(o, order, x, m0, ms, sig_t, sig_s0, sig_ks, *, corrector: bool, model_t=None):
     """UniP (corrector=False) from x at σ_s0 with m0 and the older outputs ms (newest first, at σ's sig_ks), or UniC
     (corrector=True) with the new output model_t at σ_t."""
-    a_t, s_t, l_t = grids.vp(sig_t)
-    a0, s0, l0 = grids.vp(sig_s0)
+    ab = dpm_solver.alpha_sigma(o)
+    a_t, s_t, l_t = ab(sig_t)
+    a0, s0, l0 = ab(sig_s0)
     h = l_t - l0
-    lams = [grids.vp(s)[2] - l0 for s in sig_ks]
+    lams = [ab(s)[2] - l0 for s in sig_ks]
     h_phi_1, B_h, rhos = _coeffs(order, h, lams, o["predict_x0"], o["solver_type"], corrector)
     D1s = [(m - m0) / (lam / h) for m, lam in zip(ms, lams)]
     if o["predict_x0"]:
@@ -100,6 +109,7 @@ def _step(o, order, x, m0, ms, sig_t, sig_s0, sig_ks, *, corrector: bool, model_
 def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
     validate(o)
     o = dict(o, lambda_min_clipped=-math.inf)
+    dpm_solver.no_grid_with(o, grid_)
     if grid_ is None:
         ts, sig = dpm_solver.grid(schedule, steps, o, unipc=True)
         t_dtype = torch.int64

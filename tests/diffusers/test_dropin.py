@@ -43,11 +43,11 @@ def _loop(s, steps=None, x=None, seed=0, limit=None):
 HANDED_OVER = [
     ("DDIMScheduler", {"trained_betas": [0.1, 0.3, 0.5], "num_train_timesteps": 4}, 2, "trained_betas"),
     ("DDPMScheduler", {"beta_end": 2.0, "clip_sample": False}, 4, "beta_end"),
-    ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}, 6, "use_exponential_sigmas"),
+    ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "use_karras_sigmas": True}, 6, "use_flow_sigmas"),
     ("DPMSolverMultistepScheduler", {"timestep_spacing": "linspace"}, 1000, "repeats timestep"),
-    ("UniPCMultistepScheduler", {"use_beta_sigmas": True}, 6, "use_beta_sigmas"),
+    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "use_beta_sigmas": True}, 6, "use_beta_sigmas"),
     ("HeunDiscreteScheduler", {"beta_schedule": "exp"}, 4, "beta_schedule"),
-    ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}, 4, "use_exponential_sigmas"),
+    ("DPMSolverMultistepScheduler", {"use_dynamic_shifting": True}, 4, "use_dynamic_shifting"),
 ]
 
 
@@ -74,12 +74,12 @@ def test_configs_diffusers_takes_are_taken(name, cfg, steps, named):
 def test_handed_over_config_returns_to_the_fused_step():
     """A pipeline that rewrites the config into one the fused step runs gets the fused step at its next
     set_timesteps (and diffusers' numbers within float64-vs-float32 rounding)."""
-    with pytest.warns(UserWarning, match="use_exponential_sigmas"):
-        s = fd.DPMSolverMultistepScheduler(use_exponential_sigmas=True)
-    s.register_to_config(use_exponential_sigmas=False)
+    with pytest.warns(UserWarning, match="beta_schedule"):
+        s = fd.HeunDiscreteScheduler(beta_schedule="exp")
+    s.register_to_config(beta_schedule="linear")
     s.set_timesteps(5)
     assert s._hf_impl is None
-    assert _rel(_loop(s), _loop(hf.DPMSolverMultistepScheduler(), 5)) < 1e-4
+    assert _rel(_loop(s), _loop(hf.HeunDiscreteScheduler(), 5)) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",

@@ -195,8 +195,8 @@ def test_settings_fastdiff_lacks_run_on_diffusers_class_and_its_errors_stay():
     """A setting the fused step lacks (or refuses where diffusers computes NaN) is taken, warned naming it, and run
     by diffusers' own class; what diffusers' class refuses is still an error; s_churn is the one step argument
     refused (tests/diffusers/test_dropin.py checks the hand-over loop for loop)."""
-    with pytest.warns(UserWarning, match="use_exponential_sigmas.*diffusers' own EulerDiscreteScheduler"):
-        fd.EulerDiscreteScheduler(use_exponential_sigmas=True)
+    with pytest.warns(UserWarning, match="(?s)solver_p.*diffusers' own UniPCMultistepScheduler"):
+        fd.UniPCMultistepScheduler(solver_p=hf.DPMSolverMultistepScheduler())
     with pytest.raises(ValueError, match="use_flow_sigmas"):  # diffusers' own error
         fd.UniPCMultistepScheduler().set_timesteps(sigmas=[3.0, 1.0, 0.0])
     with pytest.warns(UserWarning, match="fixed_large_log"):

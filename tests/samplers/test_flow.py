@@ -183,3 +183,103 @@ def test_flow_samplers_converge_at_their_order(sampler, order):
                    - ref).norm(dim=1).median()) for n in ns]
     slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
     assert abs(slope - order) < 0.25, (errs, slope)
+
+
+# ---- DPM-Solver++ / UniPC on flow σ's (Sana, Wan) and every σ grid of the VP samplers -----------------------------
+
+DPM, UNI = "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"
+FL = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
+SIGMA_CASES = [
+    (DPM, dict(FL, flow_shift=3.0), {}),  # Sana
+    (DPM, dict(FL, flow_shift=3.0, solver_order=3), {}),
+    (DPM, dict(FL, flow_shift=3.0, algorithm_type="sde-dpmsolver++"), {}),
+    (DPM, dict(FL, use_dynamic_shifting=True), {"mu": 0.9}),
+    (DPM, dict(FL, flow_shift=3.0, final_sigmas_type="sigma_min"), {}),
+    (DPM, dict(use_flow_sigmas=True, flow_shift=2.0), {}),  # an ε model on flow σ's
+    (UNI, dict(FL, flow_shift=3.0), {}),  # Wan
+    (UNI, dict(FL, flow_shift=5.0, solver_order=3), {}),
+    (UNI, dict(FL, use_dynamic_shifting=True), {"mu": 0.9}),
+    (UNI, dict(FL, flow_shift=3.0, shift_terminal=0.05), {}),
+    (UNI, dict(FL, flow_shift=3.0), {"sigmas": np.linspace(1.0, 0.05, 7)}),
+    (UNI, dict(FL, use_karras_sigmas=True), {}),
+    (UNI, dict(FL, flow_shift=3.0, final_sigmas_type="sigma_min", solver_type="bh1"), {}),
+    (DPM, dict(use_exponential_sigmas=True), {}),
+    (DPM, dict(use_beta_sigmas=True), {}),
+    (DPM, dict(use_lu_lambdas=True), {}),
+    (DPM, dict(use_lu_lambdas=True, beta_schedule="scaled_linear", solver_order=3), {}),
+    (DPM, dict(use_exponential_sigmas=True, final_sigmas_type="sigma_min"), {}),
+    (UNI, dict(use_exponential_sigmas=True), {}),
+    (UNI, dict(use_beta_sigmas=True, final_sigmas_type="sigma_min"), {}),
+    ("EulerDiscreteScheduler", dict(use_exponential_sigmas=True), {}),
+    ("EulerDiscreteScheduler", dict(use_beta_sigmas=True, beta_schedule="scaled_linear"), {}),
+    ("HeunDiscreteScheduler", dict(use_exponential_sigmas=True), {}),
+    ("HeunDiscreteScheduler", dict(use_beta_sigmas=True), {}),
+]
+
+
+@torch.no_grad()
+def vp_loop(sch, steps, model, seed, **set_kw):
+    """diffusers' loop for the VP schedulers (init_noise_sigma, scale_model_input; step's generator where it has one)."""
+    seen = []
+    sch.set_timesteps(steps, **set_kw)
+    g = torch.Generator().manual_seed(seed)
+    x = diffusers.utils.torch_utils.randn_tensor(SHAPE, generator=g) * sch.init_noise_sigma
+    kw = {} if type(sch).__name__.startswith(("UniPC", "Heun")) else {"generator": g}
+    for t in sch.timesteps:
+        seen.append(float(t))
+        x = sch.step(model(sch.scale_model_input(x, t), t.expand(SHAPE[0])), t, x, **kw).prev_sample
+    return x, seen
+
+
+@pytest.mark.parametrize("cls,cfg,kw", SIGMA_CASES, ids=lambda v: str(v) if not isinstance(v, np.ndarray) else "")
+def test_sigma_grids_same_seed_same_result_as_diffusers(cls, cfg, kw):
+    model = Net()
+    steps = 7
+    sch = getattr(diffusers, cls)(**cfg)
+    ref, ref_ts = vp_loop(getattr(diffusers, cls).from_config(sch.config), steps, model, 0, **kw)
+    m, seen = recording(model) if not cls.startswith(("DPM", "UniPC")) else (model, None)
+    out = fastdiff.sample(m, None if "sigmas" in kw else steps, schedule=sch, shape=SHAPE,
+                          generator=torch.Generator().manual_seed(0), **kw)
+    if seen is not None:
+        assert seen == ref_ts
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert err <= 5e-4, err
+
+
+def test_multistep_flow_timesteps_are_diffusers():
+    """DPM-Solver++/UniPC on flow σ's hand the model diffusers' int64 timesteps (σ·T truncated)."""
+    for cls, cfg in ((DPM, dict(FL, flow_shift=3.0)), (UNI, dict(FL, flow_shift=5.0))):
+        sch = getattr(diffusers, cls)(**cfg)
+        sch.set_timesteps(9)
+        plan = fastdiff.sampling.plan_for("dpmsolver++" if cls == DPM else "unipc", sch, {}, 9)
+        assert [int(c.t) for c in plan.calls] == sch.timesteps.tolist()
+        assert plan.t_dtype == torch.int64
+        assert np.allclose(plan.sigmas, sch.sigmas.double().numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("sampler,kw,match", [
+    ("dpmsolver++", dict(prediction_type="flow_prediction"), "use_flow_sigmas"),
+    ("unipc", dict(use_flow_sigmas=True, use_dynamic_shifting=True), "mu"),
+    ("dpmsolver++", dict(use_flow_sigmas=True, use_dynamic_shifting=True), "mu"),
+    ("dpmsolver++", dict(use_flow_sigmas=True, use_exponential_sigmas=True), "use_flow_sigmas"),
+    ("dpmsolver++", dict(use_lu_lambdas=True, use_karras_sigmas=True), "use_lu_lambdas"),
+    ("unipc", dict(use_beta_sigmas=True, use_exponential_sigmas=True), "use_exponential_sigmas"),
+    ("dpmsolver++", dict(use_flow_sigmas=True, prediction_type="flow_prediction", algorithm_type="dpmsolver",
+                         final_sigmas_type="sigma_min"), "algorithm_type"),
+    ("unipc", dict(shift_terminal=0.1), "shift_terminal"),
+    ("dpmsolver++", dict(use_flow_sigmas=True, flow_shift=-1.0), "flow_shift"),
+    ("euler", dict(use_beta_sigmas=True, use_karras_sigmas=True), "use_karras_sigmas"),
+])
+def test_sigma_options_bad_input_named(sampler, kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastdiff.sample(Net(), 4, sampler=sampler, shape=SHAPE, **kw)
+
+
+def test_flow_sigmas_refuse_grids_they_do_not_take():
+    with pytest.raises(ValueError, match="timesteps"):
+        fastdiff.sample(Net(), None, sampler="unipc", use_flow_sigmas=True, timesteps=[900, 500, 100], shape=SHAPE)
+    with pytest.raises(ValueError, match="sigmas"):
+        fastdiff.sample(Net(), None, sampler="dpmsolver++", use_flow_sigmas=True, sigmas=[1.0, 0.5], shape=SHAPE)
+    with pytest.raises(ValueError, match="use_exponential_sigmas"):
+        fastdiff.sample(Net(), 3, sampler="dpmsolver++", use_exponential_sigmas=True, time_grid="karras",
+                        shape=SHAPE)

@@ -195,15 +195,21 @@ def test_bad_input_names_the_argument():
 
 def test_scheduler_without_equivalent_is_refused_by_name():
     diffusers = pytest.importorskip("diffusers")
-    with pytest.raises(ValueError, match="LMSDiscreteScheduler has no fastdiff equivalent"):
-        fastdiff.sample(Net(), 5, schedule=diffusers.LMSDiscreteScheduler(), shape=(1, 3, 4, 4))
-    with pytest.raises(ValueError, match="LMSDiscreteScheduler has no fastdiff equivalent"):
+    with pytest.raises(ValueError, match="KDPM2DiscreteScheduler has no fastdiff equivalent"):
+        fastdiff.sample(Net(), 5, schedule=diffusers.KDPM2DiscreteScheduler(), shape=(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="KDPM2DiscreteScheduler has no fastdiff equivalent"):
         fastdiff.sample(Net(), 5, sampler="euler", shape=(1, 3, 4, 4),
-                        schedule={**diffusers.LMSDiscreteScheduler().config, "_class_name": "LMSDiscreteScheduler"})
+                        schedule={**diffusers.KDPM2DiscreteScheduler().config,
+                                  "_class_name": "KDPM2DiscreteScheduler"})
     with pytest.raises(ValueError, match="config without '_class_name'.*pass sampler="):
         fastdiff.sample(Net(), 5, schedule=diffusers.EulerDiscreteScheduler().config, shape=(1, 3, 4, 4))
-    with pytest.raises(ValueError, match="use_exponential_sigmas=True has no fastdiff equivalent"):
-        fastdiff.sample(Net(), 5, schedule=diffusers.EulerDiscreteScheduler(use_exponential_sigmas=True),
+    with pytest.raises(ValueError, match="timestep_type='continuous' has no fastdiff equivalent"):
+        fastdiff.sample(Net(), 5, schedule=diffusers.EulerDiscreteScheduler(timestep_type="continuous"),
+                        shape=(1, 3, 4, 4))
+    # a setting another sampler has: named with the samplers that have it
+    with pytest.raises(ValueError, match="use_flow_sigmas=True has no fastdiff equivalent for sampler='euler'.*"
+                                         "dpmsolver"):
+        fastdiff.sample(Net(), 5, sampler="euler", schedule=diffusers.UniPCMultistepScheduler(use_flow_sigmas=True),
                         shape=(1, 3, 4, 4))
     with pytest.raises(ValueError, match="bh1.*final_sigmas_type='zero' is NaN in diffusers"):
         fastdiff.sample(Net(), 5, schedule=diffusers.UniPCMultistepScheduler(solver_type="bh1"), shape=(1, 3, 4, 4))
