@@ -74,12 +74,14 @@ from fastdiff.ops import sampler_step as SS
 from fastdiff.samplers import dpm_solver as _dpm
 from fastdiff.samplers import euler as _euler
 from fastdiff.samplers import grids as _grids
+from fastdiff.samplers import dpm_singlestep as _singlestep
 from fastdiff.samplers import lms as _lms
 from fastdiff.samplers import pndm as _pndm
 from fastdiff.schedule import NoiseSchedule
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
+           "DPMSolverSinglestepScheduler",
            "LMSDiscreteScheduler", "SCHEDULERS", "equivalent"]
 
 
@@ -1050,6 +1052,59 @@ class PNDMScheduler(_PlanScheduler):
         return self._vp_add_noise(original_samples, noise, timesteps)
 
 
+class DPMSolverSinglestepScheduler(_PlanScheduler):
+    """diffusers' DPMSolverSinglestepScheduler (DPM-Solver singlestep 1–3, ODE and SDE; fastdiff.samplers.dpm_singlestep)
+    on fastdiff's fused op. set_timesteps switches `lower_order_final` on in the config where diffusers' does (steps
+    not a multiple of the order, or a final σ of 0) and sets `order_list`; a run started mid-schedule (img2img) takes
+    diffusers' orders, lowered to the outputs the run has."""
+
+    _hf_class = _hf.DPMSolverSinglestepScheduler
+    _compatibles = list(_hf.DPMSolverSinglestepScheduler._compatibles)
+    order = _hf.DPMSolverSinglestepScheduler.order
+    _sampler = "dpmsolver_singlestep"
+    __init__ = _init_like(_hf.DPMSolverSinglestepScheduler)
+
+    _custom_ok = ("timesteps",)
+
+    @_set_timesteps
+    def set_timesteps(self, num_inference_steps: int = None, device=None, mu: float | None = None,
+                      timesteps: list[int] | None = None):
+        if mu is not None:
+            raise NotImplementedError("DPMSolverSinglestepScheduler.set_timesteps: mu= (dynamic shifting) is not "
+                                      "supported by fastdiff")
+        if num_inference_steps is None and timesteps is None:
+            raise ValueError("Must pass exactly one of  `num_inference_steps` or `timesteps`.")
+        n = num_inference_steps or len(timesteps)
+        o = {k: self.config[k] for k in ("lower_order_final", "solver_order", "final_sigmas_type")}
+        if isinstance(n, int) and not o["lower_order_final"] and _singlestep.lower_order_final(o, n):
+            self.register_to_config(lower_order_final=True)  # as diffusers' set_timesteps does (it logs why)
+        self._set(num_inference_steps, device, timesteps=timesteps)
+        self.order_list = _singlestep.order_list(self._opts, self.num_inference_steps)
+
+    def _custom_plan(self, sched, opts, n, custom):
+        """timesteps= as diffusers takes them: int64 (truncated), σ's interpolated over the training table."""
+        ts = np.asarray(custom[1], dtype=np.float64).astype(np.int64)
+        sig = _grids.sigma_at(sched, ts)
+        plan = _singlestep.plan(sched, n, opts, grid_=_grids.Grid(ts, sig))
+        plan.sampler = self._sampler
+        return plan
+
+    def _tail_plan(self, k: int):
+        full = self._plans[0]
+        plan = _singlestep.plan(self._schedule, self.num_inference_steps, self._opts, start=k,
+                                grid_=_grids.Grid(full.timesteps, full.sigmas[:-1]))
+        plan.sampler = self._sampler
+        return plan
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        prev, _ = self._fused_step(model_output, timestep, sample, generator)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
+
+
 class LMSDiscreteScheduler(_PlanScheduler):
     """diffusers' LMSDiscreteScheduler (linear multistep on the σ grid, Lagrange-integral weights; fastdiff.samplers.lms)
     on fastdiff's fused op: the weights of every step computed once per set_timesteps in float64 (diffusers integrates
@@ -1477,6 +1532,7 @@ class DDPMScheduler(_StepScheduler):
 
 
 SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                                      DPMSolverSinglestepScheduler,
                                       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
                                       UniPCMultistepScheduler, PNDMScheduler, LMSDiscreteScheduler)}
 

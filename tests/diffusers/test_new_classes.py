@@ -1,6 +1,8 @@
 """The rest of diffusers' solver family as fastdiff.diffusers drop-in classes (issue 21, item 4) against diffusers'
 own classes: full scheduler loops with a tiny model (same generator, same samples, x̂0, add_noise, img2img starts,
 step arguments), and tiny Stable Diffusion pipelines (same images, latents and U-Net inputs at every call)."""
+import inspect
+
 import diffusers as hf
 import pytest
 import torch
@@ -32,9 +34,10 @@ class Tiny(torch.nn.Module):
         return self.b(torch.tanh(self.a(x) + torch.sin(t / 137.0).view(-1, 1, 1, 1))) + 0.2 * x
 
 
-def loop(sch, steps, begin=None, seed=0, step_kw=None):
-    """A pipeline's loop; begin=k: img2img from step k (set_begin_index, x = add_noise of a clean sample)."""
-    sch.set_timesteps(steps)
+def loop(sch, steps, begin=None, seed=0, step_kw=None, timesteps=None):
+    """A pipeline's loop; begin=k: img2img from step k (set_begin_index, x = add_noise of a clean sample); the
+    generator goes to step where it takes one."""
+    sch.set_timesteps(steps) if timesteps is None else sch.set_timesteps(timesteps=timesteps)
     g = torch.Generator().manual_seed(seed)
     ts = sch.timesteps
     x = torch.randn(SHAPE, generator=g)
@@ -45,10 +48,11 @@ def loop(sch, steps, begin=None, seed=0, step_kw=None):
     else:
         x = x * sch.init_noise_sigma
     m, x0s = Tiny(), []
+    kw = dict(step_kw or {}, **({"generator": g} if "generator" in inspect.signature(sch.step).parameters else {}))
     for t in ts:
-        out = sch.step(m(sch.scale_model_input(x, t), t), t, x, **(step_kw or {}))
+        out = sch.step(m(sch.scale_model_input(x, t), t), t, x, **kw)
         x = out.prev_sample
-        x0s.append(out.pred_original_sample)
+        x0s.append(getattr(out, "pred_original_sample", None))
     return x, x0s
 
 
@@ -56,9 +60,9 @@ def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def same_run(name, cfg, steps, begin=None, step_kw=None):
-    ref, ref_x0 = loop(getattr(hf, name)(**cfg), steps, begin, step_kw=step_kw)
-    got, got_x0 = loop(getattr(fd, name)(**cfg), steps, begin, step_kw=step_kw)
+def same_run(name, cfg, steps, begin=None, step_kw=None, timesteps=None):
+    ref, ref_x0 = loop(getattr(hf, name)(**cfg), steps, begin, step_kw=step_kw, timesteps=timesteps)
+    got, got_x0 = loop(getattr(fd, name)(**cfg), steps, begin, step_kw=step_kw, timesteps=timesteps)
     err = max([rel(got, ref)] + [rel(a, b) for a, b in zip(got_x0, ref_x0) if b is not None])
     print(f"{name} {cfg} steps={steps} begin={begin}: {err:.2e}")
     assert err <= TOL, err
@@ -120,6 +124,37 @@ def test_lms_add_noise_and_index_like_diffusers():
     assert a.index_for_timestep(b.timesteps[3]) == b.index_for_timestep(b.timesteps[3])
 
 
+SS_CFGS = [{}, dict(SD, solver_order=3), dict(SD, use_karras_sigmas=True, solver_type="heun", solver_order=3),
+           dict(algorithm_type="sde-dpmsolver++", solver_order=3),
+           dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+           dict(prediction_type="v_prediction", thresholding=True, sample_max_value=1.5)]
+
+
+@pytest.mark.parametrize("cfg", SS_CFGS, ids=range(len(SS_CFGS)))
+@pytest.mark.parametrize("steps", [1, 5, 12])
+def test_dpm_singlestep_loop_like_diffusers(cfg, steps):
+    same_run("DPMSolverSinglestepScheduler", cfg, steps)
+
+
+@pytest.mark.parametrize("begin", [1, 4, 5])
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_singlestep_img2img_start_like_diffusers(begin, order):
+    """diffusers takes the orders of its order_list at the absolute step, lowered to the outputs this run has."""
+    same_run("DPMSolverSinglestepScheduler", dict(SD, solver_order=order), 12, begin)
+
+
+def test_dpm_singlestep_custom_timesteps_and_config_like_diffusers():
+    """timesteps= as diffusers takes them; set_timesteps switches lower_order_final on in the config as diffusers'
+    does, and order_list is diffusers'."""
+    same_run("DPMSolverSinglestepScheduler", dict(solver_order=3), None, timesteps=[999, 800, 500, 200, 50])
+    for cfg, n in ((dict(solver_order=3, final_sigmas_type="sigma_min"), 9),
+                   (dict(solver_order=3, final_sigmas_type="sigma_min"), 10), (dict(), 8)):
+        a, b = fd.DPMSolverSinglestepScheduler(**cfg), hf.DPMSolverSinglestepScheduler(**cfg)
+        a.set_timesteps(n)
+        b.set_timesteps(n)
+        assert a.config.lower_order_final == b.config.lower_order_final and a.order_list == b.order_list
+
+
 # ---- tiny Stable Diffusion pipelines ----
 
 tp = pytest.importorskip("tiny_pipes")
@@ -128,7 +163,10 @@ pytest.importorskip("transformers")
 
 @pytest.mark.parametrize("kind", ["text2img", "img2img"])
 @pytest.mark.parametrize("name,over", [("LMSDiscreteScheduler", {}),
-                                       ("LMSDiscreteScheduler", {"use_karras_sigmas": True})])
+                                       ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+                                       ("DPMSolverSinglestepScheduler", {}),
+                                       ("DPMSolverSinglestepScheduler", {"solver_order": 3,
+                                                                         "use_karras_sigmas": True})])
 def test_sd_pipeline_like_diffusers(kind, name, over):
     from test_pipe_schedulers import SD_TOL, _compare, _config, _sd_run
 

@@ -46,7 +46,15 @@ def check(cls_name, config, steps, seed=0):
     sch = getattr(diffusers, cls_name)(**config)
     model = Net()
     got = fastdiff.sample(model, steps, schedule=sch, shape=SHAPE, generator=torch.Generator().manual_seed(seed))
-    ref = diffusers_loop(getattr(diffusers, cls_name).from_config(sch.config), steps, model, seed)
+    try:
+        ref = diffusers_loop(getattr(diffusers, cls_name).from_config(sch.config), steps, model, seed)
+    except IndexError:
+        # diffusers' quirk (test_diffusers_parity): Karras σ's whose rounded timesteps coincide (squaredcos_cap_v2)
+        # make its step index overrun its tables; fastdiff runs every step
+        sch.set_timesteps(steps)
+        assert len(set(sch.timesteps.tolist())) < len(sch.timesteps), "diffusers failed for another reason"
+        assert torch.isfinite(got).all()
+        return None
     err = rel_err(got, ref)
     if err <= BOUND:
         return err
@@ -89,3 +97,30 @@ def test_lms_weights_are_exact():
             for m in range(k):
                 exact = (sig[i + 1] ** (m + 1) - sig[i] ** (m + 1)) / (m + 1)
                 assert abs(sum(wj * sig[i - j] ** m for j, wj in enumerate(w)) - exact) <= 1e-12 * max(1, abs(exact))
+
+
+SINGLESTEP = [dict(), dict(solver_order=3), dict(solver_order=1), dict(solver_type="heun", solver_order=3),
+              dict(use_karras_sigmas=True, solver_order=3), dict(algorithm_type="sde-dpmsolver++"),
+              dict(algorithm_type="sde-dpmsolver++", solver_type="heun", solver_order=3),
+              dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=3),
+              dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_type="heun"),
+              dict(final_sigmas_type="sigma_min", lower_order_final=False),
+              dict(prediction_type="v_prediction", thresholding=True, sample_max_value=1.5),
+              dict(prediction_type="sample", lambda_min_clipped=-3.0)]
+
+
+@pytest.mark.parametrize("sched", range(len(SCHEDULES)), ids=["linear", "scaled_linear", "cosine"])
+@pytest.mark.parametrize("cfg", SINGLESTEP, ids=[("-".join(f"{k}={v}" for k, v in c.items()) or "default")
+                                                 for c in SINGLESTEP])
+def test_dpm_singlestep_matches_diffusers(cfg, sched):
+    check("DPMSolverSinglestepScheduler", {**SCHEDULES[sched], **cfg}, 12)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 7, 20])
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_singlestep_step_counts(steps, order):
+    """Every order_list shape: lower_order_final's tails for steps ≡ 0, 1, 2 (mod order), N = 1, the last call of
+    order 1 (final σ 0), and the groups without lower_order_final (σ_min final, steps a multiple of the order)."""
+    check("DPMSolverSinglestepScheduler", dict(solver_order=order), steps)
+    if steps % order == 0:
+        check("DPMSolverSinglestepScheduler", dict(solver_order=order, final_sigmas_type="sigma_min"), steps)
