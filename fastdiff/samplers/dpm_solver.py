@@ -277,6 +277,8 @@ def _update(alg, solver_type, order, x, ms, sig_t, sigs, z, ab=grids.vp):
 def grid_sigmas(schedule: NoiseSchedule, g: grids.Grid, o: dict):
     """(timesteps, σ's with the final one appended, the model's t dtype) of a given Grid (fastdiff.samplers.grids)."""
     last = 0.0 if o["final_sigmas_type"] == "zero" else float(np.exp(grids.log_sigma_table(schedule)[0]))
+    if g.final is not None:
+        last = g.final
     if g.integral:
         return [int(t) for t in g.timesteps], list(g.sigmas) + [last], torch.int64
     return list(g.timesteps), list(g.sigmas) + [last], torch.float32

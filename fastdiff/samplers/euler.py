@@ -47,7 +47,7 @@ def grid(schedule: NoiseSchedule, steps: int, o: dict, *, final: str = "zero", g
     a64, a32 = grids.abar_tables(schedule)
     if given is not None:  # a grid given as data (fastdiff.samplers.grids.Grid)
         last = float(grids.sigma_table(a64)[0]) if final == "sigma_min" else 0.0
-        return list(given.timesteps), list(given.sigmas) + [last]
+        return list(given.timesteps), list(given.sigmas) + [last if given.final is None else given.final]
     T = len(a64)
     ts = grids.spaced_timesteps(T, steps, o["timestep_spacing"], o["steps_offset"])
     s32, s64 = grids.sigma_table(a32), grids.sigma_table(a64)

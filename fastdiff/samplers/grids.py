@@ -142,13 +142,15 @@ TIME_GRIDS = ("logsnr", "exponential", "quadratic", "karras", "uniform")
 class Grid:
     """N model-call times, descending: `timesteps` (the t the model sees, floats; whole numbers where the grid lies
     on the training timesteps) and `sigmas` (the VE noise level σ_t = √((1 − ᾱ_t)/ᾱ_t) of each, float64). The
-    sampler appends its own final σ (0, or σ_min with final_sigmas_type="sigma_min")."""
+    sampler appends its own final σ (0, or σ_min with final_sigmas_type="sigma_min") unless `final` gives it (a
+    diffusers custom σ list ends with its own final σ; a partial grid keeps the full grid's)."""
 
-    __slots__ = ("timesteps", "sigmas")
+    __slots__ = ("timesteps", "sigmas", "final")
 
-    def __init__(self, timesteps, sigmas):
+    def __init__(self, timesteps, sigmas, final: float | None = None):
         self.timesteps = [float(t) for t in timesteps]
         self.sigmas = [float(s) for s in sigmas]
+        self.final = None if final is None else float(final)
 
     def __len__(self):
         return len(self.timesteps)
@@ -159,7 +161,7 @@ class Grid:
         return all(float(t).is_integer() for t in self.timesteps)
 
     def key(self) -> tuple:
-        return tuple(self.timesteps), tuple(self.sigmas)
+        return tuple(self.timesteps), tuple(self.sigmas), self.final
 
     def __repr__(self):
         return f"Grid({[round(t, 3) for t in self.timesteps]})"

@@ -43,7 +43,7 @@ def validate(o: dict):
 def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
     validate(o)
     g = grid_ if grid_ is not None else grids.make_grid(schedule, steps, DEFAULT_GRID)
-    sig = list(g.sigmas) + [0.0]
+    sig = list(g.sigmas) + [0.0 if g.final is None else g.final]
     ts = [int(t) for t in g.timesteps] if g.integral else list(g.timesteps)
     order = o["solver_order"]
     names = [f"e{k}" for k in range(order - 1)]  # the previous ε̂'s, e0 the newest

@@ -56,7 +56,9 @@ def grid_timesteps(g: list, o: dict):
     return prk, list(g[3:])
 
 
-def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_=None):
+def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_=None, *, plms_tail: list | None = None):
+    """PNDM/PLMS over diffusers' grid, a grid given as data (`grid_`), or `plms_tail`: the PLMS call times from a
+    later start (diffusers' PNDMScheduler restarted mid-schedule, img2img: a fresh counter on timesteps[k:])."""
     if o["prediction_type"] not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction' for pndm, got {o['prediction_type']!r}")
     T = len(schedule)
@@ -66,7 +68,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_=None):
         raise ValueError(f"steps: PLMS (skip_prk_steps) needs steps >= 2, got {steps}")
     final = 1.0 if o["set_alpha_to_one"] else grids.abar_at(schedule, 0)
     if grid_ is None:
-        prk, plms = timesteps(T, steps, o)
+        prk, plms = timesteps(T, steps, o) if plms_tail is None else ([], list(plms_tail))
         ratio = T // steps
         down, up = (lambda t: t - ratio), (lambda t: t + ratio)  # noqa: E731 (diffusers' t ∓ T//N)
     else:  # a grid given as data: the neighbours on the grid (below the last one: the final ᾱ)
