@@ -73,6 +73,7 @@ from fastdiff.ops import multistep as M
 from fastdiff.ops import sampler_step as SS
 from fastdiff.samplers import dpm_solver as _dpm
 from fastdiff.samplers import euler as _euler
+from fastdiff.samplers import flow as _flow
 from fastdiff.samplers import grids as _grids
 from fastdiff.samplers import dpm_singlestep as _singlestep
 from fastdiff.samplers import lms as _lms
@@ -82,7 +83,8 @@ from fastdiff.schedule import NoiseSchedule
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
            "DPMSolverSinglestepScheduler",
-           "LMSDiscreteScheduler", "SCHEDULERS", "equivalent"]
+           "LMSDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "SCHEDULERS",
+           "FLOW_SCHEDULERS", "equivalent"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -728,8 +730,9 @@ def _scaled_input(self, sample, timestep):
     return sample / self._plans[self._start].calls[k].scale_in
 
 
-def _sigma_noise(self, original_samples, noise, timesteps, vp: bool):
-    """add_noise of the σ schedulers: x0 + σ·ε (Euler family) or α·x0 + σ_t·ε (vp: DPM/UniPC), σ at the step
+def _sigma_noise(self, original_samples, noise, timesteps, vp: bool, flow: bool = False):
+    """add_noise of the σ schedulers: x0 + σ·ε (Euler family) or α·x0 + σ_t·ε (vp: DPM/UniPC; flow: the FlowMatch
+    schedulers' scale_noise and use_flow_sigmas, (1 − σ)·x0 + σ·ε), σ at the step
     diffusers would pick: begin_index / step_index when set, else each timestep's position (found on the device)."""
     self._require_plan()
     dev, dt = original_samples.device, original_samples.dtype
@@ -747,6 +750,9 @@ def _sigma_noise(self, original_samples, noise, timesteps, vp: bool):
         second = (eq & (eq.cumsum(1) == 2)).to(torch.int32).argmax(1)
         pos = torch.where(cnt > 1, second, torch.where(cnt > 0, first, torch.full_like(first, len(self._host_ts) - 1)))
         s = self._cached(("sig", str(dev)), lambda: sig.to(dev)).index_select(0, pos)
+    if flow:
+        return self._bcast((1.0 - s).to(dt), original_samples) * original_samples + \
+            self._bcast(s.to(dt), original_samples) * noise
     if vp:
         a = 1.0 / torch.sqrt(s * s + 1.0)
         return self._bcast(a.to(dt), original_samples) * original_samples + \
@@ -1531,10 +1537,138 @@ class DDPMScheduler(_StepScheduler):
         return self._vp_add_noise(original_samples, noise, timesteps)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# flow matching (fastdiff.samplers.flow): SD3, Flux, ... pipelines' schedulers
+
+class _FlowScheduler(_PlanScheduler):
+    """What FlowMatchEuler/Heun share: diffusers' state before set_timesteps (the shifted training σ's), shift,
+    sigma_min/sigma_max, scale_noise (img2img), steps per row (no history to restart)."""
+
+    _restarts = False
+    _result_dtype = "model"
+
+    def __init_subclass__(cls, **kw):  # diffusers' class of the same name: its constructor, order, _compatibles
+        super().__init_subclass__(**kw)
+        cls._hf_class = hf_cls = getattr(_hf, cls.__name__)
+        cls._compatibles, cls.order = list(hf_cls._compatibles), hf_cls.order
+        cls.__init__ = _init_like(hf_cls)
+
+    def _setup(self, args):
+        super()._setup(args)
+        if self._hf_impl is not None:
+            return
+        T = int(args["num_train_timesteps"])
+        sig = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T  # diffusers' __init__
+        if not args.get("use_dynamic_shifting", False):
+            sig = _flow.shift_sigmas(sig, float(args["shift"]))
+        self.timesteps, self.sigmas = sig * T, sig
+        self._shift = float(args["shift"])
+        self.sigma_min, self.sigma_max = float(sig[-1]), float(sig[0])
+
+    @property
+    def shift(self):
+        return self._hf_impl.shift if self._hf_impl is not None else self._shift
+
+    def set_shift(self, shift: float):
+        """diffusers' set_shift: the shift of the next set_timesteps."""
+        if self._hf_impl is not None:
+            return self._hf_impl.set_shift(shift)
+        self._shift = float(shift)
+
+    def _flow_set(self, num_inference_steps, device, sigmas=None, mu=None, timesteps=None):
+        def values(v):
+            return None if v is None else tuple(float(x) for x in (v.tolist() if hasattr(v, "tolist") else v))
+
+        sigmas, timesteps = values(sigmas), values(timesteps)
+        if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
+            raise ValueError("`sigmas` and `timesteps` should have the same length")
+        given = sigmas if sigmas is not None else timesteps
+        if num_inference_steps is None:
+            if given is None:
+                raise ValueError("num_inference_steps: pass the number of steps, sigmas= or timesteps=")
+            num_inference_steps = len(given)
+        elif given is not None and len(given) != num_inference_steps:
+            raise ValueError("`sigmas` and `timesteps` should have the same length as num_inference_steps, if "
+                             "`num_inference_steps` is provided")
+        over = {"sigmas": sigmas, "timesteps": timesteps, "mu": None if mu is None else float(mu)}
+        if self._shift != float(self.config.shift):  # set_shift: the constructor's σ range, the new shift
+            over["shift"] = self._shift
+            if sigmas is None and timesteps is None:
+                T = self.config.num_train_timesteps
+                over["sigmas"] = tuple(np.linspace(self.sigma_max * T, self.sigma_min * T, num_inference_steps) / T)
+        self._set(num_inference_steps, device, overrides={k: v for k, v in over.items() if v is not None})
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(1 − σ)·x0 + σ·ε at the σ diffusers picks (begin_index / step_index when set, else each timestep's
+        position, found on the device: no host read)."""
+        return _sigma_noise(self, sample, noise, torch.as_tensor(timestep).reshape(-1), vp=False, flow=True)
+
+    def _step_checks(self, timestep, name):
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `{name}.step()`"
+                             " is not supported. Make sure to pass one of the `scheduler.timesteps` as a timestep.")
+
+
+class FlowMatchEulerDiscreteScheduler(_FlowScheduler):
+    """diffusers' FlowMatchEulerDiscreteScheduler (SD3, Flux, ...: x + (σ_next − σ)·v, or stochastic_sampling's
+    (1 − σ_next)·x̂0 + σ_next·ε) on fastdiff's fused op; every config option, set_timesteps(sigmas=, mu=,
+    timesteps=), set_shift, scale_noise (fastdiff.samplers.flow)."""
+
+    _sampler = "flow_euler"
+
+    @_set_timesteps
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas: list[float] | None = None,
+                      mu: float | None = None, timesteps: list[float] | None = None):
+        if self.config.use_dynamic_shifting and mu is None:
+            raise ValueError("`mu` must be passed when `use_dynamic_shifting` is set to be `True`")
+        self._flow_set(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
+             per_token_timesteps: torch.Tensor | None = None, return_dict: bool = True):
+        """diffusers' step (s_churn, s_tmin, s_tmax, s_noise are taken and unused, as there)."""
+        self._step_checks(timestep, "FlowMatchEulerDiscreteScheduler")
+        if per_token_timesteps is not None:
+            raise NotImplementedError("FlowMatchEulerDiscreteScheduler.step: per_token_timesteps is not supported "
+                                      "by fastdiff's fused step")
+        prev, _ = self._fused_step(model_output, timestep, sample, generator)
+        out = _hf.schedulers.scheduling_flow_match_euler_discrete.FlowMatchEulerDiscreteSchedulerOutput
+        return out(prev_sample=prev) if return_dict else (prev,)
+
+
+class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
+    """diffusers' FlowMatchHeunDiscreteScheduler (Heun on the velocity ODE, 2N − 1 model calls) on fastdiff's fused
+    op: the second call's update reads one stored tensor (x + dt·v/2), no host-side σ comparison per step."""
+
+    _sampler = "flow_heun"
+
+    @_set_timesteps
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        self._flow_set(num_inference_steps, device)
+
+    @property
+    def state_in_first_order(self):
+        return self._step_index is None or self._step_index % 2 == 0
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
+             return_dict: bool = True):
+        self._step_checks(timestep, "FlowMatchHeunDiscreteScheduler")
+        if s_churn != 0.0:
+            raise NotImplementedError("FlowMatchHeunDiscreteScheduler.step: s_churn > 0 (stochastic churn) is not "
+                                      "supported by fastdiff")
+        prev, _ = self._fused_step(model_output, timestep, sample, generator)
+        out = _hf.schedulers.scheduling_flow_match_heun_discrete.FlowMatchHeunDiscreteSchedulerOutput
+        return out(prev_sample=prev) if return_dict else (prev,)
+
+
 SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                                       DPMSolverSinglestepScheduler,
                                       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
                                       UniPCMultistepScheduler, PNDMScheduler, LMSDiscreteScheduler)}
+# the flow-matching schedulers (velocity models: SD3, Flux, ...), kept apart from the ε/x0/v ones above (whose
+# pipelines and tests share one model interface); equivalent() and fastdiff.optimize take both
+FLOW_SCHEDULERS = {c.__name__: c for c in (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)}
 
 
 def equivalent(scheduler):
@@ -1544,15 +1678,16 @@ def equivalent(scheduler):
     the old one, those a pipeline rewrote after construction included (`from_config` would reset the ones listed in
     `_use_default_values`: a StableDiffusionPipeline's steps_offset = 1 on an old config), the keys its class does not
     take and `_use_default_values` itself. A fastdiff scheduler is returned as is."""
-    if type(scheduler) in SCHEDULERS.values():
+    every = {**SCHEDULERS, **FLOW_SCHEDULERS}
+    if type(scheduler) in every.values():
         return scheduler
     name = type(scheduler).__name__
     if not type(scheduler).__module__.startswith("diffusers") or not hasattr(scheduler, "config"):
         return None
-    cls = SCHEDULERS.get(name)
+    cls = every.get(name)
     if cls is None:
         warnings.warn(f"fastdiff: keeping diffusers' {name}: fastdiff has no equivalent class (it has "
-                      f"{', '.join(SCHEDULERS)})", stacklevel=3)
+                      f"{', '.join(every)})", stacklevel=3)
         return None
     cfg = dict(scheduler.config)
     params = inspect.signature(cls.__init__).parameters

@@ -122,9 +122,6 @@ def validate(o: dict, sampler: str):
         if not 0 <= t < 1:
             raise ValueError(f"shift_terminal must be in [0, 1), got {t}")
     grids.check_spread(o)
-    if o.get("sigmas") is not None and o.get("timesteps") is not None:
-        raise ValueError("pass only one of sigmas= and timesteps= (diffusers takes both only for a pipeline that "
-                         "hands the model other times than the σ's; fastdiff calls the model at t = σ·T)")
 
 
 def euler_grid(T: int, steps: int, o: dict):
@@ -139,14 +136,15 @@ def euler_grid(T: int, steps: int, o: dict):
         ends = shift_sigmas(ends, shift)
     s_max, s_min = float(ends[0]), float(ends[1])
     given_t = None
+    if o.get("timesteps") is not None:  # the model's times as given (with sigmas= too: diffusers' pair)
+        given_t = _values("timesteps", o["timesteps"], T).astype(np.float32)
+        if len(given_t) != steps:
+            raise ValueError(f"timesteps: {len(given_t)} values but steps={steps}")
     if o.get("sigmas") is not None:
         sig = _values("sigmas", o["sigmas"])
         if len(sig) != steps:
             raise ValueError(f"sigmas: {len(sig)} values but steps={steps}")
-    elif o.get("timesteps") is not None:
-        given_t = _values("timesteps", o["timesteps"], T).astype(np.float32)
-        if len(given_t) != steps:
-            raise ValueError(f"timesteps: {len(given_t)} values but steps={steps}")
+    elif given_t is not None:
         sig = given_t.astype(np.float64) / T
     else:
         sig = np.linspace(s_max * T, s_min * T, steps) / T
@@ -231,6 +229,9 @@ def grid_options(sampler: str, steps, options: dict, timesteps=None, sigmas=None
     if time_grid is not None:
         raise ValueError(f"time_grid: sampler={sampler!r} builds a flow σ grid; pass sigmas= or timesteps= instead")
     allowed = {"flow_euler": ("sigmas", "timesteps"), "unipc": ("sigmas",)}.get(sampler, ())
+    if sigmas is not None and timesteps is not None:
+        raise ValueError("pass only one of sigmas= and timesteps= (fastdiff calls the model at t = σ·T; diffusers' "
+                         "pair of both is for the drop-in FlowMatchEulerDiscreteScheduler)")
     options = dict(options)
     for name, v in (("sigmas", sigmas), ("timesteps", timesteps)):
         if v is None:
