@@ -227,3 +227,18 @@ def test_tiny_flux_pipeline_latents():
     got, ref = _both(_flux(), fd.FlowMatchEulerDiscreteScheduler, prompt_embeds=pe, pooled_prompt_embeds=pp,
                      num_inference_steps=4, height=16, width=16, guidance_scale=1.0)
     assert _rel(got, ref) <= BOUND, _rel(got, ref)
+
+
+def test_optimize_swaps_the_flow_scheduler_of_a_flux_pipeline():
+    import fastdiff
+
+    pe, pp = _embeds()
+    kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pp, num_inference_steps=4, height=16, width=16,
+              guidance_scale=1.0, output_type="latent")
+    pipe = _flux()
+    with torch.no_grad():
+        ref = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+        fastdiff.optimize(pipe)
+        assert type(pipe.scheduler) is fd.FlowMatchEulerDiscreteScheduler
+        got = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    assert _rel(got, ref) <= BOUND, _rel(got, ref)
