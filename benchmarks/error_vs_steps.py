@@ -11,6 +11,7 @@ discretization. Two panels:
     exact sample of the same size (the Monte-Carlo floor, below which differences are noise).
 
     python benchmarks/error_vs_steps.py                 # writes docs/error_vs_steps.png and .json (the numbers)
+    python benchmarks/error_vs_steps.py --calibrated    # UniPC-2 by grid, calibrated included, on three oracles
     python benchmarks/error_vs_steps.py --n 4000 --quick
 
 Not collected by pytest (the file name does not start with test_ / bench_, and the work runs under __main__).
@@ -197,6 +198,77 @@ def plot(traj, dist, path: pathlib.Path):
     fig.savefig(path)
 
 
+CALIBRATION_CASES = {  # held-out-style oracles: (mixture, schedule)
+    "2-D 3 modes, linear β": (lambda: mixture(), NoiseSchedule.linear),
+    "3-D 5 modes, cosine": (lambda: toy.GaussianMixture([0.1, 0.2, 0.3, 0.2, 0.2], [[-3.0, 0.0, 1.0], [2.0, 1.0, 0.0],
+                                                        [0.0, -3.0, 2.0], [1, 1, 1], [-1, 2, -2]], 0.15),
+                            NoiseSchedule.cosine),
+    "2-D 3 modes, scaled-linear β": (lambda: mixture(), NoiseSchedule.scaled_linear),
+}
+
+
+def calibrated_panel(n: int, budgets, batch: int, seed: int):
+    """UniPC-2's trajectory error per model call on the exact mixture oracles: diffusers' default grid, the
+    model-blind grids and fastdiff.calibrate's grid (calibration batch `batch`, seed 0; evaluated on n other x_T's
+    against DPM-Solver++ 3M-999). Returns {case: {"E_ddim50", "E_ddim20", curves...}}."""
+    from fastdiff.calibration import _rms, calibrate_report
+
+    out = {}
+    for case, (mk, sk) in CALIBRATION_CASES.items():
+        mix, sched = mk(), sk()
+        m = mix.model(sched)
+        xT = torch.randn(n, mix.means.shape[1], generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+        ref = fastdiff.sample(m, 999, sampler="dpmsolver++", solver_order=3, timestep_spacing="trailing", x_T=xT,
+                              schedule=sched)
+        res = {"E_ddim50": _rms(fastdiff.ddim_sample(m, 50, x_T=xT, schedule=sched), ref),
+               "E_ddim20": _rms(fastdiff.ddim_sample(m, 20, x_T=xT, schedule=sched), ref)}
+        for name, kw in [("default grid", {}), ("log-SNR", dict(time_grid="logsnr")),
+                         ("quadratic", dict(time_grid="quadratic")), ("Karras", dict(use_karras_sigmas=True)),
+                         ("calibrated", None)]:
+            rows = []
+            for N in budgets:
+                t0 = time.time()
+                if kw is None:
+                    r = calibrate_report(m, N, sampler="unipc", shape=(batch, mix.means.shape[1]), schedule=sched,
+                                         generator=torch.Generator().manual_seed(0), progress=False)
+                    kw_n, secs = dict(timesteps=r.timesteps), time.time() - t0
+                else:
+                    kw_n, secs = kw, None
+                e = _rms(fastdiff.sample(m, N, sampler="unipc", x_T=xT, schedule=sched, **kw_n), ref)
+                rows.append((N, e) if secs is None else (N, e, secs))
+                print(f"{case:30s} {name:12s} calls={N:3d} err={e:.4f}" + (f" ({secs:.1f} s)" if secs else ""),
+                      flush=True)
+            res[name] = rows
+        out[case] = res
+    return out
+
+
+def plot_calibrated(panel, path: pathlib.Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panel), figsize=(5.2 * len(panel), 4.6), dpi=110)
+    for ax, (case, res) in zip(axes, panel.items()):
+        for name, rows in res.items():
+            if name.startswith("E_"):
+                continue
+            style = dict(marker="o", lw=2.5) if name == "calibrated" else dict(marker=".", ls="--")
+            ax.plot([r[0] for r in rows], [r[1] for r in rows], label=name, **style)
+        ax.axhline(res["E_ddim50"], c="k", ls=":", label="DDIM-50")
+        ax.axhline(res["E_ddim20"], c="gray", ls=":", label="DDIM-20")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"UniPC-2 by grid: {case}", fontsize=9)
+        ax.set_xlabel("model calls")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("mean RMS distance to DPM-Solver++ 3M-999")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20000, help="samples per stochastic run (default 20000)")
@@ -205,8 +277,18 @@ def main():
     ap.add_argument("--quick", action="store_true", help="few step counts only")
     ap.add_argument("--out", default=str(ROOT / "docs" / "error_vs_steps.png"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small tensors)")
+    ap.add_argument("--calibrated", action="store_true",
+                    help="only the calibrated-grid panel (docs/error_vs_steps_calibrated.png and .json)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.calibrated:
+        panel = calibrated_panel(2000, [6, 8, 10, 12], 256, a.seed)
+        path = pathlib.Path(a.out).with_name("error_vs_steps_calibrated.png")
+        plot_calibrated(panel, path)
+        path.with_suffix(".json").write_text(json.dumps({"command": "python benchmarks/error_vs_steps.py --calibrated",
+                                                         "panel": panel}, indent=1))
+        print(f"wrote {path} and its .json")
+        return
     grid = [10, 50, 200] if a.quick else [10, 20, 50, 100, 200, 500, 1000]
     lgrid = [100, 500] if a.quick else [100, 200, 500, 1000, 2000, 5000]
     tgrid = [5, 10, 20] if a.quick else [5, 7, 10, 15, 20, 30, 50, 100, 200]
