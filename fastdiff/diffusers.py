@@ -57,7 +57,6 @@ import inspect
 import math
 import os
 import sys
-import threading
 import warnings
 
 import numpy as np
@@ -71,13 +70,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from fastdiff import samplers as S
 from fastdiff.ops import multistep as M
 from fastdiff.ops import sampler_step as SS
-from fastdiff.samplers import dpm_solver as _dpm
-from fastdiff.samplers import euler as _euler
 from fastdiff.samplers import flow as _flow
 from fastdiff.samplers import grids as _grids
 from fastdiff.samplers import dpm_singlestep as _singlestep
 from fastdiff.samplers import lms as _lms
-from fastdiff.samplers import pndm as _pndm
 from fastdiff.schedule import NoiseSchedule
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
@@ -394,20 +390,6 @@ def _fast_layout(x, *ts):
 # ---------------------------------------------------------------------------------------------------------------
 # the solver-plan schedulers (DPM-Solver, UniPC, Euler, Euler ancestral, Heun, PNDM)
 
-_PATCH_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _patched(module, name, fn):
-    """Swap a module-level function of a plan builder while one plan of a partial grid is built (under a lock)."""
-    with _PATCH_LOCK:
-        old = getattr(module, name)
-        setattr(module, name, fn)
-        try:
-            yield old
-        finally:
-            setattr(module, name, old)
-
 
 class _PlanScheduler(_Base):
     _sampler = ""  # the fastdiff sampler of this class
@@ -593,12 +575,7 @@ class _PlanScheduler(_Base):
                 sig = [float(v) for v in np.interp(ts_arr, np.arange(T), s64)]
             sig.append(float(s64[0]) if final == "sigma_min" else 0.0)
 
-        def custom_grid(schedule, steps, o, **kw):
-            return list(ts), list(sig)
-
-        module = _dpm if self._sampler in ("dpmsolver++", "unipc") else _euler
-        with _patched(module, "grid", custom_grid):
-            return self._build_uncached(n, opts)
+        return self._build_uncached(n, opts, grid=_grids.Grid(ts, sig[:-1], final=sig[-1]))
 
     # ---- plans of a partial grid (history restarted at call k) ----
     def _tail_plan(self, k: int):
@@ -609,25 +586,20 @@ class _PlanScheduler(_Base):
                 raise NotImplementedError("PNDMScheduler: starting mid-schedule (img2img) with the PRK warm-up "
                                           "(skip_prk_steps=False) is not supported by fastdiff; set "
                                           "skip_prk_steps=True")
-            tail = self._plans[0].timesteps[k:]
-            with _patched(_pndm, "timesteps", lambda T, steps, o: ([], list(tail))):
-                return self._build_uncached(n, o)
+            return self._build_uncached(n, o, plms_tail=self._plans[0].timesteps[k:])
         if self._sampler == "dpmsolver++" and n >= 15:
             o["lower_order_final"] = False  # diffusers' "len(timesteps) < 15" is about the full grid
         if self._sampler == "unipc":
             o["disable_corrector"] = tuple(int(j) - k for j in o["disable_corrector"])
         full = self._plans[0]  # its grid (custom or not): timesteps and σ's with the final one appended
+        tail = _grids.Grid(full.timesteps[k:], full.sigmas[k:-1], final=full.sigmas[-1])
+        return self._build_uncached(len(tail), o, grid=tail)
 
-        def tail_grid(schedule, steps, opts, **kw):
-            return list(full.timesteps[k:]), list(full.sigmas[k:])
-
-        with _patched(_dpm, "grid", tail_grid):
-            return self._build_uncached(n, o)
-
-    def _build_uncached(self, n, o):
-        """The plan function itself (build_plan caches by its arguments, which a partial grid does not change)."""
+    def _build_uncached(self, n, o, **grid):
+        """The plan function itself, over the class's grid or a given one (`grid=` a Grid: a custom grid or the tail
+        of the full one; `plms_tail=`: PNDM's restart); build_plan's cache is keyed for fastdiff.sample's calls."""
         fn = S._FAMILIES[self._sampler][0]
-        plan = fn(self._schedule, n, o)
+        plan = fn(self._schedule, n, o, grid["grid"]) if "grid" in grid else fn(self._schedule, n, o, **grid)
         plan.sampler = self._sampler
         return plan
 
