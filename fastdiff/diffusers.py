@@ -732,6 +732,11 @@ def _sigma_noise(self, original_samples, noise, timesteps, vp: bool, flow: bool 
     return original_samples + noise * self._bcast(s.to(dt), original_samples)
 
 
+def _mu(mu) -> dict:
+    """set_timesteps(mu=) of the multistep solvers as a plan option (flow σ's with dynamic shifting)."""
+    return {} if mu is None else {"mu": float(mu)}
+
+
 class DPMSolverMultistepScheduler(_PlanScheduler):
     """diffusers' DPMSolverMultistepScheduler (DPM-Solver(++) 1–3, ODE and SDE) on fastdiff's fused multistep op."""
 
@@ -746,10 +751,11 @@ class DPMSolverMultistepScheduler(_PlanScheduler):
     @_set_timesteps
     def set_timesteps(self, num_inference_steps: int = None, device=None, mu: float | None = None,
                       timesteps: list[int] | None = None):
-        if mu is not None:
-            raise NotImplementedError("DPMSolverMultistepScheduler.set_timesteps: mu= (dynamic shifting) is not "
-                                      "supported by fastdiff")
-        self._set(num_inference_steps, device, timesteps=timesteps)
+        if mu is not None and not (self.config.use_dynamic_shifting and self.config.use_flow_sigmas):
+            raise NotImplementedError("DPMSolverMultistepScheduler.set_timesteps: mu= without use_dynamic_shifting "
+                                      "and use_flow_sigmas (a flow_shift = e^mu that no σ uses) is not planned by "
+                                      "fastdiff")
+        self._set(num_inference_steps, device, timesteps=timesteps, overrides=_mu(mu))
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):
@@ -777,9 +783,13 @@ class UniPCMultistepScheduler(_PlanScheduler):
                       mu: float | None = None, timesteps: list[int] | None = None):
         """diffusers' set_timesteps; `timesteps=` is fastdiff's extension (diffusers' UniPC has none): integer
         model-call times such as a rounded fastdiff.calibrate grid, as DPMSolverMultistepScheduler takes them."""
-        if mu is not None:
-            raise NotImplementedError("UniPCMultistepScheduler.set_timesteps: mu= (dynamic shifting) is not "
-                                      "supported by fastdiff")
+        over = _mu(mu)
+        if mu is not None and not (self.config.use_dynamic_shifting and self.config.use_flow_sigmas):
+            raise NotImplementedError("UniPCMultistepScheduler.set_timesteps: mu= without use_dynamic_shifting and "
+                                      "use_flow_sigmas is not planned by fastdiff")
+        if sigmas is not None and timesteps is None and self.config.use_flow_sigmas:  # flow σ's before the shift
+            over["sigmas"] = tuple(float(v) for v in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas))
+            num_inference_steps, sigmas = len(over["sigmas"]), None  # diffusers: N = len(sigmas)
         if timesteps is not None:  # the extension's checks, raised as they are (GridError)
             ts = [float(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]
             T = self.config.num_train_timesteps
@@ -788,7 +798,7 @@ class UniPCMultistepScheduler(_PlanScheduler):
             if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] > T - 1 or ts[-1] < 0 or \
                     any(t != int(t) for t in ts):
                 raise GridError(f"`timesteps` must be strictly decreasing integers in [0, {T}), got {ts}")
-        self._set(num_inference_steps, device, sigmas=sigmas, timesteps=timesteps)
+        self._set(num_inference_steps, device, sigmas=sigmas, timesteps=timesteps, overrides=over)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         prev, _ = self._fused_step(model_output, timestep, sample)

@@ -242,3 +242,41 @@ def test_optimize_swaps_the_flow_scheduler_of_a_flux_pipeline():
         assert type(pipe.scheduler) is fd.FlowMatchEulerDiscreteScheduler
         got = pipe(generator=torch.Generator().manual_seed(1), **kw).images
     assert _rel(got, ref) <= BOUND, _rel(got, ref)
+
+
+FL = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
+MULTISTEP = [
+    ("DPMSolverMultistepScheduler", dict(FL, flow_shift=3.0), {}),  # Sana
+    ("DPMSolverMultistepScheduler", dict(FL, use_dynamic_shifting=True), {"mu": 0.8}),
+    ("DPMSolverMultistepScheduler", dict(FL, flow_shift=3.0, algorithm_type="sde-dpmsolver++"), {}),
+    ("UniPCMultistepScheduler", dict(FL, flow_shift=5.0), {}),  # Wan
+    ("UniPCMultistepScheduler", dict(FL, use_dynamic_shifting=True), {"mu": 0.8}),
+    ("UniPCMultistepScheduler", dict(FL, flow_shift=3.0), {"sigmas": np.linspace(1, 0.05, 6)}),
+    ("UniPCMultistepScheduler", dict(FL, use_dynamic_shifting=True, shift_terminal=0.05),
+     {"mu": 0.8, "sigmas": np.linspace(1, 0.05, 6)}),
+    ("DPMSolverMultistepScheduler", dict(use_exponential_sigmas=True), {}),
+    ("DPMSolverMultistepScheduler", dict(use_lu_lambdas=True), {}),
+    ("UniPCMultistepScheduler", dict(use_beta_sigmas=True), {}),
+    ("EulerDiscreteScheduler", dict(use_exponential_sigmas=True), {}),
+    ("HeunDiscreteScheduler", dict(use_beta_sigmas=True), {}),
+]
+
+
+@pytest.mark.parametrize("name,cfg,kw", MULTISTEP, ids=[f"{c[0][:5]}-{c[1]}-{sorted(c[2])}" for c in MULTISTEP])
+def test_multistep_and_sigma_options_run_fused_as_diffusers(name, cfg, kw):
+    """Flow σ's (Sana, Wan: set_timesteps(mu=), UniPC's sigmas=) and the exponential / beta / λ σ grids: fused, with
+    diffusers' timesteps and numbers (bound 5e-4 of max|x| for the multistep solvers)."""
+    got, ref = getattr(fd, name)(**cfg), getattr(hf, name)(**cfg)
+    steps = None if "sigmas" in kw else 6
+    outs = []
+    for s in (got, ref):
+        s.set_timesteps(steps, **kw)
+        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * s.init_noise_sigma
+        g = torch.Generator().manual_seed(0)
+        gen = {"generator": g} if "generator" in inspect.signature(s.step).parameters else {}
+        for t in s.timesteps:
+            xi = s.scale_model_input(x, t)
+            x = s.step(_model(xi, t.reshape(1).expand(2).float()), t, x, **gen).prev_sample
+        outs.append(x)
+    assert got._hf_impl is None and torch.equal(got.timesteps, ref.timesteps)
+    assert _rel(*outs) <= 5e-4, _rel(*outs)
