@@ -305,6 +305,9 @@ DIFFUSERS_DDIM = "diffusers DDIMScheduler.step (η=0)"
 DPM_FIRST = "diffusers DPMSolverMultistep.step, first step (1st order + timestep lookup)"
 DPM_2M = "diffusers DPMSolverMultistep.step (2M)"
 FUSED_2M = "fastdiff multistep (DPM-Solver++ 2M, fused)"
+FM_FIRST = "diffusers FlowMatchEulerDiscrete.step, first step (timestep lookup)"
+FM_STEP = "diffusers FlowMatchEulerDiscrete.step"
+FUSED_FLOW = "fastdiff multistep (flow Euler, fused)"
 OURS_UNET, OURS_UNET_CL, DIFFUSERS_UNET = "fastdiff UNet2D", "fastdiff UNet2D channels_last", "diffusers UNet2DModel"
 
 
@@ -375,11 +378,24 @@ def sampler_rows(shape, dtype) -> list[dict]:
         dpm.step(o, ts[2], x)
     rows.append(summarize(c, DPM_2M, shape, dtype))
     rows.append(_fastdiff_multistep_row(x, o, shape, dtype))
+
+    # flow matching (SD3, Flux): FlowMatchEulerDiscreteScheduler, timesteps device-resident as pipelines set them
+    fm = d.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    fm.set_timesteps(STEPS)
+    ts = fm.timesteps
+    with counting(resident=(ts,)) as c:
+        fm.step(o, ts[0], x)
+    rows.append(summarize(c, FM_FIRST, shape, dtype))
+    with counting(resident=(ts,)) as c:
+        fm.step(o, ts[1], x)
+    rows.append(summarize(c, FM_STEP, shape, dtype))
+    rows.append(_fastdiff_multistep_row(x, o, shape, dtype, what=FUSED_FLOW, hist=False))
     return rows
 
 
-def _fastdiff_multistep_row(x, o, shape, dtype) -> dict:
-    what = FUSED_2M
+def _fastdiff_multistep_row(x, o, shape, dtype, what=FUSED_2M, hist=True) -> dict:
+    """One fused multistep call: DPM-Solver++ 2M (reads x, o and one stored x̂0; writes the sample and x̂0), or with
+    hist=False a step that keeps nothing (flow Euler: reads x, o; writes the sample)."""
     try:
         from fastdiff.ops import multistep as ms
     except ImportError as e:
@@ -391,7 +407,10 @@ def _fastdiff_multistep_row(x, o, shape, dtype) -> dict:
             # check=False: the per-step call of a sampling loop, which checked its arguments once (the overlap
             # check of check=True cannot tell meta tensors apart: they all have data pointer 0)
             with counting() as c:
-                ms.multistep_step(x, o, table[STEP_I], hist=(h,), out=out, d_out=d, check=False)
+                if hist:
+                    ms.multistep_step(x, o, table[STEP_I], hist=(h,), out=out, d_out=d, check=False)
+                else:
+                    ms.multistep_step(x, o, table[STEP_I], out=out, check=False)
             if not all(k.op.startswith("fastdiff.") for k in c.kernels):
                 raise RuntimeError(f"ran {[k.op for k in c.kernels]}, not a fused op (extension not built?)")
             return summarize(c, what, shape, dtype, note="counted from fastdiff.ops.multistep.multistep_step")
@@ -399,7 +418,7 @@ def _fastdiff_multistep_row(x, o, shape, dtype) -> dict:
             why = f"contract (fastdiff.ops.multistep did not run on meta tensors: {type(e).__name__}: {e})"
     c = Counter()
     n = x.numel() * x.element_size()
-    c.add("fastdiff.multistep_step_ (contract)", 1, 5 * n + 24 * 8)  # x, o, h0 read; out, d_out written; coef
+    c.add("fastdiff.multistep_step_ (contract)", 1, (5 if hist else 3) * n + 24 * 8)  # x, o (h0) read; out (d) written
     return summarize(c, what, shape, dtype, note=why)
 
 
