@@ -15,10 +15,18 @@ and the explicit `step_prk` / `step_plms` with their public state (`ets`, `count
 `cur_sample`); DDIM/DDPM `_get_variance`; DDPM `previous_timestep` typed as diffusers'; prev_sample in the dtype
 diffusers returns for a sample and model output of different dtypes.
 
+Flow matching (SD3, Flux, ...: `FLOW_SCHEDULERS`): FlowMatchEulerDiscreteScheduler (every option: shift, dynamic
+shifting with set_timesteps(mu=), time_shift_type, shift_terminal, invert_sigmas, Karras/exponential/beta σ's,
+stochastic_sampling; set_timesteps(sigmas=, timesteps=); set_shift; scale_noise for img2img) and
+FlowMatchHeunDiscreteScheduler, on fastdiff.samplers.flow's plans: one fused op per step, no host sync (diffusers'
+FlowMatch step locates its index with a device read on its first call). DPM-Solver and UniPC take flow σ's
+(use_flow_sigmas, flow_shift, prediction_type="flow_prediction", mu=, UniPC's sigmas=) and the exponential / beta / λ
+σ grids fused.
+
 Every configuration diffusers' class takes is taken. One the fused step refuses (where diffusers computes NaN:
-repeated timesteps of a multistep grid, √ of a negative number) or lacks (exponential/beta/λ σ grids, flow sigmas,
+repeated timesteps of a multistep grid, √ of a negative number) or lacks (flow σ's with exponential/beta σ's,
 `algorithm_type="deis"`, the `exp` β schedule, trained_betas of another length than num_train_timesteps, β > 1,
-unknown variance_type strings, `mu=`) is run by an instance of diffusers' own class built from the live config, with a
+unknown variance_type strings, `mu=` without flow σ's) is run by an instance of diffusers' own class built from the live config, with a
 warning naming the reason (once per scheduler and reason); a config diffusers refuses too raises diffusers' error. The
 next set_timesteps of a config the fused step runs (a pipeline rewrote it) returns to the fused step.
 `fastdiff.sample` stays strict about the same settings.
