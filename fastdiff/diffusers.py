@@ -27,8 +27,9 @@ Every configuration diffusers' class takes is taken. One the fused step refuses 
 repeated timesteps of a multistep grid, √ of a negative number) or lacks (flow σ's with exponential/beta σ's,
 `algorithm_type="deis"`, the `exp` β schedule, trained_betas of another length than num_train_timesteps, β > 1,
 unknown variance_type strings, `mu=` without flow σ's) is run by an instance of diffusers' own class built from the
-live config, with a warning naming the reason (once per scheduler and reason); a config diffusers refuses too raises diffusers' error. The
-next set_timesteps of a config the fused step runs (a pipeline rewrote it) returns to the fused step.
+live config, with a warning naming the reason (once per scheduler and reason); a config diffusers refuses too raises
+diffusers' error. The next set_timesteps of a config the fused step runs (a pipeline rewrote it) returns to the fused
+step.
 `fastdiff.sample` stays strict about the same settings.
 
 How a step runs. `set_timesteps` reads the config (pipelines rewrite `steps_offset` / `clip_sample` after
