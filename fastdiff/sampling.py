@@ -717,7 +717,10 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
         grid = None
     else:
         grid, steps = resolve_grid(sched, steps, **grid_kw)
-    plan = S.build_plan(name, sched, steps, S.solver_options(name, cfg, options), grid)
+    opts = S.solver_options(name, cfg, options)
+    if grid is not None and name in ("dpmsolver++", "sde-dpmsolver++", "unipc"):
+        S.dpm_solver.no_grid_with(opts, grid)  # a grid as data with Karras/exponential/beta/λ/flow σ's: refused
+    plan = S.build_plan(name, sched, steps, opts, grid)
     x = _initial_sample(model, shape, x_T, generator, dtype, device)
     return run_plan(plan, model, x, generator=generator, backend=backend, progress=progress, callback=callback,
                     check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph,

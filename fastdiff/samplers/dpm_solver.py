@@ -285,7 +285,8 @@ def grid_sigmas(schedule: NoiseSchedule, g: grids.Grid, o: dict):
 
 
 def no_grid_with(o: dict, grid_):
-    """A grid given as data (timesteps=, sigmas=, time_grid=) replaces the sampler's σ options: refused with them."""
+    """A grid given as data (timesteps=, sigmas=, time_grid=) replaces the sampler's σ options: fastdiff.sample
+    refuses it with them, as diffusers' set_timesteps does (the drop-in classes hand their tails over as grids)."""
     on = [k for k in (*grids.SPREADS, "use_lu_lambdas", "use_flow_sigmas") if o.get(k)]
     if grid_ is not None and on:
         raise ValueError(f"timesteps: a grid given as data (timesteps=, sigmas=, time_grid=) cannot be used with "
@@ -294,7 +295,6 @@ def no_grid_with(o: dict, grid_):
 
 def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
     validate(o)
-    no_grid_with(o, grid_)
     if grid_ is None:
         ts, sig = grid(schedule, steps, o)
         t_dtype = torch.int64

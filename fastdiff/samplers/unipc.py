@@ -109,7 +109,6 @@ def _step(o, order, x, m0, ms, sig_t, sig_s0, sig_ks, *, corrector: bool, model_
 def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
     validate(o)
     o = dict(o, lambda_min_clipped=-math.inf)
-    dpm_solver.no_grid_with(o, grid_)
     if grid_ is None:
         ts, sig = dpm_solver.grid(schedule, steps, o, unipc=True)
         t_dtype = torch.int64

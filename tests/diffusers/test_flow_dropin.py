@@ -280,3 +280,20 @@ def test_multistep_and_sigma_options_run_fused_as_diffusers(name, cfg, kw):
         outs.append(x)
     assert got._hf_impl is None and torch.equal(got.timesteps, ref.timesteps)
     assert _rel(*outs) <= 5e-4, _rel(*outs)
+
+
+@pytest.mark.parametrize("name,cfg", [("DPMSolverMultistepScheduler", dict(FL, flow_shift=3.0)),
+                                      ("UniPCMultistepScheduler", dict(FL, flow_shift=5.0)),
+                                      ("DPMSolverMultistepScheduler", dict(use_exponential_sigmas=True))])
+def test_multistep_flow_and_sigma_options_mid_schedule(name, cfg):
+    """img2img: set_begin_index(k), the history restarted at k as diffusers does, on these grids too."""
+    outs = []
+    for lib in (fd, hf):
+        s = getattr(lib, name)(**cfg)
+        s.set_timesteps(8)
+        s.set_begin_index(3)
+        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+        for t in s.timesteps[3:]:
+            x = s.step(_model(x, t.reshape(1).expand(2).float()), t, x).prev_sample
+        outs.append(x)
+    assert _rel(*outs) <= 5e-4, _rel(*outs)
