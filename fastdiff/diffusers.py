@@ -87,7 +87,7 @@ from fastdiff.schedule import NoiseSchedule
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
-           "DPMSolverSinglestepScheduler",
+           "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
            "LMSDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "SCHEDULERS",
            "FLOW_SCHEDULERS", "equivalent"]
 
@@ -432,7 +432,7 @@ class _PlanScheduler(_Base):
         training grid (T linspace timesteps, σ's of the table, final σ 0; num_inference_steps stays None), Heun on
         set_timesteps(T) of its config (what diffusers' HeunDiscreteScheduler.__init__ runs)."""
         T = self.config.num_train_timesteps
-        if self._sampler in ("heun", "lms"):  # diffusers' __init__ runs set_timesteps(T) of the config
+        if self._sampler in ("heun", "lms", "kdpm2", "kdpm2_ancestral"):  # diffusers' __init__: set_timesteps(T)
             self._set(T, None)
         else:
             self._set(T, None, overrides={k: v for k, v in self._INIT_GRID.items() if k in self.config})
@@ -631,8 +631,8 @@ class _PlanScheduler(_Base):
         self._start = i if self._restarts else 0
         if self._start and self._start not in self._plans:
             self._plans[self._start] = self._tail_plan(self._start)
-        if not self._restarts and self._sampler == "heun" and i % 2 == 1:
-            raise NotImplementedError("HeunDiscreteScheduler: starting at a second-order call (odd step index "
+        if not self._restarts and self._sampler in ("heun", "kdpm2", "kdpm2_ancestral") and i % 2 == 1:
+            raise NotImplementedError(f"{type(self).__name__}: starting at a second-order call (odd step index "
                                       f"{i}) is not supported by fastdiff")
 
     def _require_plan(self):
@@ -896,6 +896,17 @@ class EulerAncestralDiscreteScheduler(_PlanScheduler):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
 
 
+def _same_train_T(self, num_train_timesteps):
+    """set_timesteps(num_train_timesteps=) of the Heun/KDPM2 classes: only the config's."""
+    if num_train_timesteps is not None and num_train_timesteps != self.config.num_train_timesteps:
+        raise NotImplementedError(f"{type(self).__name__}.set_timesteps: num_train_timesteps other than the config's "
+                                  "is not supported by fastdiff")
+
+
+# the two-call steps (Heun, KDPM2): diffusers' state_in_first_order, from the step index
+_first_order_state = property(lambda self: self._step_index is None or (self._step_index - self._start) % 2 == 0)
+
+
 class HeunDiscreteScheduler(_PlanScheduler):
     """diffusers' HeunDiscreteScheduler (Karras et al. 2022, Alg. 2; 2N − 1 model calls) on fastdiff's fused op."""
 
@@ -912,16 +923,11 @@ class HeunDiscreteScheduler(_PlanScheduler):
     @_set_timesteps
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, num_train_timesteps: int | None = None,
                       timesteps: list[int] | None = None):
-        if num_train_timesteps is not None and num_train_timesteps != self.config.num_train_timesteps:
-            raise NotImplementedError("HeunDiscreteScheduler.set_timesteps: num_train_timesteps other than the "
-                                      "config's is not supported by fastdiff")
+        _same_train_T(self, num_train_timesteps)
         self._set(num_inference_steps, device, timesteps=timesteps)
 
     scale_model_input = _scaled_input
-
-    @property
-    def state_in_first_order(self):
-        return self._step_index is None or (self._step_index - self._start) % 2 == 0
+    state_in_first_order = _first_order_state
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         prev, x0 = self._fused_step(model_output, timestep, sample, want_x0=return_dict)
@@ -1050,7 +1056,7 @@ class PNDMScheduler(_PlanScheduler):
 
 
 class DPMSolverSinglestepScheduler(_PlanScheduler):
-    """diffusers' DPMSolverSinglestepScheduler (DPM-Solver singlestep 1–3, ODE and SDE; fastdiff.samplers.dpm_singlestep)
+    """diffusers' DPMSolverSinglestepScheduler (DPM-Solver singlestep 1–3, ODE and SDE; samplers.dpm_singlestep)
     on fastdiff's fused op. set_timesteps switches `lower_order_final` on in the config where diffusers' does (steps
     not a multiple of the order, or a final σ of 0) and sets `order_list`; a run started mid-schedule (img2img) takes
     diffusers' orders, lowered to the outputs the run has."""
@@ -1102,8 +1108,70 @@ class DPMSolverSinglestepScheduler(_PlanScheduler):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
 
 
+def _warn_plan_nan(self, what):
+    """After a step: said once where diffusers' own class computes NaN (or numbers off its own math) on that call and
+    fastdiff's plan does not (the plan's `nan_calls`)."""
+    if self._step_index - 1 - self._start in getattr(self._plans[self._start], "nan_calls", ()):
+        self._warn_nan(what)
+
+
+_KDPM2_NAN = ("diffusers' float32 σ_down = √(σ_next² − σ_up²) cancels on this step (σ_next ≪ σ, e.g. σ_max ≈ 2e4 on "
+              "squaredcos_cap_v2): its midpoint is NaN or far off; fastdiff's float64 σ's and the timestep of their "
+              "midpoint are used")
+
+
+class KDPM2DiscreteScheduler(_PlanScheduler):
+    """diffusers' KDPM2DiscreteScheduler (DPM-Solver-2 on the σ grid, midpoint in log σ; 2N − 1 model calls;
+    fastdiff.samplers.kdpm2) on fastdiff's fused op. Usable before set_timesteps (diffusers runs set_timesteps(T) in
+    __init__)."""
+
+    _hf_class = _hf.KDPM2DiscreteScheduler
+    _compatibles = list(_hf.KDPM2DiscreteScheduler._compatibles)
+    order = _hf.KDPM2DiscreteScheduler.order
+    _sampler = "kdpm2"
+    _restarts = False
+    _euler_family = True
+    __init__ = _init_like(_hf.KDPM2DiscreteScheduler)
+
+    @_set_timesteps
+    def set_timesteps(self, num_inference_steps: int, device=None, num_train_timesteps: int | None = None):
+        _same_train_T(self, num_train_timesteps)
+        self._set(num_inference_steps, device)
+
+    scale_model_input = _scaled_input
+    state_in_first_order = _first_order_state
+
+    def _kdpm2_step(self, model_output, timestep, sample, generator, return_dict, out):
+        prev, x0 = self._fused_step(model_output, timestep, sample, generator, want_x0=return_dict)
+        _warn_plan_nan(self, _KDPM2_NAN)
+        return out(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, None)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        out = _hf.schedulers.scheduling_k_dpm_2_discrete.KDPM2DiscreteSchedulerOutput
+        return self._kdpm2_step(model_output, timestep, sample, None, return_dict, out)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+
+
+class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
+    """diffusers' KDPM2AncestralDiscreteScheduler (DPM-Solver-2 aimed at σ_down, then σ_up·z at every second call)
+    on fastdiff's fused op."""
+
+    _hf_class = _hf.KDPM2AncestralDiscreteScheduler
+    _compatibles = list(_hf.KDPM2AncestralDiscreteScheduler._compatibles)
+    order = _hf.KDPM2AncestralDiscreteScheduler.order
+    _sampler = "kdpm2_ancestral"
+    __init__ = _init_like(_hf.KDPM2AncestralDiscreteScheduler)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        out = _hf.schedulers.scheduling_k_dpm_2_ancestral_discrete.KDPM2AncestralDiscreteSchedulerOutput
+        return self._kdpm2_step(model_output, timestep, sample, generator, return_dict, out)
+
+
 class LMSDiscreteScheduler(_PlanScheduler):
-    """diffusers' LMSDiscreteScheduler (linear multistep on the σ grid, Lagrange-integral weights; fastdiff.samplers.lms)
+    """diffusers' LMSDiscreteScheduler (linear multistep on the σ grid, Lagrange-integral weights; samplers.lms)
     on fastdiff's fused op: the weights of every step computed once per set_timesteps in float64 (diffusers integrates
     them with scipy in every step). Usable before set_timesteps (diffusers runs set_timesteps(T) in __init__); a run
     started mid-schedule (img2img) takes diffusers' orders min(order, step index + 1) with the slopes of this run."""
@@ -1136,9 +1204,9 @@ class LMSDiscreteScheduler(_PlanScheduler):
         if order != self._opts.get("order", 4):
             self._replan(order)
         prev, x0 = self._fused_step(model_output, timestep, sample, want_x0=return_dict)
-        if self._step_index - 1 - self._start in self._plans[self._start].nan_calls:
-            self._warn_nan("this step's σ's repeat (a grid that repeats a timestep): diffusers' Lagrange weights "
-                           "divide by 0 (NaN); fastdiff leaves the repeated σ out (the weights of the distinct σ's)")
+        _warn_plan_nan(self, "this step's σ's repeat (a grid that repeats a timestep): diffusers' Lagrange "
+                             "weights divide by 0 (NaN); fastdiff leaves the repeated σ out (the weights of the "
+                             "distinct σ's)")
         if not return_dict:
             return prev, None
         return _hf.schedulers.scheduling_lms_discrete.LMSDiscreteSchedulerOutput(prev_sample=prev,
@@ -1654,7 +1722,8 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
 
 
 SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                                      DPMSolverSinglestepScheduler,
+                                      DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler,
+                                      KDPM2AncestralDiscreteScheduler,
                                       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
                                       UniPCMultistepScheduler, PNDMScheduler, LMSDiscreteScheduler)}
 # the flow-matching schedulers (velocity models: SD3, Flux, ...), kept apart from the ε/x0/v ones above (whose

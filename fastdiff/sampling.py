@@ -655,7 +655,9 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
     corrector), "euler", "euler_ancestral", "heun" (2·steps − 1 model calls), "pndm" (PRK warm-up then PLMS;
     "plms" = skip_prk_steps), "lms" (linear multistep on the σ grid, option order=, default 4; diffusers'
     LMSDiscreteScheduler), "dpmsolver_singlestep" (DPM-Solver singlestep, orders 1–3, diffusers'
-    DPMSolverSinglestepScheduler), "ipndm" (iPNDM: Adams–Bashforth on ε̂, orders 1–4, default 3; its default grid is
+    DPMSolverSinglestepScheduler), "kdpm2" / "kdpm2_ancestral" (DPM-Solver-2 on the σ grid, 2·steps − 1 model
+    calls; diffusers' KDPM2DiscreteScheduler / KDPM2AncestralDiscreteScheduler),
+    "ipndm" (iPNDM: Adams–Bashforth on ε̂, orders 1–4, default 3; its default grid is
     time-quadratic), "flow_euler" / "flow_heun" (flow-matching velocity models, diffusers' FlowMatchEuler/Heun:
     shift, use_dynamic_shifting with mu= or image_seq_len=, time_shift_type, shift_terminal, invert_sigmas,
     stochastic_sampling, Karras/exponential/beta σ's; sigmas= in (0, 1] and timesteps= as diffusers' set_timesteps
@@ -664,7 +666,8 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
     schedule: a NoiseSchedule, or a diffusers scheduler (instance or config) of DDIMScheduler, DDPMScheduler,
     DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
     HeunDiscreteScheduler, PNDMScheduler, LMSDiscreteScheduler,
-    DPMSolverSinglestepScheduler, FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler:
+    DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler:
     its β schedule and every setting that changes the math are adopted
     (solver_order, algorithm_type, solver_type, use_karras_sigmas, final_sigmas_type, lower_order_final,
     timestep_spacing, steps_offset, prediction_type, thresholding and its settings, ...); `options` override them.

@@ -70,10 +70,10 @@ def order_list(o: dict, steps: int) -> list[int]:
     return orders
 
 
-def grid(schedule: NoiseSchedule, steps: int, o: dict):
+def grid(schedule: NoiseSchedule, steps: int, o: dict, *, spacing: bool = False):
     """diffusers' DPMSolverSinglestepScheduler grid: DPMSolverMultistep's linspace grid (λ clipping included), its
-    Karras timesteps always rounded."""
-    opts = dict(o, timestep_spacing="linspace", steps_offset=0)
+    Karras timesteps always rounded (spacing=True: with o's timestep_spacing / steps_offset, as DEIS)."""
+    opts = dict(o) if spacing else dict(o, timestep_spacing="linspace", steps_offset=0)
     ts, sig = dpm_solver.grid(schedule, steps, opts)
     if o["use_karras_sigmas"] and schedule.name == "cosine":  # the multistep class leaves these unrounded
         _, a32 = grids.abar_tables(schedule)

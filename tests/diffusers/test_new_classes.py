@@ -155,6 +155,56 @@ def test_dpm_singlestep_custom_timesteps_and_config_like_diffusers():
         assert a.config.lower_order_final == b.config.lower_order_final and a.order_list == b.order_list
 
 
+KDPM2_CFGS = [{}, dict(SD, use_karras_sigmas=True), dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+              dict(SD, timestep_spacing="leading", steps_offset=1)]
+
+
+@pytest.mark.parametrize("cfg", KDPM2_CFGS, ids=range(len(KDPM2_CFGS)))
+@pytest.mark.parametrize("steps", [1, 4, 10])
+@pytest.mark.parametrize("name", ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+def test_kdpm2_loop_like_diffusers(name, cfg, steps):
+    same_run(name, cfg, steps)
+
+
+@pytest.mark.parametrize("begin", [2, 6])
+@pytest.mark.parametrize("name", ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+def test_kdpm2_img2img_start_like_diffusers(name, begin):
+    """Pipelines start at begin_index = t_start · order: a first-order call."""
+    same_run(name, SD, 8, begin)
+
+
+@pytest.mark.parametrize("name", ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+def test_kdpm2_surface_like_diffusers(name):
+    """Usable before set_timesteps (diffusers' __init__ runs set_timesteps(T)); the interleaved timesteps, σ tables,
+    state_in_first_order and add_noise as diffusers'."""
+    a, b = getattr(fd, name)(), getattr(hf, name)()
+    assert torch.equal(a.timesteps, b.timesteps) and a.timesteps.dtype == b.timesteps.dtype
+    for s in (a, b):
+        s.set_timesteps(6)
+    assert torch.equal(a.timesteps, b.timesteps) and torch.allclose(a.sigmas, b.sigmas, rtol=1e-5, atol=1e-6)
+    x0, n = torch.rand(SHAPE), torch.randn(SHAPE)
+    assert rel(a.add_noise(x0, n, b.timesteps[[0, 4]]), b.add_noise(x0, n, b.timesteps[[0, 4]])) <= 1e-6
+    m, x = Tiny(), torch.randn(SHAPE) * b.init_noise_sigma
+    for t in b.timesteps[:3]:
+        assert a.state_in_first_order == b.state_in_first_order
+        o = m(b.scale_model_input(x, t), t)
+        a.scale_model_input(x, t)
+        x = b.step(o, t, x, generator=torch.Generator().manual_seed(0)).prev_sample if "Ancestral" in name else \
+            b.step(o, t, x).prev_sample
+        a.step(o, t, x, **({"generator": torch.Generator().manual_seed(0)} if "Ancestral" in name else {}))
+
+
+@pytest.mark.filterwarnings("default:fastdiff\\.diffusers\\.:UserWarning")
+def test_kdpm2_ancestral_float32_cancellation_is_said():
+    """squaredcos_cap_v2 (σ_max ≈ 2e4): diffusers' float32 σ_down = √(σ_next² − σ_up²) cancels (NaN or far off);
+    fastdiff's float64 step stays finite and says where it departs from diffusers' numbers."""
+    cfg = dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing")
+    ref, _ = loop(hf.KDPM2AncestralDiscreteScheduler(**cfg), 10)
+    with pytest.warns(UserWarning, match="cancels"):
+        got, _ = loop(fd.KDPM2AncestralDiscreteScheduler(**cfg), 10)
+    assert not torch.isfinite(ref).all() and torch.isfinite(got).all()
+
+
 # ---- tiny Stable Diffusion pipelines ----
 
 tp = pytest.importorskip("tiny_pipes")
@@ -166,7 +216,9 @@ pytest.importorskip("transformers")
                                        ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
                                        ("DPMSolverSinglestepScheduler", {}),
                                        ("DPMSolverSinglestepScheduler", {"solver_order": 3,
-                                                                         "use_karras_sigmas": True})])
+                                                                         "use_karras_sigmas": True}),
+                                       ("KDPM2DiscreteScheduler", {}),
+                                       ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True})])
 def test_sd_pipeline_like_diffusers(kind, name, over):
     from test_pipe_schedulers import SD_TOL, _compare, _config, _sd_run
 

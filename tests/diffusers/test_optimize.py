@@ -105,8 +105,8 @@ def test_optimize_keeps_the_live_scheduler_config(kind):
 
 
 def test_equivalent_says_why_it_keeps_diffusers_class():
-    with pytest.warns(UserWarning, match="keeping diffusers' LMSDiscreteScheduler: fastdiff has no equivalent"):
-        assert fd.equivalent(hf.LMSDiscreteScheduler()) is None
+    with pytest.warns(UserWarning, match="keeping diffusers' UnCLIPScheduler: fastdiff has no equivalent"):
+        assert fd.equivalent(hf.UnCLIPScheduler()) is None
     with pytest.warns(UserWarning, match="(?s)keeping diffusers' UniPCMultistepScheduler: .*solver_p"):
         assert fd.equivalent(hf.UniPCMultistepScheduler(solver_p=hf.DDIMScheduler())) is None
     s = fd.equivalent(hf.DPMSolverMultistepScheduler(solver_order=3))

@@ -3,7 +3,10 @@ full loops as diffusers' pipelines run them, same seed, a small random model (te
 bound is that file's: 5e-4 of max|x| (diffusers keeps its scalars in float32, fastdiff in float64)."""
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
+import sys
 
 import pytest
 import torch
@@ -16,27 +19,71 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def diffusers_loop(sch, steps, model, seed, sigmas64=None):
+def kdpm2_float64(sch, plan):
+    """diffusers' KDPM2 (ancestral) σ tables recomputed by its own formulas in float64 from fastdiff's float64 σ's, its
+    timesteps those fastdiff hands the model: diffusers' math without its float32 rounding."""
+    e = plan.sigmas
+    s = torch.tensor([e[0]] + e[1::2][:(len(e) - 2) // 2], dtype=torch.float64)
+
+    def expand(v):
+        return torch.cat([v[:1], v[1:].repeat_interleave(2), v[-1:]])
+
+    if hasattr(sch, "sigmas_up"):
+        nxt = s.roll(-1)
+        nxt[-1] = 0.0
+        up = (nxt**2 * (s**2 - nxt**2) / s**2).clamp(min=0) ** 0.5
+        down = (nxt**2 - up**2).clamp(min=0) ** 0.5
+        down[-1] = 0.0
+        mid = s.log().lerp(down.log(), 0.5).exp()
+        mid[-2:] = 0.0
+        sch.sigmas_up, sch.sigmas_down = expand(up), expand(down)
+    else:
+        mid = s.log().lerp(s.roll(1).log(), 0.5).exp()
+    sch.sigmas, sch.sigmas_interpol = expand(s), expand(mid)
+    sch.timesteps = torch.tensor(plan.timesteps, dtype=sch.timesteps.dtype)
+
+
+@contextlib.contextmanager
+def float32_noise(sch):
+    """The step noise of diffusers' class drawn as its float32 loop draws it, then widened (a float64 draw from the
+    same generator gives other numbers)."""
+    mod = sys.modules[type(sch).__module__]
+    draw = getattr(mod, "randn_tensor", None)
+    if draw is not None:
+        mod.randn_tensor = lambda shape, dtype=None, **k: draw(shape, dtype=torch.float32, **k).to(dtype)
+    try:
+        yield
+    finally:
+        if draw is not None:
+            mod.randn_tensor = draw
+
+
+def diffusers_loop(sch, steps, model, seed, plan64=None):
     """diffusers' scheduler loop as its pipelines run it (x_T = randn · init_noise_sigma, scale_model_input, step with
-    the generator where step takes one). sigmas64: the same code on float64 samples with these σ's (fastdiff's float64
-    ones) in place of diffusers' float32 σ's: diffusers' math without its float32 rounding."""
+    the generator where step takes one). plan64: the same code on float64 samples with fastdiff's float64 σ's (that
+    plan's) in place of diffusers' float32 σ's: diffusers' math without its float32 rounding."""
     sch.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     x = diffusers.utils.torch_utils.randn_tensor(SHAPE, generator=g)
-    if sigmas64 is not None:
-        sch.sigmas = torch.tensor(sigmas64, dtype=torch.float64)
+    if plan64 is not None:
+        if "KDPM2" in type(sch).__name__:
+            kdpm2_float64(sch, plan64)
+        else:
+            sch.sigmas = torch.tensor(plan64.sigmas, dtype=torch.float64)
         x = x.double()
     x = x * sch.init_noise_sigma
     kw = {"generator": g} if "generator" in inspect.signature(sch.step).parameters else {}
-    for t in sch.timesteps:
-        xin = sch.scale_model_input(x, t)
-        o = model(xin.float(), t.reshape(1).expand(SHAPE[0])).to(x.dtype)
-        x = sch.step(o, t, x, **kw).prev_sample
+    with float32_noise(sch) if plan64 is not None else contextlib.nullcontext():
+        for t in sch.timesteps:
+            xin = sch.scale_model_input(x, t)
+            o = model(xin.float(), t.reshape(1).expand(SHAPE[0])).to(x.dtype)
+            x = sch.step(o, t, x, **kw).prev_sample
     return x
 
 
 def rel_err(got, ref):
-    assert torch.isfinite(ref).all(), "diffusers' own loop is not finite here"
+    if not torch.isfinite(ref).all():
+        return math.inf
     return ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
 
 
@@ -55,15 +102,25 @@ def check(cls_name, config, steps, seed=0):
         assert len(set(sch.timesteps.tolist())) < len(sch.timesteps), "diffusers failed for another reason"
         assert torch.isfinite(got).all()
         return None
+    sch.set_timesteps(steps)
+    if (sch.timesteps == sch.timesteps[0]).sum() > 1:
+        # the same quirk without the overrun: a first timestep that repeats (Karras σ's rounded on
+        # squaredcos_cap_v2) makes diffusers start at its second occurrence, skipping calls; fastdiff runs them all
+        assert torch.isfinite(got).all()
+        return None
+    # diffusers' loop NaN: only KDPM2 ancestral's float32 σ_down = √(σ_next² − σ_up²) on squaredcos_cap_v2 (σ_max ≈
+    # 2e4) cancels to √(negative); fastdiff's float64 coefficients stay finite (held to diffusers' math in float64)
+    assert torch.isfinite(ref).all() or "Ancestral" in cls_name, "diffusers' own loop is not finite here"
     err = rel_err(got, ref)
     if err <= BOUND:
         return err
     name = S.sampler_for(sch)
     plan = S.build_plan(name, fastdiff.NoiseSchedule.from_diffusers(dict(sch.config)), steps,
                         S.solver_options(name, dict(sch.config), {}))
-    ref64 = diffusers_loop(getattr(diffusers, cls_name).from_config(sch.config), steps, model, seed, plan.sigmas)
-    own, ours = rel_err(ref.double(), ref64), rel_err(got.double(), ref64)
-    assert own > BOUND and ours <= max(BOUND, own / 10), (err, own, ours)
+    ref64 = diffusers_loop(getattr(diffusers, cls_name).from_config(sch.config), steps, model, seed, plan)
+    own = rel_err(ref.double(), ref64) if torch.isfinite(ref).all() else math.inf
+    ours = rel_err(got.double(), ref64)
+    assert own > BOUND and ours <= (max(BOUND, own / 10) if math.isfinite(own) else BOUND), (err, own, ours)
     return err
 
 
@@ -124,3 +181,21 @@ def test_dpm_singlestep_step_counts(steps, order):
     check("DPMSolverSinglestepScheduler", dict(solver_order=order), steps)
     if steps % order == 0:
         check("DPMSolverSinglestepScheduler", dict(solver_order=order, final_sigmas_type="sigma_min"), steps)
+
+
+KDPM2 = [dict(), dict(use_karras_sigmas=True), dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+         dict(timestep_spacing="leading", steps_offset=1)]
+
+
+@pytest.mark.parametrize("sched", range(len(SCHEDULES)), ids=["linear", "scaled_linear", "cosine"])
+@pytest.mark.parametrize("cfg", KDPM2, ids=[("-".join(f"{k}={v}" for k, v in c.items()) or "default") for c in KDPM2])
+@pytest.mark.parametrize("cls", ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+def test_kdpm2_matches_diffusers(cls, cfg, sched):
+    check(cls, {**SCHEDULES[sched], **cfg}, 10)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 25])
+@pytest.mark.parametrize("cls", ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+def test_kdpm2_step_counts(cls, steps):
+    check(cls, dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), steps)
+
