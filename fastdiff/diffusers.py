@@ -1709,6 +1709,13 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
     def state_in_first_order(self):
         return self._step_index is None or self._step_index % 2 == 0
 
+    def _init_step_index(self, timestep):
+        super()._init_step_index(timestep)
+        if self._step_index % 2 == 1:  # the second call needs the first call's stored x + dt·v/2
+            i, self._step_index = self._step_index, None
+            raise NotImplementedError("FlowMatchHeunDiscreteScheduler: starting at a second-order call (odd step "
+                                      f"index {i}) is not supported by fastdiff")
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
              return_dict: bool = True):

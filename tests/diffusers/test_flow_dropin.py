@@ -297,3 +297,12 @@ def test_multistep_flow_and_sigma_options_mid_schedule(name, cfg):
             x = s.step(_model(x, t.reshape(1).expand(2).float()), t, x).prev_sample
         outs.append(x)
     assert _rel(*outs) <= 5e-4, _rel(*outs)
+
+
+def test_heun_refuses_a_second_order_start():
+    s = fd.FlowMatchHeunDiscreteScheduler()
+    s.set_timesteps(4)
+    s.set_begin_index(1)
+    x = torch.randn(1, 2, 2)
+    with pytest.raises(NotImplementedError, match="second-order"):
+        s.step(x, s.timesteps[1], x)
