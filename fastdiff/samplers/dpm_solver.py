@@ -102,7 +102,7 @@ def flow_grid(schedule: NoiseSchedule, steps: int, o: dict, *, unipc: bool = Fal
         sig = np.flip(flow.shift_sigmas(1.0 - np.linspace(1, 1 / T, steps + 1), shift))[:-1].copy()
         ts = (sig * T).astype(np.int64)
         last = float(s64_tab[0]) if o["final_sigmas_type"] == "sigma_min" else 0.0
-        return [int(t) for t in ts], [float(v) for v in sig] + [last]
+        return [int(t) for t in ts], _as_f32(list(sig) + [last])
     if o.get("use_karras_sigmas"):
         lo32 = float(o["sigma_min"]) if o.get("sigma_min") is not None else float(s32_tab[0])
         hi32 = float(o["sigma_max"]) if o.get("sigma_max") is not None else float(s32_tab[-1])
@@ -129,7 +129,14 @@ def flow_grid(schedule: NoiseSchedule, steps: int, o: dict, *, unipc: bool = Fal
             sig[0] -= 1e-6  # diffusers: λ = log(1 − σ) − log σ is −∞ at σ = 1
         ts = (sig * T).astype(np.int64)
     last = float(sig[-1]) if o["final_sigmas_type"] == "sigma_min" else 0.0
-    return [int(t) for t in ts], [float(v) for v in sig] + [last]
+    return [int(t) for t in ts], _as_f32(list(sig) + [last])
+
+
+def _as_f32(sig) -> list:
+    """Flow σ's as diffusers' float32 table holds them (the solver's math stays float64): near σ = 1, α = 1 − σ is a
+    difference of nearly equal numbers (UniPC's first σ is 1 − 10⁻⁶, α = 10⁻⁶, and float32 rounds σ by up to
+    3·10⁻⁸, i.e. 3% of α), so α and λ = log(α/σ) follow the σ's the model's scheduler really uses."""
+    return [float(np.float32(v)) for v in sig]
 
 
 def grid(schedule: NoiseSchedule, steps: int, o: dict, *, unipc: bool = False):

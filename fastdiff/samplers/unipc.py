@@ -86,6 +86,8 @@ def _step(o, order, x, m0, ms, sig_t, sig_s0, sig_ks, *, corrector: bool, model_
     a_t, s_t, l_t = ab(sig_t)
     a0, s0, l0 = ab(sig_s0)
     h = l_t - l0
+    if h == 0:  # σ_t = σ_s (the flow grid with final_sigmas_type="sigma_min" ends on its last σ): h·φ₁ = B(h) = 0,
+        return 1.0 * x  # the step is the identity (diffusers: the same, its D's are (m − m0)/∞ = 0)
     lams = [ab(s)[2] - l0 for s in sig_ks]
     h_phi_1, B_h, rhos = _coeffs(order, h, lams, o["predict_x0"], o["solver_type"], corrector)
     D1s = [(m - m0) / (lam / h) for m, lam in zip(ms, lams)]

@@ -203,6 +203,11 @@ SIGMA_CASES = [
     (UNI, dict(FL, flow_shift=3.0), {"sigmas": np.linspace(1.0, 0.05, 7)}),
     (UNI, dict(FL, use_karras_sigmas=True), {}),
     (UNI, dict(FL, flow_shift=3.0, final_sigmas_type="sigma_min", solver_type="bh1"), {}),
+    # α = 1 − σ at UniPC's first σ = 1 − 10⁻⁶ is 3% off in float32: the plan takes diffusers' float32 σ's
+    (UNI, dict(use_flow_sigmas=True, flow_shift=1.0, solver_order=1, lower_order_final=False), {}),  # ε model
+    (UNI, dict(FL, flow_shift=3.0, solver_type="bh1", final_sigmas_type="sigma_min", shift_terminal=0.05), {}),
+    # the last σ repeated (sigma_min on flow σ's) with a 2nd-order final step: the identity, as diffusers
+    (UNI, dict(FL, flow_shift=5.0, lower_order_final=False, final_sigmas_type="sigma_min", solver_type="bh1"), {}),
     (DPM, dict(use_exponential_sigmas=True), {}),
     (DPM, dict(use_beta_sigmas=True), {}),
     (DPM, dict(use_lu_lambdas=True), {}),
