@@ -81,6 +81,7 @@ from fastdiff.ops import multistep as M
 from fastdiff.ops import sampler_step as SS
 from fastdiff.samplers import flow as _flow
 from fastdiff.samplers import grids as _grids
+from fastdiff.samplers import deis as _deis
 from fastdiff.samplers import dpm_singlestep as _singlestep
 from fastdiff.samplers import lms as _lms
 from fastdiff.schedule import NoiseSchedule
@@ -88,6 +89,7 @@ from fastdiff.schedule import NoiseSchedule
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
            "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+           "DEISMultistepScheduler",
            "LMSDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "SCHEDULERS",
            "FLOW_SCHEDULERS", "equivalent"]
 
@@ -1055,6 +1057,46 @@ class PNDMScheduler(_PlanScheduler):
         return self._vp_add_noise(original_samples, noise, timesteps)
 
 
+class DEISMultistepScheduler(_PlanScheduler):
+    """diffusers' DEISMultistepScheduler (DEIS ρAB, orders 1–3; samplers.deis) on fastdiff's fused op. A run started
+    mid-schedule (img2img) restarts the warm-up orders there, as diffusers' does."""
+
+    _hf_class = _hf.DEISMultistepScheduler
+    _compatibles = list(_hf.DEISMultistepScheduler._compatibles)
+    order = _hf.DEISMultistepScheduler.order
+    _sampler = "deis"
+    __init__ = _init_like(_hf.DEISMultistepScheduler)
+
+    def _setup(self, args):
+        super()._setup(args)
+        # diffusers' __init__ maps the other names of its family to DEIS's own
+        if args.get("algorithm_type") in ("dpmsolver", "dpmsolver++"):
+            self.register_to_config(algorithm_type="deis")
+        if args.get("solver_type") in ("midpoint", "heun", "bh1", "bh2"):
+            self.register_to_config(solver_type="logrho")
+
+    @_set_timesteps
+    def set_timesteps(self, num_inference_steps: int, device=None, mu: float | None = None):
+        if mu is not None:
+            raise NotImplementedError("DEISMultistepScheduler.set_timesteps: mu= (dynamic shifting) is not supported "
+                                      "by fastdiff")
+        self._set(num_inference_steps, device)
+
+    def _tail_plan(self, k: int):
+        full = self._plans[0]
+        plan = _deis.plan(self._schedule, self.num_inference_steps, self._opts, start=k,
+                          grid_=_grids.Grid(full.timesteps, full.sigmas[:-1], final=full.sigmas[-1]))
+        plan.sampler = self._sampler
+        return plan
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        prev, _ = self._fused_step(model_output, timestep, sample)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
+
+
 class DPMSolverSinglestepScheduler(_PlanScheduler):
     """diffusers' DPMSolverSinglestepScheduler (DPM-Solver singlestep 1–3, ODE and SDE; samplers.dpm_singlestep)
     on fastdiff's fused op. set_timesteps switches `lower_order_final` on in the config where diffusers' does (steps
@@ -1730,7 +1772,7 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
 
 SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                                       DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler,
-                                      KDPM2AncestralDiscreteScheduler,
+                                      KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler,
                                       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
                                       UniPCMultistepScheduler, PNDMScheduler, LMSDiscreteScheduler)}
 # the flow-matching schedulers (velocity models: SD3, Flux, ...), kept apart from the ε/x0/v ones above (whose

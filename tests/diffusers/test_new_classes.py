@@ -205,6 +205,30 @@ def test_kdpm2_ancestral_float32_cancellation_is_said():
     assert not torch.isfinite(ref).all() and torch.isfinite(got).all()
 
 
+DEIS_CFGS = [{}, dict(SD, solver_order=3), dict(SD, use_karras_sigmas=True, solver_order=3),
+             dict(prediction_type="v_prediction", timestep_spacing="trailing", lower_order_final=False),
+             dict(prediction_type="sample", thresholding=True, sample_max_value=1.5)]
+
+
+@pytest.mark.parametrize("cfg", DEIS_CFGS, ids=range(len(DEIS_CFGS)))
+@pytest.mark.parametrize("steps", [1, 5, 16])
+def test_deis_loop_like_diffusers(cfg, steps):
+    same_run("DEISMultistepScheduler", cfg, steps)
+
+
+@pytest.mark.parametrize("begin", [1, 3])
+def test_deis_img2img_start_like_diffusers(begin):
+    same_run("DEISMultistepScheduler", dict(SD, solver_order=3), 10, begin)
+
+
+def test_deis_config_names_like_diffusers():
+    """diffusers maps algorithm_type 'dpmsolver++' and solver_type 'midpoint' (a DPM-Solver config handed over) to
+    DEIS's own names in the config."""
+    cfg = dict(algorithm_type="dpmsolver++", solver_type="midpoint")
+    a, b = fd.DEISMultistepScheduler(**cfg), hf.DEISMultistepScheduler(**cfg)
+    assert dict(a.config) == dict(b.config)
+
+
 # ---- tiny Stable Diffusion pipelines ----
 
 tp = pytest.importorskip("tiny_pipes")
@@ -218,7 +242,9 @@ pytest.importorskip("transformers")
                                        ("DPMSolverSinglestepScheduler", {"solver_order": 3,
                                                                          "use_karras_sigmas": True}),
                                        ("KDPM2DiscreteScheduler", {}),
-                                       ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True})])
+                                       ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+                                       ("DEISMultistepScheduler", {}),
+                                       ("DEISMultistepScheduler", {"solver_order": 3})])
 def test_sd_pipeline_like_diffusers(kind, name, over):
     from test_pipe_schedulers import SD_TOL, _compare, _config, _sd_run
 

@@ -199,3 +199,21 @@ def test_kdpm2_matches_diffusers(cls, cfg, sched):
 def test_kdpm2_step_counts(cls, steps):
     check(cls, dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), steps)
 
+
+DEIS = [dict(), dict(solver_order=3), dict(solver_order=1), dict(use_karras_sigmas=True, solver_order=3),
+        dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+        dict(timestep_spacing="leading", steps_offset=1, lower_order_final=False, solver_order=3),
+        dict(prediction_type="sample", thresholding=True, sample_max_value=1.5),
+        dict(use_exponential_sigmas=True), dict(use_beta_sigmas=True, solver_order=3)]
+
+
+@pytest.mark.parametrize("sched", range(len(SCHEDULES)), ids=["linear", "scaled_linear", "cosine"])
+@pytest.mark.parametrize("cfg", DEIS, ids=[("-".join(f"{k}={v}" for k, v in c.items()) or "default") for c in DEIS])
+def test_deis_matches_diffusers(cfg, sched):
+    check("DEISMultistepScheduler", {**SCHEDULES[sched], **cfg}, 12)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 14, 15, 25])
+def test_deis_step_counts(steps):
+    """lower_order_final below 15 steps (orders 1 and 2 on the last two), not from 15 on."""
+    check("DEISMultistepScheduler", dict(solver_order=3), steps)
