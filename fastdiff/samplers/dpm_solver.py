@@ -165,7 +165,8 @@ def grid(schedule: NoiseSchedule, steps: int, o: dict, *, unipc: bool = False):
                 hi32 = hi64 = float(o["sigma_max"])
         make = (lambda lo, hi: grids.exponential_sigmas(lo, hi, steps)) if lu else \
             (lambda lo, hi: grids.spread(lo, hi, steps, o))  # λ uniform (Lu et al. 2022a) = log σ uniform
-        k32 = make(lo32, hi32)
+        # diffusers' λ grid runs between the float32 logs of its σ table (the model's timesteps depend on them)
+        k32 = np.exp(np.linspace(float(np.log(s32)[-1]), float(np.log(s32)[0]), steps)) if lu else make(lo32, hi32)
         tf = np.array([grids.sigma_to_t(s, np.log(s32)) for s in k32])
         if (o["use_karras_sigmas"] or lu) and (unipc or schedule.name != "cosine"):
             tf = tf.round()

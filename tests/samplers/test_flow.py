@@ -288,3 +288,18 @@ def test_flow_sigmas_refuse_grids_they_do_not_take():
     with pytest.raises(ValueError, match="use_exponential_sigmas"):
         fastdiff.sample(Net(), 3, sampler="dpmsolver++", use_exponential_sigmas=True, time_grid="karras",
                         shape=SHAPE)
+
+
+@pytest.mark.parametrize("cls,sampler", [(DPM, "dpmsolver++"), (UNI, "unipc")])
+@pytest.mark.parametrize("spread", ["use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"])
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_sigma_grid_timesteps_are_diffusers(cls, sampler, spread, beta_schedule):
+    """The model's int64 timesteps of the exponential / beta / λ grids equal diffusers' for every N tried (the λ grid
+    between the float32 logs of diffusers' σ table, unrounded on the cosine schedule)."""
+    if spread == "use_lu_lambdas" and cls == UNI:
+        pytest.skip("UniPC has no use_lu_lambdas")
+    for n in (1, 2, 3, 5, 8, 13, 25):
+        sch = getattr(diffusers, cls)(beta_schedule=beta_schedule, **{spread: True})
+        sch.set_timesteps(n)
+        plan = fastdiff.sampling.plan_for(sampler, sch, {}, n)
+        assert [int(c.t) for c in plan.calls] == sch.timesteps.tolist(), n
