@@ -92,6 +92,11 @@ def calibrate_report(model: Callable, steps: int, *, sampler: str = "unipc", sha
     if shape is None:
         raise ValueError("shape: pass shape=(B, *sample_shape), B the calibration batch")
     name = S.check_sampler(sampler)
+    if name.startswith("flow_") or options.get("prediction_type") == "flow_prediction" or \
+            options.get("use_flow_sigmas"):
+        raise NotImplementedError(f"sampler: fastdiff.calibrate computes grids for noise-prediction (VP) samplers; "
+                                  f"{name!r} with flow σ's is not calibrated yet (its teacher and jump costs would "
+                                  "run on the flow path x = (1 − σ)·x0 + σ·ε): use time_grid= / sigmas= for it")
     sched, cfg = _schedule_and_config(schedule)
     T = len(sched)
     if not 1 <= steps <= T - 1:

@@ -115,6 +115,8 @@ def test_calibrate_bad_models_and_arguments():
         fastdiff.calibrate(good, 5, shape=(8, 2), eta=1.0, progress=False)
     with pytest.raises((TypeError, ValueError), match="steps"):
         fastdiff.calibrate(good, 0, shape=(8, 2), progress=False)
+    with pytest.raises(NotImplementedError, match="'flow_euler' with flow σ's is not calibrated"):
+        fastdiff.calibrate(good, 5, sampler="flow_euler", shape=(8, 2), progress=False)
 
 
 def test_integer_grid_for_the_diffusers_classes():
