@@ -89,7 +89,7 @@ from fastdiff.schedule import NoiseSchedule
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
            "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-           "DEISMultistepScheduler",
+           "DEISMultistepScheduler", "LCMScheduler",
            "LMSDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "SCHEDULERS",
            "FLOW_SCHEDULERS", "equivalent"]
 
@@ -1057,6 +1057,39 @@ class PNDMScheduler(_PlanScheduler):
         return self._vp_add_noise(original_samples, noise, timesteps)
 
 
+class LCMScheduler(_PlanScheduler):
+    """diffusers' LCMScheduler (multistep consistency sampling; samplers.lcm) on fastdiff's fused op: one row per step,
+    `denoised` (what LCM pipelines decode) written by the same pass. Custom timesteps=, clip_sample and thresholding run
+    on diffusers' own class (their `denoised` is not the fused pass's d)."""
+
+    _hf_class = _hf.LCMScheduler
+    _compatibles = list(_hf.LCMScheduler._compatibles)
+    order = _hf.LCMScheduler.order
+    _sampler = "lcm"
+    _restarts = False
+    __init__ = _init_like(_hf.LCMScheduler)
+
+    @_set_timesteps
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None,
+                      original_inference_steps: int | None = None, timesteps: list[int] | None = None,
+                      strength: float = 1.0):
+        if timesteps is not None or self.config.clip_sample or self.config.thresholding:
+            raise NotImplementedError("LCMScheduler: custom timesteps=, clip_sample and thresholding are not run by "
+                                      "fastdiff's fused step")
+        ois = original_inference_steps or self.config.original_inference_steps
+        self._set(num_inference_steps, device, overrides={"original_inference_steps": ois, "strength": strength})
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        prev, denoised = self._fused_step(model_output, timestep, sample, generator, want_x0=True)
+        if not return_dict:
+            return prev, denoised
+        return _hf.schedulers.scheduling_lcm.LCMSchedulerOutput(prev_sample=prev, denoised=denoised)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return self._vp_add_noise(original_samples, noise, timesteps)
+
+
 class DEISMultistepScheduler(_PlanScheduler):
     """diffusers' DEISMultistepScheduler (DEIS ρAB, orders 1–3; samplers.deis) on fastdiff's fused op. A run started
     mid-schedule (img2img) restarts the warm-up orders there, as diffusers' does."""
@@ -1772,7 +1805,7 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
 
 SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                                       DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler,
-                                      KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler,
+                                      KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler, LCMScheduler,
                                       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
                                       UniPCMultistepScheduler, PNDMScheduler, LMSDiscreteScheduler)}
 # the flow-matching schedulers (velocity models: SD3, Flux, ...), kept apart from the ε/x0/v ones above (whose

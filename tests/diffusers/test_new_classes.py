@@ -52,7 +52,7 @@ def loop(sch, steps, begin=None, seed=0, step_kw=None, timesteps=None):
     for t in ts:
         out = sch.step(m(sch.scale_model_input(x, t), t), t, x, **kw)
         x = out.prev_sample
-        x0s.append(getattr(out, "pred_original_sample", None))
+        x0s.append(getattr(out, "pred_original_sample", getattr(out, "denoised", None)))
     return x, x0s
 
 
@@ -229,6 +229,32 @@ def test_deis_config_names_like_diffusers():
     assert dict(a.config) == dict(b.config)
 
 
+LCM_CFGS = [{}, dict(prediction_type="v_prediction", original_inference_steps=100, set_alpha_to_one=False),
+            dict(beta_schedule="linear", beta_end=0.02, timestep_scaling=5.0)]
+
+
+@pytest.mark.parametrize("cfg", LCM_CFGS, ids=range(len(LCM_CFGS)))
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_lcm_loop_like_diffusers(cfg, steps):
+    """prev_sample and `denoised` (what LCM pipelines decode) at every step."""
+    same_run("LCMScheduler", cfg, steps)
+
+
+def test_lcm_strength_img2img_and_tuple_like_diffusers():
+    a, b = fd.LCMScheduler(), hf.LCMScheduler()
+    for s in (a, b):
+        s.set_timesteps(4, strength=0.5, original_inference_steps=40)
+    assert torch.equal(a.timesteps, b.timesteps)
+    x, o = torch.randn(SHAPE), torch.randn(SHAPE)
+    t = b.timesteps[0]
+    ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    pa, da = a.step(o, t, x, generator=ga, return_dict=False)
+    pb, db = b.step(o, t, x, generator=gb, return_dict=False)
+    assert rel(pa, pb) <= TOL and rel(da, db) <= TOL
+    x0, n = torch.rand(SHAPE), torch.randn(SHAPE)
+    assert rel(a.add_noise(x0, n, b.timesteps[[0, 2]]), b.add_noise(x0, n, b.timesteps[[0, 2]])) <= 1e-6
+
+
 # ---- tiny Stable Diffusion pipelines ----
 
 tp = pytest.importorskip("tiny_pipes")
@@ -244,7 +270,8 @@ pytest.importorskip("transformers")
                                        ("KDPM2DiscreteScheduler", {}),
                                        ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
                                        ("DEISMultistepScheduler", {}),
-                                       ("DEISMultistepScheduler", {"solver_order": 3})])
+                                       ("DEISMultistepScheduler", {"solver_order": 3}),
+                                       ("LCMScheduler", {})])
 def test_sd_pipeline_like_diffusers(kind, name, over):
     from test_pipe_schedulers import SD_TOL, _compare, _config, _sd_run
 

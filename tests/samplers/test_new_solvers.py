@@ -217,3 +217,15 @@ def test_deis_matches_diffusers(cfg, sched):
 def test_deis_step_counts(steps):
     """lower_order_final below 15 steps (orders 1 and 2 on the last two), not from 15 on."""
     check("DEISMultistepScheduler", dict(solver_order=3), steps)
+
+
+LCM = [dict(), dict(prediction_type="v_prediction", original_inference_steps=100),
+       dict(clip_sample=True, clip_sample_range=0.8, set_alpha_to_one=False, timestep_scaling=5.0),
+       dict(thresholding=True, sample_max_value=1.5, prediction_type="sample")]
+
+
+@pytest.mark.parametrize("sched", range(len(SCHEDULES)), ids=["linear", "scaled_linear", "cosine"])
+@pytest.mark.parametrize("cfg", LCM, ids=[("-".join(f"{k}={v}" for k, v in c.items()) or "default") for c in LCM])
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_lcm_matches_diffusers(cfg, sched, steps):
+    check("LCMScheduler", {**SCHEDULES[sched], **cfg}, steps)
