@@ -660,7 +660,8 @@ class _PlanScheduler(_Base):
         row = plan.calls[k]
         x = sample if SS._dense_format(sample) is not None else sample.contiguous()  # outputs take x's layout
         o = _model_output(model_output, x, self._opts.get("variance_type"))
-        coef = self._rows(self._start, x.device)[k]
+        coef = self._cached(("row_views", self._start, str(x.device)),  # one view per call, made once per run
+                            lambda: self._rows(self._start, x.device).unbind(0))[k]
         if not self._running:  # the history slots of this run (owned here; a call never writes a slot it reads)
             self._slots = [torch.empty_like(x) for _ in range(plan.num_slots)]
             self._running = True
@@ -691,8 +692,9 @@ class _PlanScheduler(_Base):
             x0 = d_out = torch.empty_like(out)
         backend = "torch" if x.dtype == torch.float64 else "auto"  # float64: the reference, in float64
         if backend == "torch" or (self._checked and _fast_layout(x, o, noise)):
-            M.resolve_op(backend, x.device)(x, o, None, hist, noise, None, thr, coef, M.FLAG_CLIP if row.clip else 0,
-                                            out, out2, d_out)
+            op = self._cached(("op", backend, str(x.device), os.environ.get("FASTDIFF_BACKEND")),
+                              lambda: M.resolve_op(backend, x.device))
+            op(x, o, None, hist, noise, None, thr, coef, M.FLAG_CLIP if row.clip else 0, out, out2, d_out)
         else:
             M.multistep_step(x, o, coef, hist=hist, noise=noise, thr=thr, clip=row.clip, out=out, out2=out2,
                              d_out=d_out, backend=backend)
