@@ -64,7 +64,9 @@ class Calibration:
 def calibrate(model: Callable, steps: int, *, sampler: str = "unipc", shape=None, schedule=None,
               generator: torch.Generator | None = None, **kw) -> torch.Tensor:
     """A grid of `steps` model-call times (1-D float64 tensor, descending) optimised for `model` and `sampler`; pass
-    it as `fastdiff.sample(model, sampler=sampler, timesteps=grid, ...)` (the sampler then ends at σ = 0).
+    it as `fastdiff.sample(model, sampler=sampler, timesteps=grid, ...)` (the sampler then ends at σ = 0). For a
+    flow-matching model (sampler="flow_euler") the times are σ·num_train_timesteps of the calibrated σ's: pass them
+    with shift=1.0 (the grid already holds the spacing; its `shift` option only sets the default grid compared).
 
     shape: (B, *sample_shape), B the calibration batch (32 is plenty for images; a second batch of B held-out x_T's
     checks the result). schedule: the model's NoiseSchedule or diffusers scheduler (default linear β, T = 1000).
@@ -92,11 +94,15 @@ def calibrate_report(model: Callable, steps: int, *, sampler: str = "unipc", sha
     if shape is None:
         raise ValueError("shape: pass shape=(B, *sample_shape), B the calibration batch")
     name = S.check_sampler(sampler)
-    if name.startswith("flow_") or options.get("prediction_type") == "flow_prediction" or \
-            options.get("use_flow_sigmas"):
-        raise NotImplementedError(f"sampler: fastdiff.calibrate computes grids for noise-prediction (VP) samplers; "
-                                  f"{name!r} with flow σ's is not calibrated yet (its teacher and jump costs would "
-                                  "run on the flow path x = (1 − σ)·x0 + σ·ε): use time_grid= / sigmas= for it")
+    flow = name in S.FLOW_SAMPLERS
+    if name == "flow_heun" or (not flow and (options.get("prediction_type") == "flow_prediction"
+                                             or options.get("use_flow_sigmas"))):
+        raise NotImplementedError(f"sampler: {name!r} on flow σ's takes no custom timesteps (as in diffusers), so "
+                                  "there is no grid to calibrate for it; calibrate sampler='flow_euler' instead")
+    bad = [k for k in FLOW_UNSUPPORTED if flow and options.get(k)]
+    if bad:
+        raise NotImplementedError(f"{bad[0]}: fastdiff.calibrate handles flow_euler with a static shift only (a "
+                                  f"calibrated grid replaces the σ spacing; {bad[0]} would reshape it again)")
     sched, cfg = _schedule_and_config(schedule)
     T = len(sched)
     if not 1 <= steps <= T - 1:
@@ -115,35 +121,37 @@ def calibrate_report(model: Callable, steps: int, *, sampler: str = "unipc", sha
     counter = _Counter(model, progress, f"calibrate {name} {steps} steps")
     shape = tuple(int(s) for s in shape)
     xs = [torch.randn(shape, generator=generator, dtype=torch.float32).to(dev, dtype) for _ in range(2)]
+    stochastic = name in STOCHASTIC or bool(options.get("stochastic_sampling"))
+    space = _FlowSpace(T, options.get("shift", (cfg or {}).get("shift", 1.0))) if flow else _VPSpace(sched)
     try:
-        teachers = [_teacher(counter, sched, schedule, x, fine_steps, pt) for x in xs]
+        teachers = [_flow_teacher(counter, space, x, fine_steps) if flow else
+                    _teacher(counter, sched, schedule, x, fine_steps, pt) for x in xs]
 
         def run(x_T, ts, *, sched_kw=None):
             kw = dict(timesteps=ts) if sched_kw is None else sched_kw
+            opts = dict(options, shift=1.0) if flow and sched_kw is None else options  # a flow grid holds its shift
             return sample(counter, steps, sampler=name, schedule=schedule, x_T=x_T, cuda_graph=False,
-                          generator=torch.Generator(device=x_T.device).manual_seed(0), **kw, **options)
+                          generator=torch.Generator(device=x_T.device).manual_seed(0), **kw, **opts)
 
         def err(x_T, ts, teacher, sched_kw=None):
             return _rms(run(x_T, ts, sched_kw=sched_kw), teacher.x0)
 
         tr, held = teachers
         gits = _gits(tr, steps)
-        cands = {"gits": gits}
-        for g in BLIND:
-            cands[g] = grids.make_grid(sched, steps, g).timesteps
-        own = default_grid(name, sched, cfg, steps, options)
+        cands = {"gits": gits, **space.blind(steps)}
+        own = space.default(steps) if flow else default_grid(name, sched, cfg, steps, options)
         if own is not None:
             cands["default"] = own
-        if refine and name not in STOCHASTIC and steps > 1:
+        if refine and not stochastic and steps > 1:
             # start from the best of GITS and the model-blind grids on the calibration batch (GITS prices first-order
             # jumps; a higher-order sampler may prefer another start)
             starts = sorted((err(xs[0], ts, tr), k) for k, ts in cands.items())
             for r, (e0, k0) in enumerate(starts[:STARTS]):
                 cands[f"refined:{k0}"], _ = _refine(
-                    sched, cands[k0], e0, lambda ts: err(xs[0], ts, tr), sweeps)
+                    space, cands[k0], e0, lambda ts: err(xs[0], ts, tr), sweeps)
         # the held-out batch decides: the refined grid is kept only where it generalises
         held_err = {k: err(xs[1], ts, held) for k, ts in cands.items()}
-        best = min(held_err, key=held_err.get) if name not in STOCHASTIC else "gits"
+        best = min(held_err, key=held_err.get) if not stochastic else "gits"
         result = cands[best]
         errors = {"default": held_err["default"] if own is not None else err(xs[1], None, held, sched_kw={}),
                   **held_err}
@@ -187,7 +195,8 @@ class _Trajectory:
     x: torch.Tensor  # (M, B, ...) float32: the state at each call
     x0hat: torch.Tensor  # (M, B, ...) float32: the data prediction at each call
     x0: torch.Tensor  # (B, ...) float32: the teacher's end
-    abar: list  # ᾱ at each call time
+    alpha: list  # x = α·x0 + σ·ε at each call: VP α = √ᾱ, σ = √(1 − ᾱ); flow α = 1 − σ
+    sigma: list
 
 
 def _whole(ts: list) -> list:
@@ -201,6 +210,89 @@ def _whole(ts: list) -> list:
     if out[-1] < 0:
         raise ValueError(f"integer=True: {len(ts)} whole timesteps do not fit below {ts[0]}")
     return out
+
+
+class _VPSpace:
+    """Times t ∈ [0, T − 1] of a noise-prediction schedule; the search coordinate is log σ_t (VE σ)."""
+
+    flow = False
+    t_floor = 0.0
+
+    def __init__(self, sched):
+        self.sched = sched
+
+    def coord(self, t):
+        return float(np.log(grids.sigma_at(self.sched, [t])[0]))
+
+    def time(self, v):
+        return float(grids.times_for_sigmas(self.sched, [math.exp(v)])[0])
+
+    def blind(self, steps):
+        return {g: grids.make_grid(self.sched, steps, g).timesteps for g in BLIND}
+
+
+class _FlowSpace:
+    """flow_euler's model-call times t = σ·T (x = (1 − σ)·x0 + σ·ε), σ the noise level after any shift: a calibrated
+    flow grid is used with shift=1 (it already holds the spacing a shift would give); the search coordinate is
+    log σ."""
+
+    flow = True
+
+    def __init__(self, T: int, shift: float):
+        self.T, self.s = T, float(shift)
+        self.t_floor = 1.0  # σ = 1/T, the lowest level diffusers' flow grids reach
+
+    def sigma(self, t):
+        return t / self.T
+
+    def coord(self, t):
+        return math.log(t / self.T)
+
+    def time(self, v):
+        return math.exp(v) * self.T
+
+    def default(self, steps):
+        """flow_euler's own grid (diffusers' set_timesteps with the sampler's shift s) as model-call times."""
+        s = self.s
+        pre = np.linspace(1.0, s / self.T / (1 + (s - 1) / self.T), steps)  # linspace from σ_max to shifted σ_min
+        return [float(s * p / (1 + (s - 1) * p) * self.T) for p in pre]
+
+    def blind(self, steps):
+        lo, hi = self.coord(self.t_floor), self.coord(float(self.T))
+        return {"logsnr": [self.time(hi + u * (lo - hi)) for u in np.linspace(0.0, 1.0, steps)]}
+
+
+FLOW_UNSUPPORTED = ("use_dynamic_shifting", "shift_terminal", "invert_sigmas", "use_karras_sigmas",
+                    "use_exponential_sigmas", "use_beta_sigmas", "sigmas", "timesteps")
+
+
+def _flow_teacher(model, space: _FlowSpace, x_T, fine_steps) -> _Trajectory:
+    """Heun's method (2nd order) on dx/dσ = v over σ's uniform ∪ log-uniform from 1 to σ(t_floor), the model called
+    at σ·T; then the Euler step to σ = 0. Records x and x̂0 = x − σ·v at every point."""
+    from fastdiff.validate import check_model_output
+
+    lo = space.sigma(space.t_floor)
+    sig = sorted(set(np.round(np.concatenate([np.linspace(1.0, lo, fine_steps),
+                                              np.exp(np.linspace(0.0, math.log(lo), fine_steps))]), 12)),
+                 reverse=True)
+    B = x_T.shape[0]
+
+    def v_at(x, s, i):
+        t = torch.full((B,), s * space.T, dtype=torch.float32, device=x.device)
+        return check_model_output(model(x, t), x, step=i, check_finite=True)
+
+    x, xs, x0s = x_T, [], []
+    for i, s in enumerate(sig):
+        v = v_at(x, s, i)
+        xs.append(x.float())
+        x0s.append((x - s * v).float())
+        if i + 1 < len(sig):
+            dt = sig[i + 1] - s
+            xp = x + dt * v
+            x = x + (0.5 * dt) * (v + v_at(xp, sig[i + 1], i))
+    x0 = x0s[-1]
+    times = [space.time(math.log(s)) for s in sig]
+    return _Trajectory(times, torch.stack(xs), torch.stack(x0s), x0, [1.0 - s for s in sig], list(sig))
 
 
 def default_grid(name: str, sched, cfg, steps: int, options: dict) -> list | None:
@@ -243,7 +335,8 @@ def _teacher(model, sched, schedule, x_T, fine_steps, prediction_type) -> _Traje
     x0 = sample(model, len(times), schedule=schedule, timesteps=times, x_T=x_T, callback=keep, check_nan=True,
                 prediction_type=prediction_type, cuda_graph=False, **{k: v for k, v in TEACHER.items()})
     abar = [grids.abar_at(sched, t) for t in times]
-    return _Trajectory(times, torch.stack(xs), torch.stack(x0s), x0.float(), abar)
+    return _Trajectory(times, torch.stack(xs), torch.stack(x0s), x0.float(), [math.sqrt(a) for a in abar],
+                       [math.sqrt(1.0 - a) for a in abar])
 
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -257,11 +350,9 @@ def jump_costs(tr: _Trajectory) -> np.ndarray:
     M = len(tr.times)
     C = np.full((M, M + 1), np.inf)
     for i in range(M):
-        a_i = math.sqrt(tr.abar[i])
-        s_i = math.sqrt(1.0 - tr.abar[i])
-        eps = (tr.x[i] - a_i * tr.x0hat[i]) / s_i
+        eps = (tr.x[i] - tr.alpha[i] * tr.x0hat[i]) / tr.sigma[i]
         for j in range(i + 1, M):
-            pred = math.sqrt(tr.abar[j]) * tr.x0hat[i] + math.sqrt(1.0 - tr.abar[j]) * eps
+            pred = tr.alpha[j] * tr.x0hat[i] + tr.sigma[j] * eps
             C[i, j] = _rms(pred, tr.x[j])
         C[i, M] = _rms(tr.x0hat[i], tr.x0)
     return C
@@ -288,13 +379,13 @@ def _gits(tr: _Trajectory, steps: int) -> list:
     return [float(tr.times[i]) for i in reversed(path)]
 
 
-def _refine(sched, ts: list, e0: float, error: Callable, sweeps: int) -> tuple[list, float]:
-    """Coordinate pattern search on the call times 1 … N−1 (the first stays at T − 1), in log σ between the
-    neighbours (the last call may go down to t = 0): try a step in the direction that last helped, then the other,
-    keep what lowers `error(ts)`; the step halves each sweep."""
+def _refine(space, ts: list, e0: float, error: Callable, sweeps: int) -> tuple[list, float]:
+    """Coordinate pattern search on the call times 1 … N−1 (the first stays at the top), in log σ between the
+    neighbours (the last call may go down to the space's lowest time): try a step in the direction that last helped,
+    then the other, keep what lowers `error(ts)`; the step halves each sweep."""
     ts, best = list(ts), e0
-    ls = lambda t: float(np.log(grids.sigma_at(sched, [t])[0]))  # noqa: E731
-    floor = ls(0.0)
+    ls = space.coord
+    floor = ls(space.t_floor)
     frac = 0.25
     last_dir: dict = {}
     for _ in range(sweeps):
@@ -314,7 +405,7 @@ def _refine(sched, ts: list, e0: float, error: Callable, sweeps: int) -> tuple[l
                 if k + 1 < len(ts):
                     v = max(v, lo + pad)
                 v = min(v, hi - pad)
-                t_new = float(grids.times_for_sigmas(sched, [math.exp(v)])[0]) if v > floor else 0.0
+                t_new = space.time(v) if v > floor else space.t_floor
                 if not (ts[k - 1] > t_new and (k + 1 == len(ts) or t_new > ts[k + 1])) or t_new == ts[k]:
                     continue
                 cand = ts[:k] + [t_new] + ts[k + 1:]

@@ -115,8 +115,11 @@ def test_calibrate_bad_models_and_arguments():
         fastdiff.calibrate(good, 5, shape=(8, 2), eta=1.0, progress=False)
     with pytest.raises((TypeError, ValueError), match="steps"):
         fastdiff.calibrate(good, 0, shape=(8, 2), progress=False)
-    with pytest.raises(NotImplementedError, match="'flow_euler' with flow σ's is not calibrated"):
-        fastdiff.calibrate(good, 5, sampler="flow_euler", shape=(8, 2), progress=False)
+    with pytest.raises(NotImplementedError, match="'flow_heun' on flow σ's takes no custom timesteps"):
+        fastdiff.calibrate(good, 5, sampler="flow_heun", shape=(8, 2), progress=False)
+    with pytest.raises(NotImplementedError, match="use_dynamic_shifting: fastdiff.calibrate handles flow_euler"):
+        fastdiff.calibrate(good, 5, sampler="flow_euler", use_dynamic_shifting=True, mu=1.0, shape=(8, 2),
+                           progress=False)
 
 
 def test_integer_grid_for_the_diffusers_classes():
@@ -126,3 +129,19 @@ def test_integer_grid_for_the_diffusers_classes():
     ts = r.timesteps.tolist()
     assert all(float(t).is_integer() for t in ts) and all(a > b for a, b in zip(ts, ts[1:]))
     assert r.errors["calibrated"] < r.errors["default"]
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_euler_calibrated_grid_beats_its_default_on_held_out_x_T(shift):
+    """A velocity model (the exact flow oracle): the grid is the model-call times σ·T, used with shift=1 (it holds
+    the spacing); its error against a converged flow Heun solution is below the default (shifted) grid's."""
+    m = MIX.flow_model()
+    xT = torch.randn(1000, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref = fastdiff.sample(m, 300, sampler="flow_heun", x_T=xT, shift=shift)
+    r = calibrate_report(m, 8, sampler="flow_euler", shape=(256, 2), generator=torch.Generator().manual_seed(0),
+                         progress=False, shift=shift)
+    ts = r.timesteps.tolist()
+    assert ts[0] == 1000 and all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] >= 1
+    e_def = _rms(fastdiff.sample(m, 8, sampler="flow_euler", x_T=xT, shift=shift), ref)
+    e_cal = _rms(fastdiff.sample(m, sampler="flow_euler", x_T=xT, shift=1.0, timesteps=r.timesteps), ref)
+    assert e_cal < 0.9 * e_def, (e_cal, e_def)
