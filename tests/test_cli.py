@@ -171,7 +171,7 @@ def test_python_dash_m_and_help():
     (["sample", "--steps", "0"], "--steps must be >= 1"),
     (["sample", "--eta", "-1"], "--eta must be a finite number >= 0"),
     (["sample", "--num", "many"], "--num must be an integer"),
-    (["sample", "--sampler", "lms"], "invalid choice: 'lms'"),
+    (["sample", "--sampler", "no_such_sampler"], "invalid choice: 'no_such_sampler'"),
     (["sample", "--dtype", "float64"], "invalid choice: 'float64'"),
     (["train", "--block-out-channels", "8,x"], "--block-out-channels must be comma-separated integers"),
     (["train", "--attention", "yes"], "--attention must be comma-separated 0/1"),
