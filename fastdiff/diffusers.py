@@ -89,7 +89,7 @@ from fastdiff.schedule import NoiseSchedule
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
            "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-           "DEISMultistepScheduler", "LCMScheduler",
+           "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler",
            "LMSDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "SCHEDULERS",
            "FLOW_SCHEDULERS", "equivalent"]
 
@@ -1059,6 +1059,20 @@ class PNDMScheduler(_PlanScheduler):
         return self._vp_add_noise(original_samples, noise, timesteps)
 
 
+def _replan(self, key, value):
+    """A step argument that changes the plan (LMS's `order`, TCD's `eta`): this run's plans rebuilt for it before its
+    first step (diffusers takes it per step; a run that changes it midway is not offered)."""
+    self._require_plan()
+    if self._running:
+        raise NotImplementedError(f"{type(self).__name__}.step: changing `{key}` in the middle of a run is not "
+                                  f"supported by fastdiff; pass the same value at every step")
+    self._opts = dict(self._opts, **{key: value})
+    self._plans = {0: self._build_uncached(self.num_inference_steps, self._opts)}
+    if self._start:
+        self._plans[self._start] = self._tail_plan(self._start)
+    self._dev_cache = {}
+
+
 class LCMScheduler(_PlanScheduler):
     """diffusers' LCMScheduler (multistep consistency sampling; samplers.lcm) on fastdiff's fused op: one row per step,
     `denoised` (what LCM pipelines decode) written by the same pass. Custom timesteps=, clip_sample and thresholding run
@@ -1075,11 +1089,18 @@ class LCMScheduler(_PlanScheduler):
     def set_timesteps(self, num_inference_steps: int | None = None, device=None,
                       original_inference_steps: int | None = None, timesteps: list[int] | None = None,
                       strength: float = 1.0):
-        if timesteps is not None or self.config.clip_sample or self.config.thresholding:
-            raise NotImplementedError("LCMScheduler: custom timesteps=, clip_sample and thresholding are not run by "
-                                      "fastdiff's fused step")
+        if timesteps is not None or self._unfused():
+            raise NotImplementedError(f"{type(self).__name__}: custom timesteps= (and LCM's clip_sample, thresholding) "
+                                      "are not run by fastdiff's fused step")
         ois = original_inference_steps or self.config.original_inference_steps
-        self._set(num_inference_steps, device, overrides={"original_inference_steps": ois, "strength": strength})
+        self._set(num_inference_steps, device, overrides={"original_inference_steps": ois, "strength": strength,
+                                                           **self._grid_extra(original_inference_steps)})
+
+    def _unfused(self):
+        return self.config.clip_sample or self.config.thresholding  # `denoised` would not be the fused pass's d
+
+    def _grid_extra(self, original_inference_steps):
+        return {}
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
@@ -1090,6 +1111,34 @@ class LCMScheduler(_PlanScheduler):
 
     def add_noise(self, original_samples, noise, timesteps):
         return self._vp_add_noise(original_samples, noise, timesteps)
+
+
+class TCDScheduler(LCMScheduler):
+    """diffusers' TCDScheduler (trajectory consistency sampling with γ = step's `eta`; samplers.tcd) on fastdiff's
+    fused op: one row per step, `pred_noised_sample` written by the same pass. The plans are built for the eta of the
+    run's first step (diffusers takes it per step; changing it midway is not offered). Custom timesteps= run on
+    diffusers' own class. (LCM's set_timesteps and add_noise; TCD's own grid branch and step.)"""
+
+    _hf_class = _hf.TCDScheduler
+    _compatibles = list(_hf.TCDScheduler._compatibles)
+    order = _hf.TCDScheduler.order
+    _sampler = "tcd"
+    __init__ = _init_like(_hf.TCDScheduler)
+
+    def _unfused(self):
+        return False  # TCD's step has no clipping or thresholding
+
+    def _grid_extra(self, original_inference_steps):
+        return {"all_timesteps": original_inference_steps is not None}  # diffusers' branch: all T timesteps
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.3, generator=None,
+             return_dict: bool = True):
+        if eta != self._opts.get("gamma"):
+            _replan(self, "gamma", eta)
+        prev, noised = self._fused_step(model_output, timestep, sample, generator, want_x0=True)
+        if not return_dict:
+            return prev, noised
+        return _hf.schedulers.scheduling_tcd.TCDSchedulerOutput(prev_sample=prev, pred_noised_sample=noised)
 
 
 class DEISMultistepScheduler(_PlanScheduler):
@@ -1279,7 +1328,7 @@ class LMSDiscreteScheduler(_PlanScheduler):
             warnings.warn("The `scale_model_input` function should be called before `step` to ensure correct "
                           "denoising. See `StableDiffusionPipeline` for a usage example.")
         if order != self._opts.get("order", 4):
-            self._replan(order)
+            _replan(self, "order", order)
         prev, x0 = self._fused_step(model_output, timestep, sample, want_x0=return_dict)
         _warn_plan_nan(self, "this step's σ's repeat (a grid that repeats a timestep): diffusers' Lagrange "
                              "weights divide by 0 (NaN); fastdiff leaves the repeated σ out (the weights of the "
@@ -1288,20 +1337,6 @@ class LMSDiscreteScheduler(_PlanScheduler):
             return prev, None
         return _hf.schedulers.scheduling_lms_discrete.LMSDiscreteSchedulerOutput(prev_sample=prev,
                                                                                pred_original_sample=x0)
-
-    def _replan(self, order):
-        """step(order=k) other than the planned order: the plans of this run rebuilt for k before its first step
-        (diffusers takes the order per step; a run that changes it midway is not offered)."""
-        self._require_plan()
-        if self._running:
-            raise NotImplementedError("LMSDiscreteScheduler.step: changing `order` in the middle of a run is not "
-                                      "supported by fastdiff; pass the same order at every step")
-        _lms.validate(dict(self._opts, order=order))
-        self._opts = dict(self._opts, order=order)
-        self._plans = {0: self._build_uncached(self.num_inference_steps, self._opts)}
-        if self._start:
-            self._plans[self._start] = self._tail_plan(self._start)
-        self._dev_cache = {}
 
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
@@ -1808,6 +1843,7 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
 SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                                       DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler,
                                       KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler, LCMScheduler,
+                                      TCDScheduler,
                                       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
                                       UniPCMultistepScheduler, PNDMScheduler, LMSDiscreteScheduler)}
 # the flow-matching schedulers (velocity models: SD3, Flux, ...), kept apart from the ε/x0/v ones above (whose

@@ -8,6 +8,7 @@
     kdpm2       DPM-Solver-2 on the σ grid (midpoint in log σ), plain and ancestral (k-diffusion; Lu et al. 2022a)
     deis        DEIS ρAB multistep, orders 1–3, Lagrange in log ρ (Zhang & Chen 2023)
     lcm         latent consistency sampling: consistency jump, then re-noise (Luo et al. 2023)
+    tcd         trajectory consistency sampling, γ-stochastic (Zheng et al. 2024)
     lms         linear multistep on the σ grid, Lagrange-integral weights, order 4 (Karras et al. 2022; k-diffusion)
     ipndm       iPNDM, Adams–Bashforth on ε̂ with a lower-order warm-up, on any grid (Zhang & Chen 2023, DEIS)
     flow        flow-matching Euler (deterministic or re-noising) and Heun on a velocity model's σ ∈ (0, 1] grid
@@ -26,7 +27,8 @@ from typing import Any
 
 import torch
 
-from fastdiff.samplers import deis, dpm_singlestep, dpm_solver, euler, flow, ipndm, kdpm2, lcm, lms, pndm, unipc
+from fastdiff.samplers import (deis, dpm_singlestep, dpm_solver, euler, flow, ipndm, kdpm2, lcm, lms, pndm, tcd,
+                               unipc)
 from fastdiff.samplers.grids import TIME_GRIDS, Grid, custom_grid, make_grid
 from fastdiff.samplers.plan import COEF, NUM_COEF, Lin, PlanBuilder, PlanError, SolverPlan
 
@@ -49,6 +51,7 @@ _FAMILIES = {
     "kdpm2_ancestral": (kdpm2.ancestral_plan, kdpm2.ANCESTRAL_DEFAULTS, {}),
     "deis": (deis.plan, deis.DEFAULTS, {}),
     "lcm": (lcm.plan, lcm.DEFAULTS, {}),
+    "tcd": (tcd.plan, tcd.DEFAULTS, {}),
 }
 FLOW_SAMPLERS = ("flow_euler", "flow_heun")  # velocity models: σ ∈ (0, 1], no β table (fastdiff.samplers.flow)
 SAMPLERS = ("ddim", "ddpm", *_FAMILIES)
@@ -63,7 +66,7 @@ SCHEDULER_CLASSES = {
     "FlowMatchHeunDiscreteScheduler": "flow_heun", "LMSDiscreteScheduler": "lms",
     "DPMSolverSinglestepScheduler": "dpmsolver_singlestep", "KDPM2DiscreteScheduler": "kdpm2",
     "KDPM2AncestralDiscreteScheduler": "kdpm2_ancestral", "DEISMultistepScheduler": "deis",
-    "LCMScheduler": "lcm",
+    "LCMScheduler": "lcm", "TCDScheduler": "tcd",
 }
 
 # Settings of diffusers' schedulers that change the math: an error when set to anything but the value that leaves

@@ -39,7 +39,12 @@ def timesteps(T: int, steps: int, original_steps: int, strength: float = 1.0) ->
     if len(origin) // steps < 1 or steps > original_steps:
         raise ValueError(f"steps={steps} must be at most original_inference_steps × strength = "
                          f"{original_steps} × {strength} (diffusers' LCMScheduler refuses it too)")
-    origin = origin[::-1]
+    return select(origin, steps)
+
+
+def select(origin, steps: int) -> list[int]:
+    """diffusers' pick of `steps` timesteps from an ascending schedule: evenly spaced indices from the top."""
+    origin = np.asarray(origin)[::-1]
     idx = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
     return [int(t) for t in origin[idx]]
 
@@ -49,10 +54,19 @@ def scalings(t: float, scaling: float) -> tuple[float, float]:
     return SIGMA_DATA**2 / (s * s + SIGMA_DATA**2), s / math.sqrt(s * s + SIGMA_DATA**2)
 
 
+def predictions(c, pt: str, ab: float):
+    """(x̂0, ε̂) from the model output at ᾱ = ab, as diffusers' LCM/TCD steps form them."""
+    a, s = math.sqrt(ab), math.sqrt(1.0 - ab)
+    if pt == "epsilon":
+        return (c.x - s * c.o) / a, 1.0 * c.o
+    if pt == "sample":
+        return 1.0 * c.o, (c.x - a * c.o) / s
+    if pt == "v_prediction":
+        return a * c.x - s * c.o, a * c.o + s * c.x
+    raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {pt!r}")
+
+
 def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
-    pt = o["prediction_type"]
-    if pt not in ("epsilon", "sample", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {pt!r}")
     ts = list(grid_.timesteps) if grid_ is not None else \
         timesteps(len(schedule), steps, int(o["original_inference_steps"]), float(o["strength"]))
     final = 1.0 if o["set_alpha_to_one"] else grids.abar_at(schedule, 0)
@@ -61,9 +75,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
     N = len(ts)
     for i, t in enumerate(ts):
         c = b.call(t)
-        ab = grids.abar_at(schedule, t)
-        a, s = math.sqrt(ab), math.sqrt(1.0 - ab)
-        x0 = (c.x - s * c.o) / a if pt == "epsilon" else 1.0 * c.o if pt == "sample" else a * c.x - s * c.o
+        x0, _ = predictions(c, o["prediction_type"], grids.abar_at(schedule, t))
         c_skip, c_out = scalings(t, float(o["timestep_scaling"]))
         if clip is None and not o["thresholding"]:
             f = c.convert(c_out * x0 + c_skip * c.x)  # d = diffusers' `denoised`

@@ -52,7 +52,8 @@ def loop(sch, steps, begin=None, seed=0, step_kw=None, timesteps=None):
     for t in ts:
         out = sch.step(m(sch.scale_model_input(x, t), t), t, x, **kw)
         x = out.prev_sample
-        x0s.append(getattr(out, "pred_original_sample", getattr(out, "denoised", None)))
+        x0s.append(getattr(out, "pred_original_sample", getattr(out, "denoised", getattr(out, "pred_noised_sample",
+                                                                                          None))))
     return x, x0s
 
 
@@ -255,6 +256,31 @@ def test_lcm_strength_img2img_and_tuple_like_diffusers():
     assert rel(a.add_noise(x0, n, b.timesteps[[0, 2]]), b.add_noise(x0, n, b.timesteps[[0, 2]])) <= 1e-6
 
 
+TCD_CFGS = [{}, dict(prediction_type="v_prediction", set_alpha_to_one=False), dict(beta_schedule="linear")]
+
+
+@pytest.mark.parametrize("cfg", TCD_CFGS, ids=range(len(TCD_CFGS)))
+@pytest.mark.parametrize("steps", [1, 4, 8])
+@pytest.mark.parametrize("eta", [None, 0.0, 1.0])
+def test_tcd_loop_like_diffusers(cfg, steps, eta):
+    """prev_sample and pred_noised_sample every step, with diffusers' default eta (γ = 0.3) or a given one."""
+    same_run("TCDScheduler", cfg, steps, step_kw=None if eta is None else {"eta": eta})
+
+
+def test_tcd_grids_and_eta_change_like_diffusers():
+    """An explicit original_inference_steps selects from all T timesteps (diffusers' branch); strength; eta changed
+    mid-run refused."""
+    for kw in ({"original_inference_steps": 30}, {"strength": 0.6}):
+        a, b = fd.TCDScheduler(), hf.TCDScheduler()
+        for s in (a, b):
+            s.set_timesteps(6, **kw)
+        assert torch.equal(a.timesteps, b.timesteps)
+    x = torch.randn(SHAPE)
+    a.step(x, a.timesteps[0], x, eta=0.5)
+    with pytest.raises(NotImplementedError, match="eta|gamma"):
+        a.step(x, a.timesteps[1], x, eta=0.2)
+
+
 # ---- tiny Stable Diffusion pipelines ----
 
 tp = pytest.importorskip("tiny_pipes")
@@ -271,7 +297,7 @@ pytest.importorskip("transformers")
                                        ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
                                        ("DEISMultistepScheduler", {}),
                                        ("DEISMultistepScheduler", {"solver_order": 3}),
-                                       ("LCMScheduler", {})])
+                                       ("LCMScheduler", {}), ("TCDScheduler", {})])
 def test_sd_pipeline_like_diffusers(kind, name, over):
     from test_pipe_schedulers import SD_TOL, _compare, _config, _sd_run
 

@@ -229,3 +229,29 @@ LCM = [dict(), dict(prediction_type="v_prediction", original_inference_steps=100
 @pytest.mark.parametrize("steps", [1, 4, 8])
 def test_lcm_matches_diffusers(cfg, sched, steps):
     check("LCMScheduler", {**SCHEDULES[sched], **cfg}, steps)
+
+
+TCD = [dict(), dict(prediction_type="v_prediction", set_alpha_to_one=False), dict(prediction_type="sample")]
+
+
+@pytest.mark.parametrize("sched", range(len(SCHEDULES)), ids=["linear", "scaled_linear", "cosine"])
+@pytest.mark.parametrize("cfg", TCD, ids=[("-".join(f"{k}={v}" for k, v in c.items()) or "default") for c in TCD])
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_tcd_matches_diffusers(cfg, sched, steps):
+    """diffusers' step default eta (γ) = 0.3, fastdiff's gamma too."""
+    check("TCDScheduler", {**SCHEDULES[sched], **cfg}, steps)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7, 1.0])
+def test_tcd_gamma_matches_diffusers(eta):
+    sch = diffusers.TCDScheduler()
+    model = Net()
+    got = fastdiff.sample(model, 6, schedule=sch, shape=SHAPE, generator=torch.Generator().manual_seed(0),
+                          gamma=eta)
+    ref = sch
+    ref.set_timesteps(6)
+    g = torch.Generator().manual_seed(0)
+    x = diffusers.utils.torch_utils.randn_tensor(SHAPE, generator=g)
+    for t in ref.timesteps:
+        x = ref.step(model(x, t.reshape(1).expand(SHAPE[0])), t, x, eta=eta, generator=g).prev_sample
+    assert rel_err(got, x) <= BOUND
