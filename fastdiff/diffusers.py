@@ -4,7 +4,11 @@
     pipe.scheduler = fd.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
 
 DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-HeunDiscreteScheduler, UniPCMultistepScheduler and PNDMScheduler carry diffusers' names, `__init__` parameters and
+HeunDiscreteScheduler, UniPCMultistepScheduler, PNDMScheduler and the rest of diffusers' solver family —
+LMSDiscreteScheduler, DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+DEISMultistepScheduler, LCMScheduler, TCDScheduler (plans of fastdiff.samplers.lms, dpm_singlestep, kdpm2, deis, lcm,
+tcd; LMS and KDPM2 usable before set_timesteps as diffusers'; LCM/TCD return `denoised` / `pred_noised_sample` from
+the same fused pass) — carry diffusers' names, `__init__` parameters and
 defaults (taken from the installed diffusers' classes, so `from_config`, `save_config` and `_compatibles` behave as
 diffusers'), `order`, `timesteps` (int64; float32 for the Euler family), `sigmas`, `init_noise_sigma`,
 `scale_model_input`, `add_noise`, `set_begin_index` / `begin_index` / `step_index` / `index_for_timestep` (where
