@@ -93,7 +93,7 @@ from fastdiff.schedule import NoiseSchedule
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
            "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-           "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler",
+           "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler", "EDMEulerScheduler",
            "LMSDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "SCHEDULERS",
            "FLOW_SCHEDULERS", "equivalent"]
 
@@ -1145,6 +1145,52 @@ class TCDScheduler(LCMScheduler):
         return _hf.schedulers.scheduling_tcd.TCDSchedulerOutput(prev_sample=prev, pred_noised_sample=noised)
 
 
+class EDMEulerScheduler(_PlanScheduler):
+    """diffusers' EDMEulerScheduler (Euler with EDM preconditioning on Karras/exponential σ's from the config;
+    samplers.edm) on fastdiff's fused op. Run after set_timesteps (diffusers' full grid before it is not offered);
+    s_churn > 0 and a caller-given pred_original_sample are not offered either."""
+
+    _hf_class = _hf.EDMEulerScheduler
+    _compatibles = list(_hf.EDMEulerScheduler._compatibles)
+    order = _hf.EDMEulerScheduler.order
+    _sampler = "edm_euler"
+    _restarts = False
+    _result_dtype = "model"
+    __init__ = _init_like(_hf.EDMEulerScheduler)
+    is_scale_input_called = False
+
+    @property
+    def init_noise_sigma(self):
+        return (self.config.sigma_max**2 + 1) ** 0.5
+
+    @_set_timesteps
+    def set_timesteps(self, num_inference_steps: int = None, device=None, sigmas=None):
+        if sigmas is not None:
+            raise NotImplementedError("EDMEulerScheduler.set_timesteps: sigmas= is not run by fastdiff's fused step")
+        self._set(num_inference_steps, device)
+        self.is_scale_input_called = False
+
+    scale_model_input = _scaled_input
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
+             return_dict: bool = True, pred_original_sample: torch.Tensor | None = None):
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             "`EDMEulerScheduler.step()` is not supported. Make sure to pass one of the "
+                             "`scheduler.timesteps` as a timestep.")
+        if s_churn != 0.0 or pred_original_sample is not None:
+            raise NotImplementedError("EDMEulerScheduler.step: s_churn > 0 and pred_original_sample= are not "
+                                      "supported by fastdiff")
+        prev, x0 = self._fused_step(model_output, timestep, sample, generator, want_x0=return_dict)
+        if not return_dict:
+            return prev, None
+        return _hf.schedulers.scheduling_edm_euler.EDMEulerSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+
+
 class DEISMultistepScheduler(_PlanScheduler):
     """diffusers' DEISMultistepScheduler (DEIS ρAB, orders 1–3; samplers.deis) on fastdiff's fused op. A run started
     mid-schedule (img2img) restarts the warm-up orders there, as diffusers' does."""
@@ -1847,7 +1893,7 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
 SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                                       DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler,
                                       KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler, LCMScheduler,
-                                      TCDScheduler,
+                                      TCDScheduler, EDMEulerScheduler,
                                       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
                                       UniPCMultistepScheduler, PNDMScheduler, LMSDiscreteScheduler)}
 # the flow-matching schedulers (velocity models: SD3, Flux, ...), kept apart from the ε/x0/v ones above (whose

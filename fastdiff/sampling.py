@@ -658,7 +658,8 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
     DPMSolverSinglestepScheduler), "kdpm2" / "kdpm2_ancestral" (DPM-Solver-2 on the σ grid, 2·steps − 1 model
     calls; diffusers' KDPM2DiscreteScheduler / KDPM2AncestralDiscreteScheduler), "deis" (DEIS ρAB multistep, orders
     1–3; diffusers' DEISMultistepScheduler), "lcm" (latent consistency sampling; diffusers' LCMScheduler),
-    "tcd" (trajectory consistency sampling, option gamma = diffusers' step eta; diffusers' TCDScheduler),
+    "tcd" (trajectory consistency sampling, option gamma = diffusers' step eta; diffusers' TCDScheduler), "edm_euler"
+    (EDM-preconditioned Euler on config σ's; diffusers' EDMEulerScheduler),
     "ipndm" (iPNDM: Adams–Bashforth on ε̂, orders 1–4, default 3; its default grid is
     time-quadratic), "flow_euler" / "flow_heun" (flow-matching velocity models, diffusers' FlowMatchEuler/Heun:
     shift, use_dynamic_shifting with mu= or image_seq_len=, time_shift_type, shift_terminal, invert_sigmas,
@@ -669,7 +670,7 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
     DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
     HeunDiscreteScheduler, PNDMScheduler, LMSDiscreteScheduler,
     DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler,
-    LCMScheduler, TCDScheduler, FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler:
+    LCMScheduler, TCDScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler:
     its β schedule and every setting that changes the math are adopted
     (solver_order, algorithm_type, solver_type, use_karras_sigmas, final_sigmas_type, lower_order_final,
     timestep_spacing, steps_offset, prediction_type, thresholding and its settings, ...); `options` override them.

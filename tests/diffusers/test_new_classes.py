@@ -281,6 +281,22 @@ def test_tcd_grids_and_eta_change_like_diffusers():
         a.step(x, a.timesteps[1], x, eta=0.2)
 
 
+EDM_CFGS = [{}, dict(sigma_schedule="exponential", prediction_type="v_prediction"), dict(final_sigmas_type="sigma_min")]
+
+
+@pytest.mark.parametrize("cfg", EDM_CFGS, ids=range(len(EDM_CFGS)))
+@pytest.mark.parametrize("steps", [1, 4, 12])
+def test_edm_euler_loop_like_diffusers(cfg, steps):
+    """prev_sample and x̂0 every step; the network's input c_in·x and timesteps ¼·log σ as diffusers'."""
+    same_run("EDMEulerScheduler", cfg, steps)
+    a, b = fd.EDMEulerScheduler(**cfg), hf.EDMEulerScheduler(**cfg)
+    for s in (a, b):
+        s.set_timesteps(steps)
+    assert torch.equal(a.timesteps, b.timesteps) and a.init_noise_sigma == b.init_noise_sigma
+    x = torch.randn(SHAPE)
+    assert rel(a.scale_model_input(x, a.timesteps[0]), b.scale_model_input(x, b.timesteps[0])) <= 1e-6
+
+
 # ---- tiny Stable Diffusion pipelines ----
 
 tp = pytest.importorskip("tiny_pipes")
@@ -297,7 +313,7 @@ pytest.importorskip("transformers")
                                        ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
                                        ("DEISMultistepScheduler", {}),
                                        ("DEISMultistepScheduler", {"solver_order": 3}),
-                                       ("LCMScheduler", {}), ("TCDScheduler", {})])
+                                       ("LCMScheduler", {}), ("TCDScheduler", {}), ("EDMEulerScheduler", {})])
 def test_sd_pipeline_like_diffusers(kind, name, over):
     from test_pipe_schedulers import SD_TOL, _compare, _config, _sd_run
 

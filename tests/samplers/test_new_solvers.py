@@ -255,3 +255,14 @@ def test_tcd_gamma_matches_diffusers(eta):
     for t in ref.timesteps:
         x = ref.step(model(x, t.reshape(1).expand(SHAPE[0])), t, x, eta=eta, generator=g).prev_sample
     assert rel_err(got, x) <= BOUND
+
+
+EDM = [dict(), dict(sigma_schedule="exponential"), dict(prediction_type="v_prediction", final_sigmas_type="sigma_min"),
+       dict(sigma_min=0.01, sigma_max=20.0, rho=5.0, sigma_data=1.0)]
+
+
+@pytest.mark.parametrize("cfg", EDM, ids=[("-".join(f"{k}={v}" for k, v in c.items()) or "default") for c in EDM])
+@pytest.mark.parametrize("steps", [1, 2, 5, 18])
+def test_edm_euler_matches_diffusers(cfg, steps):
+    """The network sees diffusers' float32 c_noise = ¼·log σ and its c_in-scaled input."""
+    check("EDMEulerScheduler", cfg, steps)
