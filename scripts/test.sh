@@ -42,13 +42,19 @@ if [ $# -eq 0 ]; then
 fi
 export TRITON_INTERPRET=1
 stage "pytest (Triton under its interpreter)"
+# the full run records every Triton kernel specialization it launches, for the GPU compile check below
+rec=$(mktemp -d)/triton_specs.json
 set +e
-$PY -m pytest -q -p no:cacheprovider tests "$@"
+if [ $# -eq 0 ]; then
+  FASTDIFF_TRITON_RECORD=$rec $PY -m pytest -q -p no:cacheprovider tests
+else
+  $PY -m pytest -q -p no:cacheprovider tests "$@"
+fi
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
 [ $rc -eq 0 ] || exit $rc
 # every Triton kernel specialization the tests launch, compiled for sm_80/sm_90 with Triton's own ptxas (no GPU
 # needed): catches what the interpreter accepts and a GPU rejects (tl.dot shapes, shared memory over the limit)
-if [ $# -eq 0 ]; then stage "Triton AOT compile check"; $PY scripts/triton_aot_check.py; fi
+if [ $# -eq 0 ]; then stage "Triton AOT compile check"; $PY scripts/triton_aot_check.py --from-record "$rec"; fi
 stage "done"

@@ -40,14 +40,14 @@ def _arg_type(v) -> tuple[str, object]:
     raise TypeError(f"unsupported kernel argument {type(v).__name__}")
 
 
-def record(out_path: str, pytest_args: list[str]) -> int:
-    """Phase 1 (TRITON_INTERPRET=1): run pytest in-process, write the distinct launch specializations as JSON."""
+def install_recorder(specs: dict) -> None:
+    """Record every fastdiff kernel launch's specialization into `specs` (its JSON → the spec) from now on in this
+    process (TRITON_INTERPRET=1). tests/conftest.py installs it for the whole test run when FASTDIFF_TRITON_RECORD
+    names a file, so scripts/test.sh compiles what the suite launched without running the Triton tests twice."""
     import inspect
 
-    import pytest
     from triton.runtime.interpreter import InterpretedFunction
 
-    specs: dict[str, dict] = {}
     run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
@@ -77,9 +77,21 @@ def record(out_path: str, pytest_args: list[str]) -> int:
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = recording_run
-    rc = pytest.main(["-q", "-p", "no:cacheprovider", *pytest_args])
+
+
+def write_record(specs: dict, out_path: str) -> None:
     with open(out_path, "w") as f:
         json.dump(list(specs.values()), f)
+
+
+def record(out_path: str, pytest_args: list[str]) -> int:
+    """Phase 1 (TRITON_INTERPRET=1): run pytest in-process, write the distinct launch specializations as JSON."""
+    import pytest
+
+    specs: dict[str, dict] = {}
+    install_recorder(specs)
+    rc = pytest.main(["-q", "-p", "no:cacheprovider", *pytest_args])
+    write_record(specs, out_path)
     return int(rc)
 
 
@@ -150,12 +162,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cc", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
     ap.add_argument("--record", metavar="JSON", help=argparse.SUPPRESS)  # phase 1, run in a subprocess
+    ap.add_argument("--from-record", metavar="JSON", help="compile the specializations a test run already recorded "
+                    "(FASTDIFF_TRITON_RECORD=JSON pytest ...; scripts/test.sh does this) instead of running the "
+                    "Triton tests again")
     ap.add_argument("pytest_args", nargs="*", default=["tests/ops", "-k", "triton"])
     a = ap.parse_args()
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
     sys.path.insert(0, os.getcwd())  # as `python -m pytest` does: tests import tests.conftest
     if a.record:
         return record(a.record, a.pytest_args)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if a.from_record:
+        if not os.path.exists(a.from_record):
+            print(f"triton_aot_check: no record at {a.from_record}")
+            return 1
+        return _compile_in_subprocess(a.from_record, a.cc, env)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "specs.json")
         env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -164,11 +185,15 @@ def main() -> int:
             print(f"triton_aot_check: the interpreter test run failed (pytest exit {rc}); compiling what it launched")
         if not os.path.exists(path):
             return 1
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-c", "import sys, runpy; sys.argv = sys.argv[1:]; "
-                                "sys.exit(runpy.run_path(sys.argv[0], run_name='compile')['compile_all']"
-                                "(sys.argv[1], [int(c) for c in sys.argv[2:]]))", __file__, path,
-                                *map(str, a.cc)], env=env) or (1 if rc not in (0, 5) else 0)
+        return _compile_in_subprocess(path, a.cc, env) or (1 if rc not in (0, 5) else 0)
+
+
+def _compile_in_subprocess(path: str, ccs: list[int], env: dict) -> int:
+    """Phase 2 in a fresh process without TRITON_INTERPRET (the real compiler)."""
+    return subprocess.call([sys.executable, "-c", "import sys, runpy; sys.argv = sys.argv[1:]; "
+                            "sys.exit(runpy.run_path(sys.argv[0], run_name='compile')['compile_all']"
+                            "(sys.argv[1], [int(c) for c in sys.argv[2:]]))", __file__, path,
+                            *map(str, ccs)], env=env)
 
 
 if __name__ == "__main__":

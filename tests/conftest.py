@@ -46,3 +46,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# FASTDIFF_TRITON_RECORD=FILE: record the specialization of every fastdiff Triton kernel this run launches (under the
+# interpreter) and write them to FILE at the end, for `scripts/triton_aot_check.py --from-record FILE`
+# (scripts/test.sh: the GPU compile check then needs no second run of the Triton tests).
+_TRITON_SPECS = None
+if os.environ.get("FASTDIFF_TRITON_RECORD") and os.environ.get("TRITON_INTERPRET") == "1":
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location(
+        "_triton_aot_check", os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts",
+                                          "triton_aot_check.py"))
+    _aot = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_aot)
+    _TRITON_SPECS = {}
+    _aot.install_recorder(_TRITON_SPECS)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _TRITON_SPECS is not None:
+        _aot.write_record(_TRITON_SPECS, os.environ["FASTDIFF_TRITON_RECORD"])
