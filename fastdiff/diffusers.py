@@ -1147,14 +1147,15 @@ class TCDScheduler(LCMScheduler):
 
 class EDMEulerScheduler(_PlanScheduler):
     """diffusers' EDMEulerScheduler (Euler with EDM preconditioning on Karras/exponential σ's from the config;
-    samplers.edm) on fastdiff's fused op. Run after set_timesteps (diffusers' full grid before it is not offered);
-    s_churn > 0 and a caller-given pred_original_sample are not offered either."""
+    samplers.edm) on fastdiff's fused op, usable before set_timesteps as diffusers'; s_churn > 0 and a caller-given
+    pred_original_sample are not offered."""
 
     _hf_class = _hf.EDMEulerScheduler
     _compatibles = list(_hf.EDMEulerScheduler._compatibles)
     order = _hf.EDMEulerScheduler.order
     _sampler = "edm_euler"
     _restarts = False
+    _euler_family = True
     _result_dtype = "model"
     __init__ = _init_like(_hf.EDMEulerScheduler)
     is_scale_input_called = False
@@ -1162,6 +1163,12 @@ class EDMEulerScheduler(_PlanScheduler):
     @property
     def init_noise_sigma(self):
         return (self.config.sigma_max**2 + 1) ** 0.5
+
+    def _init_grid(self):
+        """Usable before set_timesteps, as diffusers': the T + 1 σ's its __init__ builds."""
+        self._set(self.config.num_train_timesteps, None, overrides={"init_ramp": True})
+        self.num_inference_steps = None
+        self._init_grid_active = True
 
     @_set_timesteps
     def set_timesteps(self, num_inference_steps: int = None, device=None, sigmas=None):

@@ -20,14 +20,19 @@ from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
 
 DEFAULTS = dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras", prediction_type="epsilon",
-                rho=7.0, final_sigmas_type="zero")
+                rho=7.0, final_sigmas_type="zero", init_ramp=False)
 
 
 def sigmas(o: dict, steps: int) -> tuple[list[float], np.ndarray]:
-    """(σ's float64, σ's as diffusers' float32 tensor gives them) for `steps` calls, without the final σ."""
+    """(σ's float64, σ's as diffusers' float32 tensor gives them) for `steps` calls, without the final σ; with
+    o["init_ramp"] the T + 1 σ's diffusers' __init__ builds (its ramp arange(T + 1)/T, steps = T)."""
     lo, hi, rho = float(o["sigma_min"]), float(o["sigma_max"]), float(o["rho"])
-    if o["sigma_schedule"] == "karras":
+    if o.get("init_ramp"):
+        ramp = torch.arange(steps + 1, dtype=torch.float64) / steps
+        steps += 1
+    else:
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if o["sigma_schedule"] == "karras":
         s64 = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
         s32 = s64.to(torch.float32)
     elif o["sigma_schedule"] == "exponential":

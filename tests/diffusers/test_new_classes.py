@@ -297,6 +297,19 @@ def test_edm_euler_loop_like_diffusers(cfg, steps):
     assert rel(a.scale_model_input(x, a.timesteps[0]), b.scale_model_input(x, b.timesteps[0])) <= 1e-6
 
 
+def test_edm_euler_before_set_timesteps_like_diffusers():
+    """diffusers' __init__ builds the T + 1 σ's of its ramp: timesteps, σ's and a step on them as diffusers'."""
+    a, b = fd.EDMEulerScheduler(num_train_timesteps=50), hf.EDMEulerScheduler(num_train_timesteps=50)
+    assert torch.equal(a.timesteps, b.timesteps) and torch.allclose(a.sigmas, b.sigmas, rtol=1e-6)
+    x, m = torch.randn(SHAPE), Tiny()
+    for t in b.timesteps[:3]:
+        o = m(b.scale_model_input(x, t), t)
+        a.scale_model_input(x, t)
+        xa, xb = a.step(o, t, x).prev_sample, b.step(o, t, x).prev_sample
+        assert rel(xa, xb) <= TOL
+        x = xb
+
+
 # ---- tiny Stable Diffusion pipelines ----
 
 tp = pytest.importorskip("tiny_pipes")
