@@ -93,7 +93,7 @@ from fastdiff.schedule import NoiseSchedule
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
            "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-           "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler", "EDMEulerScheduler",
+           "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler", "EDMEulerScheduler", "IPNDMScheduler",
            "LMSDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "SCHEDULERS",
            "FLOW_SCHEDULERS", "equivalent"]
 
@@ -1198,6 +1198,34 @@ class EDMEulerScheduler(_PlanScheduler):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
 
 
+class IPNDMScheduler(_PlanScheduler):
+    """diffusers' IPNDMScheduler (iPNDM on its angle schedule β = sin²(s·π/2), α = √(1 − β²); samplers.ipndm_v, not
+    fastdiff's VP "ipndm") on fastdiff's fused op. Usable before set_timesteps as diffusers' (its __init__ runs
+    set_timesteps(T)); trained_betas (diffusers' per-step β's) run on diffusers' own class."""
+
+    _hf_class = _hf.IPNDMScheduler
+    _compatibles = list(_hf.IPNDMScheduler._compatibles)
+    order = _hf.IPNDMScheduler.order
+    _sampler = "ipndm_v"
+    __init__ = _init_like(_hf.IPNDMScheduler)
+
+    def _setup(self, args):
+        super()._setup(args)
+        if self._hf_impl is None:
+            try:  # diffusers' __init__ runs set_timesteps(num_train_timesteps)
+                self._set(args["num_train_timesteps"], None)
+            except _REFUSALS as e:
+                self._to_diffusers(e)
+
+    @_set_timesteps
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        self._set(num_inference_steps, device)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        prev, _ = self._fused_step(model_output, timestep, sample)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
 class DEISMultistepScheduler(_PlanScheduler):
     """diffusers' DEISMultistepScheduler (DEIS ρAB, orders 1–3; samplers.deis) on fastdiff's fused op. A run started
     mid-schedule (img2img) restarts the warm-up orders there, as diffusers' does."""
@@ -1900,7 +1928,7 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
 SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                                       DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler,
                                       KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler, LCMScheduler,
-                                      TCDScheduler, EDMEulerScheduler,
+                                      TCDScheduler, EDMEulerScheduler, IPNDMScheduler,
                                       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
                                       UniPCMultistepScheduler, PNDMScheduler, LMSDiscreteScheduler)}
 # the flow-matching schedulers (velocity models: SD3, Flux, ...), kept apart from the ε/x0/v ones above (whose

@@ -10,6 +10,7 @@
     lcm         latent consistency sampling: consistency jump, then re-noise (Luo et al. 2023)
     tcd         trajectory consistency sampling, γ-stochastic (Zheng et al. 2024)
     edm         EDM Euler: EDM preconditioning, Karras/exponential σ's from the config (Karras et al. 2022)
+    ipndm_v     diffusers' IPNDMScheduler: iPNDM on its angle (v-diffusion) schedule, not the VP ipndm
     lms         linear multistep on the σ grid, Lagrange-integral weights, order 4 (Karras et al. 2022; k-diffusion)
     ipndm       iPNDM, Adams–Bashforth on ε̂ with a lower-order warm-up, on any grid (Zhang & Chen 2023, DEIS)
     flow        flow-matching Euler (deterministic or re-noising) and Heun on a velocity model's σ ∈ (0, 1] grid
@@ -28,7 +29,8 @@ from typing import Any
 
 import torch
 
-from fastdiff.samplers import (deis, dpm_singlestep, dpm_solver, edm, euler, flow, ipndm, kdpm2, lcm, lms, pndm,
+from fastdiff.samplers import (deis, dpm_singlestep, dpm_solver, edm, euler, flow, ipndm, ipndm_v, kdpm2, lcm, lms,
+                               pndm,
                                tcd,
                                unipc)
 from fastdiff.samplers.grids import TIME_GRIDS, Grid, custom_grid, make_grid
@@ -55,6 +57,7 @@ _FAMILIES = {
     "lcm": (lcm.plan, lcm.DEFAULTS, {}),
     "tcd": (tcd.plan, tcd.DEFAULTS, {}),
     "edm_euler": (edm.euler_plan, edm.DEFAULTS, {}),
+    "ipndm_v": (ipndm_v.plan, ipndm_v.DEFAULTS, {}),
 }
 FLOW_SAMPLERS = ("flow_euler", "flow_heun")  # velocity models: σ ∈ (0, 1], no β table (fastdiff.samplers.flow)
 SAMPLERS = ("ddim", "ddpm", *_FAMILIES)
@@ -70,6 +73,7 @@ SCHEDULER_CLASSES = {
     "DPMSolverSinglestepScheduler": "dpmsolver_singlestep", "KDPM2DiscreteScheduler": "kdpm2",
     "KDPM2AncestralDiscreteScheduler": "kdpm2_ancestral", "DEISMultistepScheduler": "deis",
     "LCMScheduler": "lcm", "TCDScheduler": "tcd", "EDMEulerScheduler": "edm_euler",
+    "IPNDMScheduler": "ipndm_v",
 }
 
 # Settings of diffusers' schedulers that change the math: an error when set to anything but the value that leaves

@@ -309,7 +309,8 @@ def _synthetic_loop(lib, name, dtype, steps=8):
                                                                        "EulerAncestralDiscreteScheduler",
                                                                        "KDPM2AncestralDiscreteScheduler",
                                                                        "LCMScheduler", "TCDScheduler",
-                                                                       "EDMEulerScheduler")])  # no β config
+                                                                       "EDMEulerScheduler",
+                                                                       "IPNDMScheduler")])  # no β config
 def test_dtypes_float64_exact_and_half_no_worse_than_diffusers(name):
     """float64 samples run the reference in float64 (= diffusers' float64 loop); fp16/bf16 samples (math in
     float32, one rounding per output) stay within 2× diffusers' own error against that float64 loop."""

@@ -42,6 +42,8 @@ def _counts(pipe, kind, call):
 def test_no_host_sync_one_fused_op_per_step(kind, name, over, call):
     if name == "PNDMScheduler" and kind == "img2img" and not over.get("skip_prk_steps"):
         pytest.skip("PRK warm-up started mid-schedule is refused (test_prk_mid_schedule_is_refused)")
+    if name == "IPNDMScheduler" and kind == "img2img":
+        pytest.skip("diffusers' IPNDMScheduler has no add_noise: img2img fails with it too")
     pipe = tp.sd_pipe(kind)
     cfg = {k: v for k, v in dict(pipe.scheduler.config).items() if k != "_use_default_values"}
     cfg.update(over)

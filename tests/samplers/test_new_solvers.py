@@ -266,3 +266,9 @@ EDM = [dict(), dict(sigma_schedule="exponential"), dict(prediction_type="v_predi
 def test_edm_euler_matches_diffusers(cfg, steps):
     """The network sees diffusers' float32 c_noise = ¼·log σ and its c_in-scaled input."""
     check("EDMEulerScheduler", cfg, steps)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 12, 30])
+def test_ipndm_v_matches_diffusers(steps):
+    """diffusers' IPNDMScheduler (its angle schedule; not fastdiff's VP 'ipndm'): warm-up orders 1-3, then 4."""
+    check("IPNDMScheduler", {}, steps)
