@@ -35,7 +35,7 @@ TEACHER = dict(sampler="dpmsolver++", solver_order=3)  # the fine-grid solver
 BLIND = ("quadratic", "logsnr")  # model-blind grids tried as starts and kept as candidates
 STARTS = 2  # refinements, each from one of the best starts on the calibration batch (measured on 2-D mixtures:
 # two starts lower the calibrated error by ~10 % against one, at ~1.6x the calls)
-STOCHASTIC = ("ddpm", "euler_ancestral", "sde-dpmsolver++")
+STOCHASTIC = ("ddpm", "euler_ancestral", "sde-dpmsolver++", "kdpm2_ancestral", "lcm", "tcd")  # noise every step
 
 
 @dataclasses.dataclass
@@ -99,6 +99,10 @@ def calibrate_report(model: Callable, steps: int, *, sampler: str = "unipc", sha
                                              or options.get("use_flow_sigmas"))):
         raise NotImplementedError(f"sampler: {name!r} on flow σ's takes no custom timesteps (as in diffusers), so "
                                   "there is no grid to calibrate for it; calibrate sampler='flow_euler' instead")
+    if name.startswith("edm"):
+        raise NotImplementedError(f"sampler: {name!r} calls the model with EDM's c_noise = ¼·log σ, not a training "
+                                  "timestep; fastdiff.calibrate's teacher calls it with timesteps, so EDM models are not "
+                                  "calibrated yet")
     bad = [k for k in FLOW_UNSUPPORTED if flow and options.get(k)]
     if bad:
         raise NotImplementedError(f"{bad[0]}: fastdiff.calibrate handles flow_euler with a static shift only (a "
@@ -112,7 +116,13 @@ def calibrate_report(model: Callable, steps: int, *, sampler: str = "unipc", sha
         if isinstance(v, bool) or not isinstance(v, int) or v < (2 if k == "fine_steps" else 0):
             raise ValueError(f"{k} must be an int >= {2 if k == 'fine_steps' else 0}, got {v!r}")
     if name not in ("ddim", "ddpm"):
-        S.solver_options(name, None, dict(options))  # unknown options named before any model call
+        opts = S.solver_options(name, cfg, dict(options))  # unknown options named before any model call
+        if not flow:  # a sampler that takes no grid as data has nothing to calibrate: said before any model call
+            try:
+                S.build_plan(name, sched, steps, opts, grids.make_grid(sched, steps, "quadratic"))
+            except (ValueError, NotImplementedError, TypeError) as e:
+                raise NotImplementedError(f"sampler: {name!r} takes no grid as data here ({e}), so there is no grid "
+                                          "to calibrate for it") from None
     mdtype, mdevice = _model_dtype_device(model)
     dtype = dtype or mdtype or torch.float32
     dev = torch.device(device or mdevice or "cpu")
@@ -307,7 +317,8 @@ def default_grid(name: str, sched, cfg, steps: int, options: dict) -> list | Non
         _, opts = resolve_schedule(cfg, dict(options)) if cfg else resolve_schedule(None, dict(options))
         return [float(t) for t in make_plan(name, sched, opts, steps).timesteps.tolist()]
     plan = S.build_plan(name, sched, steps, S.solver_options(name, cfg, dict(options)))
-    return [float(t) for t in dict.fromkeys(plan.timesteps)]  # Heun and PLMS visit a time twice
+    ts = [float(t) for t in dict.fromkeys(plan.timesteps)]  # Heun and PLMS visit a time twice
+    return ts if len(ts) == steps else None  # KDPM2's interpolated midpoints are not grid points
 
 
 def fine_grid(schedule, fine_steps: int) -> list:

@@ -72,7 +72,8 @@ def test_fine_grid_spans_the_schedule():
     assert g[0] == 999 and g[-1] == 0 and all(a > b for a, b in zip(g, g[1:]))
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler", "heun", "ipndm", "plms", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler", "heun", "ipndm", "plms", "ddpm", "lms", "deis",
+                                     "dpmsolver_singlestep", "kdpm2", "pndm"])
 def test_calibrate_works_for_every_sampler(sampler):
     m = MIX.model(SCHED)
     r = calibrate_report(m, 5, sampler=sampler, shape=(32, 2), generator=torch.Generator().manual_seed(0),
@@ -115,6 +116,10 @@ def test_calibrate_bad_models_and_arguments():
         fastdiff.calibrate(good, 5, shape=(8, 2), eta=1.0, progress=False)
     with pytest.raises((TypeError, ValueError), match="steps"):
         fastdiff.calibrate(good, 0, shape=(8, 2), progress=False)
+    with pytest.raises(NotImplementedError, match="'ipndm_v' takes no grid as data"):
+        fastdiff.calibrate(good, 5, sampler="ipndm_v", shape=(8, 2), progress=False)
+    with pytest.raises(NotImplementedError, match="'edm_euler' calls the model with EDM's c_noise"):
+        fastdiff.calibrate(good, 5, sampler="edm_euler", shape=(8, 2), progress=False)
     with pytest.raises(NotImplementedError, match="'flow_heun' on flow σ's takes no custom timesteps"):
         fastdiff.calibrate(good, 5, sampler="flow_heun", shape=(8, 2), progress=False)
     with pytest.raises(NotImplementedError, match="use_dynamic_shifting: fastdiff.calibrate handles flow_euler"):
