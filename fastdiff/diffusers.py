@@ -85,6 +85,7 @@ from fastdiff.ops import multistep as M
 from fastdiff.ops import sampler_step as SS
 from fastdiff.samplers import flow as _flow
 from fastdiff.samplers import grids as _grids
+from fastdiff.samplers import ipndm_v as _ipndm_v
 from fastdiff.samplers import deis as _deis
 from fastdiff.samplers import dpm_singlestep as _singlestep
 from fastdiff.samplers import lms as _lms
@@ -1220,6 +1221,11 @@ class IPNDMScheduler(_PlanScheduler):
     @_set_timesteps
     def set_timesteps(self, num_inference_steps: int, device=None):
         self._set(num_inference_steps, device)
+
+    def _tail_plan(self, k: int):
+        plan = _ipndm_v.plan(self._schedule, self.num_inference_steps, self._opts, start=k)
+        plan.sampler = self._sampler
+        return plan
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         prev, _ = self._fused_step(model_output, timestep, sample)

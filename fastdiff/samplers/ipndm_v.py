@@ -37,7 +37,8 @@ def tables(steps: int):
     return [float(v) for v in b64], [float(v) for v in a64], ts
 
 
-def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
+def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None, *, start: int = 0):
+    """start=k: the run diffusers makes from step k with an empty history (its warm-up orders from k)."""
     if o.get("trained_betas") is not None:
         raise ValueError("trained_betas: diffusers' IPNDMScheduler uses them as its per-step β's (one more than the "
                          "steps); fastdiff does not offer that")
@@ -47,6 +48,8 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
     names = ["e1", "e2", "e3"]  # the previous e's, e1 the newest
     b = PlanBuilder("ipndm_v")
     for i, t in enumerate(ts):
+        if i < start:
+            continue
         c = b.call(t)
         e_xo = beta[i] * c.x + alpha[i] * c.o
         e = c.convert(e_xo)  # d = e_i, kept for the next steps
@@ -62,5 +65,5 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
                     c.put(names[j], c.get(names[j - 1]))
             c.put(names[0], e)
         c.next(alpha[i + 1] * x0 + beta[i + 1] * E)
-    return b.build(t_dtype=torch.float32, init_noise_sigma=1.0, timesteps=ts, options=dict(o), sigmas=None,
+    return b.build(t_dtype=torch.float32, init_noise_sigma=1.0, timesteps=ts[start:], options=dict(o), sigmas=None,
                    d_is_x0=False)

@@ -316,6 +316,19 @@ def test_ipndm_loop_like_diffusers(steps):
     same_run("IPNDMScheduler", {}, steps)
 
 
+def test_ipndm_mid_schedule_start_like_diffusers():
+    """A first step at timesteps[4] (no begin index): diffusers finds it by value and starts its warm-up there."""
+    xs = []
+    for lib in (fd, hf):
+        s = lib.IPNDMScheduler()
+        s.set_timesteps(10)
+        x, m = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)), Tiny()
+        for t in s.timesteps[4:]:
+            x = s.step(m(x, t), t, x).prev_sample
+        xs.append(x)
+    assert rel(xs[0], xs[1]) <= TOL
+
+
 def test_ipndm_before_set_timesteps_like_diffusers():
     a, b = fd.IPNDMScheduler(num_train_timesteps=40), hf.IPNDMScheduler(num_train_timesteps=40)
     assert torch.equal(a.timesteps, b.timesteps) and a.num_inference_steps == b.num_inference_steps
