@@ -9,7 +9,8 @@
     deis        DEIS ρAB multistep, orders 1–3, Lagrange in log ρ (Zhang & Chen 2023)
     lcm         latent consistency sampling: consistency jump, then re-noise (Luo et al. 2023)
     tcd         trajectory consistency sampling, γ-stochastic (Zheng et al. 2024)
-    edm         EDM Euler: EDM preconditioning, Karras/exponential σ's from the config (Karras et al. 2022)
+    edm         EDM Euler and EDM DPM-Solver++: EDM preconditioning, Karras/exponential σ's from the config
+                (Karras et al. 2022; Lu et al. 2022b)
     ipndm_v     diffusers' IPNDMScheduler: iPNDM on its angle (v-diffusion) schedule, not the VP ipndm
     lms         linear multistep on the σ grid, Lagrange-integral weights, order 4 (Karras et al. 2022; k-diffusion)
     ipndm       iPNDM, Adams–Bashforth on ε̂ with a lower-order warm-up, on any grid (Zhang & Chen 2023, DEIS)
@@ -57,6 +58,7 @@ _FAMILIES = {
     "lcm": (lcm.plan, lcm.DEFAULTS, {}),
     "tcd": (tcd.plan, tcd.DEFAULTS, {}),
     "edm_euler": (edm.euler_plan, edm.DEFAULTS, {}),
+    "edm_dpmsolver++": (edm.dpmsolver_plan, edm.DPM_DEFAULTS, {}),
     "ipndm_v": (ipndm_v.plan, ipndm_v.DEFAULTS, {}),
 }
 FLOW_SAMPLERS = ("flow_euler", "flow_heun")  # velocity models: σ ∈ (0, 1], no β table (fastdiff.samplers.flow)
@@ -73,6 +75,7 @@ SCHEDULER_CLASSES = {
     "DPMSolverSinglestepScheduler": "dpmsolver_singlestep", "KDPM2DiscreteScheduler": "kdpm2",
     "KDPM2AncestralDiscreteScheduler": "kdpm2_ancestral", "DEISMultistepScheduler": "deis",
     "LCMScheduler": "lcm", "TCDScheduler": "tcd", "EDMEulerScheduler": "edm_euler",
+    "EDMDPMSolverMultistepScheduler": "edm_dpmsolver++",
     "IPNDMScheduler": "ipndm_v",
 }
 
