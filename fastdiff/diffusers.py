@@ -94,7 +94,8 @@ from fastdiff.schedule import NoiseSchedule
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
            "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-           "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler", "EDMEulerScheduler", "IPNDMScheduler",
+           "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler", "EDMEulerScheduler",
+           "EDMDPMSolverMultistepScheduler", "IPNDMScheduler",
            "LMSDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "SCHEDULERS",
            "FLOW_SCHEDULERS", "equivalent"]
 
@@ -603,7 +604,7 @@ class _PlanScheduler(_Base):
                                           "(skip_prk_steps=False) is not supported by fastdiff; set "
                                           "skip_prk_steps=True")
             return self._build_uncached(n, o, plms_tail=self._plans[0].timesteps[k:])
-        if self._sampler == "dpmsolver++" and n >= 15:
+        if self._sampler in ("dpmsolver++", "edm_dpmsolver++") and n >= 15:
             o["lower_order_final"] = False  # diffusers' "len(timesteps) < 15" is about the full grid
         if self._sampler == "unipc":
             o["disable_corrector"] = tuple(int(j) - k for j in o["disable_corrector"])
@@ -1194,6 +1195,40 @@ class EDMEulerScheduler(_PlanScheduler):
         if not return_dict:
             return prev, None
         return _hf.schedulers.scheduling_edm_euler.EDMEulerSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+
+
+class EDMDPMSolverMultistepScheduler(_PlanScheduler):
+    """diffusers' EDMDPMSolverMultistepScheduler (DPM-Solver++ orders 1–3, ODE and SDE, on EDM's Karras/exponential
+    σ's with EDM preconditioning; samplers.edm.dpmsolver_plan) on fastdiff's fused op. As diffusers', step needs
+    set_timesteps first; a mid-schedule start (begin_index, img2img) restarts the history as diffusers' does."""
+
+    _hf_class = _hf.EDMDPMSolverMultistepScheduler
+    _compatibles = list(_hf.EDMDPMSolverMultistepScheduler._compatibles)
+    order = _hf.EDMDPMSolverMultistepScheduler.order
+    _sampler = "edm_dpmsolver++"
+    __init__ = _init_like(_hf.EDMDPMSolverMultistepScheduler)
+    is_scale_input_called = False
+
+    @property
+    def init_noise_sigma(self):
+        return (self.config.sigma_max**2 + 1) ** 0.5
+
+    @_set_timesteps
+    def set_timesteps(self, num_inference_steps: int = None, device=None):
+        self._set(num_inference_steps, device)
+
+    scale_model_input = _scaled_input
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        prev, _ = self._fused_step(model_output, timestep, sample, generator)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
@@ -1934,7 +1969,8 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
 SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                                       DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler,
                                       KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler, LCMScheduler,
-                                      TCDScheduler, EDMEulerScheduler, IPNDMScheduler,
+                                      TCDScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler,
+                                      IPNDMScheduler,
                                       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
                                       UniPCMultistepScheduler, PNDMScheduler, LMSDiscreteScheduler)}
 # the flow-matching schedulers (velocity models: SD3, Flux, ...), kept apart from the ε/x0/v ones above (whose

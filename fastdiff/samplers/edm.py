@@ -105,6 +105,9 @@ def dpmsolver_plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Gr
         sig, s32 = list(grid_.sigmas), np.asarray(grid_.sigmas, dtype=np.float32)
     else:
         sig, s32 = sigmas(o, steps)
+        if o["sigma_schedule"] == "karras":  # this class forms its Karras σ's in float32 (a float32 ramp)
+            lo, hi, rho = float(o["sigma_min"]), float(o["sigma_max"]), float(o["rho"])
+            s32 = ((hi ** (1 / rho) + torch.linspace(0, 1, steps) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho).numpy()
     ts = [float(t) for t in (0.25 * torch.from_numpy(s32).log())]  # c_noise, float32 as diffusers forms it
     last = 0.0
     if o["final_sigmas_type"] == "sigma_min":

@@ -310,6 +310,45 @@ def test_edm_euler_before_set_timesteps_like_diffusers():
         x = xb
 
 
+EDM_DPM_CFGS = [{}, dict(solver_order=3, sigma_schedule="exponential", prediction_type="v_prediction"),
+                dict(solver_type="heun", final_sigmas_type="sigma_min", euler_at_final=True),
+                dict(algorithm_type="sde-dpmsolver++"), dict(solver_order=1, thresholding=True, sample_max_value=2.0)]
+
+
+@pytest.mark.parametrize("cfg", EDM_DPM_CFGS, ids=range(len(EDM_DPM_CFGS)))
+@pytest.mark.parametrize("steps", [1, 4, 12, 16])
+def test_edm_dpmsolver_loop_like_diffusers(cfg, steps):
+    """prev_sample every step, the network on c_in·x at ¼·log σ; img2img starts (set_begin_index) restart the
+    history as diffusers' does, lower_order_final judged on the full grid."""
+    same_run("EDMDPMSolverMultistepScheduler", cfg, steps)
+    if steps > 2:
+        same_run("EDMDPMSolverMultistepScheduler", cfg, steps, begin=steps // 2)
+    a, b = fd.EDMDPMSolverMultistepScheduler(**cfg), hf.EDMDPMSolverMultistepScheduler(**cfg)
+    for s in (a, b):
+        s.set_timesteps(steps)
+    assert torch.equal(a.timesteps, b.timesteps) and a.init_noise_sigma == b.init_noise_sigma
+    assert torch.allclose(a.sigmas, b.sigmas, rtol=1e-6, atol=0)
+    x = torch.randn(SHAPE)
+    assert rel(a.scale_model_input(x, a.timesteps[0]), b.scale_model_input(x, b.timesteps[0])) <= 1e-6
+
+
+def test_edm_dpmsolver_step_before_set_timesteps_like_diffusers():
+    x = torch.randn(SHAPE)
+    for s in (fd.EDMDPMSolverMultistepScheduler(), hf.EDMDPMSolverMultistepScheduler()):
+        assert s.num_inference_steps is None
+        with pytest.raises(ValueError, match="set_timesteps"):
+            s.step(x, s.timesteps[0], x)
+
+
+def test_edm_dpmsolver_registered():
+    assert fd.SCHEDULERS["EDMDPMSolverMultistepScheduler"] is fd.EDMDPMSolverMultistepScheduler
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new = fd.equivalent(hf.EDMDPMSolverMultistepScheduler(solver_order=3))
+    assert type(new) is fd.EDMDPMSolverMultistepScheduler and new.config.solver_order == 3
+
+
 @pytest.mark.parametrize("steps", [1, 3, 5, 20])
 def test_ipndm_loop_like_diffusers(steps):
     """diffusers' IPNDMScheduler (its angle schedule): the first step's α = 0 gives diffusers' exact 0·x̂0."""
