@@ -659,8 +659,9 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
     calls; diffusers' KDPM2DiscreteScheduler / KDPM2AncestralDiscreteScheduler), "deis" (DEIS ρAB multistep, orders
     1–3; diffusers' DEISMultistepScheduler), "lcm" (latent consistency sampling; diffusers' LCMScheduler),
     "tcd" (trajectory consistency sampling, option gamma = diffusers' step eta; diffusers' TCDScheduler), "edm_euler"
-    (EDM-preconditioned Euler on config σ's; diffusers' EDMEulerScheduler), "ipndm_v" (diffusers' IPNDMScheduler:
-    iPNDM on its angle schedule),
+    (EDM-preconditioned Euler on config σ's; diffusers' EDMEulerScheduler), "edm_dpmsolver++" (DPM-Solver++ 1–3,
+    ODE/SDE, on EDM's σ's with its preconditioning; diffusers' EDMDPMSolverMultistepScheduler), "ipndm_v"
+    (diffusers' IPNDMScheduler: iPNDM on its angle schedule),
     "ipndm" (iPNDM: Adams–Bashforth on ε̂, orders 1–4, default 3; its default grid is
     time-quadratic), "flow_euler" / "flow_heun" (flow-matching velocity models, diffusers' FlowMatchEuler/Heun:
     shift, use_dynamic_shifting with mu= or image_seq_len=, time_shift_type, shift_terminal, invert_sigmas,
@@ -671,7 +672,7 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
     DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
     HeunDiscreteScheduler, PNDMScheduler, LMSDiscreteScheduler,
     DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler,
-    LCMScheduler, TCDScheduler, EDMEulerScheduler, IPNDMScheduler,
+    LCMScheduler, TCDScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler, IPNDMScheduler,
     FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler:
     its β schedule and every setting that changes the math are adopted
     (solver_order, algorithm_type, solver_type, use_karras_sigmas, final_sigmas_type, lower_order_final,

@@ -340,6 +340,25 @@ def test_edm_dpmsolver_step_before_set_timesteps_like_diffusers():
             s.step(x, s.timesteps[0], x)
 
 
+def test_edm_dpmsolver_dtypes_like_diffusers():
+    """Samples in the sample's dtype; fp16/bf16 no further from diffusers' float64 loop than diffusers' own (measured
+    fp16 1.0e-3 vs 2.7e-3, bf16 1.0e-2 vs 2.4e-2 of max|x|)."""
+    def run(lib, dt):
+        s = lib.EDMDPMSolverMultistepScheduler(solver_order=3)
+        s.set_timesteps(10)
+        x = (torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * s.init_noise_sigma).to(dt)
+        for t in s.timesteps:
+            xi = s.scale_model_input(x, t).double()
+            x = s.step((0.3 * xi + 0.1 * torch.sin(3 * xi)).to(dt), t, x, return_dict=False)[0]
+            assert x.dtype == dt
+        return x
+
+    ref = run(hf, torch.float64)
+    assert rel(run(fd, torch.float64), ref) < 1e-6
+    for dt in (torch.float16, torch.bfloat16):
+        assert rel(run(fd, dt), ref) <= 2 * rel(run(hf, dt), ref) + 1e-3
+
+
 def test_edm_dpmsolver_registered():
     assert fd.SCHEDULERS["EDMDPMSolverMultistepScheduler"] is fd.EDMDPMSolverMultistepScheduler
     import warnings
@@ -396,6 +415,8 @@ pytest.importorskip("transformers")
                                        ("DEISMultistepScheduler", {}),
                                        ("DEISMultistepScheduler", {"solver_order": 3}),
                                        ("LCMScheduler", {}), ("TCDScheduler", {}), ("EDMEulerScheduler", {}),
+                                       ("EDMDPMSolverMultistepScheduler", {}),
+                                       ("EDMDPMSolverMultistepScheduler", {"solver_order": 3}),
                                        ("IPNDMScheduler", {})])
 def test_sd_pipeline_like_diffusers(kind, name, over):
     from test_pipe_schedulers import SD_TOL, _compare, _config, _sd_run

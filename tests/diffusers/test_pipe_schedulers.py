@@ -310,6 +310,7 @@ def _synthetic_loop(lib, name, dtype, steps=8):
                                                                        "KDPM2AncestralDiscreteScheduler",
                                                                        "LCMScheduler", "TCDScheduler",
                                                                        "EDMEulerScheduler",
+                                                                       "EDMDPMSolverMultistepScheduler",
                                                                        "IPNDMScheduler")])  # no β config
 def test_dtypes_float64_exact_and_half_no_worse_than_diffusers(name):
     """float64 samples run the reference in float64 (= diffusers' float64 loop); fp16/bf16 samples (math in
