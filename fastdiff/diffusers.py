@@ -596,7 +596,7 @@ class _PlanScheduler(_Base):
 
     # ---- plans of a partial grid (history restarted at call k) ----
     def _tail_plan(self, k: int):
-        n = self.num_inference_steps
+        n = self.num_inference_steps if self.num_inference_steps is not None else len(self._host_ts)  # an init grid
         o = dict(self._opts)
         if self._sampler == "pndm":
             if not o["skip_prk_steps"]:
@@ -1215,6 +1215,21 @@ class EDMDPMSolverMultistepScheduler(_PlanScheduler):
     @property
     def init_noise_sigma(self):
         return (self.config.sigma_max**2 + 1) ** 0.5
+
+    def _setup(self, args):
+        super()._setup(args)
+        if self._hf_impl is None:
+            try:
+                self._init_grid()
+            except _REFUSALS as e:
+                self._to_diffusers(e)
+
+    def _init_grid(self):
+        """diffusers' __init__ builds the T σ's of set_timesteps(T) (final σ 0) and their c_noise timesteps:
+        scale_model_input and the timesteps work before set_timesteps; step does not (num_inference_steps is None)."""
+        self._set(self.config.num_train_timesteps, None, overrides={"final_sigmas_type": "zero"})
+        self.num_inference_steps = None
+        self._init_grid_active = True
 
     @_set_timesteps
     def set_timesteps(self, num_inference_steps: int = None, device=None):
