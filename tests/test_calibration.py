@@ -120,6 +120,8 @@ def test_calibrate_bad_models_and_arguments():
         fastdiff.calibrate(good, 5, sampler="ipndm_v", shape=(8, 2), progress=False)
     with pytest.raises(NotImplementedError, match="'edm_euler' calls the model with EDM's c_noise"):
         fastdiff.calibrate(good, 5, sampler="edm_euler", shape=(8, 2), progress=False)
+    with pytest.raises(NotImplementedError, match="'edm_dpmsolver\\+\\+' calls the model with EDM's c_noise"):
+        fastdiff.calibrate(good, 5, sampler="edm_dpmsolver++", shape=(8, 2), progress=False)
     with pytest.raises(NotImplementedError, match="'flow_heun' on flow σ's takes no custom timesteps"):
         fastdiff.calibrate(good, 5, sampler="flow_heun", shape=(8, 2), progress=False)
     with pytest.raises(NotImplementedError, match="use_dynamic_shifting: fastdiff.calibrate handles flow_euler"):
