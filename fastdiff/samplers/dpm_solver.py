@@ -301,6 +301,18 @@ def no_grid_with(o: dict, grid_):
                          f"{on[0]}=True (diffusers refuses it too)")
 
 
+def step_order(i: int, N: int, order: int, lower_nums: int, o: dict) -> int:
+    """The order of step i of N in diffusers' DPM-Solver(++) multistep: the warm-up (as many earlier outputs as
+    exist), then `lower_order_final` / `euler_at_final` / a final σ of 0 lowering the last steps."""
+    lof = i == N - 1 and (o["euler_at_final"] or (o["lower_order_final"] and N < 15) or o["final_sigmas_type"] == "zero")
+    los = i == N - 2 and o["lower_order_final"] and N < 15
+    if order == 1 or lower_nums < 1 or lof:
+        return 1
+    if order == 2 or lower_nums < 2 or los:
+        return 2
+    return 3
+
+
 def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):
     validate(o)
     if grid_ is None:
@@ -316,21 +328,11 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
     for i in range(N):
         c = b.call(ts[i])
         d = convert(c, sig[i], o, to_x0=alg.endswith("++"))
-        lof = i == N - 1 and (o["euler_at_final"] or (o["lower_order_final"] and N < 15)
-                              or o["final_sigmas_type"] == "zero")
-        los = i == N - 2 and o["lower_order_final"] and N < 15
         ms = [d] + [c.get(n) for n in names if c.has(n)]
-        if order == 1 or lower_nums < 1 or lof:
-            k = 1
-        elif order == 2 or lower_nums < 2 or los:
-            k = 2
-        else:
-            k = 3
+        k = step_order(i, N, order, lower_nums, o)
         x_next = _update(alg, o["solver_type"], k, c.x, ms, sig[i + 1], [sig[i - j] for j in range(k)], c.z,
                          alpha_sigma(o))
-        for j in range(len(names) - 1, 0, -1):
-            if c.has(names[j - 1]):
-                c.put(names[j], c.get(names[j - 1]))
+        c.shift(names)
         if names and i < N - 1:
             c.put(names[0], d)
         c.force_noise = alg.startswith("sde")  # diffusers draws every step's noise, the last (σ_t = 0) too

@@ -130,28 +130,18 @@ def dpmsolver_plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Gr
         c = b.call(ts[i], scale_in=scale)
         sample = scale * c.x
         d = c.convert(sd * sd / (s * s + sd * sd) * sample + sign * s * sd / scale * c.o, threshold=o["thresholding"])
-        lof = i == N - 1 and (o["euler_at_final"] or (o["lower_order_final"] and N < 15)
-                              or o["final_sigmas_type"] == "zero")
-        los = i == N - 2 and o["lower_order_final"] and N < 15
         ms = [d] + [c.get(n) for n in names if c.has(n)]
-        if order == 1 or lower_nums < 1 or lof:
-            k = 1
-        elif order == 2 or lower_nums < 2 or los:
-            k = 2
-        else:
-            k = 3
-            if alg == "sde-dpmsolver++":
-                raise PlanError("algorithm_type='sde-dpmsolver++' with solver_order=3: diffusers' "
-                                "EDMDPMSolverMultistepScheduler has no order-3 SDE update (its step fails with an "
-                                "UnboundLocalError at the first order-3 step); use solver_order=2")
+        k = dpm_solver.step_order(i, N, order, lower_nums, o)
+        if k == 3 and alg == "sde-dpmsolver++":
+            raise PlanError("algorithm_type='sde-dpmsolver++' with solver_order=3: diffusers' "
+                            "EDMDPMSolverMultistepScheduler has no order-3 SDE update (its step fails with an "
+                            "UnboundLocalError at the first order-3 step); use solver_order=2")
         if sig[i + 1] == s:  # final σ = σ_min: a step of h = 0, x′ = x at every order (diffusers: 0/0 = NaN
             x_next = 1.0 * sample  # in float32 for heun and order 3, the order-1 update ≈ x otherwise)
         else:
             x_next = dpm_solver._update(alg, o["solver_type"], k, sample, ms, sig[i + 1],
                                         [sig[i - j] for j in range(k)], c.z, _ve)
-        for j in range(len(names) - 1, 0, -1):
-            if c.has(names[j - 1]):
-                c.put(names[j], c.get(names[j - 1]))
+        c.shift(names)
         if names and i < N - 1:
             c.put(names[0], d)
         c.force_noise = alg.startswith("sde")  # diffusers draws every step's noise, the last (σ_t = 0) too

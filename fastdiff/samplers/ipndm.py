@@ -56,9 +56,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
         past = [c.get(n) for n in names if c.has(n)]
         k = min(order, len(past) + 1)
         E = sum(w * e for w, e in zip(WEIGHTS[k], [eps] + past[:k - 1]))
-        for j in range(len(names) - 1, 0, -1):
-            if c.has(names[j - 1]):
-                c.put(names[j], c.get(names[j - 1]))
+        c.shift(names)
         if names and i < len(ts) - 1:
             c.put(names[0], eps)
         c.next((a_n / a_i) * c.x + (a_n * (sig[i + 1] - sig[i])) * E)

@@ -60,9 +60,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
         E = sum(w * v for w, v in zip(WEIGHTS[k], [e_xo] + past[:k - 1]))
         x0 = (c.x - beta[i] * E) / max(alpha[i], 1e-8)
         if i < len(ts) - 1:
-            for j in range(len(names) - 1, 0, -1):
-                if c.has(names[j - 1]):
-                    c.put(names[j], c.get(names[j - 1]))
+            c.shift(names)
             c.put(names[0], e)
         c.next(alpha[i + 1] * x0 + beta[i + 1] * E)
     return b.build(t_dtype=torch.float32, init_noise_sigma=1.0, timesteps=ts[start:], options=dict(o), sigmas=None,

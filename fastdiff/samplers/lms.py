@@ -78,9 +78,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
             repeats.append(i - start)
         nxt = sample + sum(cj * Dj for cj, Dj in zip(w, have))  # zip: only the slopes this run has
         if i < N - 1:
-            for j in range(len(names) - 1, 0, -1):
-                if c.has(names[j - 1]):
-                    c.put(names[j], c.get(names[j - 1]))
+            c.shift(names)
             if names:
                 c.put(names[0], slope)
         c.next(nxt, scale_out=euler._scale(sn) if i < N - 1 else 1.0)

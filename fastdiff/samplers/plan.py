@@ -172,6 +172,13 @@ class _Call:
     def drop(self, name: str):
         self.puts.append((name, None, False))
 
+    def shift(self, names: list):
+        """Age a history kept under `names` (newest first): names[j] takes names[j − 1]'s value, oldest dropped off
+        the end; the caller then puts the newest under names[0]."""
+        for j in range(len(names) - 1, 0, -1):
+            if self.has(names[j - 1]):
+                self.put(names[j], self.get(names[j - 1]))
+
     def next(self, value: Lin, scale_out: float = 1.0):
         """The sample of the next model call (in the solver's own scale; divided by scale_out here)."""
         self.nxt = value / scale_out

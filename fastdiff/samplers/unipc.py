@@ -132,9 +132,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
         # shift the outputs: m_{k} <- m_{k-1}, m0 <- d
         stored = [c.get(n) for n in names if c.has(n)]
         outs = [d] + stored
-        for j in range(len(names) - 1, 0, -1):
-            if c.has(names[j - 1]):
-                c.put(names[j], c.get(names[j - 1]))
+        c.shift(names)
         c.put(names[0], d)
         k = min(order, N - i) if o["lower_order_final"] else order
         this_order = min(k, lower_nums + 1)
