@@ -1262,23 +1262,54 @@ class IPNDMScheduler(_PlanScheduler):
 
     def _setup(self, args):
         super()._setup(args)
+        self._new_history()
         if self._hf_impl is None:
             try:  # diffusers' __init__ runs set_timesteps(num_train_timesteps)
                 self._set(args["num_train_timesteps"], None)
+                self._new_history()
             except _REFUSALS as e:
                 self._to_diffusers(e)
 
     @_set_timesteps
     def set_timesteps(self, num_inference_steps: int, device=None):
         self._set(num_inference_steps, device)
+        self._new_history()
+
+    # diffusers empties its history (ets) in set_timesteps only: a pass started again without it (`_step_index =
+    # None`, a begin index) goes on from the e's of the steps before, up to the 3 newest (AB_4), as diffusers' does
+    def _new_history(self):
+        self._ets_n, self._carry, self._kept = 0, 0, []  # e's since set_timesteps; carried into this pass; their slots
+        self._base = (self._plans, getattr(self, "_dev_cache", {}))  # the plans of passes with no earlier e's
 
     def _tail_plan(self, k: int):
-        plan = _ipndm_v.plan(self._schedule, self.num_inference_steps, self._opts, start=k)
+        plan = _ipndm_v.plan(self._schedule, self.num_inference_steps, self._opts, start=k, carry=self._carry)
         plan.sampler = self._sampler
         return plan
 
+    def _init_step_index(self, timestep):
+        c = min(3, self._ets_n)
+        if c != self._carry:  # the plans of passes carrying c e's (kept with the device tables of this grid)
+            plans, dev = self._base
+            self._carry = c
+            if c:
+                sets = dev.setdefault("carried", {})
+                if c not in sets:
+                    sets[c] = ({0: self._tail_plan(0)}, {})
+                plans, dev = sets[c]
+            self._plans, self._dev_cache = plans, dev
+        if c:  # the c newest e's into slots 0..c-1 (newest first), where the carrying plans read them
+            first = self._kept[:c]
+            self._slots = [self._slots[j] for j in first] + [h for j, h in enumerate(self._slots) if j not in first]
+            self._kept = list(range(c))
+        super()._init_step_index(timestep)
+        extra = self._plans[self._start].num_slots - len(self._slots)
+        if self._slots and extra > 0:
+            self._slots += [torch.empty_like(self._slots[0]) for _ in range(extra)]
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         prev, _ = self._fused_step(model_output, timestep, sample)
+        self._kept = self._plans[self._start].kept[self._step_index - 1 - self._start]
+        self._ets_n += 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 

@@ -2,10 +2,13 @@
 
     git --git-dir=<diffusers.git> archive <rev> tests/schedulers tests/testing_utils.py tests/__init__.py \
         tests/conftest.py tests/others | tar -x -C /tmp/diffusers_tests
-    OMP_NUM_THREADS=1 python scripts/diffusers_suite.py /tmp/diffusers_tests [--json out.json] [-k EXPR]
+    OMP_NUM_THREADS=1 python scripts/diffusers_suite.py /tmp/diffusers_tests [--set original|newer|all] \
+        [--json out.json] [-k EXPR]
 
-The tests of the eight classes fastdiff offers (tests/schedulers/test_scheduler_{ddim,ddpm,dpm_multi,unipc,euler,
-euler_ancestral,heun,pndm}.py) run twice, each in its own process: once as diffusers ships them (the reference:
+The tests of the original eight classes (tests/schedulers/test_scheduler_{ddim,ddpm,dpm_multi,unipc,euler,
+euler_ancestral,heun,pndm}.py; `--set original`, the default), of the ten newer ones (test_scheduler_{lms,dpm_single,
+kdpm2_discrete,kdpm2_ancestral,deis,lcm,tcd,edm_euler,edm_dpmsolver_multistep,ipndm}.py; `--set newer`) or of all
+eighteen run twice, each in its own process: once as diffusers ships them (the reference:
 what diffusers' own classes pass with the installed diffusers) and once with `diffusers.<Name>` (and
 `diffusers.schedulers.<Name>`) replaced by `fastdiff.diffusers.<Name>` before the tests are imported, so both the
 test modules' imports and diffusers' `_compatibles` lookups resolve to fastdiff's classes. The score of a class is
@@ -25,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-FILES = {
+ORIGINAL = {
     "DDIMScheduler": "test_scheduler_ddim.py",
     "DDPMScheduler": "test_scheduler_ddpm.py",
     "DPMSolverMultistepScheduler": "test_scheduler_dpm_multi.py",
@@ -35,6 +38,20 @@ FILES = {
     "HeunDiscreteScheduler": "test_scheduler_heun.py",
     "PNDMScheduler": "test_scheduler_pndm.py",
 }
+NEWER = {
+    "LMSDiscreteScheduler": "test_scheduler_lms.py",
+    "DPMSolverSinglestepScheduler": "test_scheduler_dpm_single.py",
+    "KDPM2DiscreteScheduler": "test_scheduler_kdpm2_discrete.py",
+    "KDPM2AncestralDiscreteScheduler": "test_scheduler_kdpm2_ancestral.py",
+    "DEISMultistepScheduler": "test_scheduler_deis.py",
+    "LCMScheduler": "test_scheduler_lcm.py",
+    "TCDScheduler": "test_scheduler_tcd.py",
+    "EDMEulerScheduler": "test_scheduler_edm_euler.py",
+    "EDMDPMSolverMultistepScheduler": "test_scheduler_edm_dpmsolver_multistep.py",
+    "IPNDMScheduler": "test_scheduler_ipndm.py",
+}
+SETS = {"original": ORIGINAL, "newer": NEWER, "all": {**ORIGINAL, **NEWER}}
+FILES = ORIGINAL  # the set this run swaps and scores (main sets it from --set)
 
 
 class _Plugin:
@@ -81,7 +98,9 @@ class _Plugin:
                 self.results[nid] = (report.outcome, msg)
 
 
-def _run_one(test_dir, swap, kexpr, out_path):
+def _run_one(test_dir, swap, kexpr, out_path, which="original"):
+    global FILES
+    FILES = SETS[which]
     import pytest
 
     plugin = _Plugin(swap)
@@ -98,6 +117,14 @@ def _run_one(test_dir, swap, kexpr, out_path):
 GOLDENS = [("DDPMScheduler", "test_scheduler_ddpm", "DDPMSchedulerTest", "test_full_loop_with_noise"),
            ("EulerDiscreteScheduler", "test_scheduler_euler", "EulerDiscreteSchedulerTest", "test_full_loop_with_noise"),
            ("HeunDiscreteScheduler", "test_scheduler_heun", "HeunDiscreteSchedulerTest", "test_full_loop_with_noise")]
+# and of the newer classes (their σ grids are not re-derived in float64 here: the float64-tables run is skipped)
+NEWER_GOLDENS = [("LMSDiscreteScheduler", "test_scheduler_lms", "LMSDiscreteSchedulerTest", "test_full_loop_with_noise"),
+                 ("LMSDiscreteScheduler", "test_scheduler_lms", "LMSDiscreteSchedulerTest",
+                  "test_full_loop_device_karras_sigmas"),
+                 ("KDPM2DiscreteScheduler", "test_scheduler_kdpm2_discrete", "KDPM2DiscreteSchedulerTest",
+                  "test_full_loop_with_noise"),
+                 ("KDPM2AncestralDiscreteScheduler", "test_scheduler_kdpm2_ancestral",
+                  "KDPM2AncestralDiscreteSchedulerTest", "test_full_loop_no_noise")]
 
 
 def _float64_tables(cls):
@@ -146,23 +173,38 @@ def _goldens(test_dir):
     import warnings
 
     import diffusers
+    import torch
 
     import fastdiff.diffusers as fd
 
     warnings.simplefilter("ignore")
     sys.path.insert(0, os.path.abspath(test_dir))
-    for name, mod, case, test in GOLDENS:
+    for name, mod, case, test in GOLDENS + NEWER_GOLDENS:
         m = importlib.import_module(f"tests.schedulers.{mod}")
         T = getattr(m, case)
         sums = []
-        for cls in (getattr(diffusers, name), _float64_tables(getattr(diffusers, name)), getattr(fd, name)):
+        f64 = _float64_tables(getattr(diffusers, name)) if (name, mod, case, test) in GOLDENS else None
+        for cls in (getattr(diffusers, name), f64, getattr(fd, name)):
+            if cls is None:
+                sums.append("(not run)")
+                continue
             T.scheduler_classes = (cls,)
+            seen, tsum = [], torch.sum  # the test's result_sum (its last full sum), for the bare-assert tests
+
+            def rec(*a, **k):
+                out = tsum(*a, **k)
+                if len(a) == 1 and not k:
+                    seen.append(out.item())
+                return out
+            torch.sum = rec
             try:
                 getattr(T(test), test)()
                 sums.append("pass")
             except AssertionError as e:
                 got = re.search(r"but get (?:tensor\()?([-0-9.e]+)", str(e))
-                sums.append(got.group(1) if got else str(e).splitlines()[0][:60])
+                sums.append(got.group(1) if got else f"{seen[-1]:.4f}" if seen else str(e)[:60])
+            finally:
+                torch.sum = tsum
         print(f"{case}::{test}: diffusers {sums[0]}, diffusers with float64 tables {sums[1]}, fastdiff {sums[2]}")
 
 
@@ -178,6 +220,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("test_dir", help="a directory holding diffusers' tests/ (tests/schedulers, tests/testing_utils.py)")
     ap.add_argument("-k", default=None, help="pytest -k expression")
+    ap.add_argument("--set", default="original", choices=sorted(SETS), help="which drop-in classes' test files run "
+                    "and are swapped: the original eight, the ten newer ones, or all")
     ap.add_argument("--json", default=None, help="write the per-test outcomes of both runs here")
     ap.add_argument("--goldens", action="store_true", help="only the golden-sum tests, with diffusers' classes on "
                     "float64 tables too")
@@ -188,13 +232,16 @@ def main(argv=None):
         _goldens(a.test_dir)
         return 0
     if a._child:
-        _run_one(os.path.abspath(a.test_dir), a._child == "fastdiff", a.k, a._out)
+        _run_one(os.path.abspath(a.test_dir), a._child == "fastdiff", a.k, a._out, a.set)
         return 0
+    global FILES
+    FILES = SETS[a.set]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("diffusers", "fastdiff"):
             out = os.path.join(tmp, mode + ".json")
-            cmd = [sys.executable, os.path.abspath(__file__), a.test_dir, "--_child", mode, "--_out", out]
+            cmd = [sys.executable, os.path.abspath(__file__), a.test_dir, "--_child", mode, "--_out", out,
+                   "--set", a.set]
             if a.k:
                 cmd += ["-k", a.k]
             subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)

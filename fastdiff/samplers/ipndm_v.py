@@ -10,6 +10,11 @@ the model seeing t_i = atan2(β_i, α_i)·2/π, then per step
     x̂0 = (x − β_i·E)/max(α_i, 1e−8),   x_{i+1} = α_{i+1}·x̂0 + β_{i+1}·E,
 
 linear in x, the current output and the stored e's: one row of the fused op per step (e_i kept by its second output).
+
+diffusers' history (`ets`) is emptied by set_timesteps only: a pass started again without it (`_step_index = None`,
+a begin index) goes on from the e's of the earlier steps. `carry=c` plans such a pass: the c newest earlier e's
+(c ≤ 3, what AB_4 reads) wait in slots 0..c−1, newest first; every plan keeps its last step's e as well, and
+`plan.kept[j]` names the slots holding e_newest, ... after call j, so the caller can hand them on.
 """
 from __future__ import annotations
 
@@ -37,8 +42,13 @@ def tables(steps: int):
     return [float(v) for v in b64], [float(v) for v in a64], ts
 
 
-def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None, *, start: int = 0):
-    """start=k: the run diffusers makes from step k with an empty history (its warm-up orders from k)."""
+def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None, *, start: int = 0,
+         carry: int = 0):
+    """start=k: the run diffusers makes from step k with an empty history (its warm-up orders from k); carry=c: the
+    same run after earlier steps, their c newest e's in slots 0..c−1 (newest first) and taken as diffusers takes them
+    (AB of order min(4, c + steps so far + 1))."""
+    if not 0 <= carry <= 3:
+        raise ValueError(f"ipndm_v: carry is the number of earlier e's read (0..3), got {carry}")
     if o.get("trained_betas") is not None:
         raise ValueError("trained_betas: diffusers' IPNDMScheduler uses them as its per-step β's (one more than the "
                          "steps); fastdiff does not offer that")
@@ -47,10 +57,23 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
     beta, alpha, ts = tables(steps)
     names = ["e1", "e2", "e3"]  # the previous e's, e1 the newest
     b = PlanBuilder("ipndm_v")
+    for j in range(carry):  # the earlier pass's e's, where the caller puts them
+        b.store[names[j]], b.refs[j] = {j: 1.0}, 1
+    b.num_slots = carry
+    kept = []  # per call: the slots of e1, e2, e3 after it
+
+    def kept_now():
+        got = [b.store[n] for n in names if n in b.store]
+        if any(len(m) != 1 or next(iter(m.values())) != 1.0 for m in got):
+            raise AssertionError("ipndm_v: each kept e is one slot")
+        return [next(iter(m)) for m in got]
+
     for i, t in enumerate(ts):
         if i < start:
             continue
         c = b.call(t)
+        if i > start:
+            kept.append(kept_now())
         e_xo = beta[i] * c.x + alpha[i] * c.o
         e = c.convert(e_xo)  # d = e_i, kept for the next steps
         past = [c.get(n) for n in names if c.has(n)]
@@ -59,9 +82,10 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
         # step's α = 0 (diffusers: (x − 1·x)/1e−8 = 0) stays an exact 0 instead of a float32 cancellation of 1e8's
         E = sum(w * v for w, v in zip(WEIGHTS[k], [e_xo] + past[:k - 1]))
         x0 = (c.x - beta[i] * E) / max(alpha[i], 1e-8)
-        if i < len(ts) - 1:
-            c.shift(names)
-            c.put(names[0], e)
+        c.shift(names)  # the last step's e too: a later pass without set_timesteps reads it
+        c.put(names[0], e)
         c.next(alpha[i + 1] * x0 + beta[i + 1] * E)
-    return b.build(t_dtype=torch.float32, init_noise_sigma=1.0, timesteps=ts[start:], options=dict(o), sigmas=None,
-                   d_is_x0=False)
+    out = b.build(t_dtype=torch.float32, init_noise_sigma=1.0, timesteps=ts[start:], options=dict(o), sigmas=None,
+                  d_is_x0=False)
+    out.kept = kept + [kept_now()]
+    return out

@@ -393,6 +393,58 @@ def test_ipndm_mid_schedule_start_like_diffusers():
     assert rel(xs[0], xs[1]) <= TOL
 
 
+def ipndm_passes(lib, steps, restarts, begin=None, first=None, seed=0):
+    """diffusers' tests/schedulers/test_scheduler_ipndm.py full_loop and its kind: a pass over the timesteps (the
+    first `first` of them only, when given), then `restarts` more passes after `_step_index = None` with no
+    set_timesteps in between (from timesteps[begin] by set_begin_index when given); the sample after each pass."""
+    s = lib.IPNDMScheduler()
+    s.set_timesteps(steps)
+    x, m, outs = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)), Tiny(seed), []
+    for p in range(restarts + 1):
+        ts = s.timesteps if p or first is None else s.timesteps[:first]
+        if p:
+            s._step_index = None
+            if begin is not None:
+                s.set_begin_index(begin)
+                ts = ts[begin:]
+        for t in ts:
+            x = s.step(m(x, t), t, x).prev_sample
+        outs.append(x)
+    return outs
+
+
+@pytest.mark.parametrize("steps,restarts,begin,first", [(10, 1, None, None), (10, 2, None, None), (1, 3, None, None),
+                                                        (2, 2, None, None), (10, 1, 3, None), (10, 1, None, 2),
+                                                        (20, 2, 7, 5)])
+def test_ipndm_pass_without_set_timesteps_keeps_history_like_diffusers(steps, restarts, begin, first):
+    """diffusers' IPNDMScheduler empties its ets in set_timesteps only: a pass started again with `_step_index = None`
+    (or a begin index) goes on from the e's of the earlier steps (its first step, α = 0, then divides by 1e-8)."""
+    got, ref = ipndm_passes(fd, steps, restarts, begin, first), ipndm_passes(hf, steps, restarts, begin, first)
+    errs = [rel(a, b) for a, b in zip(got, ref)]
+    print(steps, restarts, begin, first, errs)
+    assert max(errs) <= TOL, errs
+
+
+def test_ipndm_set_timesteps_empties_history_like_diffusers():
+    """set_timesteps between passes: the second pass starts its warm-up afresh, as a new scheduler's first pass."""
+    xs = []
+    for lib in (fd, hf):
+        s, m = lib.IPNDMScheduler(), Tiny()
+        for steps in (10, 10, 6):
+            s.set_timesteps(steps)
+            x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+            for t in s.timesteps:
+                x = s.step(m(x, t), t, x).prev_sample
+        xs.append(x)
+    s, m = fd.IPNDMScheduler(), Tiny()  # a new scheduler's one pass of 6 steps
+    s.set_timesteps(6)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    for t in s.timesteps:
+        x = s.step(m(x, t), t, x).prev_sample
+    fresh = x
+    assert rel(xs[0], xs[1]) <= TOL and torch.equal(xs[0], fresh)
+
+
 def test_ipndm_before_set_timesteps_like_diffusers():
     a, b = fd.IPNDMScheduler(num_train_timesteps=40), hf.IPNDMScheduler(num_train_timesteps=40)
     assert torch.equal(a.timesteps, b.timesteps) and a.num_inference_steps == b.num_inference_steps
