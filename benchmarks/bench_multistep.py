@@ -8,6 +8,9 @@ Calls (per model call of the solver, coefficients from a table row; the numbers 
   dpmpp2m: DPM-Solver++(2M)-shaped: reads x, o and one history tensor, writes out and d_out (the new x̂0): 5 passes.
   unipc3:  UniPC-3-shaped: reads x, o and four history tensors, writes out and out2 (predictor and corrected
            sample): 8 passes.
+  ddpm_lr: DDPM with learned_range variances: reads x, o, a noise tensor z and the variance output v (σ per element
+           from v), writes out and d_out in float32 (x̂0): 5 passes of x's size plus the float32 d_out (counted as
+           one more pass for fp32).
 Bytes formula (extra_info["bytes"]): passes · n · s for n elements of s bytes, the traffic the update cannot avoid;
 the same figure for every implementation, so GB/s is an effective bandwidth and the ratio of two GB/s is their speed
 ratio. extra_info["copy_gbps"]: buf.copy_(x) (2 passes) timed in the same process right after: the machine's copy
@@ -30,6 +33,8 @@ CALLS = {
     "unipc3": dict(nh=4, out2=True, d_out=False, passes=8,
                    coef=ms.coef_row(p=1.3, q=-0.4, yx=0.9, yd=0.3, yh0=-0.2, yh1=0.1, yh2=0.05, yh3=-0.02,
                                     y2x=0.9, y2d=0.25, y2h0=-0.1, y2h1=0.05, y2h2=0.02, y2h3=-0.01)),
+    "ddpm_lr": dict(nh=0, out2=False, d_out=True, passes=6, var_mode="learned_range",
+                    coef=ms.coef_row(p=1.3, q=-0.4, yx=0.9, yd=0.3, logmax=-3.9, logmin=-5.2)),
 }
 
 
@@ -45,14 +50,21 @@ def _setup(shape, dtype, call):
     coef = torch.tensor(c["coef"], dtype=torch.float64, device=DEV)
     out = torch.empty_like(x)
     out2 = torch.empty_like(x) if c["out2"] else None
-    d_out = torch.empty_like(x) if c["d_out"] else None
+    var_mode = c.get("var_mode", "scalar")
+    z = v = None
+    if var_mode != "scalar":  # the noise tensor and the variance output; x̂0 kept in float32
+        z = torch.randn(shape, generator=g, device=DEV, dtype=dtype)
+        v = (torch.rand(shape, generator=g, device=DEV) * 2 - 1).to(dtype)
+    d_out = torch.empty_like(x, dtype=torch.float32 if var_mode != "scalar" else dtype) if c["d_out"] else None
     fused = ms.resolve_op("auto", x.device)  # the raw op, as the sampling loop calls it after one check
+    flags = ms.VAR_MODES[var_mode]
 
     def run_fused():
-        fused(x, o, None, hist, None, None, None, coef, 0, out, out2, d_out)
+        fused(x, o, None, hist, z, None, v, None, coef, flags, out, out2, d_out)
 
     def run_ref():
-        return ms.multistep_ref(x, o, coef, hist=hist, want_out2=c["out2"])
+        return ms.multistep_ref(x, o, coef, hist=hist, noise=z, v=v, var_mode=var_mode, want_out2=c["out2"],
+                                d_dtype=None if d_out is None else d_out.dtype)
 
     buf = torch.empty_like(x)
     return dict(fused=run_fused, reference=run_ref, copy=lambda: buf.copy_(x)), x

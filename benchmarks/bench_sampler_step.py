@@ -1,4 +1,5 @@
-"""One DDIM step (η = 0, ε-prediction): the fused op vs the reference step vs diffusers' DDIMScheduler.step.
+"""One DDIM step (η = 0, ε-prediction): the fused step (sampler_step, which runs the one fused op
+fastdiff::multistep_step_) vs the reference step vs diffusers' DDIMScheduler.step.
 
     pytest benchmarks/bench_sampler_step.py --benchmark-only [--benchmark-json=out.json]
     python scripts/bench_summary.py out.json      # median time and GB/s per case
@@ -49,7 +50,7 @@ def test_sampler_step(benchmark, shape, dtype, impl):
     o = torch.randn(shape, generator=g, device=DEV, dtype=dtype)
     n, s = x.numel(), x.element_size()
     coef = torch.tensor(ss.step_coefs("ddim", AT, AP), dtype=torch.float64, device=DEV)
-    backend = resolve("sampler_step", "auto", x.device)
+    backend = resolve("multistep_step", "auto", x.device)
     if impl == "fused":
         fn = lambda: ss.sampler_step(x, o, coef)  # noqa: E731
     elif impl == "reference":
@@ -112,5 +113,47 @@ def side_by_side(shapes=((16, 4, 128, 128), (16, 4, 256, 256)), dtypes=(torch.fl
             print("\n  ".join(line))
 
 
+def ddim_ddpm_ratio(shapes=((16, 4, 128, 128),), dtypes=(torch.float32, torch.float16), rounds=40):
+    """reference/fused for a DDIM η = 0 step and a DDPM step with noise (a tensor z) and learned_range variances
+    (v), interleaved round by round: min/min and the median of per-round ratios. Uses only the public
+    fastdiff.ops.sampler_step API, so the same function times an older checkout (PYTHONPATH=<checkout>)."""
+    import statistics
+    import time
+
+    for shape in shapes:
+        for dtype in dtypes:
+            g = torch.Generator(DEV).manual_seed(0)
+            x, o, z = (torch.randn(shape, generator=g, device=DEV).to(dtype) for _ in range(3))
+            v = (torch.rand(shape, generator=g, device=DEV) * 2 - 1).to(dtype)
+            cd = torch.tensor(ss.step_coefs("ddim", AT, AP), dtype=torch.float64, device=DEV)
+            cp = torch.tensor(ss.step_coefs("ddpm", AT, AP, variance_type="learned_range"), dtype=torch.float64,
+                              device=DEV)
+            cases = {
+                "DDIM η=0": (lambda: ss.sampler_step(x, o, cd), lambda: ss.ddim_step_ref(x, o, AT, AP)),
+                "DDPM learned_range + z": (
+                    lambda: ss.sampler_step(x, o, cp, noise=z, v=v, var_mode="learned_range"),
+                    lambda: ss.ddpm_step_ref(x, o, AT, AP, noise=z, v=v, variance_type="learned_range")),
+            }
+            for name, (fused, ref) in cases.items():
+                times = {"fused": [], "reference": []}
+                for _ in range(rounds):
+                    for k, f in (("fused", fused), ("reference", ref)):
+                        _sync()
+                        t0 = time.perf_counter()
+                        f()
+                        _sync()
+                        times[k].append(time.perf_counter() - t0)
+                fm, rm = statistics.median(times["fused"]), statistics.median(times["reference"])
+                paired = statistics.median(r / f for r, f in zip(times["reference"], times["fused"]))
+                print(f"{name} {tuple(shape)} {str(dtype)[6:]}: fused median {fm * 1e3:.3f} ms, reference "
+                      f"{rm * 1e3:.3f} ms, reference/fused {min(times['reference']) / min(times['fused']):.2f}x "
+                      f"(min/min), {paired:.2f}x (median of per-round ratios)")
+
+
 if __name__ == "__main__":  # python benchmarks/bench_sampler_step.py: the side-by-side table for docs/benchmarks.md
-    side_by_side()
+    import sys
+
+    if "--ddim-ddpm" in sys.argv:  # the "one fused op" figures of docs/benchmarks.md
+        ddim_ddpm_ratio()
+    else:
+        side_by_side()

@@ -21,19 +21,12 @@ TORCH_LIBRARY(fastdiff, m) {
   // act = SiLU if silu else identity; x NCHW-contiguous or channels_last; statistics in float32.
   m.def("group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, int num_groups, float eps, bool silu) "
         "-> Tensor");
-  // sampler_step (fastdiff/ops/sampler_step.py): one fused DDPM/DDIM update. coef: float64 (16,) per-step scalars;
-  // flags: bit 0 clip, bits 1-2 variance mode; rng: int64 [seed, offset] for in-kernel Philox noise.
-  // Returns (x_prev, x0); x0 is float32 and empty unless write_x0.
-  m.def("sampler_step(Tensor x, Tensor o, Tensor? o_cond, Tensor? noise, Tensor? rng, Tensor? v, Tensor? thr, "
-        "Tensor coef, int flags, bool write_x0) -> (Tensor, Tensor)");
-  // sampler_step_out: the same step written into preallocated buffers: out (x's dtype and strides) and, when given,
-  // x0_out (float32, x's strides). No output may overlap an input or the other output.
-  m.def("sampler_step_out(Tensor x, Tensor o, Tensor? o_cond, Tensor? noise, Tensor? rng, Tensor? v, Tensor? thr, "
-        "Tensor coef, int flags, Tensor(a!) out, Tensor(b!)? x0_out) -> ()");
-  // multistep_step_ (fastdiff/ops/multistep.py): one fused multistep-solver update (DPM-Solver++, UniPC, Euler, Heun,
-  // PLMS): d = p*x + q*o (clip, threshold), out = yx*x + yo*o + yd*d + sum_k yh_k*h_k + yz*z, out2 the same without
-  // z, d_out = d. coef: float64 (24,); flags: bit 0 clip; hist: 0 to 4 tensors; rng: int64 [seed, offset] for
-  // in-kernel Philox noise. Outputs are preallocated (x's dtype and strides) and may overlap no input or output.
-  m.def("multistep_step_(Tensor x, Tensor o, Tensor? o_cond, Tensor[] hist, Tensor? noise, Tensor? rng, Tensor? thr, "
-        "Tensor coef, int flags, Tensor(a!) out, Tensor(b!)? out2, Tensor(c!)? d_out) -> ()");
+  // multistep_step_ (fastdiff/ops/multistep.py): the one fused sampler / solver update (DDIM, DDPM, DPM-Solver++,
+  // UniPC, Euler, Heun, PLMS): d = p*x + q*o (clip, threshold), out = yx*x + yo*o + yd*d + sum_k yh_k*h_k + sigma*z
+  // (sigma = yz, or per element from v with flags bit 1 learned / bit 2 learned_range), out2 the same without z,
+  // d_out = d. coef: float64 (24,); flags: bit 0 clip; hist: 0 to 4 tensors; rng: int64 [seed, offset] for
+  // in-kernel Philox noise. Outputs are preallocated (x's strides; out, out2 x's dtype, d_out x's dtype or float32)
+  // and may overlap no input or output.
+  m.def("multistep_step_(Tensor x, Tensor o, Tensor? o_cond, Tensor[] hist, Tensor? noise, Tensor? rng, Tensor? v, "
+        "Tensor? thr, Tensor coef, int flags, Tensor(a!) out, Tensor(b!)? out2, Tensor(c!)? d_out) -> ()");
 }

@@ -1629,14 +1629,14 @@ class _StepScheduler(_Base):
     _step_checked = False
 
     def _raw_op(self, device):
-        """fastdiff::sampler_step_out (C++/CUDA) or its Triton twin for `device`, as sampler_step resolves it; None
-        for the reference backend."""
+        """The fused step without per-call checks for `device` (SS.raw_op: fastdiff::multistep_step_, C++/CUDA or
+        Triton, on the step's 16-row), as sampler_step resolves it; None for the reference backend."""
         from fastdiff._backend import resolve
 
-        name = resolve("sampler_step", "auto", device)
+        name = resolve("multistep_step", "auto", device)
         if name == "torch":
             return None
-        return torch.ops.fastdiff.sampler_step_out_triton if name == "triton" else torch.ops.fastdiff.sampler_step_out
+        return SS.raw_op(name, device)
 
 
 class DDIMScheduler(_StepScheduler):

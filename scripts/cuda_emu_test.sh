@@ -58,8 +58,8 @@ if [ "${1:-}" = "--planted" ]; then
   bugs=(
     "no __syncthreads in group_norm_silu|group_norm_silu.cu|/__syncthreads();/d|group_norm_silu.cu|group_norm_silu"
     "__shfl_down_sync -> __shfl_up_sync|group_norm_silu.cu|s/__shfl_down_sync/__shfl_up_sync/g|group_norm_silu.cu|group_norm_silu"
-    "vector path on a partial last chunk|sampler_step_vec.cuh|s/if (ALIGNED \&\& i + VEC <= n)/if (ALIGNED \&\& i < n)/|sampler_step.cu|sampler_step"
-    "grid-stride loop skips every other chunk|sampler_step_vec.cuh|s/c += (int64_t)gridDim.x \* blockDim.x/c += 2 * (int64_t)gridDim.x * blockDim.x/|sampler_step.cu|sampler_step"
+    "vector path on a partial last chunk|fd_vec.cuh|s/if (ALIGNED \&\& i + VEC <= n)/if (ALIGNED \&\& i < n)/|multistep.cu|multistep"
+    "grid-stride loop skips every other chunk|fd_vec.cuh|s/c += (int64_t)gridDim.x \* blockDim.x/c += 2 * (int64_t)gridDim.x * blockDim.x/|multistep.cu|multistep"
     "block_sum: only its first __syncthreads removed|group_norm_silu.cu|0,/__syncthreads();  \/\/ red may/{/__syncthreads();  \/\/ red may/d}|group_norm_silu.cu|group_norm_silu"
   )
   build plain "$B/plain"

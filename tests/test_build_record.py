@@ -12,7 +12,7 @@ from fastdiff.ops import sampler_step as ss
 
 cfg = pytest.importorskip("fastdiff._build_config", reason="source tree never built (no build record)")
 
-CPP_OPS = ["group_norm_silu", "sampler_step"]
+CPP_OPS = ["group_norm_silu", "multistep_step_"]
 
 
 def test_recorded_cpp_build_loads():
@@ -42,5 +42,7 @@ def test_auto_runs_the_fused_op_on_cpu_when_built():
         assert _backend.resolve("sampler_step", "auto", torch.device("cpu")) == "cpp"
     x = torch.randn(2, 3)
     c = torch.tensor(ss.step_coefs("ddim", 0.3, 0.6), dtype=torch.float64)
-    want = torch.ops.fastdiff.sampler_step(x, x, None, None, None, None, None, c, 0, False)[0]
+    want = torch.empty_like(x)
+    torch.ops.fastdiff.multistep_step_(x, x, None, [], None, None, None, None, ss.to_multistep_row(c), 0, want, None,
+                                       None)
     assert torch.equal(ss.sampler_step(x, x, c, backend="auto")[0], want)

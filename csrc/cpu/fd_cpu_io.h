@@ -1,4 +1,4 @@
-// Element I/O shared by the CPU kernels (csrc/cpu/sampler_step.cpp and multistep.cpp through sampler_step_tiles.h,
+// Element I/O shared by the CPU kernels (csrc/cpu/multistep.cpp through fd_tiles.h,
 // csrc/cpu/group_norm_silu_kernels.inc): fp16/bf16 <-> float32 conversions, and which ISA build of a kernel runs.
 //
 // Conversions: bfloat16 -> float32 widens by a 16-bit shift; float32 -> bfloat16 rounds to nearest even with NaN ->

@@ -1,8 +1,8 @@
-// fastdiff::multistep_step_ on the CPU: one pass over x, o (o_c, h_0..h_3, z), writing out (out2, d_out) into the
-// caller's buffers. Threads split the tensor with at::parallel_for; each walks tiles of kTile elements: float32
+// fastdiff::multistep_step_ on the CPU: one pass over x, o (o_c, h_0..h_3, z, v), writing out (out2, d_out) into
+// the caller's buffers (d_out in x's dtype or float32). Threads split the tensor with at::parallel_for; each walks tiles of kTile elements: float32
 // tensors are read and written in place, fp16/bf16 tiles are converted to float32 once, and each term of the update
 // is a simple loop over the tile that the compiler vectorizes (which terms run is decided outside the loops).
-// Per-element math: csrc/include/multistep_math.h; tile I/O and the AVX2 copy: sampler_step_tiles.h.
+// Per-element math: csrc/include/multistep_math.h; tile I/O and the AVX2 copy: fd_tiles.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -12,7 +12,7 @@
 #include <utility>
 
 #include "multistep_math.h"
-#include "sampler_step_tiles.h"
+#include "fd_tiles.h"
 
 namespace fastdiff {
 namespace {
@@ -23,14 +23,15 @@ constexpr int64_t kTile = 512;
 constexpr const char* kOp = "multistep_step";
 
 struct Args {
-  const void *x, *o, *oc, *z;
+  const void *x, *o, *oc, *z, *v;
   const void* h[kMaxHist];
   int nh;
   const float* thr;
   void *out, *out2, *dout;
   int64_t n, per_sample;
   uint64_t seed, offset;
-  bool clip, philox;
+  bool clip, philox, dout_f32;
+  int var;  // flags & (kFlagVarLearned | kFlagVarRange)
   Coefs k;
 };
 
@@ -70,10 +71,13 @@ __attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_
   using tiles::flush;
   using tiles::out_f32;
   const Coefs k = a.k;
+  Lin ly = k.y;
+  if (a.var) ly.z = 1.0f;  // the tile's z already holds σ(v)·z: 1·(σ·z) adds exactly σ·z
   T* OUT = static_cast<T*>(a.out);
   T* OUT2 = static_cast<T*>(a.out2);
   T* DOUT = static_cast<T*>(a.dout);
-  alignas(64) float xb[kTile], ob[kTile], cb[kTile], zb[kTile], db[kTile], yb[kTile], y2b[kTile];
+  float* DOUT32 = static_cast<float*>(a.dout);
+  alignas(64) float xb[kTile], ob[kTile], cb[kTile], zb[kTile], db[kTile], yb[kTile], y2b[kTile], vb[kTile];
   alignas(64) float hb[NH > 0 ? NH : 1][kTile];
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t base = t * kTile;
@@ -83,15 +87,16 @@ __attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_
     if (a.oc) {
       const float* cs = as_f32<AVX2>(static_cast<const T*>(a.oc) + base, cb, m);
 #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) ob[j] = sstep::guide(os[j], cs[j], k.w);
+      for (int64_t j = 0; j < m; ++j) ob[j] = guide(os[j], cs[j], k.w);
       os = ob;
     }
-    float* ds = DOUT ? out_f32(DOUT + base, db) : db;
+    // d is formed in the output itself when that is float32 (a float32 x, or a float32 d_out), else in db
+    float* ds = !DOUT ? db : (a.dout_f32 ? DOUT32 + base : out_f32(DOUT + base, db));
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) ds[j] = predict_d(k, xs[j], os[j]);
     if (a.clip) {
 #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) ds[j] = sstep::clampf(ds[j], -k.clip, k.clip);
+      for (int64_t j = 0; j < m; ++j) ds[j] = clampf(ds[j], -k.clip, k.clip);
     }
     if (a.thr) {  // a tile may straddle two samples: runs of one sample each
       for (int64_t j = 0; j < m;) {
@@ -109,15 +114,20 @@ __attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_
     if (a.z) {
       zs = as_f32<AVX2>(static_cast<const T*>(a.z) + base, zb, m);
     } else if (a.philox) {
-      for (int64_t j = 0; j < m; ++j) zb[j] = sstep::philox_normal(a.seed, a.offset + (uint64_t)(base + j));
+      for (int64_t j = 0; j < m; ++j) zb[j] = philox_normal(a.seed, a.offset + (uint64_t)(base + j));
+      zs = zb;
+    }
+    if (zs && a.var) {  // σ per element from v: z ← σ(v)·z in the tile buffer
+      const float* vs = as_f32<AVX2>(static_cast<const T*>(a.v) + base, vb, m);
+      for (int64_t j = 0; j < m; ++j) zb[j] = learned_sigma(k, a.var, vs[j]) * zs[j];
       zs = zb;
     }
     float* ys = out_f32(OUT + base, yb);
     float* y2s = OUT2 ? out_f32(OUT2 + base, y2b) : nullptr;
     if (zs && OUT2) {
-      combine_tile<NH, true, true>(k.y, k.y2, xs, os, ds, hs, zs, ys, y2s, m);
+      combine_tile<NH, true, true>(ly, k.y2, xs, os, ds, hs, zs, ys, y2s, m);
     } else if (zs) {
-      combine_tile<NH, true, false>(k.y, k.y2, xs, os, ds, hs, zs, ys, y2s, m);
+      combine_tile<NH, true, false>(ly, k.y2, xs, os, ds, hs, zs, ys, y2s, m);
     } else if (OUT2) {
       combine_tile<NH, false, true>(k.y, k.y2, xs, os, ds, hs, zs, ys, y2s, m);
     } else {
@@ -125,7 +135,7 @@ __attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_
     }
     flush<AVX2>(yb, OUT + base, m);
     if (OUT2) flush<AVX2>(y2b, OUT2 + base, m);
-    if (DOUT) flush<AVX2>(db, DOUT + base, m);
+    if (DOUT && !a.dout_f32) flush<AVX2>(db, DOUT + base, m);
   }
 }
 
@@ -164,9 +174,10 @@ void run_cpu(const Args& a) {
 // Checks shared by the CPU and CUDA entries; returns the per-sample element count.
 int64_t multistep_check(const at::Tensor& x, const at::Tensor& o, const c10::optional<at::Tensor>& o_cond,
                         at::TensorList hist, const c10::optional<at::Tensor>& noise,
-                        const c10::optional<at::Tensor>& rng, const c10::optional<at::Tensor>& thr,
-                        const at::Tensor& coef, int64_t flags, const at::Tensor& out,
-                        const c10::optional<at::Tensor>& out2, const c10::optional<at::Tensor>& d_out) {
+                        const c10::optional<at::Tensor>& rng, const c10::optional<at::Tensor>& v,
+                        const c10::optional<at::Tensor>& thr, const at::Tensor& coef, int64_t flags,
+                        const at::Tensor& out, const c10::optional<at::Tensor>& out2,
+                        const c10::optional<at::Tensor>& d_out) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "multistep_step: x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1, "multistep_step: x must have shape (B, ...), got a 0-dim tensor");
@@ -179,9 +190,14 @@ int64_t multistep_check(const at::Tensor& x, const at::Tensor& o, const c10::opt
   check_like(kOp, x, o_cond, "o_cond");
   for (size_t h = 0; h < hist.size(); ++h) check_like(kOp, x, hist[h], hname[h]);
   check_like(kOp, x, noise, "noise");
+  check_like(kOp, x, v, "v");
   check_like(kOp, x, out, "out");
   check_like(kOp, x, out2, "out2");
-  check_like(kOp, x, d_out, "d_out");
+  if (d_out.has_value() && d_out->scalar_type() == at::kFloat) {
+    check_like(kOp, x, d_out, "d_out", at::kFloat);
+  } else {
+    check_like(kOp, x, d_out, "d_out");
+  }
   TORCH_CHECK(coef.scalar_type() == at::kDouble && coef.dim() == 1 && coef.numel() == kNumCoef &&
               coef.is_contiguous() && coef.device() == x.device(),
               "multistep_step: coef must be a contiguous float64 tensor of ", (int)kNumCoef, " values on x's device, got ",
@@ -192,7 +208,12 @@ int64_t multistep_check(const at::Tensor& x, const at::Tensor& o, const c10::opt
                 rng->device() == x.device(), "multistep_step: rng must be a contiguous int64 tensor [seed, offset] "
                 "on x's device");
   }
-  TORCH_CHECK(flags == 0 || flags == kFlagClip, "multistep_step: invalid flags ", flags, " (bit 0: clip)");
+  TORCH_CHECK(flags >= 0 && (flags & ~kFlagsAll) == 0 && (flags & (kFlagVarLearned | kFlagVarRange)) !=
+              (kFlagVarLearned | kFlagVarRange), "multistep_step: invalid flags ", flags,
+              " (bit 0: clip; bit 1: learned variance; bit 2: learned_range variance; at most one of bits 1, 2)");
+  TORCH_CHECK(((flags & (kFlagVarLearned | kFlagVarRange)) != 0) == v.has_value(),
+              "multistep_step: v (the model's variance output) is needed exactly when flags select a learned "
+              "variance (bit 1 or 2), got flags ", flags, v.has_value() ? " with v" : " without v");
   const int64_t B = x.size(0);
   const int64_t per_sample = B > 0 ? x.numel() / B : 0;
   if (thr.has_value()) {
@@ -203,7 +224,7 @@ int64_t multistep_check(const at::Tensor& x, const at::Tensor& o, const c10::opt
                 "outermost in memory, got strides ", x.strides());
   }
   using Named = std::pair<const char*, const at::Tensor*>;
-  Named all[4 + kMaxHist + 4];
+  Named all[5 + kMaxHist + 4];
   int n = 0;
   auto add = [&](const char* name, const at::Tensor* t) { all[n++] = Named{name, t}; };
   add("x", &x);
@@ -211,6 +232,7 @@ int64_t multistep_check(const at::Tensor& x, const at::Tensor& o, const c10::opt
   add("o_cond", o_cond ? &*o_cond : nullptr);
   for (size_t h = 0; h < hist.size(); ++h) add(hname[h], &hist[h]);
   add("noise", noise ? &*noise : nullptr);
+  add("v", v ? &*v : nullptr);
   const int n_in = n;
   add("out", &out);
   add("out2", out2 ? &*out2 : nullptr);
@@ -224,9 +246,11 @@ namespace {
 
 void multistep_cpu(const at::Tensor& x, const at::Tensor& o, const c10::optional<at::Tensor>& o_cond,
                    at::TensorList hist, const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& rng,
-                   const c10::optional<at::Tensor>& thr, const at::Tensor& coef, int64_t flags, const at::Tensor& out,
-                   const c10::optional<at::Tensor>& out2, const c10::optional<at::Tensor>& d_out) {
-  const int64_t per_sample = multistep_check(x, o, o_cond, hist, noise, rng, thr, coef, flags, out, out2, d_out);
+                   const c10::optional<at::Tensor>& v, const c10::optional<at::Tensor>& thr, const at::Tensor& coef,
+                   int64_t flags, const at::Tensor& out, const c10::optional<at::Tensor>& out2,
+                   const c10::optional<at::Tensor>& d_out) {
+  const int64_t per_sample =
+      multistep_check(x, o, o_cond, hist, noise, rng, v, thr, coef, flags, out, out2, d_out);
   Args a{};
   a.x = x.data_ptr();
   a.o = o.data_ptr();
@@ -234,6 +258,7 @@ void multistep_cpu(const at::Tensor& x, const at::Tensor& o, const c10::optional
   a.nh = (int)hist.size();
   for (int h = 0; h < a.nh; ++h) a.h[h] = hist[h].data_ptr();
   a.z = noise ? noise->data_ptr() : nullptr;
+  a.v = v ? v->data_ptr() : nullptr;
   a.thr = thr ? thr->data_ptr<float>() : nullptr;
   a.out = out.data_ptr();
   a.out2 = out2 ? out2->data_ptr() : nullptr;
@@ -241,6 +266,8 @@ void multistep_cpu(const at::Tensor& x, const at::Tensor& o, const c10::optional
   a.n = x.numel();
   a.per_sample = per_sample;
   a.clip = flags & kFlagClip;
+  a.var = (int)(flags & (kFlagVarLearned | kFlagVarRange));
+  a.dout_f32 = d_out.has_value() && d_out->scalar_type() == at::kFloat;
   a.philox = rng.has_value();
   if (a.philox) {
     const int64_t* r = rng->data_ptr<int64_t>();

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "group_norm_silu_math.h"
-#include "sampler_step_math.h"
+#include "multistep_math.h"
 
 static int failures = 0;
 #define CHECK(cond, ...)                                         \
@@ -38,7 +38,7 @@ static void test_philox_kat() {
   };
   for (const Kat& k : kats) {
     uint32_t c[4] = {k.ctr[0], k.ctr[1], k.ctr[2], k.ctr[3]};
-    sstep::philox4x32_10(c, k.key[0], k.key[1]);
+    mstep::philox4x32_10(c, k.key[0], k.key[1]);
     for (int i = 0; i < 4; ++i) CHECK(c[i] == k.out[i], "philox word %d: %08x != %08x", i, c[i], k.out[i]);
   }
 }
@@ -48,7 +48,7 @@ static void test_philox_normal_moments() {
   double s = 0, s2 = 0;
   const int n = 200000;
   for (int i = 0; i < n; ++i) {
-    float z = sstep::philox_normal(12345u, (uint64_t)i);
+    float z = mstep::philox_normal(12345u, (uint64_t)i);
     CHECK(std::isfinite(z), "philox_normal(%d) not finite", i);
     s += z;
     s2 += (double)z * z;
@@ -56,28 +56,25 @@ static void test_philox_normal_moments() {
   const double mean = s / n, var = s2 / n - mean * mean;
   CHECK(std::fabs(mean) < 4.0 / std::sqrt((double)n), "mean %g", mean);
   CHECK(std::fabs(var - 1.0) < 4.0 * std::sqrt(2.0 / n), "variance %g", var);
-  CHECK(sstep::philox_normal(7u, 99u) == sstep::philox_normal(7u, 99u), "not deterministic");
-  CHECK(sstep::philox_normal(7u, 99u) != sstep::philox_normal(8u, 99u), "seed ignored");
+  CHECK(mstep::philox_normal(7u, 99u) == mstep::philox_normal(7u, 99u), "not deterministic");
+  CHECK(mstep::philox_normal(7u, 99u) != mstep::philox_normal(8u, 99u), "seed ignored");
 }
 
-// Without clipping, the folded linear step equals the step written out term by term
-// (docs/math.md, "The fused DDPM/DDIM step", linear form).
-static void test_fold_linear() {
-  std::mt19937 rng(0);
-  std::uniform_real_distribution<double> U(-2.0, 2.0);
-  for (int trial = 0; trial < 100; ++trial) {
-    double c[sstep::kNumCoef] = {0};
-    for (int j = 0; j <= sstep::kC; ++j) c[j] = U(rng);
-    float cx, co;
-    sstep::fold_linear(c, &cx, &co);
-    const sstep::Coefs k = sstep::load_coefs(c);
-    for (int e = 0; e < 10; ++e) {
-      const float x = (float)U(rng), o = (float)U(rng);
-      const float x0 = sstep::predict_x0(k, x, o);
-      const float ref = sstep::combine(k, x, x0, sstep::predict_eps(k, x, o, x0));
-      const float got = cx * x + co * o;
-      CHECK(std::fabs(got - ref) <= 1e-5f * (1.f + std::fabs(ref)) * 8, "fold_linear %g vs %g", got, ref);
-    }
+// The z term's σ from a learned variance output v: √v (learned), and the log-interpolation between logmin and
+// logmax (learned_range) at its ends and middle, against float64.
+static void test_learned_sigma() {
+  double c[mstep::kNumCoef] = {0};
+  c[mstep::kLogMax] = -3.9;
+  c[mstep::kLogMin] = -5.2;
+  const mstep::Coefs k = mstep::load_coefs(c);
+  for (float v : {1e-3f, 0.02f, 0.5f}) {
+    const float got = mstep::learned_sigma(k, mstep::kFlagVarLearned, v);
+    CHECK(std::fabs(got - std::sqrt((double)v)) <= 1e-6 * std::sqrt((double)v), "learned sigma(%g) = %g", v, got);
+  }
+  for (float v : {-1.f, 0.f, 1.f, 0.37f}) {
+    const double f = 0.5 * ((double)v + 1.0), want = std::exp(0.5 * (f * -3.9 + (1.0 - f) * -5.2));
+    const float got = mstep::learned_sigma(k, mstep::kFlagVarRange, v);
+    CHECK(std::fabs(got - want) <= 4e-7 * want, "learned_range sigma(%g) = %g, want %g", v, got, want);
   }
 }
 
@@ -118,12 +115,12 @@ static void test_group_stat_merge() {
 int main() {
   test_philox_kat();
   test_philox_normal_moments();
-  test_fold_linear();
+  test_learned_sigma();
   test_group_stat_merge();
   if (failures) {
     std::fprintf(stderr, "test_math: %d check(s) failed\n", failures);
     return 1;
   }
-  std::printf("test_math: all checks passed (Philox KAT and moments, fused linear fold, GroupNorm merge)\n");
+  std::printf("test_math: all checks passed (Philox KAT and moments, learned variance sigma, GroupNorm merge)\n");
   return 0;
 }

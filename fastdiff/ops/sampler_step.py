@@ -1,10 +1,10 @@
-"""The sampler update x_t, model output → x_{t−1}: reference math in plain PyTorch (`*_ref`), and the fused op.
+"""The sampler update x_t, model output → x_{t−1}: reference math in plain PyTorch (`*_ref`), and the fused step.
 
-Fused op (second half of this file): `sampler_step(x, o, coef, ...)` does a whole DDPM or DDIM step in one pass on the
-"cpp" (csrc/cpu/sampler_step.cpp), "cuda" (csrc/cuda/sampler_step.cu) or "triton" (below) backend, "torch" being
-`sampler_step_ref`; `step_coefs` builds its per-step scalars, `threshold_scale` the dynamic-thresholding scales,
-`philox_randn_ref` is the in-kernel noise generator in NumPy. Registered as fastdiff::sampler_step (C++/CUDA) and
-fastdiff::sampler_step_triton, both with fake kernels (torch.compile, opcheck).
+Fused step (second half of this file): `sampler_step(x, o, coef, ...)` does a whole DDPM or DDIM step in one pass. It
+is a thin wrapper over the one fused op, fastdiff::multistep_step_ (fastdiff/ops/multistep.py: C++ CPU, CUDA, Triton
+and the plain-PyTorch reference): `step_coefs` builds a step's 16 scalars, `to_multistep_row` turns them (a row or a
+(N, 16) table) into the op's coefficient row, `threshold_scale` gives the dynamic-thresholding scales,
+`philox_randn_ref` is the in-kernel noise generator in NumPy.
 
 Every `*_ref` function here follows docs/math.md ("Model outputs", "DDPM", "DDIM") and the order of operations of
 diffusers' `DDPMScheduler.step` / `DDIMScheduler.step`, so that a reference loop and a diffusers loop agree to float32
@@ -18,7 +18,6 @@ import math
 import numpy as np
 import torch
 
-from fastdiff._backend import compiled_op_loaded
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
@@ -144,15 +143,17 @@ def ddim_step_ref(x_t, o, abar_t, abar_p, *, eta=0.0, noise=None, prediction_typ
 # ---------------------------------------------------------------------------------------------------------------
 # The fused step: one pass, x_t, o (o_c, z, v) → x_prev (and x̂0 if asked), on every backend.
 #
-# Per element, in float32 (csrc/include/sampler_step_math.h has the same lines for the C++ and CUDA kernels):
+# Per element, in float32 (the math of fastdiff::multistep_step_, csrc/include/multistep_math.h):
 #   o   = o_u + w·(o_c − o_u)                              classifier-free guidance, when o_cond is given
 #   x̂0  = p·x + q·o;  clamp(x̂0, ±clip) if clip;  clamp(x̂0, ±s_b)/s_b if thr (dynamic thresholding, s_b per sample)
 #   ε̂   = r·x + s·o + u·x̂0
 #   x'  = A·x̂0 + B·ε̂ + C·x + σ·z                           σ scalar, or per element from v (DDPM learned variances)
-# The scalars of one step sit in a float64 vector `coef` (layout below, the header's `Coef` enum), computed once per
-# step by `step_coefs`. A sampler keeps the table of all steps on the device and passes row i to step i, so a CUDA graph
-# reads its coefficients from a static buffer. Memory traffic: read x, o (o_c, z, v), write x' (x̂0): a DDIM η = 0 step
-# moves 3 tensors (2 reads + 1 write) where the reference moves ~12 (see benchmarks/bench_sampler_step.py).
+# which is the multistep row  yx = B·r + C,  yo = B·s,  yd = A + B·u,  yz = σ  (d = x̂0; the products and sums folded
+# in float64 by `to_multistep_row`, then rounded once to float32 in the kernel).
+# The scalars of one step sit in a float64 vector `coef` (layout below), computed once per step by `step_coefs`. A
+# sampler keeps the table of all steps on the device and passes row i to step i, so a CUDA graph reads its
+# coefficients from a static buffer. Memory traffic: read x, o (o_c, z, v), write x' (x̂0): a DDIM η = 0 step moves 3
+# tensors (2 reads + 1 write) where the reference moves ~12 (see benchmarks/bench_sampler_step.py).
 
 COEF = dict(p=0, q=1, r=2, s=3, u=4, A=5, B=6, C=7, sigma=8, clip=9, w=10, logmax=11, logmin=12)
 NUM_COEF = 16
@@ -260,142 +261,6 @@ def philox_randn_ref(seed: int, offset: int, n: int) -> torch.Tensor:
     return torch.from_numpy((r * np.cos(np.float32(6.283185307179586) * u2)).astype(np.float32))
 
 
-# ---- Triton ----------------------------------------------------------------------------------------------------
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference and C++ paths work without triton
-    triton = None
-
-# The coefficient offsets as the kernel's constexprs, generated from COEF (the kernel has no literal offsets).
-_K = {f"K_{name.upper()}": i for name, i in COEF.items()}
-
-if triton is not None:
-
-    @triton.jit
-    def _guided_linear(x_ptr, o_ptr, oc_ptr, thr_ptr, coef_ptr, offs, mask, per_sample,
-                       HAS_COND: tl.constexpr, CLIP: tl.constexpr, HAS_THR: tl.constexpr,
-                       K_P: tl.constexpr, K_Q: tl.constexpr, K_W: tl.constexpr, K_CLIP: tl.constexpr):
-        """The opening of both fused kernels (this one and fastdiff.ops.multistep's): x and o as float32, o guided
-        (o + w·(o_c − o)) when HAS_COND, and d = p·x + q·o, clamped to ±clip when CLIP and thresholded with the
-        sample's scale when HAS_THR. Returns (x, o, d)."""
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_COND:
-            oc = tl.load(oc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            o = o + tl.load(coef_ptr + K_W).to(tl.float32) * (oc - o)
-        d = tl.load(coef_ptr + K_P).to(tl.float32) * x + tl.load(coef_ptr + K_Q).to(tl.float32) * o
-        if CLIP:
-            r = tl.load(coef_ptr + K_CLIP).to(tl.float32)
-            d = tl.minimum(tl.maximum(d, -r), r)
-        if HAS_THR:
-            s = tl.load(thr_ptr + offs // per_sample, mask=mask, other=1.0)
-            d = tl.minimum(tl.maximum(d, -s), s) / s
-        return x, o, d
-
-    @triton.jit
-    def _sampler_step_kernel(
-        x_ptr,  # (n,) x_t in memory order
-        o_ptr,  # (n,) model output (the unconditional one with CFG)
-        oc_ptr,  # (n,) conditional model output (HAS_COND)
-        z_ptr,  # (n,) noise (NOISE == 1)
-        rng_ptr,  # (2,) int64 seed, counter offset (NOISE == 2)
-        v_ptr,  # (n,) model variance output (VAR_MODE > 0)
-        thr_ptr,  # (B,) float32 dynamic-thresholding scale (HAS_THR)
-        coef_ptr,  # (NUM_COEF,) float64 step scalars
-        xp_ptr,  # (n,) out: x_prev, x's dtype
-        x0_ptr,  # (n,) out: x̂0 float32 (WRITE_X0)
-        n, per_sample,
-        HAS_COND: tl.constexpr, NOISE: tl.constexpr, VAR_MODE: tl.constexpr, CLIP: tl.constexpr,
-        HAS_THR: tl.constexpr, WRITE_X0: tl.constexpr, BLOCK: tl.constexpr,
-        K_P: tl.constexpr, K_Q: tl.constexpr, K_R: tl.constexpr, K_S: tl.constexpr, K_U: tl.constexpr,
-        K_A: tl.constexpr, K_B: tl.constexpr, K_C: tl.constexpr, K_SIGMA: tl.constexpr, K_CLIP: tl.constexpr,
-        K_W: tl.constexpr, K_LOGMAX: tl.constexpr, K_LOGMIN: tl.constexpr,  # offsets into coef: _K, from COEF
-    ):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        x, o, x0 = _guided_linear(x_ptr, o_ptr, oc_ptr, thr_ptr, coef_ptr, offs, mask, per_sample, HAS_COND, CLIP,
-                                  HAS_THR, K_P, K_Q, K_W, K_CLIP)
-        eps = (tl.load(coef_ptr + K_R).to(tl.float32) * x + tl.load(coef_ptr + K_S).to(tl.float32) * o
-               + tl.load(coef_ptr + K_U).to(tl.float32) * x0)
-        out = (tl.load(coef_ptr + K_A).to(tl.float32) * x0 + tl.load(coef_ptr + K_B).to(tl.float32) * eps
-               + tl.load(coef_ptr + K_C).to(tl.float32) * x)
-        if NOISE != 0:
-            if NOISE == 1:
-                z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                z = tl.randn(tl.load(rng_ptr), tl.load(rng_ptr + 1) + offs)
-            if VAR_MODE == 0:
-                std = tl.load(coef_ptr + K_SIGMA).to(tl.float32)
-            else:
-                v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                if VAR_MODE == 1:
-                    std = tl.sqrt(v)
-                else:
-                    f = 0.5 * (v + 1.0)
-                    std = tl.exp(0.5 * (f * tl.load(coef_ptr + K_LOGMAX).to(tl.float32)
-                                        + (1.0 - f) * tl.load(coef_ptr + K_LOGMIN).to(tl.float32)))
-            out = out + std * z
-        tl.store(xp_ptr + offs, out.to(xp_ptr.dtype.element_ty), mask=mask)
-        if WRITE_X0:
-            tl.store(x0_ptr + offs, x0, mask=mask)
-
-
-def _empty_outputs(x, write_x0):
-    x0 = torch.empty_like(x, dtype=torch.float32) if write_x0 else x.new_empty((0,), dtype=torch.float32)
-    return torch.empty_like(x), x0
-
-
-def _launch_triton(x, o, o_cond, noise, rng, v, thr, coef, flags, xp, x0):
-    """Run the Triton kernel writing x_prev into xp and, when x0 is not None, x̂0 (float32) into x0."""
-    n = x.numel()
-    if n == 0:
-        return
-    BLOCK = 1024
-    _sampler_step_kernel[(triton.cdiv(n, BLOCK),)](
-        x, o, o_cond if o_cond is not None else x, noise if noise is not None else x,
-        rng if rng is not None else coef, v if v is not None else x, thr if thr is not None else coef, coef,
-        xp, x0 if x0 is not None else xp, n, n // x.shape[0],
-        HAS_COND=o_cond is not None, NOISE=1 if noise is not None else (2 if rng is not None else 0),
-        VAR_MODE=(flags >> 1) & 3, CLIP=bool(flags & FLAG_CLIP), HAS_THR=thr is not None, WRITE_X0=x0 is not None,
-        BLOCK=BLOCK, **_K)
-
-
-@torch.library.custom_op("fastdiff::sampler_step_triton", mutates_args=())
-def _sampler_step_triton(x: torch.Tensor, o: torch.Tensor, o_cond: torch.Tensor | None, noise: torch.Tensor | None,
-                         rng: torch.Tensor | None, v: torch.Tensor | None, thr: torch.Tensor | None,
-                         coef: torch.Tensor, flags: int, write_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton launcher (same contract as the C++ op fastdiff::sampler_step; the wrapper checks the arguments)."""
-    xp, x0 = _empty_outputs(x, write_x0)
-    if triton is None:
-        raise RuntimeError("fastdiff.sampler_step: backend 'triton' needs triton")
-    _launch_triton(x, o, o_cond, noise, rng, v, thr, coef, flags, xp, x0 if write_x0 else None)
-    return xp, x0
-
-
-@torch.library.custom_op("fastdiff::sampler_step_out_triton", mutates_args=("out", "x0_out"))
-def _sampler_step_out_triton(x: torch.Tensor, o: torch.Tensor, o_cond: torch.Tensor | None,
-                             noise: torch.Tensor | None, rng: torch.Tensor | None, v: torch.Tensor | None,
-                             thr: torch.Tensor | None, coef: torch.Tensor, flags: int, out: torch.Tensor,
-                             x0_out: torch.Tensor | None) -> None:
-    """Triton launcher of the out= variant (the contract of fastdiff::sampler_step_out)."""
-    if triton is None:
-        raise RuntimeError("fastdiff.sampler_step: backend 'triton' needs triton")
-    _launch_triton(x, o, o_cond, noise, rng, v, thr, coef, flags, out, x0_out)
-
-
-@_sampler_step_out_triton.register_fake
-def _sampler_step_out_fake(x, o, o_cond, noise, rng, v, thr, coef, flags, out, x0_out):
-    return None
-
-
-def _sampler_step_fake(x, o, o_cond, noise, rng, v, thr, coef, flags, write_x0):
-    return _empty_outputs(x, write_x0)
-
-
-_sampler_step_triton.register_fake(_sampler_step_fake)
-
-
 # ---- the public op -----------------------------------------------------------------------------------------------
 
 def _dense_format(x):
@@ -465,6 +330,81 @@ def _check_no_alias(op, inputs: dict, outputs: dict):
         seen.append((name, t))
 
 
+# (column in the 16-row, column in the multistep row): the scalars that carry over unchanged
+_SAME = (("p", "p"), ("q", "q"), ("w", "w"), ("clip", "clip"), ("sigma", "yz"), ("logmax", "logmax"),
+         ("logmin", "logmin"))
+_IDX: dict = {}
+
+
+def _fold_index(device):
+    """(4, 24) indices into a 16-row extended by [0, 1] (columns 16, 17): multistep row = e[i0]·e[i1] + e[i2]·e[i3]."""
+    key = str(device)
+    if key not in _IDX:
+        from fastdiff.ops import multistep as ms
+
+        ZERO, ONE = NUM_COEF, NUM_COEF + 1
+        idx = [[ZERO] * ms.NUM_COEF, [ZERO] * ms.NUM_COEF, [ZERO] * ms.NUM_COEF, [ZERO] * ms.NUM_COEF]
+
+        def put(col, a, b, c, d):
+            for k, j in enumerate((a, b, c, d)):
+                idx[k][ms.COEF[col]] = j
+
+        for src, dst in _SAME:
+            put(dst, COEF[src], ONE, ZERO, ZERO)
+        put("yx", COEF["B"], COEF["r"], COEF["C"], ONE)  # B·r + C
+        put("yo", COEF["B"], COEF["s"], ZERO, ZERO)  # B·s
+        put("yd", COEF["B"], COEF["u"], COEF["A"], ONE)  # B·u + A
+        _IDX[key] = (torch.tensor(idx, dtype=torch.long).flatten().to(device),
+                     torch.tensor([0.0, 1.0], dtype=torch.float64).to(device))
+    return _IDX[key]
+
+
+def to_multistep_row(coef):
+    """A step_coefs row (NUM_COEF float64 scalars) as the coefficient row of fastdiff::multistep_step_ (its NUM_COEF
+    = 24 layout, fastdiff.ops.multistep.COEF): p, q, w, clip, logmax, logmin carried over, yz = σ, and
+    yx = B·r + C, yo = B·s, yd = A + B·u folded in float64.
+
+    coef: a sequence of 16 floats → a list of 24 floats; or a float64 tensor (..., 16) → (..., 24) on its device (a
+    whole (N, 16) table at once; a few device ops, no host read, so it may run inside a CUDA graph)."""
+    from fastdiff.ops import multistep as ms
+
+    if not torch.is_tensor(coef):
+        c = [float(t) for t in coef]
+        if len(c) != NUM_COEF:
+            raise ValueError(f"to_multistep_row: a row has {NUM_COEF} coefficients, got {len(c)}")
+        g = lambda k: c[COEF[k]]  # noqa: E731
+        row = [0.0] * ms.NUM_COEF
+        for src, dst in _SAME:
+            row[ms.COEF[dst]] = g(src) * 1.0 + 0.0 * 0.0
+        row[ms.COEF["yx"]] = g("B") * g("r") + g("C") * 1.0
+        row[ms.COEF["yo"]] = g("B") * g("s") + 0.0 * 0.0
+        row[ms.COEF["yd"]] = g("B") * g("u") + g("A") * 1.0
+        return row
+    if coef.dtype != torch.float64 or coef.dim() < 1 or coef.shape[-1] != NUM_COEF:
+        raise ValueError(f"to_multistep_row: coef must be a float64 tensor (..., {NUM_COEF}), got {coef.dtype} "
+                         f"{tuple(coef.shape)}")
+    idx, tail = _fold_index(coef.device)
+    e = torch.cat([coef, tail.expand(*coef.shape[:-1], 2)], dim=-1)
+    g = e.index_select(-1, idx).unflatten(-1, (2, 2, ms.NUM_COEF))
+    return g.prod(-2).sum(-2)  # (e0·e1) + (e2·e3): one product and one sum each, as the list path
+
+
+def raw_op(backend: str = "auto", device="cpu"):
+    """The fused step without per-call checks, for sampling loops that checked their arguments once through
+    `sampler_step`: a callable (x, o, o_cond, noise, rng, v, thr, coef, flags, out, x0_out) -> None with coef a
+    16-row tensor on x's device and flags = FLAG_CLIP | VAR_MODES[var_mode] << 1 (the same bits as multistep's
+    FLAG_CLIP, FLAG_VAR_LEARNED, FLAG_VAR_RANGE). It runs the multistep raw op (fastdiff.ops.multistep.resolve_op) on
+    `to_multistep_row(coef)`; x0_out float32 (or x's dtype)."""
+    from fastdiff.ops import multistep as ms
+
+    op = ms.resolve_op(backend, device)
+
+    def step(x, o, o_cond, noise, rng, v, thr, coef, flags, out, x0_out):
+        op(x, o, o_cond, [], noise, rng, v, thr, to_multistep_row(coef), flags, out, None, x0_out)
+
+    return step
+
+
 def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=None, rng=None, v=None, thr=None,
                  clip: bool = False, var_mode: str = "scalar", write_x0: bool = False, backend: str = "auto",
                  out=None, x0_out=None):
@@ -476,11 +416,13 @@ def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=N
     noise. thr: (B,) float32 dynamic-thresholding scales (see `threshold_scale`). Layouts: contiguous, channels_last
     (3d) run in place; any other layout of x is copied to contiguous first, and inputs whose strides differ from x's
     are copied to x's layout (documented copies). x_prev has x's (dense) layout.
-    out, x0_out: preallocated outputs, written in place (the fastdiff::sampler_step_out ops, no copy; bit for bit the
-    functional op's values): out of x's dtype, x0_out float32 (given, it implies write_x0), both of x's shape and
-    (dense) strides, overlapping no input and each other. Returned as (out, x0_out); a missing out is allocated.
+    out, x0_out: preallocated outputs, written in place: out of x's dtype, x0_out float32 (given, it implies
+    write_x0), both of x's shape and (dense) strides, overlapping no input and each other. Returned as
+    (out, x0_out); a missing out is allocated.
+    Runs fastdiff.ops.multistep.multistep_step (the one fused op, any backend; "torch" its reference) on
+    `to_multistep_row(coef)`, with d_out = x0_out in float32.
     """
-    from fastdiff._backend import resolve
+    from fastdiff.ops import multistep as ms
 
     if not torch.is_tensor(x) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"sampler_step: x must be a float32/float16/bfloat16 tensor, got "
@@ -491,52 +433,26 @@ def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=N
         raise ValueError(f"sampler_step: var_mode must be one of {tuple(VAR_MODES)}, got {var_mode!r}")
     if (var_mode != "scalar") != (v is not None):
         raise ValueError("sampler_step: v (the model's variance output) is needed exactly when var_mode is learned*")
-    if noise is not None and rng is not None:
-        raise ValueError("sampler_step: pass noise (a tensor) or rng ([seed, offset]), not both")
-    if not torch.is_tensor(coef):
-        coef = torch.tensor(coef, dtype=torch.float64, device=x.device)
-    if coef.dtype != torch.float64 or coef.shape != (NUM_COEF,) or coef.device != x.device:
-        raise ValueError(f"sampler_step: coef must be a float64 tensor of shape ({NUM_COEF},) on {x.device}, got "
-                         f"{coef.dtype} {tuple(coef.shape)} on {coef.device}")
-    if rng is not None and (rng.dtype != torch.int64 or rng.numel() != 2 or rng.device != x.device):
-        raise ValueError(f"sampler_step: rng must be an int64 tensor [seed, offset] on {x.device}")
-    if thr is not None and (thr.dtype != torch.float32 or thr.shape != (x.shape[0],) or thr.device != x.device):
-        raise ValueError(f"sampler_step: thr must be a float32 tensor of shape ({x.shape[0]},) on {x.device}")
-    name = resolve("sampler_step", backend, x.device)
-    into = out is not None or x0_out is not None
-    if into:
-        if _dense_format(x) is None:
-            x = x.contiguous()
-        out = torch.empty_like(x) if out is None else _check_out(out, x, "out", "sampler_step")
-        if x0_out is not None:
-            _check_out(x0_out, x, "x0_out", "sampler_step", torch.float32)
-        elif write_x0:
-            x0_out = torch.empty_like(x, dtype=torch.float32)
+    if torch.is_tensor(coef):
+        if coef.dtype != torch.float64 or coef.shape != (NUM_COEF,) or coef.device != x.device:
+            raise ValueError(f"sampler_step: coef must be a float64 tensor of shape ({NUM_COEF},) on {x.device}, "
+                             f"got {coef.dtype} {tuple(coef.shape)} on {coef.device}")
+        row = to_multistep_row(coef)
+    else:
+        if len(coef) != NUM_COEF:
+            raise ValueError(f"sampler_step: coef must have {NUM_COEF} values (step_coefs), got {len(coef)}")
+        row = torch.tensor(to_multistep_row(coef), dtype=torch.float64, device=x.device)
+    if x0_out is not None:  # named as the caller named it (multistep_step checks it again as d_out)
+        _check_tensor_like(x0_out, x, "x0_out", "sampler_step", torch.float32)
         _check_no_alias("sampler_step", dict(x=x, o=o, o_cond=o_cond, noise=noise, v=v),
                         dict(out=out, x0_out=x0_out))
-    if name == "torch":
-        for t, n in ((o, "o"), (o_cond, "o_cond"), (noise, "noise"), (v, "v")):
-            if t is not None:  # the fused path's checks (_like_x), without its layout copies
-                _check_tensor_like(t, x, n, "sampler_step")
-        xp, x0 = sampler_step_ref(x, o, coef, o_cond=o_cond, noise=noise if rng is None else _philox_like(x, rng),
-                                  v=v, thr=thr, clip=clip, var_mode=var_mode, write_x0=x0_out is not None or write_x0)
-        if not into:
-            return xp, x0
-        out.copy_(xp)
-        return out, (x0_out.copy_(x0) if x0_out is not None else None)
-    if _dense_format(x) is None:
-        x = x.contiguous()
-    o, o_cond, noise, v = (_like_x(t, x, n) for t, n in ((o, "o"), (o_cond, "o_cond"), (noise, "noise"), (v, "v")))
-    flags = (FLAG_CLIP if clip else 0) | (VAR_MODES[var_mode] << 1)
-    args = (x, o, o_cond, noise, rng.contiguous() if rng is not None else None, v,
-            thr.contiguous() if thr is not None else None, coef.contiguous(), flags, bool(write_x0))
-    if into:
-        op = torch.ops.fastdiff.sampler_step_out_triton if name == "triton" else torch.ops.fastdiff.sampler_step_out
-        op(*args[:-1], out, x0_out)
-        return out, x0_out
-    op = torch.ops.fastdiff.sampler_step_triton if name == "triton" else torch.ops.fastdiff.sampler_step
-    xp, x0 = op(*args)
-    return xp, (x0 if write_x0 else None)
+    elif write_x0:
+        if _dense_format(x) is None:
+            x = x.contiguous()
+        x0_out = torch.empty_like(x, dtype=torch.float32)
+    y, _, x0 = ms.multistep_step(x, o, row, o_cond=o_cond, noise=noise, rng=rng, v=v, var_mode=var_mode, thr=thr,
+                                 clip=clip, out=out, d_out=x0_out, backend=backend)
+    return y, x0
 
 
 def _philox_like(x, rng):
@@ -572,9 +488,3 @@ def linear_threshold_scale(x, o, o_cond, p, q, w, ratio: float, max_value: float
     srt = d.reshape(d.shape[0], -1).abs().sort(dim=1).values
     s = torch.lerp(srt[:, lo], srt[:, hi], float(np.float32(pos - np.float32(lo))))
     return s.clamp(min=1.0, max=max_value).contiguous()
-
-
-if compiled_op_loaded("sampler_step"):  # the C++/CUDA op's fake kernel, when the extension is loaded
-    torch.library.register_fake("fastdiff::sampler_step")(_sampler_step_fake)
-if compiled_op_loaded("sampler_step_out"):
-    torch.library.register_fake("fastdiff::sampler_step_out")(_sampler_step_out_fake)

@@ -119,8 +119,7 @@ class Loop:
             self.check_layout = True  # inputs laid out unlike x (a split 2·C output) go through the copying entry
         elif name != "torch":
             opts = plan.options
-            self.raw = (torch.ops.fastdiff.sampler_step_out_triton if name == "triton"
-                        else torch.ops.fastdiff.sampler_step_out)
+            self.raw = ss.raw_op(name, dev)  # the one fused op (multistep_step_) on the step's 16-row
             var_mode = opts.variance_type if self.learned else "scalar"
             self.ss_flags = (ss.FLAG_CLIP if opts.clip_sample and not opts.thresholding else 0) | \
                 (ss.VAR_MODES[var_mode] << 1)

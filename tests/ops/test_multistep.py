@@ -39,7 +39,16 @@ def _dev(backend):
 
 # ---- the float64 formula -------------------------------------------------------------------------------------
 
-def _formula64(x, o, coef, *, o_cond=None, hist=(), z=None, thr=None, clip=False):
+def _sigma64(v, c, var_mode):
+    """The z term's σ per element in float64 (the formula of multistep's docstring, written out here)."""
+    v = v.double()
+    if var_mode == "learned":
+        return v.sqrt()
+    f = (v + 1) / 2
+    return (0.5 * (f * c["logmax"] + (1 - f) * c["logmin"])).exp()
+
+
+def _formula64(x, o, coef, *, o_cond=None, hist=(), z=None, thr=None, clip=False, v=None, var_mode="scalar"):
     """(y, y2, d, scale) in float64 from the module docstring's formula; scale = max over elements of the sum of
     |terms| of y and y2 (the size float32 rounding is relative to)."""
     c32 = torch.as_tensor(coef, dtype=torch.float64).cpu().float()
@@ -65,8 +74,9 @@ def _formula64(x, o, coef, *, o_cond=None, hist=(), z=None, thr=None, clip=False
         y2 = y2 + c[f"y2h{i}"] * h
         mag, mag2 = mag + (c[f"yh{i}"] * h).abs(), mag2 + (c[f"y2h{i}"] * h).abs()
     if z is not None:
-        y = y + c["yz"] * z.double()
-        mag = mag + (c["yz"] * z.double()).abs()
+        sigma = c["yz"] if var_mode == "scalar" else _sigma64(v, c, var_mode)
+        y = y + sigma * z.double()
+        mag = mag + (sigma * z.double()).abs()
     scale = max(mag.max().item(), mag2.max().item(), mag_d.max().item()) if x.numel() else 1.0
     return y, y2, d, scale
 
@@ -198,32 +208,40 @@ def test_backend_matrix(backend, dtype):
                     assert torch.equal(got, want.to(dtype)), case
 
 
+def shifted(t):
+    """The same values at storage offset 1 (one element past an aligned address)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return buf[1:].view(t.shape).copy_(t)
+
+
 @pytest.mark.parametrize("backend", FUSED)
-def test_sizes_and_misaligned_pointers(backend):
+@pytest.mark.parametrize("var", [False, True], ids=["scalar", "learned_range"])
+def test_sizes_and_misaligned_pointers(backend, var):
     """Sizes around the vector width and the CPU tile (512), thresholds straddling tiles, and every tensor starting
-    one element past an aligned address (CUDA: the scalar path; CPU: unaligned loads)."""
+    one element past an aligned address (CUDA: the scalar path; CPU: unaligned loads); with var, v (learned_range)
+    and a float32 d_out too."""
     dev = _dev(backend)
     case = dict(nh=2, noise="tensor", out2=True, d_out=True, cfg=True, clip=True, thr=True, cl=False)
     shapes = [(1,), (2, 3), (3, 5, 7), (2, 1, 17, 31)] + ([(3, 7, 11, 13)] if backend != "triton" else [])
     for shape in shapes:
         for dtype in (torch.float32, torch.bfloat16):
             x, o, coef, kw = _make(case, dtype, dev, shape=shape, seed=len(shape))
-
-            def shifted(t):  # the same values at storage offset 1
-                buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-                v = buf[1:].view(t.shape)
-                return v.copy_(t)
-
-            want = _run("torch", x, o, coef, kw, case)
-            outs = [shifted(torch.zeros_like(x)) for _ in range(3)]
+            if var:
+                coef[ms.COEF["logmax"]], coef[ms.COEF["logmin"]] = -2.0, -4.0
+                kw.update(v=_v_like(x, "learned_range", seed=len(shape)), var_mode="learned_range")
+            d_dtype = torch.float32 if var else dtype
+            want = ms.multistep_step(x, o, coef, out2=torch.empty_like(x), d_out=torch.empty_like(x, dtype=d_dtype),
+                                     backend="torch", **kw)
+            outs = [shifted(torch.zeros_like(x)), shifted(torch.zeros_like(x)),
+                    shifted(torch.zeros_like(x, dtype=d_dtype))]
             kw_s = dict(kw, o_cond=shifted(kw["o_cond"]), hist=[shifted(h) for h in kw["hist"]],
-                        noise=shifted(kw["noise"]))
+                        noise=shifted(kw["noise"]), **({"v": shifted(kw["v"])} if var else {}))
             got = ms.multistep_step(shifted(x), shifted(o), coef, out=outs[0], out2=outs[1], d_out=outs[2],
-                                    backend=backend, **{k: v for k, v in kw_s.items()})
+                                    backend=backend, **kw_s)
             assert all(g is t for g, t in zip(got, outs))
             tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1.6e-2)
             for g, w in zip(got, want):
-                torch.testing.assert_close(g, w, **tol)
+                torch.testing.assert_close(g, w, **(tol if g.dtype == dtype else dict(rtol=1e-5, atol=1e-5)))
 
 
 @requires_cpp
@@ -295,7 +313,7 @@ def test_check_false_and_resolve_op(backend):
     op = ms.resolve_op(backend, x.device)
     assert op is ms.resolve_op(backend, x.device)
     bufs = [torch.empty_like(x) for _ in range(3)]
-    op(x, o, kw["o_cond"], kw["hist"], kw["noise"], None, None, coef, ms.FLAG_CLIP, *bufs)
+    op(x, o, kw["o_cond"], kw["hist"], kw["noise"], None, None, None, coef, ms.FLAG_CLIP, *bufs)
     for g, w in zip(bufs, want):
         assert torch.equal(g, w)
 
@@ -319,6 +337,76 @@ def test_threshold_scale():
     assert (dd.abs() <= 1.0 + 1e-6).all()
 
 
+# ---- learned variances and the float32 d output (DDPM's learned σ, x̂0 kept in float32) -----------------------
+
+def _v_like(x, var_mode, seed=0):
+    """A variance output like x: v ∈ [1e-3, 5e-2] for "learned" (σ = √v), v ∈ [−1, 1] for "learned_range"."""
+    g = torch.Generator().manual_seed(100 + seed)
+    u = torch.rand(x.shape, generator=g)
+    v = 1e-3 + 4.9e-2 * u if var_mode == "learned" else 2 * u - 1
+    return v.to(x.device, x.dtype).contiguous(memory_format=torch.channels_last if x.dim() == 4 and not
+                                              x.is_contiguous() else torch.contiguous_format)
+
+
+VAR_CASES = [dict(nh=0, noise="tensor", out2=False, d_out=True, cfg=False, clip=False, thr=False, cl=False),
+             dict(nh=1, noise="philox", out2=True, d_out=True, cfg=True, clip=True, thr=False, cl=True),
+             dict(nh=2, noise="tensor", out2=False, d_out=True, cfg=True, clip=False, thr=True, cl=False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("var_mode", ["learned", "learned_range"])
+def test_learned_variance_and_float32_d(backend, dtype, var_mode):
+    """σ of the z term per element from v, on every backend × dtype: within 2·err(reference in the dtype) +
+    atol·scale of the float64 formula; d_out in float32 holds d unrounded (the float64 formula's d within float32
+    accuracy, equal bit for bit to the same backend's float32 run); fp16/bf16 outputs == the float32 run rounded
+    once. A scalar σ (yz) in place of σ(v) is far outside the bound (the test can fail)."""
+    dev = _dev(backend)
+    for n, case in enumerate(VAR_CASES):
+        x, o, coef, kw = _make(case, dtype, dev, seed=n)
+        coef[ms.COEF["logmax"]] = -3.9 + 0.3 * n  # log β', log β̃ of a DDPM step (β' > β̃)
+        coef[ms.COEF["logmin"]] = -5.2 - 0.2 * n
+        v = _v_like(x, var_mode, seed=n)
+        out2 = torch.empty_like(x) if case["out2"] else None
+        d32 = torch.empty_like(x, dtype=torch.float32)
+        out, _, d_out = ms.multistep_step(x, o, coef, v=v, var_mode=var_mode, out2=out2, d_out=d32,
+                                          backend=backend, **kw)
+        assert d_out is d32 and d32.stride() == x.stride()
+        ry, _, rd = ms.multistep_ref(x, o, coef, v=v, var_mode=var_mode, **kw)
+        _, _, rd32 = ms.multistep_ref(x, o, coef, v=v, var_mode=var_mode, d_dtype=torch.float32, **kw)
+        z = _z_of(x, kw)
+        args64 = {k: ([h.cpu() for h in val] if k == "hist" else (val.cpu() if torch.is_tensor(val) else val))
+                  for k, val in kw.items() if k not in ("noise", "rng")}
+        w, _, wd, scale = _formula64(x.cpu(), o.cpu(), coef.cpu(), z=z.cpu(), v=v.cpu(), var_mode=var_mode,
+                                     **args64)
+        err = (out.cpu().double() - w).abs().max().item()
+        err_ref = (ry.cpu().double() - w).abs().max().item()
+        assert err <= 2 * err_ref + ATOL[dtype] * scale, (case, "out", err, err_ref, scale)
+        err_d = (d32.cpu().double() - wd).abs().max().item()
+        err_d_ref = (rd32.cpu().double() - wd).abs().max().item()
+        assert err_d <= 2 * err_d_ref + ATOL[torch.float32] * scale, (case, "d_out", err_d, err_d_ref)
+        assert torch.equal(rd32.to(dtype), rd)  # the float32 d rounds to the x-dtype d
+        if dtype == torch.float32:  # σ = yz: a different update, far outside the float32 bound
+            ws, _, _, _ = _formula64(x.cpu(), o.cpu(), coef.cpu(), z=z.cpu(), **args64)
+            assert (ws - w).abs().max().item() > 100 * (2 * err_ref + ATOL[dtype] * scale)
+        if dtype != torch.float32:
+            kw32 = {k: ([h.float() for h in val] if k == "hist" else
+                        (val.float() if torch.is_tensor(val) and val.dtype == dtype else val)) for k, val in kw.items()}
+            f32 = ms.multistep_step(x.float(), o.float(), coef, v=v.float(), var_mode=var_mode,
+                                    out2=torch.empty_like(x, dtype=torch.float32) if case["out2"] else None,
+                                    d_out=torch.empty_like(x, dtype=torch.float32), backend=backend, **kw32)
+            assert torch.equal(d32, f32[2]), case  # float32 d: the same bits as the float32 run's d
+            if not (backend == "triton" and dtype == torch.bfloat16 and dev == "cpu"):  # interpreter truncates
+                assert torch.equal(out, f32[0].to(dtype)), case
+                if case["out2"]:
+                    assert torch.equal(out2, f32[1].to(dtype)), case
+        # check=False and the raw op give the same bits
+        raw = [torch.empty_like(x), torch.empty_like(x, dtype=torch.float32)]
+        ms.multistep_step(x, o, coef, v=v, var_mode=var_mode, out=raw[0], d_out=raw[1], backend=backend,
+                          check=False, **kw)
+        assert torch.equal(raw[0], out) and torch.equal(raw[1], d32)
+
+
 # ---- registration ------------------------------------------------------------------------------------------------
 
 def _op_args(device="cpu", dtype=torch.float32, nh=2, rng=False):
@@ -326,8 +414,18 @@ def _op_args(device="cpu", dtype=torch.float32, nh=2, rng=False):
                 cl=False)
     x, o, coef, kw = _make(case, dtype, device, shape=(2, 3, 4, 5))
     thr = kw["thr"][:2].contiguous()
-    return (x, o, kw["o_cond"], kw["hist"], kw.get("noise"), kw.get("rng"), thr, coef, ms.FLAG_CLIP,
+    return (x, o, kw["o_cond"], kw["hist"], kw.get("noise"), kw.get("rng"), None, thr, coef, ms.FLAG_CLIP,
             torch.empty_like(x), torch.empty_like(x), torch.empty_like(x))
+
+
+def _var_op_args(device="cpu", dtype=torch.bfloat16, var_mode="learned_range", rng=True):
+    """The raw op's arguments with v (a learned variance) and a float32 d_out."""
+    args = list(_op_args(device, dtype, nh=1, rng=rng))
+    x = args[0]
+    args[6] = _v_like(x, var_mode, seed=5)
+    args[9] = ms.FLAG_CLIP | ms.VAR_MODES[var_mode]
+    args[12] = torch.empty_like(x, dtype=torch.float32)
+    return tuple(args)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -336,8 +434,11 @@ def test_opcheck(backend):
     op = torch.ops.fastdiff.multistep_step_triton if backend == "triton" else torch.ops.fastdiff.multistep_step_
     torch.library.opcheck(op, _op_args(dev))
     args = list(_op_args(dev, torch.bfloat16, nh=0, rng=True))
-    args[10] = None  # no out2
+    args[11] = None  # no out2
     torch.library.opcheck(op, tuple(args))
+    # learned variances (v) with a float32 d_out, Philox and a noise tensor
+    torch.library.opcheck(op, _var_op_args(dev, torch.bfloat16, "learned_range", rng=True))
+    torch.library.opcheck(op, _var_op_args(dev, torch.float16, "learned", rng=False))
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -402,6 +503,23 @@ def test_bad_inputs_name_the_argument():
         f(x, h[0], c, backend="cuda")
     with pytest.raises(ValueError, match="unknown coefficient 'yh4'"):
         ms.coef_row(yh4=1.0)
+    # learned variances
+    with pytest.raises(ValueError, match=r"var_mode='learned' needs v"):
+        f(x, h[0], c, noise=h[1], var_mode="learned")
+    with pytest.raises(ValueError, match="var_mode must be one of"):
+        f(x, h[0], c, v=h[1], var_mode="fixed_small")
+    with pytest.raises(ValueError, match="v .the model's variance output. is used only with var_mode"):
+        f(x, h[0], c, v=h[1])
+    with pytest.raises(ValueError, match="v has shape"):
+        f(x, h[0], c, v=torch.randn(2, 3), var_mode="learned_range")
+    with pytest.raises(TypeError, match="v has dtype"):
+        f(x, h[0], c, v=h[1].half(), var_mode="learned")
+    with pytest.raises(ValueError, match="v is on meta"):
+        f(x, h[0], c, v=torch.empty(2, 3, 4, device="meta"), var_mode="learned")
+    with pytest.raises(TypeError, match="d_out has dtype"):  # x's dtype or float32
+        f(x.half(), h[0].half(), c, d_out=torch.empty(2, 3, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="var_mode must be one of"):
+        ms.multistep_ref(x, h[0], c, v=h[1], var_mode="learnt")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -428,7 +546,7 @@ def test_cpp_op_checks_its_arguments():
     args = list(_op_args())
     op = torch.ops.fastdiff.multistep_step_
     bad = list(args)
-    bad[9] = args[0]  # out is x
+    bad[10] = args[0]  # out is x
     with pytest.raises(RuntimeError, match="output out overlaps x"):
         op(*bad)
     bad = list(args)
@@ -436,7 +554,7 @@ def test_cpp_op_checks_its_arguments():
     with pytest.raises(RuntimeError, match="hist has 5 tensors"):
         op(*bad)
     bad = list(args)
-    bad[7] = torch.zeros(16, dtype=torch.float64)
+    bad[8] = torch.zeros(16, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="coef"):
         op(*bad)
     bad = list(args)
@@ -444,6 +562,37 @@ def test_cpp_op_checks_its_arguments():
     with pytest.raises(RuntimeError, match=r"hist\[1\] has shape"):
         op(*bad)
     bad = list(args)
-    bad[11] = torch.empty_like(args[0], dtype=torch.float16)
+    bad[12] = torch.empty_like(args[0], dtype=torch.float16)
     with pytest.raises(RuntimeError, match="d_out has dtype"):
         op(*bad)
+    # learned variances: v exactly with a VAR flag, one VAR flag at most, v like x
+    vargs = list(_var_op_args("cpu", torch.float32))
+    bad = list(vargs)
+    bad[6] = None
+    with pytest.raises(RuntimeError, match="v .the model's variance output. is needed"):
+        op(*bad)
+    bad = list(vargs)
+    bad[9] = ms.FLAG_CLIP
+    with pytest.raises(RuntimeError, match="v .the model's variance output. is needed"):
+        op(*bad)
+    bad = list(vargs)
+    bad[9] = ms.FLAG_VAR_LEARNED | ms.FLAG_VAR_RANGE
+    with pytest.raises(RuntimeError, match="invalid flags 6"):
+        op(*bad)
+    bad = list(vargs)
+    bad[9] = 8
+    with pytest.raises(RuntimeError, match="invalid flags 8"):
+        op(*bad)
+    bad = list(vargs)
+    bad[6] = vargs[6][:, :2].contiguous()
+    with pytest.raises(RuntimeError, match="v has shape"):
+        op(*bad)
+    bad = list(vargs)
+    bad[6] = vargs[6].half()
+    with pytest.raises(RuntimeError, match="v has dtype"):
+        op(*bad)
+    bad = list(vargs)
+    bad[10] = vargs[6]  # out is v
+    with pytest.raises(RuntimeError, match="output out overlaps v"):
+        op(*bad)
+    op(*vargs)  # the unchanged arguments run

@@ -1,5 +1,6 @@
-"""fastdiff.ops.sampler_step: the fused step on every backend against the reference step functions, and the
-reference step functions against the papers' formulas written out here in float64 NumPy.
+"""fastdiff.ops.sampler_step: the fused step (sampler_step, a wrapper over the one fused op fastdiff::multistep_step_
+through `to_multistep_row`) on every backend against the reference step functions, and the reference step functions
+against the papers' formulas written out here in float64 NumPy.
 
 Tolerances (tests/_tol.py, flash-attention style): the fused result and the reference run in the same I/O dtype are
 both compared with a float64 reference; err(fused) <= 2·err(reference, same dtype) + atol·scale, with atol = 2e-6
@@ -341,21 +342,67 @@ def test_philox_kernel_statistics_and_determinism():
 
 # ---- registration ------------------------------------------------------------------------------------------------
 
-def _op_args(dtype=torch.float32, device="cpu", **kw):
+def _op_args(dtype=torch.float32, device="cpu", kind="ddim", var_mode="scalar", **kw):
+    """The arguments of fastdiff::multistep_step_ as sampler_step passes them: the step's 16-row as a multistep row,
+    no history, d_out = x̂0 in float32."""
     x, o, oc, z = _inputs((2, 3, 5, 4), dtype, seed=1, device=device)
-    c = torch.tensor(ss.step_coefs("ddim", 0.3, 0.6, sigma=0.2), dtype=torch.float64, device=device)
-    return (x, o, kw.get("oc", oc), kw.get("z", z), kw.get("rng"), None, kw.get("thr"), c, kw.get("flags", 1),
-            kw.get("x0", True))
+    c = torch.tensor(ss.step_coefs(kind, 0.3, 0.6, sigma=0.2, variance_type=var_mode if var_mode != "scalar" else
+                                   "fixed_small"), dtype=torch.float64, device=device)
+    v = None
+    if var_mode != "scalar":
+        v = (torch.rand_like(x) * 2 - 1) if var_mode == "learned_range" else torch.rand_like(x) * 0.05
+    x0 = torch.empty_like(x, dtype=torch.float32) if kw.get("x0", True) else None
+    return (x, o, kw.get("oc", oc), [], kw.get("z", z), kw.get("rng"), v, kw.get("thr"), ss.to_multistep_row(c),
+            kw.get("flags", 1) | (ss.VAR_MODES[var_mode] << 1), torch.empty_like(x), None, x0)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_cpp),
                                      pytest.param("triton", marks=requires_triton), CUDA])
 def test_opcheck(backend):
     dev = _dev(backend)
-    op = torch.ops.fastdiff.sampler_step_triton if backend == "triton" else torch.ops.fastdiff.sampler_step
+    op = torch.ops.fastdiff.multistep_step_triton if backend == "triton" else torch.ops.fastdiff.multistep_step_
     torch.library.opcheck(op, _op_args(device=dev))
     torch.library.opcheck(op, _op_args(torch.bfloat16, dev, z=None, rng=torch.tensor([3, 4], device=dev), x0=False,
                                        thr=torch.tensor([1.5, 1.0], device=dev)))
+    torch.library.opcheck(op, _op_args(torch.float16, dev, kind="ddpm", var_mode="learned"))
+    torch.library.opcheck(op, _op_args(torch.bfloat16, dev, kind="ddpm", var_mode="learned_range", z=None,
+                                       rng=torch.tensor([5, 6], device=dev)))
+
+
+def test_to_multistep_row():
+    """The 16-row → multistep row: p, q, w, clip, σ, logmax, logmin carried over, yx = B·r + C, yo = B·s,
+    yd = A + B·u (float64); the list and the (N, 16) table forms agree bit for bit; the multistep update on the row is
+    the step written out with A, B, C, r, s, u in float64."""
+    from fastdiff.ops import multistep as ms
+
+    rows = [ss.step_coefs(kind, at, ap, prediction_type=pred, sigma=sg, use_clipped_model_output=uc,
+                          clip_sample_range=1.7, guidance_scale=3.0, variance_type=vt)
+            for kind, vt in (("ddim", "fixed_small"), ("ddpm", "fixed_small"), ("ddpm", "learned_range"))
+            for pred in ss.PREDICTION_TYPES for uc in (False, True) for at, ap, sg in ((0.3, 0.6, 0.2), (0.05, 0.2, 0.0))]
+    table = ss.to_multistep_row(torch.tensor(rows, dtype=torch.float64))
+    assert table.shape == (len(rows), ms.NUM_COEF) and table.dtype == torch.float64
+    for r16, r24 in zip(rows, table.tolist()):
+        assert ss.to_multistep_row(r16) == r24  # the same float64 operations, bit for bit
+        g = {k: r16[i] for k, i in ss.COEF.items()}
+        m = {k: r24[i] for k, i in ms.COEF.items()}
+        for a, b in (("p", "p"), ("q", "q"), ("w", "w"), ("clip", "clip"), ("sigma", "yz"), ("logmax", "logmax"),
+                     ("logmin", "logmin")):
+            assert m[b] == g[a]
+        assert m["yx"] == g["B"] * g["r"] + g["C"] and m["yo"] == g["B"] * g["s"]
+        assert m["yd"] == g["A"] + g["B"] * g["u"]
+        assert all(r24[ms.COEF[k]] == 0.0 for k in ms.COEF if k.startswith(("yh", "y2")))  # no history, no out2
+        assert r24[max(ms.COEF.values()) + 1:] == [0.0] * (ms.NUM_COEF - max(ms.COEF.values()) - 1)  # reserved
+    # the update on the row == the 16-form written out in float64 (on float64 inputs)
+    x, o, _, z = (t.double() for t in _inputs((2, 3, 4, 4), torch.float32, seed=3))
+    for r16 in rows:
+        want, x0 = _step64(x, o, r16, noise=z)
+        y, _, d = ms.multistep_ref(x, o, torch.tensor(ss.to_multistep_row(r16), dtype=torch.float64), noise=z)
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(d, x0, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="16 coefficients"):
+        ss.to_multistep_row([0.0] * 15)
+    with pytest.raises(ValueError, match="float64 tensor"):
+        ss.to_multistep_row(torch.zeros(3, 16))
 
 
 @requires_cpp
@@ -400,11 +447,13 @@ def test_bad_inputs_name_the_argument(backend):
     with pytest.raises(ValueError, match="prediction_type"):
         ss.step_coefs("ddim", 0.3, 0.6, prediction_type="eps")
     if HAS_CPP:
+        op = torch.ops.fastdiff.multistep_step_  # what sampler_step runs
+        row = torch.tensor(ss.to_multistep_row(c), dtype=torch.float64)
         with pytest.raises(RuntimeError, match="o has strides"):
-            torch.ops.fastdiff.sampler_step(x, x.t().contiguous().t(), None, None, None, None, None,
-                                            torch.tensor(c, dtype=torch.float64), 0, False)
+            op(x, x.t().contiguous().t(), None, [], None, None, None, None, row, 0, torch.empty_like(x), None, None)
         with pytest.raises(RuntimeError, match="coef"):
-            torch.ops.fastdiff.sampler_step(x, x, None, None, None, None, None, torch.zeros(3), 0, False)
+            op(x, x, None, [], None, None, None, None, torch.tensor(c, dtype=torch.float64), 0, torch.empty_like(x),
+               None, None)
 
 
 # ---- sampler integration: fused loops == the reference loop --------------------------------------------------
@@ -505,21 +554,29 @@ def test_fused_loop_equals_reference_loop(backend, dtype, case):
 
 @requires_cpp
 def test_auto_uses_the_fused_op_and_writes_x0_only_for_callbacks(monkeypatch):
-    """The loop's first step goes through the checked sampler_step (backend "cpp" under auto), every step runs the
-    fused out= op (the raw op after the first), and x̂0 is written only when a callback asks for it."""
+    """The loop's first step goes through the checked entry (backend "cpp" under auto), every step runs the one fused
+    op (fastdiff::multistep_step_: the raw op after the first), and x̂0 is written only when a callback asks for it."""
+    from fastdiff.ops import multistep as ms
+
     calls, raw_calls = [], []
-    real, real_raw = ss.sampler_step, torch.ops.fastdiff.sampler_step_out
+    real, real_resolve = ms.multistep_step, ms.resolve_op
 
     def spy(*a, **k):
-        calls.append((k["backend"], k.get("x0_out") is not None))
+        calls.append((k["backend"], k.get("d_out") is not None))
         return real(*a, **k)
 
-    def spy_raw(*a):
-        raw_calls.append(a[-1] is not None)  # x0_out
-        return real_raw(*a)
+    def spy_resolve(*a, **k):
+        op = real_resolve(*a, **k)
+        if op is ms._ref_op:  # the reference (float64 samples): not the fused op
+            return op
 
-    monkeypatch.setattr(ss, "sampler_step", spy)
-    monkeypatch.setattr(torch.ops.fastdiff, "sampler_step_out", spy_raw)
+        def raw(*args):
+            raw_calls.append(args[-1] is not None)  # d_out
+            return op(*args)
+        return raw
+
+    monkeypatch.setattr(ms, "multistep_step", spy)
+    monkeypatch.setattr(ms, "resolve_op", spy_resolve)
     xT = torch.randn(2, 3, 4, 4)
     fastdiff.ddim_sample(_Model(), 3, x_T=xT)
     assert calls == [("cpp", False)] and raw_calls == [False] * 3  # the checked entry runs the same op

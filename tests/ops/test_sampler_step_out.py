@@ -1,5 +1,6 @@
-"""sampler_step(..., out=, x0_out=): the mutating variant (fastdiff::sampler_step_out, sampler_step_out_triton) writes
-the functional op's values bit for bit into the caller's buffers, on every backend and dtype."""
+"""sampler_step(..., out=, x0_out=): the step written into the caller's buffers (fastdiff::multistep_step_ or
+multistep_step_triton with d_out = x0_out in float32) holds the functional call's values bit for bit, on every backend
+and dtype."""
 import pytest
 import torch
 
@@ -71,12 +72,20 @@ def test_opcheck(backend):
     x, o, oc, z = _inputs(torch.float32, dev, shape=(2, 3, 4, 5))
     c = torch.tensor(ss.step_coefs("ddim", 0.3, 0.6, sigma=0.2, guidance_scale=2.0), dtype=torch.float64,
                      device=dev)
-    op = torch.ops.fastdiff.sampler_step_out_triton if backend == "triton" else torch.ops.fastdiff.sampler_step_out
-    torch.library.opcheck(op, (x, o, oc, z, None, None, None, c, 1, torch.empty_like(x),
+    c = ss.to_multistep_row(c)  # the step's 16-row as the one fused op's row
+    op = torch.ops.fastdiff.multistep_step_triton if backend == "triton" else torch.ops.fastdiff.multistep_step_
+    torch.library.opcheck(op, (x, o, oc, [], z, None, None, None, c, 1, torch.empty_like(x), None,
                                torch.empty_like(x, dtype=torch.float32)))
     xb, ob = x.bfloat16(), o.bfloat16()
-    torch.library.opcheck(op, (xb, ob, None, None, torch.tensor([3, 4], device=dev), None,
-                               torch.tensor([1.5, 1.0], device=dev), c, 0, torch.empty_like(xb), None))
+    torch.library.opcheck(op, (xb, ob, None, [], None, torch.tensor([3, 4], device=dev), None,
+                               torch.tensor([1.5, 1.0], device=dev), c, 0, torch.empty_like(xb), None, None))
+    # DDPM with learned_range variances: v and the float32 x̂0 output
+    cl = ss.to_multistep_row(torch.tensor(ss.step_coefs("ddpm", 0.3, 0.6, variance_type="learned_range"),
+                                          dtype=torch.float64, device=dev))
+    vb = torch.rand_like(xb) * 2 - 1
+    torch.library.opcheck(op, (xb, ob, None, [], None, torch.tensor([5, 6], device=dev), vb, None, cl,
+                               ss.VAR_MODES["learned_range"] << 1, torch.empty_like(xb), None,
+                               torch.empty_like(xb, dtype=torch.float32)))
 
 
 @pytest.mark.parametrize("backend", [CPP, TRITON])
@@ -123,11 +132,13 @@ def test_cpp_op_refuses_aliasing():
         pytest.skip("fastdiff._C not built")
     x, o, oc, z = _inputs(torch.float32, "cpu", shape=(2, 3, 4))
     c = torch.tensor(ss.step_coefs("ddim", 0.3, 0.6), dtype=torch.float64)
-    op = torch.ops.fastdiff.sampler_step_out
+    c = ss.to_multistep_row(c)
+    op = torch.ops.fastdiff.multistep_step_  # what sampler_step runs
     with pytest.raises(RuntimeError, match="output out overlaps o"):
-        op(x, o, None, None, None, None, None, c, 0, o, None)
-    with pytest.raises(RuntimeError, match="output x0_out overlaps out"):
+        op(x, o, None, [], None, None, None, None, c, 0, o, None, None)
+    with pytest.raises(RuntimeError, match="output d_out overlaps out"):
         buf = torch.empty_like(x)
-        op(x, o, None, None, None, None, None, c, 0, buf, buf)
-    with pytest.raises(RuntimeError, match="x0_out has dtype"):
-        op(x, o, None, None, None, None, None, c, 0, torch.empty_like(x), torch.empty_like(x, dtype=torch.float16))
+        op(x, o, None, [], None, None, None, None, c, 0, buf, None, buf)
+    with pytest.raises(RuntimeError, match="d_out has dtype"):
+        op(x, o, None, [], None, None, None, None, c, 0, torch.empty_like(x), None,
+           torch.empty_like(x, dtype=torch.float16))

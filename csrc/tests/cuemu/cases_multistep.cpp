@@ -1,6 +1,7 @@
 // multistep (csrc/cuda/multistep.cu) on the emulator: every dtype, aligned / misaligned pointers, sizes that are not
 // multiples of the vector width (and one that goes round the grid-stride loop several times), 0-4 history tensors,
-// the second combination (out2), the d output, CFG, clip, thresholding, noise tensor and Philox. Each output element
+// the second combination (out2), the d output (x's dtype or float32), CFG, clip, thresholding, noise tensor and
+// Philox, learned variances (σ of the z term per element from v: learned, learned_range). Each output element
 // is compared exactly with the same float32 math run element by element (csrc/include/multistep_math.h, as the CPU
 // kernel), and within a tolerance with a float64 evaluation of the documented update.
 #include "harness.h"
@@ -18,23 +19,27 @@ namespace {
 
 using namespace cuemu;
 using namespace fastdiff::mstep;
-namespace ss = fastdiff::sstep;
 
 struct Opt {
   const char* name;
   int nh;
   bool out2, dout, cfg, clip, thr, z, philox;
+  int var;        // 0, kFlagVarLearned or kFlagVarRange
+  bool dout_f32;  // d_out in float32
 };
 
 const Opt kOpts[] = {
-    {"h0", 0, false, false, false, false, false, false, false},
-    {"h1_dout", 1, false, true, false, false, false, false, false},
-    {"h2_out2", 2, true, false, false, false, false, false, false},
-    {"h3_cfg_clip", 3, false, false, true, true, false, false, false},
-    {"h4_thresh_noise", 4, false, false, false, false, true, true, false},
-    {"h2_philox_out2_dout", 2, true, true, false, false, false, false, true},
-    {"all", 4, true, true, true, true, true, true, false},
-    {"all_philox", 3, true, true, true, true, true, false, true},
+    {"h0", 0, false, false, false, false, false, false, false, 0, false},
+    {"h1_dout", 1, false, true, false, false, false, false, false, 0, false},
+    {"h2_out2", 2, true, false, false, false, false, false, false, 0, false},
+    {"h3_cfg_clip", 3, false, false, true, true, false, false, false, 0, false},
+    {"h4_thresh_noise", 4, false, false, false, false, true, true, false, 0, false},
+    {"h2_philox_out2_dout", 2, true, true, false, false, false, false, true, 0, false},
+    {"learned_dout32", 0, false, true, false, false, false, true, false, kFlagVarLearned, true},
+    {"range_philox_dout32", 1, false, true, true, true, false, false, true, kFlagVarRange, true},
+    {"all", 4, true, true, true, true, true, true, false, 0, false},
+    {"all_philox", 3, true, true, true, true, true, false, true, 0, false},
+    {"all_range_dout32", 2, true, true, true, true, true, true, false, kFlagVarRange, true},
 };
 
 void run_case(DT dt, int align, int64_t n, const Opt& op) {
@@ -47,12 +52,16 @@ void run_case(DT dt, int align, int64_t n, const Opt& op) {
   const size_t in_off = align == 1 ? 1 : 0, out_off = align == 2 ? 1 : 0;
   const int64_t B = n % 3 == 0 ? 3 : 1, per_sample = n / B;
   DevTensor x(dt, n, in_off), o(dt, n, in_off), oc(dt, op.cfg ? n : 0, in_off), z(dt, op.z ? n : 0, in_off),
-      out(dt, n, out_off), out2(dt, op.out2 ? n : 0, out_off), dout(dt, op.dout ? n : 0, out_off);
+      v(dt, op.var ? n : 0, in_off), out(dt, n, out_off), out2(dt, op.out2 ? n : 0, out_off),
+      dout(op.dout_f32 ? DT::F32 : dt, op.dout ? n : 0, out_off);
   std::vector<std::unique_ptr<DevTensor>> hist;
   std::vector<std::vector<float>> hh;
   const std::vector<float> hx = x.fill_normal(r, 0.f, 1.5f), ho = o.fill_normal(r, 0.f, 1.5f);
   const std::vector<float> hoc = op.cfg ? oc.fill_normal(r, 0.f, 1.5f) : std::vector<float>();
   const std::vector<float> hz = op.z ? z.fill_normal(r, 0.f, 1.f) : std::vector<float>();
+  const std::vector<float> hv = op.var == kFlagVarLearned ? v.fill(r, 1e-3f, 5e-2f)
+                                : op.var == kFlagVarRange ? v.fill(r, -1.f, 1.f)
+                                                          : std::vector<float>();
   for (int h = 0; h < op.nh; ++h) {
     hist.emplace_back(new DevTensor(dt, n, in_off));
     hh.push_back(hist.back()->fill_normal(r, 0.f, 1.f));
@@ -63,6 +72,8 @@ void run_case(DT dt, int align, int64_t n, const Opt& op) {
   for (int j = 0; j < kNumCoef; ++j) cf[j] = j >= 19 ? 0.0 : U(r);
   cf[kClip] = 1.0;
   cf[kW] = 3.0;
+  cf[kLogMax] = -3.9;
+  cf[kLogMin] = -5.2;
   float* th = static_cast<float*>(thr.data());
   for (int64_t b = 0; op.thr && b < B; ++b) th[b] = 1.25f + 0.5f * (float)b;
   int64_t* rg = static_cast<int64_t*>(rngb.data());
@@ -75,6 +86,7 @@ void run_case(DT dt, int align, int64_t n, const Opt& op) {
   a.oc = op.cfg ? oc.data() : nullptr;
   for (int h = 0; h < op.nh; ++h) a.h[h] = hist[h]->data();
   a.z = op.z ? z.data() : nullptr;
+  a.v = op.var ? v.data() : nullptr;
   a.rng = op.philox ? rg : nullptr;
   a.thr = op.thr ? th : nullptr;
   a.coef = cf;
@@ -84,7 +96,8 @@ void run_case(DT dt, int align, int64_t n, const Opt& op) {
   a.n = n;
   a.per_sample = per_sample;
   a.nh = op.nh;
-  a.flags = op.clip ? kFlagClip : 0;
+  a.flags = (op.clip ? kFlagClip : 0) | op.var;
+  a.dout_f32 = op.dout_f32;
   a.dtype = dt_code(dt);
   const uint64_t ldg0 = ldg_count();
   const cudaError_t err = launch_multistep(a, nullptr);
@@ -102,9 +115,9 @@ void run_case(DT dt, int align, int64_t n, const Opt& op) {
   for (int64_t i = 0; i < n; ++i) {
     // float32, element by element (the order of multistep_math.h / the CPU kernel)
     float oo = ho[i];
-    if (op.cfg) oo = ss::guide(oo, hoc[i], k.w);
+    if (op.cfg) oo = guide(oo, hoc[i], k.w);
     float d = predict_d(k, hx[i], oo);
-    if (op.clip) d = ss::clampf(d, -k.clip, k.clip);
+    if (op.clip) d = clampf(d, -k.clip, k.clip);
     if (op.thr) d = threshold(d, th[i / per_sample]);
     float y = combine(k.y, hx[i], oo, d), y2 = combine(k.y2, hx[i], oo, d);
     for (int h = 0; h < op.nh; ++h) {
@@ -113,12 +126,12 @@ void run_case(DT dt, int align, int64_t n, const Opt& op) {
     }
     float zz = 0.f;
     if (op.z || op.philox) {
-      zz = op.z ? hz[i] : ss::philox_normal(seed, offset + (uint64_t)i);
-      y += k.y.z * zz;
+      zz = op.z ? hz[i] : philox_normal(seed, offset + (uint64_t)i);
+      y += (op.var ? learned_sigma(k, op.var, hv[i]) : k.y.z) * zz;
     }
     c.exact(out.get(i), round_to(dt, y), (size_t)i, "out");
     if (op.out2) c.exact(out2.get(i), round_to(dt, y2), (size_t)i, "out2");
-    if (op.dout) c.exact(dout.get(i), round_to(dt, d), (size_t)i, "d_out");
+    if (op.dout) c.exact(dout.get(i), op.dout_f32 ? d : round_to(dt, d), (size_t)i, "d_out");
     // float64
     double od = op.cfg ? ho[i] + cf[kW] * ((double)hoc[i] - ho[i]) : ho[i];
     double dd = cf[kP] * hx[i] + cf[kQ] * od;
@@ -133,8 +146,14 @@ void run_case(DT dt, int align, int64_t n, const Opt& op) {
       sc += std::fabs(cf[kYH0 + h] * hh[h][i]) + std::fabs(cf[kY2H0 + h] * hh[h][i]);
     }
     if (op.z || op.philox) {
-      yd += cf[kYZ] * zz;
-      sc += std::fabs(cf[kYZ] * zz);
+      double sg = cf[kYZ];
+      if (op.var == kFlagVarLearned) sg = std::sqrt((double)hv[i]);
+      if (op.var == kFlagVarRange) {
+        const double f = 0.5 * ((double)hv[i] + 1.0);
+        sg = std::exp(0.5 * (f * cf[kLogMax] + (1.0 - f) * cf[kLogMin]));
+      }
+      yd += sg * zz;
+      sc += std::fabs(sg * zz);
     }
     const double t32 = 64 * 0x1p-24 * (sc + std::fabs(cf[kY2X] * hx[i]) + std::fabs(cf[kY2O] * od) + std::fabs(cf[kY2D] * dd));
     c.close(out.get(i), yd, t32 + dt_eps(dt) * std::fabs(yd) * 1.01, (size_t)i, "out(f64)");

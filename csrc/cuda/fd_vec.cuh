@@ -1,4 +1,4 @@
-// 16-byte vector I/O of the elementwise CUDA kernels (csrc/cuda/sampler_step.cu, csrc/cuda/multistep.cu): a chunk
+// 16-byte vector I/O of the elementwise CUDA kernels (csrc/cuda/multistep.cu): a chunk
 // of VEC = 16 / sizeof(T) elements as float32 registers, one uint4 load/store when the chunk is full and aligned,
 // element by element (bounds-checked) otherwise. nvcc only; CUDA toolkit headers only.
 #pragma once

@@ -1,4 +1,4 @@
-// Tile I/O of the CPU elementwise kernels (csrc/cpu/sampler_step.cpp, csrc/cpu/multistep.cpp): a tile of
+// Tile I/O of the CPU elementwise kernels (csrc/cpu/multistep.cpp): a tile of
 // fp32/fp16/bf16 elements to float32 and back, with F16C / AVX2 conversions inside the AVX2 copy of a kernel, and the
 // run-time choice of that copy. The bf16 rounding matches c10::BFloat16 bit for bit, so a kernel's fp16/bf16 result is
 // its float32 result rounded once.
