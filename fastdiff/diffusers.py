@@ -1535,6 +1535,9 @@ def _row(kind, at, ap, **kw):
         return [math.nan] * SS.NUM_COEF
 
 
+_RAW_OPS: dict = {}  # _StepScheduler._raw_op's fused steps, per (backend, device)
+
+
 class _StepScheduler(_Base):
     _kind = ""
 
@@ -1596,8 +1599,8 @@ class _StepScheduler(_Base):
 
     def _table(self, key_extra, device, fill):
         """(T, NUM_COEF) float64 rows on `device`: row t steps from training timestep t."""
-        return self._cached(("tab", key_extra, str(device)), lambda: torch.tensor(fill(), dtype=torch.float64)
-                            .to(device))
+        return self._cached(("tab", key_extra, str(device)), lambda: SS.static_table(
+            torch.tensor(fill(), dtype=torch.float64).to(device)))  # its multistep rows made here, not per step
 
     def _run(self, x, o, coef, noise, v, opts, want_x0):
         thr = None
@@ -1615,14 +1618,14 @@ class _StepScheduler(_Base):
                                         clip=clip, var_mode=var_mode, write_x0=want_x0)
             return out.copy_(y), x0
         v = v if var_mode != "scalar" else None
-        op = self._raw_op(x.device) if (self._step_checked and not want_x0 and _fast_layout(x, o, noise, v)) \
-            else None
+        op = self._raw_op(x.device) if (self._step_checked and _fast_layout(x, o, noise, v)) else None
         if op is not None:  # the same op sampler_step calls, without its per-call checks (done on the first step)
+            x0 = torch.empty_like(x, dtype=torch.float32) if want_x0 else None
             op(x, o, None, noise, None, v, thr, coef, (SS.FLAG_CLIP if clip else 0) | (SS.VAR_MODES[var_mode] << 1),
-               out, None)
-            return out, None
+               out, x0)
+            return out, x0
         y, x0 = SS.sampler_step(x, o, coef, noise=noise, v=v, thr=thr, clip=clip, var_mode=var_mode,
-                                write_x0=want_x0, out=out)
+                                write_x0=want_x0, out=out, static_table=True)
         self._step_checked = True
         return y, x0
 
@@ -1636,7 +1639,10 @@ class _StepScheduler(_Base):
         name = resolve("multistep_step", "auto", device)
         if name == "torch":
             return None
-        return SS.raw_op(name, device)
+        key = ("raw_op", name, str(device))  # one per device: it keeps the converted tables (static_tables)
+        if key not in _RAW_OPS:
+            _RAW_OPS[key] = SS.raw_op(name, device, static_tables=True)
+        return _RAW_OPS[key]
 
 
 class DDIMScheduler(_StepScheduler):

@@ -389,25 +389,59 @@ def to_multistep_row(coef):
     return g.prod(-2).sum(-2)  # (e0·e1) + (e2·e3): one product and one sum each, as the list path
 
 
-def raw_op(backend: str = "auto", device="cpu"):
+_STATIC: dict = {}  # id(table) -> (weakref(table), table._version, to_multistep_row(table))
+
+
+def _static_row(coef):
+    """The multistep row of a 16-row that is a view of a contiguous (N, 16) table: looked up in the table's converted
+    copy (made once per table and in-place version, kept while the table lives), so no conversion op runs per step.
+    Other rows: converted now (a few device ops)."""
+    import weakref
+
+    base = coef._base
+    if base is None or base.dim() != 2 or base.shape[1] != NUM_COEF or base.dtype != torch.float64 or \
+            not base.is_contiguous() or coef.stride() != (1,) or \
+            (coef.storage_offset() - base.storage_offset()) % NUM_COEF:
+        return to_multistep_row(coef)
+    hit = _STATIC.get(id(base))
+    if hit is None or hit[0]() is not base or hit[1] != base._version:
+        for k in [k for k, h in _STATIC.items() if h[0]() is None]:  # tables gone since
+            del _STATIC[k]
+        hit = _STATIC[id(base)] = (weakref.ref(base), base._version, to_multistep_row(base))
+    return hit[2][(coef.storage_offset() - base.storage_offset()) // NUM_COEF]
+
+
+def static_table(table: torch.Tensor) -> torch.Tensor:
+    """Make a (N, 16) float64 table's converted copy now (not at the first step that reads a row of it) and return
+    the table: its rows then run with static_table=True / raw_op(static_tables=True) without a conversion op."""
+    if table.dim() == 2 and table.shape[0] > 0:
+        _static_row(table[0])
+    return table
+
+
+def raw_op(backend: str = "auto", device="cpu", *, static_tables: bool = False):
     """The fused step without per-call checks, for sampling loops that checked their arguments once through
     `sampler_step`: a callable (x, o, o_cond, noise, rng, v, thr, coef, flags, out, x0_out) -> None with coef a
     16-row tensor on x's device and flags = FLAG_CLIP | VAR_MODES[var_mode] << 1 (the same bits as multistep's
     FLAG_CLIP, FLAG_VAR_LEARNED, FLAG_VAR_RANGE). It runs the multistep raw op (fastdiff.ops.multistep.resolve_op) on
-    `to_multistep_row(coef)`; x0_out float32 (or x's dtype)."""
+    `to_multistep_row(coef)`; x0_out float32 (or x's dtype).
+    static_tables: rows that are views of a (N, 16) table are looked up in that table's converted copy (`_static_row`),
+    so a step launches the fused op alone. Only for tables that no CUDA graph reloads in place behind the copy's back
+    (the drop-in schedulers' cached tables); otherwise each call converts its row (a few device ops, graph-safe)."""
     from fastdiff.ops import multistep as ms
 
     op = ms.resolve_op(backend, device)
+    row_of = _static_row if static_tables else to_multistep_row
 
     def step(x, o, o_cond, noise, rng, v, thr, coef, flags, out, x0_out):
-        op(x, o, o_cond, [], noise, rng, v, thr, to_multistep_row(coef), flags, out, None, x0_out)
+        op(x, o, o_cond, [], noise, rng, v, thr, row_of(coef), flags, out, None, x0_out)
 
     return step
 
 
 def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=None, rng=None, v=None, thr=None,
                  clip: bool = False, var_mode: str = "scalar", write_x0: bool = False, backend: str = "auto",
-                 out=None, x0_out=None):
+                 out=None, x0_out=None, static_table: bool = False):
     """One fused sampler step (the formula at the top of this section) → (x_prev, x̂0 float32 or None).
 
     x, o, o_cond, noise, v: (B, ...) of one dtype (fp32/fp16/bf16; math in fp32). coef: (NUM_COEF,) float64 from
@@ -420,7 +454,8 @@ def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=N
     write_x0), both of x's shape and (dense) strides, overlapping no input and each other. Returned as
     (out, x0_out); a missing out is allocated.
     Runs fastdiff.ops.multistep.multistep_step (the one fused op, any backend; "torch" its reference) on
-    `to_multistep_row(coef)`, with d_out = x0_out in float32.
+    `to_multistep_row(coef)`, with d_out = x0_out in float32. static_table: coef is a row of a (N, 16) table that no
+    CUDA graph reloads in place; its converted copy is cached (raw_op's static_tables), so no conversion op runs.
     """
     from fastdiff.ops import multistep as ms
 
@@ -437,7 +472,7 @@ def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=N
         if coef.dtype != torch.float64 or coef.shape != (NUM_COEF,) or coef.device != x.device:
             raise ValueError(f"sampler_step: coef must be a float64 tensor of shape ({NUM_COEF},) on {x.device}, "
                              f"got {coef.dtype} {tuple(coef.shape)} on {coef.device}")
-        row = to_multistep_row(coef)
+        row = _static_row(coef) if static_table else to_multistep_row(coef)
     else:
         if len(coef) != NUM_COEF:
             raise ValueError(f"sampler_step: coef must have {NUM_COEF} values (step_coefs), got {len(coef)}")
