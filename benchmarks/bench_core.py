@@ -165,7 +165,7 @@ def _bare_ddim_runner(model, x_T, steps):
         for i in range(k):
             o = model(x, ts[i])
             out = bufs[1] if x is bufs[0] else bufs[0]
-            op(x, o, None, [], None, None, None, rows[i], 0, out, None, None)
+            op(x, o, None, [], None, None, None, None, rows[i], 0, out, None, None)
             x = out
         return x
     return run, f"fastdiff.ops.multistep.resolve_op('cpp') = {op}"

@@ -700,7 +700,7 @@ class _PlanScheduler(_Base):
         if backend == "torch" or (self._checked and _fast_layout(x, o, noise)):
             op = self._cached(("op", backend, str(x.device), os.environ.get("FASTDIFF_BACKEND")),
                               lambda: M.resolve_op(backend, x.device))
-            op(x, o, None, hist, noise, None, thr, coef, M.FLAG_CLIP if row.clip else 0, out, out2, d_out)
+            op(x, o, None, hist, noise, None, None, thr, coef, M.FLAG_CLIP if row.clip else 0, out, out2, d_out)
         else:
             M.multistep_step(x, o, coef, hist=hist, noise=noise, thr=thr, clip=row.clip, out=out, out2=out2,
                              d_out=d_out, backend=backend)

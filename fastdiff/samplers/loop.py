@@ -176,7 +176,7 @@ class Loop:
             ms.multistep_step(x, o, coef, o_cond=o_cond, hist=hist, noise=z, rng=rng, thr=thr, clip=c.clip, out=out,
                               out2=out2, d_out=d_out, backend=self.name)
         else:  # the raw op (the reference for "torch", also for float64 samples)
-            self.raw(x, o, o_cond, hist, z, rng, thr, coef, self.flag_clip if c.clip else 0, out, out2, d_out)
+            self.raw(x, o, o_cond, hist, z, rng, None, thr, coef, self.flag_clip if c.clip else 0, out, out2, d_out)
         return out, (d_out if want_x0 and self.plan.d_is_x0 else None)
 
     def _sstep_update(self, i, x, o, o_cond, v, z, rng, out, want_x0):
