@@ -775,6 +775,10 @@ class DPMSolverMultistepScheduler(_PlanScheduler):
                                       "and use_flow_sigmas (a flow_shift = e^mu that no σ uses) is not planned by "
                                       "fastdiff")
         self._set(num_inference_steps, device, timesteps=timesteps, overrides=_mu(mu))
+        if getattr(self._plans[0], "nan_calls", None):  # said here, so that step pays nothing for it
+            self._warn_nan("its last step goes from σ_min to σ_min (final_sigmas_type='sigma_min' after a Karras / "
+                           "exponential / beta / λ grid, h = 0), where diffusers' solver_type='heun' and order-3 "
+                           "updates divide 0 by 0 (NaN); fastdiff takes the step's limit, prev_sample = sample")
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):

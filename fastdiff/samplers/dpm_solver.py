@@ -179,8 +179,10 @@ def grid(schedule: NoiseSchedule, steps: int, o: dict, *, unipc: bool = False):
             raise ValueError(f"steps={steps} with timestep_spacing={o['timestep_spacing']!r} repeats timestep "
                              f"{int(ts[i])}: a multistep solver divides by the step size λ_t − λ_s = 0 there "
                              "(diffusers: NaN); use fewer steps or another spacing")
-    if o["final_sigmas_type"] == "sigma_min":
-        last = sig[-1] if unipc and spread else float(s64[0])
+    if o["final_sigmas_type"] == "sigma_min":  # a spread grid ends on σ_min itself: UniPC's final σ is its last σ,
+        # DPM-Solver's the table's σ_min, equal to it in diffusers' float32 (a step of h = 0, see _update); in float64
+        # Karras' (σ_min^{1/ρ})^ρ is off by an ulp, and a step of h = ±1e-16 is not one diffusers takes
+        last = sig[-1] if spread else float(s64[0])
     else:
         last = 0.0
     return [int(t) for t in ts], sig + [last]
@@ -227,6 +229,10 @@ def _update(alg, solver_type, order, x, ms, sig_t, sigs, z, ab=grids.vp):
     a_t, s_t, l_t = ab(sig_t)
     a0, s0, l0 = ab(sigs[0])
     h = l_t - l0
+    if h == 0:  # σ_t = σ_s (a spread grid's final σ_min): the step's limit x_t = x_s at every order. diffusers divides
+        # in float32: r0 = h_{-1}/0 = ∞ makes D1 = 0, so orders 1-2 midpoint give x_s too; heun and order 3 take
+        # (e^{−h} − 1)/h = 0/0 (NaN): zero_step_nan says where
+        return 1.0 * x
     em, ep = math.exp(-h), (math.exp(h) if h < math.inf else math.inf)
     ratio = s_t / s0
     if order == 1:
@@ -301,6 +307,12 @@ def no_grid_with(o: dict, grid_):
                          f"{on[0]}=True (diffusers refuses it too)")
 
 
+def zero_step_nan(solver_type: str, order: int) -> bool:
+    """Whether diffusers' update of this order computes NaN over a step of h = 0 (σ_t = σ_s, see _update): its heun
+    forms and order 3 take 0/0 there; order 1 and the order-2 midpoint give x_s, the step's limit."""
+    return order == 3 or (order == 2 and solver_type == "heun")
+
+
 def step_order(i: int, N: int, order: int, lower_nums: int, o: dict) -> int:
     """The order of step i of N in diffusers' DPM-Solver(++) multistep: the warm-up (as many earlier outputs as
     exist), then `lower_order_final` / `euler_at_final` / a final σ of 0 lowering the last steps."""
@@ -325,11 +337,14 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
     b = PlanBuilder("dpmsolver++" if alg.endswith("++") else "dpmsolver")
     lower_nums = 0
     names = [f"m{k}" for k in range(order - 1)]  # the previous order−1 outputs, m0 the newest
+    nan_calls = []  # the calls where diffusers computes NaN and the plan the step's limit (zero_step_nan)
     for i in range(N):
         c = b.call(ts[i])
         d = convert(c, sig[i], o, to_x0=alg.endswith("++"))
         ms = [d] + [c.get(n) for n in names if c.has(n)]
         k = step_order(i, N, order, lower_nums, o)
+        if sig[i + 1] == sig[i] and zero_step_nan(o["solver_type"], k):
+            nan_calls.append(i)
         x_next = _update(alg, o["solver_type"], k, c.x, ms, sig[i + 1], [sig[i - j] for j in range(k)], c.z,
                          alpha_sigma(o))
         c.shift(names)
@@ -338,5 +353,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
         c.force_noise = alg.startswith("sde")  # diffusers draws every step's noise, the last (σ_t = 0) too
         c.next(x_next)
         lower_nums = min(lower_nums + 1, order)
-    return b.build(t_dtype=t_dtype, init_noise_sigma=1.0, sigmas=sig, timesteps=ts, options=dict(o),
-                   noise_dtype=torch.float32, d_is_x0=alg.endswith("++"))
+    p = b.build(t_dtype=t_dtype, init_noise_sigma=1.0, sigmas=sig, timesteps=ts, options=dict(o),
+                noise_dtype=torch.float32, d_is_x0=alg.endswith("++"))
+    p.nan_calls = nan_calls
+    return p

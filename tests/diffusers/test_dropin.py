@@ -300,3 +300,63 @@ def test_where_diffusers_computes_nan_it_is_said_not_refused():
     with pytest.warns(UserWarning, match=r"fixed_large_log.*NaN samples.*diffusers' own DDPMScheduler") as rec:
         fd.DDPMScheduler(variance_type="fixed_large_log")
     assert rec[0].filename == __file__
+
+
+# diffusers' test_scheduler_dpm_multi.py config (final_sigmas_type="sigma_min"): after a Karras / exponential / beta /
+# λ grid, which ends on σ_min, the last step goes from σ_min to σ_min (h = 0)
+DPM_SIGMA_MIN = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                     solver_order=2, prediction_type="epsilon", thresholding=False, sample_max_value=1.0,
+                     algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=False,
+                     euler_at_final=False, lambda_min_clipped=-float("inf"), variance_type=None,
+                     final_sigmas_type="sigma_min")
+ZERO_STEP = [
+    {"use_beta_sigmas": True},
+    {"use_exponential_sigmas": True},
+    {"use_lu_lambdas": True, "prediction_type": "v_prediction"},
+    {"use_karras_sigmas": True},
+    {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
+    {"use_exponential_sigmas": True, "algorithm_type": "sde-dpmsolver++", "prediction_type": "sample"},
+    {"use_beta_sigmas": True, "algorithm_type": "dpmsolver"},
+    {"use_lu_lambdas": True, "algorithm_type": "sde-dpmsolver"},
+    {"use_exponential_sigmas": True, "solver_type": "heun", "lower_order_final": True},
+]
+
+
+@pytest.mark.parametrize("extra", ZERO_STEP, ids=lambda e: "-".join(f"{k}={v}" for k, v in e.items()))
+@pytest.mark.parametrize("steps", [3, 10])
+def test_dpm_step_of_h_zero_runs_fused_as_diffusers(extra, steps):
+    """The final σ_min → σ_min step (h = 0) divided by h in float64 (ZeroDivisionError at set_timesteps); diffusers'
+    float32 update gives the sample back there (D1 = (m0 − m1)/∞ = 0). Fused, unwarned, diffusers' grid and loop."""
+    cfg = dict(DPM_SIGMA_MIN, **extra)
+    got, ref = fd.DPMSolverMultistepScheduler(**cfg), hf.DPMSolverMultistepScheduler(**cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got.set_timesteps(steps)
+        a = _loop(got)
+    assert got._hf_impl is None
+    ref.set_timesteps(steps)
+    assert torch.equal(got.timesteps, ref.timesteps)
+    assert torch.allclose(got.sigmas, ref.sigmas, rtol=F64) and got.sigmas[-1] == got.sigmas[-2]
+    b = _loop(ref)
+    assert torch.isfinite(b).all() and _rel(a, b) < 1e-4, _rel(a, b)
+    # the last step returns its sample, as diffusers'
+    assert torch.equal(a, _loop(got, steps, limit=steps - 1)) and torch.equal(b, _loop(ref, steps, limit=steps - 1))
+
+
+@pytest.mark.parametrize("extra", [{"solver_type": "heun"}, {"solver_order": 3}])
+def test_dpm_step_of_h_zero_where_diffusers_computes_nan(extra):
+    """Heun and order 3 over h = 0: diffusers' (e^{−h} − 1)/h = 0/0 makes the run NaN; fastdiff takes the step's limit
+    (the sample back: the run before that step, diffusers' too), said once at set_timesteps."""
+    cfg = dict(DPM_SIGMA_MIN, use_exponential_sigmas=True, **extra)
+    got, ref = fd.DPMSolverMultistepScheduler(**cfg), hf.DPMSolverMultistepScheduler(**cfg)
+    with pytest.warns(UserWarning, match="σ_min to σ_min.*NaN.*prev_sample = sample") as rec:
+        got.set_timesteps(10)
+    assert got._hf_impl is None and rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not per step
+        a = _loop(got)
+        got.set_timesteps(10)
+    ref.set_timesteps(10)
+    assert torch.isnan(_loop(ref)).all()
+    assert torch.equal(a, _loop(got, limit=9))
+    assert _rel(a, _loop(ref, 10, limit=9)) < 1e-4
