@@ -80,9 +80,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from fastdiff import prediction as _prediction
 from fastdiff import samplers as S
 from fastdiff.ops import multistep as M
-from fastdiff.ops import sampler_step as SS
 from fastdiff.samplers import flow as _flow
 from fastdiff.samplers import grids as _grids
 from fastdiff.samplers import ipndm_v as _ipndm_v
@@ -989,10 +989,9 @@ class PNDMScheduler(_PlanScheduler):
         at = float(abar[int(t)])
         ap = float(abar[int(t_prev)]) if t_prev >= 0 else (1.0 if self.config.set_alpha_to_one else float(abar[0]))
         pt = self.config.prediction_type
-        if pt == "v_prediction":
-            eps = at**0.5 * eps + (1 - at) ** 0.5 * sample
-        elif pt != "epsilon":
+        if pt not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type given as {pt} must be one of `epsilon` or `v_prediction`")
+        eps = _prediction.to_eps(sample, eps, at**0.5, (1 - at) ** 0.5, pt)
         c_eps = (ap - at) / (at * (1 - ap) ** 0.5 + (at * (1 - at) * ap) ** 0.5)
         return (ap / at) ** 0.5 * sample - c_eps * eps
 

@@ -21,9 +21,8 @@ from typing import Callable
 
 import torch
 
+from fastdiff import prediction
 from fastdiff.schedule import NoiseSchedule
-
-_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
 def _as_f64(x, name: str) -> torch.Tensor:
@@ -128,30 +127,25 @@ class GaussianMixture:
 
     def eps(self, x: torch.Tensor, abar) -> torch.Tensor:
         """ε*(x, ᾱ) = (σ/v)(x − a·Σ r_k m_k) = −σ·∇log q_t: x's shape, float64."""
-        xf, a, s2, var = self._prep(x, abar)
-        return (s2.sqrt() / var * (xf - a * self._mean_mix(xf, a, var))).reshape(x.shape)
+        return self.predict(x, abar, "epsilon")
 
     def x0(self, x: torch.Tensor, abar) -> torch.Tensor:
         """E[x0 | x_t = x] = Σ r_k m_k·σ²/v + (a·s²/v)·x: x's shape, float64 (finite at ᾱ = 0)."""
-        xf, a, s2, var = self._prep(x, abar)
-        return (self._mean_mix(xf, a, var) * (s2 / var) + (a * self.std**2 / var) * xf).reshape(x.shape)
+        return self.predict(x, abar, "sample")
 
     def v(self, x: torch.Tensor, abar) -> torch.Tensor:
         """v* = a·ε* − σ·x̂0 (Salimans & Ho 2022): x's shape, float64."""
-        xf, a, s2, var = self._prep(x, abar)
-        mm = self._mean_mix(xf, a, var)
-        eps = s2.sqrt() / var * (xf - a * mm)
-        x0 = mm * (s2 / var) + (a * self.std**2 / var) * xf
-        return (a * eps - s2.sqrt() * x0).reshape(x.shape)
+        return self.predict(x, abar, "v_prediction")
 
     def predict(self, x: torch.Tensor, abar, prediction_type: str = "epsilon") -> torch.Tensor:
-        if prediction_type == "epsilon":
-            return self.eps(x, abar)
-        if prediction_type == "sample":
-            return self.x0(x, abar)
-        if prediction_type == "v_prediction":
-            return self.v(x, abar)
-        raise ValueError(f"prediction_type must be one of {_PREDICTIONS}, got {prediction_type!r}")
+        """The exact output of a `prediction_type` model at x (fastdiff.prediction.target of ε*, x̂0): x's shape,
+        float64. ε* and x̂0 are each written in closed form (x̂0 finite at ᾱ = 0), not converted into each other."""
+        pt = prediction.check(prediction_type, prediction.VP_PREDICTION_TYPES)
+        xf, a, s2, var = self._prep(x, abar)
+        mm = self._mean_mix(xf, a, var)
+        eps = s2.sqrt() / var * (xf - a * mm) if pt != "sample" else None
+        x0 = mm * (s2 / var) + (a * self.std**2 / var) * xf if pt != "epsilon" else None
+        return prediction.target(pt, x0, eps, a, s2.sqrt()).reshape(x.shape)
 
     def reverse_variance(self, x: torch.Tensor, abar_t, abar_p) -> torch.Tensor:
         """Var(x_{t−1} | x_t = x) per coordinate, averaged over coordinates: β̃ + c0²·tr Cov(x0 | x_t)/D, (n,) float64.
@@ -184,8 +178,7 @@ class GaussianMixture:
         """
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-        if prediction_type not in _PREDICTIONS:
-            raise ValueError(f"prediction_type must be one of {_PREDICTIONS}, got {prediction_type!r}")
+        prediction.check(prediction_type, prediction.VP_PREDICTION_TYPES)
         if variance not in (None, "learned_range"):
             raise ValueError(f"variance must be None or 'learned_range', got {variance!r}")
         abar_table = schedule.alphas_cumprod
@@ -249,7 +242,7 @@ class GaussianMixture:
         mm = self._mean_mix(xf, a, var)
         x0 = mm * (tt * tt / var) + (a * self.std**2 / var) * xf
         eps = (tt / var) * (xf - a * mm)
-        return (eps - x0).reshape(x.shape)
+        return prediction.target("flow_prediction", x0, eps, a, tt).reshape(x.shape)
 
     def flow_model(self, num_train_timesteps: int = 1000) -> Callable:
         """`model(x_t, t)` of a flow-matching (velocity) model for fastdiff.sample(sampler="flow_euler" | "flow_heun"

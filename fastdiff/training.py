@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from fastdiff import prediction
 from fastdiff._util import model_output
 from fastdiff.schedule import NoiseSchedule
 
@@ -54,6 +55,7 @@ def training_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, *, t: torch.
     """
     if weighting not in ("simple", "elbo"):
         raise ValueError(f"weighting must be 'simple' or 'elbo', got {weighting!r}")
+    prediction.check(prediction_type, prediction.VP_PREDICTION_TYPES)
     B = x0.shape[0]
     T = len(schedule)
     if t is None:
@@ -68,15 +70,11 @@ def training_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, *, t: torch.
     out = model_output(out)
     if out.shape != x0.shape:
         raise ValueError(f"model output has shape {tuple(out.shape)}, expected {tuple(x0.shape)}")
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "sample":
-        target = x0
-    elif prediction_type == "v_prediction":
+    a = s = None  # α_t, σ_t: only the v target reads them (no table copy to the device for ε / x0)
+    if prediction_type == "v_prediction":
         abar = _bcast(schedule.alphas_cumprod.to(x0.device)[t], x0)
-        target = abar.sqrt() * noise.float() - (1 - abar).sqrt() * x0.float()
-    else:
-        raise ValueError(f"prediction_type must be epsilon, sample or v_prediction, got {prediction_type!r}")
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+    target = prediction.target(prediction_type, x0.float(), noise.float(), a, s)
     per = ((out.float() - target.float()) ** 2).reshape(B, -1).mean(1)
     if weighting == "elbo":
         per = per * elbo_weights(schedule).to(x0.device)[t].float()

@@ -19,12 +19,12 @@ from typing import Callable
 
 import torch
 
+from fastdiff import prediction
 from fastdiff._util import progress as _progress
 from fastdiff.samplers.loop import call_model
 from fastdiff.schedule import NoiseSchedule
 
 VLB_VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
-_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 _LN2 = math.log(2.0)
 
 
@@ -110,15 +110,8 @@ def vlb_terms(x0, x_t, t, o, v, tables: _Tables, *, prediction_type="epsilon", v
     x0, x_t, o (model output), v (learned variance output or None): (B, ...) float64; t: (B,) int64 on the CPU.
     """
     ab = _bc(tables.abar[t], x_t).to(x_t.device)
-    a, s = ab.sqrt(), (1.0 - ab).sqrt()
-    if prediction_type == "epsilon":
-        x0_hat = (x_t - s * o) / a
-    elif prediction_type == "sample":
-        x0_hat = o
-    elif prediction_type == "v_prediction":
-        x0_hat = a * x_t - s * o
-    else:
-        raise ValueError(f"prediction_type must be one of {_PREDICTIONS}, got {prediction_type!r}")
+    x0_hat = prediction.to_x0(x_t, o, ab.sqrt(), (1.0 - ab).sqrt(), prediction_type,
+                              types=prediction.VP_PREDICTION_TYPES)
     if clip_denoised:
         x0_hat = x0_hat.clamp(-1.0, 1.0)
     c0, ct = (_bc(c[t], x_t).to(x_t.device) for c in (tables.c0, tables.ct))
@@ -170,8 +163,7 @@ def vlb(model: Callable, x0: torch.Tensor, schedule=None, *, prediction_type: st
     T = len(schedule)
     if T < 2:
         raise ValueError("schedule: the bound needs at least 2 timesteps")
-    if prediction_type not in _PREDICTIONS:
-        raise ValueError(f"prediction_type must be one of {_PREDICTIONS}, got {prediction_type!r}")
+    prediction.check(prediction_type, prediction.VP_PREDICTION_TYPES)
     if variance_type not in VLB_VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {VLB_VARIANCE_TYPES}, got {variance_type!r}")
     if isinstance(batch_timesteps, bool) or not isinstance(batch_timesteps, int) or batch_timesteps < 1:
@@ -203,7 +195,7 @@ def vlb(model: Callable, x0: torch.Tensor, schedule=None, *, prediction_type: st
         o, v = _model_out(model, x_t, tt.to(x0.device), learned, dtype)
         out, x0_hat = vlb_terms(xr, x_t, tt, o, v, tables, prediction_type=prediction_type,
                                 variance_type=variance_type, clip_denoised=clip_denoised)
-        eps_hat = (x_t - ab.sqrt() * x0_hat) / (1.0 - ab).sqrt()
+        eps_hat = prediction.to_eps(x_t, x0_hat, ab.sqrt(), (1.0 - ab).sqrt(), "sample")  # from the clipped x̂0
         cols = torch.tensor(ts)
         terms[:, cols] = out.reshape(len(ts), B).T
         xmse[:, cols] = _mean_flat((x0_hat - xr) ** 2).reshape(len(ts), B).T

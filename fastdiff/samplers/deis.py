@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from fastdiff import prediction
 from fastdiff.samplers import dpm_singlestep, dpm_solver, grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
@@ -79,7 +80,8 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
         c = b.call(ts[i])
         a_s, s_s, _ = grids.vp(sig[i])
         d = dpm_solver.convert(c, sig[i], dict(o, algorithm_type="dpmsolver++"), to_x0=True)
-        eps = (c.x - a_s * d) / s_s
+        r, u = prediction.eps_coefs("sample", a_s, s_s)  # ε̂ = (x − α·x̂0)/σ from the (thresholded) x̂0 = d
+        eps = r * c.x + u * d
         ms = [eps] + [c.get(f"m{j}") for j in (1, 2) if c.has(f"m{j}")]
         if k_max == 1 or n < 1 or (lof and i == N - 1):
             order = 1

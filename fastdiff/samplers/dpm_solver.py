@@ -20,6 +20,7 @@ import math
 import numpy as np
 import torch
 
+from fastdiff import prediction
 from fastdiff.samplers import grids
 from fastdiff.samplers.plan import PlanBuilder, PlanError
 from fastdiff.schedule import NoiseSchedule
@@ -192,30 +193,15 @@ def convert(c, sig: float, o: dict, *, to_x0: bool):
     """The model output as x̂0 (DPM-Solver++) or ε̂ (DPM-Solver), thresholded as diffusers' convert_model_output."""
     a, s, _ = alpha_sigma(o)(sig)
     pt = o["prediction_type"]
-    if to_x0:
-        if pt == "flow_prediction":  # x̂0 = x − σ·v on the flow path
-            v = c.x - sig * c.o
-        elif pt == "epsilon":
-            v = (c.x - s * c.o) / a
-        elif pt == "sample":
-            v = 1.0 * c.o
-        elif pt == "v_prediction":
-            v = a * c.x - s * c.o
-        else:
-            raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {pt!r}")
-        return c.convert(v, threshold=o["thresholding"])
+    if to_x0:  # flow_prediction: x̂0 = x − σ·v with the grid's σ as diffusers (= σ_t on flow σ's; DEIS and the
+        # singlestep solver also take it on VP σ's, with the VE σ, as diffusers' do)
+        p, q = prediction.x0_coefs(pt, a, sig if pt == "flow_prediction" else s)
+        return c.convert(p * c.x + q * c.o, threshold=o["thresholding"])
     if o["thresholding"]:
         raise PlanError("thresholding with the noise-prediction algorithm types (dpmsolver, sde-dpmsolver) is not "
                         "supported by fastdiff: use algorithm_type='dpmsolver++' or 'sde-dpmsolver++'")
-    if pt == "epsilon":
-        v = 1.0 * c.o
-    elif pt == "sample":
-        v = (c.x - a * c.o) / s
-    elif pt == "v_prediction":
-        v = a * c.o + s * c.x
-    else:
-        raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {pt!r}")
-    return c.convert(v)
+    r, u = prediction.eps_coefs(pt, a, s, types=prediction.VP_PREDICTION_TYPES)  # diffusers' ε forms have no flow
+    return c.convert(r * c.x + u * c.o)
 
 
 def alpha_sigma(o: dict):

@@ -59,6 +59,8 @@ def euler_plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid |
     ts = [float(t) for t in (0.25 * torch.from_numpy(s32).log())]  # c_noise, float32 as diffusers forms it
     sig = sig + [float(s32[-1]) if o["final_sigmas_type"] == "sigma_min" else 0.0]
     sd = float(o["sigma_data"])
+    # EDM preconditioning x̂0 = c_skip·x_σ ± c_out·o (σ_data), not fastdiff.prediction's ε/x0/v conversion: the
+    # network's raw output F (Karras et al. 2022, eq. 7), which diffusers' EDM classes call "epsilon" / "v_prediction"
     sign = 1.0 if o["prediction_type"] == "epsilon" else -1.0
     b = PlanBuilder("edm_euler")
     N = len(ts)
@@ -118,7 +120,7 @@ def dpmsolver_plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Gr
             last = sig[-1]
     sig = sig + [last]
     sd = float(o["sigma_data"])
-    sign = 1.0 if o["prediction_type"] == "epsilon" else -1.0
+    sign = 1.0 if o["prediction_type"] == "epsilon" else -1.0  # EDM preconditioning, as in euler_plan
     alg, order = o["algorithm_type"], o["solver_order"]
     b = PlanBuilder("edm_dpmsolver++")
     N = len(ts)

@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 
+from fastdiff import prediction
 from fastdiff.samplers import grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
@@ -31,9 +32,7 @@ HEUN_DEFAULTS = dict(prediction_type="epsilon", use_karras_sigmas=False, use_exp
 
 
 def _check(o, *, karras_ok=True):
-    pt = o["prediction_type"]
-    if pt not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {pt!r}")
+    prediction.check(o["prediction_type"], prediction.VP_PREDICTION_TYPES)
     if o.get("final_sigmas_type", "zero") not in ("zero", "sigma_min"):
         raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {o['final_sigmas_type']!r}")
     grids.check_spread(o)
@@ -68,16 +67,13 @@ def grid(schedule: NoiseSchedule, steps: int, o: dict, *, final: str = "zero", g
     return [float(t) for t in ts], [float(s) for s in sig] + [last]
 
 
-def _x0(c, sample, sigma, o, *, clip=None):
-    """x̂0 from the model output (diffusers' Euler/Heun forms), in the σ scale."""
-    pt = o["prediction_type"]
-    if pt == "epsilon":
-        v = sample - sigma * c.o
-    elif pt == "v_prediction":
-        v = c.o * (-sigma / math.sqrt(sigma**2 + 1)) + sample / (sigma**2 + 1)
-    else:
-        v = 1.0 * c.o
-    return c.convert(v, clip=clip)
+def _x0(c, sigma, o, *, clip=None):
+    """x̂0 from the model output at the VE noise level σ, by the VP coefficients at (α, σ_t) = grids.vp(σ) on
+    x = x_σ/√(σ² + 1): diffusers' Euler/Heun σ-scale forms (x_σ − σ·o for ε, x_σ/(σ² + 1) − σ/√(σ² + 1)·o for v)
+    to rounding."""
+    a, s, _ = grids.vp(sigma)
+    p, q = prediction.x0_coefs(o["prediction_type"], a, s, types=prediction.VP_PREDICTION_TYPES)
+    return c.convert(p * c.x + q * c.o, clip=clip)
 
 
 def _init_sigma(o, sig):
@@ -98,7 +94,7 @@ def euler_plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid |
         s, sn = sig[i], sig[i + 1]
         c = b.call(ts[i], scale_in=_scale(s))
         sample = _scale(s) * c.x
-        d = _x0(c, sample, s, o)
+        d = _x0(c, s, o)
         deriv = (sample - d) / s
         out_scale = _scale(sn) if i < N - 1 else 1.0
         c.next(sample + deriv * (sn - s), scale_out=out_scale)
@@ -118,7 +114,7 @@ def ancestral_plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Gr
         s, sn = sig[i], sig[i + 1]
         c = b.call(ts[i], scale_in=_scale(s))
         sample = _scale(s) * c.x
-        d = _x0(c, sample, s, o)
+        d = _x0(c, s, o)
         up = math.sqrt(sn**2 * (s**2 - sn**2) / s**2)
         down = math.sqrt(max(sn**2 - up**2, 0.0))
         deriv = (sample - d) / s
@@ -143,7 +139,7 @@ def heun_plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | 
         sample = _scale(S[k]) * c.x
         if first:
             s, sn = S[k], S[k + 1]
-            d = _x0(c, sample, s, o, clip=clip)
+            d = _x0(c, s, o, clip=clip)
             dt, s1 = sn - s, s
             nxt = sample + ((sample - d) / s) * dt
             if k < len(Ts) - 1:
@@ -151,7 +147,7 @@ def heun_plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | 
                 c.put("x0", d)  # the d slot; the first slope is (sample − x̂0)/σ
         else:
             sn = S[k]
-            d = _x0(c, sample, sn, o, clip=clip)
+            d = _x0(c, sn, o, clip=clip)
             deriv = ((c.get("sample") - c.get("x0")) / s1 + (sample - d) / sn) / 2
             nxt = c.get("sample") + deriv * dt
             c.drop("sample")

@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from fastdiff import prediction
 from fastdiff.samplers import grids
 from fastdiff.samplers.plan import PlanBuilder
 
@@ -178,6 +179,12 @@ def _no_vp_grid(o, sampler, grid_):
                          "t = σ·num_train_timesteps), not a VP grid")
 
 
+def _x0(c, sigma: float):
+    """d = x̂0 = x − σ·v from the velocity output (fastdiff.prediction, flow_prediction)."""
+    p, q = prediction.x0_coefs(FLOW_PREDICTION, 1.0 - sigma, sigma)
+    return c.convert(p * c.x + q * c.o)
+
+
 def euler_plan(schedule, steps: int, o: dict, grid_=None):
     """flow_euler: x + (σ_next − σ)·v, or with stochastic_sampling (1 − σ_next)·x̂0 + σ_next·z."""
     _no_vp_grid(o, "flow_euler", grid_)
@@ -186,7 +193,7 @@ def euler_plan(schedule, steps: int, o: dict, grid_=None):
     for i in range(len(ts)):
         s, sn = sig[i], sig[i + 1]
         c = b.call(ts[i])
-        x0 = c.convert(c.x - s * c.o)  # d = x̂0 (callbacks' "x0")
+        x0 = _x0(c, s)  # d = x̂0 (callbacks' "x0")
         if o["stochastic_sampling"]:
             c.force_noise = True  # diffusers draws every step, the last (σ_next = 0) too
             c.next((1.0 - sn) * x0 + sn * c.z)
@@ -208,13 +215,13 @@ def heun_plan(schedule, steps: int, o: dict, grid_=None):
         c = b.call(Ts[k])
         if first:
             s, sn = S[k], S[k + 1]
-            c.convert(c.x - s * c.o)
+            _x0(c, s)
             dt = sn - s
             nxt = c.x + dt * c.o
             if k < len(Ts) - 1:
                 c.put("half", c.x + (0.5 * dt) * c.o)  # x_i + dt·v_i/2, one slot (y2)
         else:
-            c.convert(c.x - S[k] * c.o)
+            _x0(c, S[k])
             nxt = c.get("half") + (0.5 * dt) * c.o
             c.drop("half")
         c.next(nxt)

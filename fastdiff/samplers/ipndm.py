@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from fastdiff import prediction
 from fastdiff.samplers import dpm_solver, grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
@@ -36,8 +37,7 @@ WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55
 def validate(o: dict):
     if isinstance(o["solver_order"], bool) or o["solver_order"] not in WEIGHTS:
         raise ValueError(f"solver_order must be 1, 2, 3 or 4 for ipndm, got {o['solver_order']!r}")
-    if o["prediction_type"] not in ("epsilon", "sample", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {o['prediction_type']!r}")
+    prediction.check(o["prediction_type"], prediction.VP_PREDICTION_TYPES)
 
 
 def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):

@@ -115,7 +115,7 @@ def _plan(name, schedule, steps, o, grid_, ancestral):
         last = j == len(calls) - 1
         c = b.call(t, scale_in=euler._scale(s_in))
         sample = euler._scale(s_in) * c.x
-        d = euler._x0(c, sample, s_in, o)
+        d = euler._x0(c, s_in, o)
         slope = (sample - d) / s_in
         if kind == "first":
             nxt = sample + slope * (mid - s_k)

@@ -19,6 +19,7 @@ import math
 import numpy as np
 import torch
 
+from fastdiff import prediction
 from fastdiff.samplers import grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
@@ -57,13 +58,9 @@ def scalings(t: float, scaling: float) -> tuple[float, float]:
 def predictions(c, pt: str, ab: float):
     """(x̂0, ε̂) from the model output at ᾱ = ab, as diffusers' LCM/TCD steps form them."""
     a, s = math.sqrt(ab), math.sqrt(1.0 - ab)
-    if pt == "epsilon":
-        return (c.x - s * c.o) / a, 1.0 * c.o
-    if pt == "sample":
-        return 1.0 * c.o, (c.x - a * c.o) / s
-    if pt == "v_prediction":
-        return a * c.x - s * c.o, a * c.o + s * c.x
-    raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {pt!r}")
+    p, q = prediction.x0_coefs(pt, a, s, types=prediction.VP_PREDICTION_TYPES)
+    r, u = prediction.eps_coefs(pt, a, s, types=prediction.VP_PREDICTION_TYPES)
+    return p * c.x + q * c.o, r * c.x + u * c.o
 
 
 def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None = None):

@@ -69,7 +69,7 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
         s, sn = sig[i], sig[i + 1]
         c = b.call(ts[i], scale_in=euler._scale(s))
         sample = euler._scale(s) * c.x
-        x0 = euler._x0(c, sample, s, o)
+        x0 = euler._x0(c, s, o)
         slope = (sample - x0) / s
         k = min(i + 1, order)  # diffusers: the order from the step index
         have = [slope] + [c.get(n) for n in names if c.has(n)]

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import torch
 
+from fastdiff import prediction
 from fastdiff.samplers import grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
@@ -82,8 +83,9 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_=None, *, plms_tail:
     def prev_sample(sample, t, pt, mo):
         at = grids.abar_at(schedule, t)
         ap = grids.abar_at(schedule, pt) if pt >= 0 else final
-        if o["prediction_type"] == "v_prediction":
-            mo = math.sqrt(at) * mo + math.sqrt(1 - at) * sample
+        if o["prediction_type"] == "v_prediction":  # ε̂ = σ·x + α·v
+            r, u = prediction.eps_coefs("v_prediction", math.sqrt(at), math.sqrt(1 - at))
+            mo = u * mo + r * sample
         denom = at * math.sqrt(1 - ap) + math.sqrt(at * (1 - at) * ap)
         return math.sqrt(ap / at) * sample - ((ap - at) / denom) * mo
 
