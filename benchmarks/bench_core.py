@@ -128,6 +128,18 @@ def section_a(args, threads: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # b. per-step host overhead at batch 1
 
+def _v_arg() -> tuple:
+    """The raw multistep op's `v` argument (learned variances), where the op has one (after issue 18's merge)."""
+    try:
+        schema = torch.ops.fastdiff.multistep_step_.default._schema
+    except (AttributeError, RuntimeError):
+        return ()
+    return (None,) if any(a.name == "v" for a in schema.arguments) else ()
+
+
+_V = _v_arg()
+
+
 def _bare_ddim_runner(model, x_T, steps):
     """The bare DDIM loop with the raw op the library's loop uses, on preallocated buffers. Returns (fn(steps), op)."""
     from fastdiff.ops import sampler_step as ss
@@ -165,7 +177,7 @@ def _bare_ddim_runner(model, x_T, steps):
         for i in range(k):
             o = model(x, ts[i])
             out = bufs[1] if x is bufs[0] else bufs[0]
-            op(x, o, None, [], None, None, None, None, rows[i], 0, out, None, None)
+            op(x, o, None, [], None, None, *_V, None, rows[i], 0, out, None, None)
             x = out
         return x
     return run, f"fastdiff.ops.multistep.resolve_op('cpp') = {op}"
@@ -188,7 +200,7 @@ def _bare_dpm_runner(model, x_T, steps):
         for i in range(k):
             o = model(x, ts[i])
             out = bufs[1] if x is bufs[0] else bufs[0]
-            op(x, o, None, [slots[(i + 1) % 2]], None, None, None, rows[i], 0, out, None, slots[i % 2])
+            op(x, o, None, [slots[(i + 1) % 2]], None, None, *_V, None, rows[i], 0, out, None, slots[i % 2])
             x = out
         return x
     return run, f"fastdiff.ops.multistep.resolve_op('cpp') = {op}"

@@ -55,24 +55,26 @@ def loop_cases(steps=50):
     """Eager `fastdiff.ddim_sample` at batch 1 with a trivial model, against the bare loop it replaces (the same
     model call and the raw fused op per step, coefficients precomputed): per-step cost of the sampler's host path."""
     import fastdiff
-    from fastdiff.sampling import make_plan, resolve_schedule
+    from fastdiff.ops.multistep import resolve_op
+    from fastdiff.sampling import plan_for
 
     x0 = torch.randn(1, 3, 8, 8)
 
     def model(x, t):
         return x
 
-    sched, opts = resolve_schedule(None, {})[:2]
-    plan = make_plan("ddim", sched, opts, steps, 0.0)
-    coefs = [torch.tensor(ss.step_coefs("ddim", float(plan.abar_t[i]), float(plan.abar_p[i])), dtype=torch.float64)
-             for i in range(steps)]
+    plan = plan_for("ddim", None, {}, steps)
+    coefs = list(plan.coef_table().unbind(0))
     ts = [torch.full((1,), int(t), dtype=torch.long) for t in plan.timesteps]
+    op = resolve_op("cpp")
 
     def bare():
-        x = x0
+        x, out = x0, [torch.empty_like(x0), torch.empty_like(x0)]
         for i in range(steps):
             o = model(x, ts[i])
-            x = torch.ops.fastdiff.sampler_step(x, o, None, None, None, None, None, coefs[i], 0, False)[0]
+            y = out[i % 2]
+            op(x, o, None, [], None, None, None, None, coefs[i], 0, y, None, None)
+            x = y
         return x
 
     return {"ddim_sample (eager, 50 steps)": lambda: fastdiff.ddim_sample(model, steps, x_T=x0),

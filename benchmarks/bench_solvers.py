@@ -146,16 +146,17 @@ def host_overhead(N=100, rounds=7):
     torch.set_num_threads(1)
     x = torch.randn(1, 3, 32, 32)
     model = lambda x, t: x  # noqa: E731
-    sched, opts = sampling.resolve_schedule(None, {})
-    plan = sampling.make_plan("ddim", sched, opts, N)
-    rows = list(sampling.plan_coefs(plan).unbind(0))
-    op, t = torch.ops.fastdiff.sampler_step_out, torch.zeros(1, dtype=torch.long)
+    from fastdiff.ops.multistep import resolve_op
+
+    plan = sampling.plan_for("ddim", None, {}, N)
+    rows = list(plan.coef_table().unbind(0))
+    op, t = resolve_op("cpp"), torch.zeros(1, dtype=torch.long)
 
     def bare():
         a, b = x.clone(), torch.empty_like(x)
         for i in range(N):
             o = model(a, t)
-            op(a, o, None, None, None, None, None, rows[i], 0, b, None)
+            op(a, o, None, [], None, None, None, None, rows[i], 0, b, None, None)
             a, b = b, a
 
     loop = Loop(plan, model, x, "cpp")

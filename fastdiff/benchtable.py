@@ -273,7 +273,8 @@ def _loop_rows(device: torch.device, repeat: int, quick: bool, budget_s: float, 
     """End-to-end rows: a DDIM loop of the bundled model with every op on the reference vs on "auto"."""
     from fastdiff import checkpoint as ckpt
     from fastdiff import jobs
-    from fastdiff.sampling import OPTION_NAMES, resolve_schedule
+    from fastdiff.samplers.ddim import OPTIONS
+    from fastdiff.sampling import schedule_and_config
 
     path = ckpt.bundled_checkpoint()
     if not os.path.isfile(path):
@@ -282,8 +283,8 @@ def _loop_rows(device: torch.device, repeat: int, quick: bool, budget_s: float, 
     steps, B = (5, 16) if quick else (20, 64)
     cfg = jobs.SampleConfig("ddim", steps, 0.0, 0, "float32", B)
     sch = meta["scheduler"]
-    schedule, _ = resolve_schedule(sch or None, {})
-    opts = {k: sch[k] for k in OPTION_NAMES if k in sch}
+    schedule, _ = schedule_and_config(sch or None)
+    opts = {k: sch[k] for k in OPTIONS if k in sch}
     c, s = meta["config"]["in_channels"], meta["config"]["sample_size"]
     idx = list(range(B))
 

@@ -87,7 +87,7 @@ def calibrate_report(model: Callable, steps: int, *, sampler: str = "unipc", sha
     timesteps (for diffusers' classes, whose set_timesteps(timesteps=) takes integers) and reports its held-out error
     as errors["calibrated"]."""
     from fastdiff import samplers as S
-    from fastdiff.sampling import _check_args, _model_dtype_device, _schedule_and_config, sample
+    from fastdiff.sampling import _check_args, _model_dtype_device, sample, schedule_and_config
 
     t0 = time.perf_counter()
     _check_args(steps, shape=shape, generator=generator, dtype=dtype)
@@ -107,7 +107,7 @@ def calibrate_report(model: Callable, steps: int, *, sampler: str = "unipc", sha
     if bad:
         raise NotImplementedError(f"{bad[0]}: fastdiff.calibrate handles flow_euler with a static shift only (a "
                                   f"calibrated grid replaces the σ spacing; {bad[0]} would reshape it again)")
-    sched, cfg = _schedule_and_config(schedule)
+    sched, cfg = schedule_and_config(schedule)
     T = len(sched)
     if not 1 <= steps <= T - 1:
         raise ValueError(f"steps must be in [1, {T - 1}], got {steps}")
@@ -309,13 +309,9 @@ def default_grid(name: str, sched, cfg, steps: int, options: dict) -> list | Non
     """The call times of the sampler's own grid (its diffusers grid with these options), as a list to hand back as
     timesteps=; None for PNDM, whose PRK midpoints are not grid points."""
     from fastdiff import samplers as S
-    from fastdiff.sampling import make_plan, resolve_schedule
 
     if name == "pndm":
         return None
-    if name in ("ddim", "ddpm"):
-        _, opts = resolve_schedule(cfg, dict(options)) if cfg else resolve_schedule(None, dict(options))
-        return [float(t) for t in make_plan(name, sched, opts, steps).timesteps.tolist()]
     plan = S.build_plan(name, sched, steps, S.solver_options(name, cfg, dict(options)))
     ts = [float(t) for t in dict.fromkeys(plan.timesteps)]  # Heun and PLMS visit a time twice
     return ts if len(ts) == steps else None  # KDPM2's interpolated midpoints are not grid points

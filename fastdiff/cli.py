@@ -295,7 +295,8 @@ def _calibrate(a) -> int:
     from fastdiff import samplers as S
     from fastdiff.calibration import calibrate_report
     from fastdiff.fsutil import atomic_write, check_output_file
-    from fastdiff.sampling import OPTION_NAMES, resolve_schedule, sample_hw
+    from fastdiff.samplers.ddim import OPTIONS
+    from fastdiff.sampling import sample_hw, schedule_and_config
 
     path = a.checkpoint or ckpt.bundled_checkpoint()
     try:
@@ -305,8 +306,8 @@ def _calibrate(a) -> int:
     dev = _device(a.device)
     model, meta = ckpt.load_checkpoint(path, device=dev, dtype=jobs.DTYPES[a.dtype])
     sch = meta["scheduler"]
-    schedule, _ = resolve_schedule(sch or None, {})
-    options = {k: sch[k] for k in OPTION_NAMES if k in sch}
+    schedule, _ = schedule_and_config(sch or None)
+    options = {k: sch[k] for k in OPTIONS if k in sch}
     if a.sampler not in ("ddim", "ddpm"):  # a solver takes the recorded settings it has (as `fastdiff sample` does)
         options = S.solver_options(a.sampler, options, {})
         options = {k: v for k, v in options.items() if k in sch}
@@ -391,10 +392,11 @@ def _sample(a) -> int:
     try:
         model, meta = ckpt.load_checkpoint(path, device=dev, dtype=jobs.DTYPES[a.dtype])
         sch = meta["scheduler"]
-        from fastdiff.sampling import OPTION_NAMES, resolve_schedule, sample_hw
+        from fastdiff.samplers.ddim import OPTIONS
+        from fastdiff.sampling import sample_hw, schedule_and_config
 
-        schedule, _ = resolve_schedule(sch or None, {})
-        options = {k: sch[k] for k in OPTION_NAMES if k in sch}
+        schedule, _ = schedule_and_config(sch or None)
+        options = {k: sch[k] for k in OPTIONS if k in sch}
         T = len(schedule)
         sampler, steps, eta = _sampler_spec(a)
         if steps is not None and steps > T:

@@ -40,7 +40,7 @@ How a step runs. `set_timesteps` reads the config (pipelines rewrite `steps_offs
 construction, so nothing is cached from `__init__`) and computes every coefficient of the run once, in float64:
 the σ-grid and multistep solvers compile to a `fastdiff.samplers` plan (one row of `fastdiff.ops.multistep` per
 model call, rows in diffusers' sample scale: `SolverPlan.diffusers_rows`), DDIM and DDPM to a table of
-`fastdiff.ops.sampler_step` rows over the timesteps they may be given (they step from the timestep passed, as
+the same op's rows (fastdiff.samplers.ddim / ddpm) over the timesteps they may be given (they step from the timestep passed, as
 diffusers' do: img2img starts mid-schedule). The tables live on the sample's device. `step` is then one fused kernel
 over the sample, the model output, the history slots this scheduler owns and the noise; it returns a freshly
 allocated `prev_sample` (pipelines keep references to latents). Where the step is depends on no tensor value: a
@@ -71,6 +71,7 @@ import math
 import os
 import sys
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -173,7 +174,7 @@ def _checkable(cfg):
     finitely). Dynamic thresholding: diffusers clamps the per-sample scale into [1, sample_max_value], which for a
     sample_max_value in (0, 1) is sample_max_value itself (torch.clamp with min > max gives max), and a ratio of 0
     takes the quantile 0, the minimum; fastdiff.sample refuses both as likely mistakes, the drop-in classes run
-    them as diffusers does (fastdiff.ops.sampler_step.linear_threshold_scale clamps the same way)."""
+    them as diffusers does (fastdiff.ops.multistep.linear_threshold_scale clamps the same way)."""
     cfg, real = dict(cfg), {}
     if cfg.get("timestep_type") == "continuous":  # Euler: only the model's timestep values change (see _set)
         real["timestep_type"], cfg["timestep_type"] = "continuous", "discrete"
@@ -664,7 +665,7 @@ class _PlanScheduler(_Base):
             raise IndexError(f"{type(self).__name__}.step: called {i + 1} times for {len(self._host_ts)} timesteps; "
                              "call set_timesteps to start a new run")
         row = plan.calls[k]
-        x = sample if SS._dense_format(sample) is not None else sample.contiguous()  # outputs take x's layout
+        x = sample if M._dense_format(sample) is not None else sample.contiguous()  # outputs take x's layout
         o = _model_output(model_output, x, self._opts.get("variance_type"))
         coef = self._cached(("row_views", self._start, str(x.device)),  # one view per call, made once per run
                             lambda: self._rows(self._start, x.device).unbind(0))[k]
@@ -1518,7 +1519,7 @@ class LMSDiscreteScheduler(_PlanScheduler):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DDIM and DDPM: fused sampler_step rows indexed by the timestep
+# DDIM and DDPM: fused-op rows indexed by the timestep (fastdiff.samplers.ddim / ddpm)
 
 def _spaced(T, n, spacing, offset):
     """diffusers' DDIM/DDPM timestep grid (descending int64), trailing's occasional N + 1 entries included."""
@@ -1531,34 +1532,30 @@ def _spaced(T, n, spacing, offset):
     raise ValueError(f"timestep_spacing must be one of ('linspace', 'leading', 'trailing'), got {spacing!r}")
 
 
-def _row(kind, at, ap, **kw):
-    try:
-        return SS.step_coefs(kind, at, ap, **kw)
-    except ZeroDivisionError:  # ε-prediction at ᾱ_t = 0 (zero terminal SNR): NaN, as diffusers' arithmetic gives
-        return [math.nan] * SS.NUM_COEF
-
-
-_RAW_OPS: dict = {}  # _StepScheduler._raw_op's fused steps, per (backend, device)
-
-
 class _StepScheduler(_Base):
     _kind = ""
 
-    def _check_config(self, cfg):
-        from fastdiff.sampling import resolve_schedule
+    def _resolve(self, cfg):
+        """(NoiseSchedule, options) of a config, every setting that changes the math validated by the sampler's
+        own checks (fastdiff.samplers.ddim.validate; errors name the setting)."""
+        from fastdiff import samplers as S
+        from fastdiff.sampling import schedule_and_config
 
-        resolve_schedule(_checkable(cfg)[0], {})  # every setting that changes the math, validated (errors name it)
+        sched, cfg = schedule_and_config(cfg)
+        o = S.solver_options(self._kind, cfg, {})
+        S.ddim.validate(o)
+        return sched, o
+
+    def _check_config(self, cfg):
+        self._resolve(_checkable(cfg)[0])
 
     def _options(self):
-        from fastdiff.sampling import resolve_schedule
-
         memo = self._memo("options")
         if "opts" not in memo:
             checked, real = _checkable(self.config)
-            res = resolve_schedule(checked, {})  # (schedule, options[, ...])
-            for k, v in real.items():
-                setattr(res[1], k, v)
-            memo.update(schedule=res[0], opts=res[1], abar=res[0].alphas_cumprod.tolist())
+            sched, o = self._resolve(checked)
+            o.update(real)
+            memo.update(schedule=sched, opts=SimpleNamespace(**o), abar=sched.alphas_cumprod.tolist())
         self._schedule, self._abar_host = memo["schedule"], memo["abar"]
         return memo["opts"]
 
@@ -1601,55 +1598,42 @@ class _StepScheduler(_Base):
             self._pos_of.setdefault(t, j)
 
     def _table(self, key_extra, device, fill):
-        """(T, NUM_COEF) float64 rows on `device`: row t steps from training timestep t."""
-        return self._cached(("tab", key_extra, str(device)), lambda: SS.static_table(
-            torch.tensor(fill(), dtype=torch.float64).to(device)))  # its multistep rows made here, not per step
+        """(rows, fastdiff.ops.multistep.NUM_COEF) float64 coefficient rows on `device`, built once."""
+        return self._cached(("tab", key_extra, str(device)),
+                            lambda: torch.tensor(fill(), dtype=torch.float64).to(device))
 
     def _run(self, x, o, coef, noise, v, opts, want_x0):
+        """One fused step with `coef` (a fastdiff.ops.multistep row of this class's table); x̂0 in float32 when
+        want_x0."""
         thr = None
         if opts.thresholding:
-            thr = SS.threshold_scale(x, o, coef, ratio=opts.dynamic_thresholding_ratio,
-                                     max_value=opts.sample_max_value)
+            thr = M.threshold_scale(x, o, coef, ratio=opts.dynamic_thresholding_ratio, max_value=opts.sample_max_value)
         var_mode = opts.variance_type if (self._kind == "ddpm" and opts.variance_type.startswith("learned")
                                           and v is not None) else "scalar"  # v only where noise is added
+        v = v if var_mode != "scalar" else None
         clip = opts.clip_sample and not opts.thresholding
-        if SS._dense_format(x) is None:
+        if M._dense_format(x) is None:
             x = x.contiguous()
         out = torch.empty_like(x)  # x's (dense) layout, as the fused op's out= requires
+        x0 = torch.empty_like(x, dtype=torch.float32) if want_x0 else None
         if x.dtype == torch.float64:
-            y, x0 = SS.sampler_step_ref(x, o, coef, noise=noise, v=v if var_mode != "scalar" else None, thr=thr,
-                                        clip=clip, var_mode=var_mode, write_x0=want_x0)
-            return out.copy_(y), x0
-        v = v if var_mode != "scalar" else None
-        op = self._raw_op(x.device) if (self._step_checked and _fast_layout(x, o, noise, v)) else None
-        if op is not None:  # the same op sampler_step calls, without its per-call checks (done on the first step)
-            x0 = torch.empty_like(x, dtype=torch.float32) if want_x0 else None
-            op(x, o, None, noise, None, v, thr, coef, (SS.FLAG_CLIP if clip else 0) | (SS.VAR_MODES[var_mode] << 1),
-               out, x0)
+            y, _, d = M.multistep_ref(x, o, coef, noise=noise, v=v, var_mode=var_mode, thr=thr, clip=clip)
+            return out.copy_(y), (x0.copy_(d) if want_x0 else None)
+        if self._step_checked and _fast_layout(x, o, noise, v):
+            # the raw op multistep_step calls, without its per-call checks (done on the first step)
+            op = self._cached(("raw", str(x.device)), lambda: M.resolve_op("auto", x.device))
+            op(x, o, None, [], noise, None, v, thr, coef, (M.FLAG_CLIP if clip else 0) | M.VAR_MODES[var_mode],
+               out, None, x0)
             return out, x0
-        y, x0 = SS.sampler_step(x, o, coef, noise=noise, v=v, thr=thr, clip=clip, var_mode=var_mode,
-                                write_x0=want_x0, out=out, static_table=True)
+        M.multistep_step(x, o, coef, noise=noise, v=v, var_mode=var_mode, thr=thr, clip=clip, out=out, d_out=x0)
         self._step_checked = True
-        return y, x0
+        return out, x0
 
     _step_checked = False
 
-    def _raw_op(self, device):
-        """The fused step without per-call checks for `device` (SS.raw_op: fastdiff::multistep_step_, C++/CUDA or
-        Triton, on the step's 16-row), as sampler_step resolves it; None for the reference backend."""
-        from fastdiff._backend import resolve
-
-        name = resolve("multistep_step", "auto", device)
-        if name == "torch":
-            return None
-        key = ("raw_op", name, str(device))  # one per device: it keeps the converted tables (static_tables)
-        if key not in _RAW_OPS:
-            _RAW_OPS[key] = SS.raw_op(name, device, static_tables=True)
-        return _RAW_OPS[key]
-
 
 class DDIMScheduler(_StepScheduler):
-    """diffusers' DDIMScheduler (Song et al. 2021, eq. 12) on fastdiff's fused sampler_step."""
+    """diffusers' DDIMScheduler (Song et al. 2021, eq. 12) on fastdiff's fused op (fastdiff.samplers.ddim rows)."""
 
     _hf_class = _hf.DDIMScheduler
     _compatibles = list(_hf.DDIMScheduler._compatibles)
@@ -1692,17 +1676,14 @@ class DDIMScheduler(_StepScheduler):
         opts, T, n = self._opts, self.config.num_train_timesteps, self.num_inference_steps
         prev_of = self._prev_custom
 
-        def fill():
+        def fill():  # row t: the DDIM step from training timestep t (fastdiff.samplers.ddim)
             abar = self._abar_host
             final = 1.0 if opts.set_alpha_to_one else abar[0]
-            rows = []
+            steps = []
             for t in range(T):
                 p = t - T // n if prev_of is None else prev_of.get(t, t - 1)
-                ap = abar[p] if p >= 0 else final
-                rows.append(_row("ddim", abar[t], ap, prediction_type=opts.prediction_type,
-                                 sigma=SS.ddim_sigma(abar[t], ap, eta), use_clipped_model_output=ucmo,
-                                 clip_sample_range=opts.clip_sample_range))
-            return rows
+                steps.append((abar[t], abar[p] if p >= 0 else final, eta))
+            return S.ddim.rows(steps, dict(vars(opts), use_clipped_model_output=ucmo))
         return self._table((float(eta), bool(ucmo)), device, fill)
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
@@ -1761,8 +1742,8 @@ class DDIMScheduler(_StepScheduler):
 
 
 class DDPMScheduler(_StepScheduler):
-    """diffusers' DDPMScheduler (Ho et al. 2020, Alg. 2; strided grids, learned variances) on fastdiff's fused
-    sampler_step."""
+    """diffusers' DDPMScheduler (Ho et al. 2020, Alg. 2; strided grids, learned variances) on fastdiff's fused op
+    (fastdiff.samplers.ddpm rows)."""
 
     _hf_class = _hf.DDPMScheduler
     _compatibles = list(_hf.DDPMScheduler._compatibles)
@@ -1808,17 +1789,10 @@ class DDPMScheduler(_StepScheduler):
         """Rows for the grid's timesteps, in grid order (the previous timestep of each is the next on the grid)."""
         opts = self._opts
 
-        def fill():
-            abar = self._abar_host
-            rows = []
-            for j, t in enumerate(self._host_ts):
-                p = self._host_ts[j + 1] if j + 1 < len(self._host_ts) else -1
-                ap = abar[p] if p >= 0 else 1.0
-                sigma = 0.0 if opts.variance_type.startswith("learned") else \
-                    math.sqrt(SS.ddpm_variance(abar[t], ap, opts.variance_type))
-                rows.append(_row("ddpm", abar[t], ap, prediction_type=opts.prediction_type, sigma=sigma,
-                                 clip_sample_range=opts.clip_sample_range, variance_type=opts.variance_type))
-            return rows
+        def fill():  # the DDPM steps of the grid (fastdiff.samplers.ddpm)
+            abar, ts = self._abar_host, self._host_ts
+            steps = [(abar[t], abar[ts[j + 1]] if j + 1 < len(ts) else 1.0, True) for j, t in enumerate(ts)]
+            return S.ddpm.rows(steps, vars(opts))
         return self._table("ddpm", device, fill)
 
     def previous_timestep(self, timestep):

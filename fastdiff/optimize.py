@@ -33,12 +33,12 @@ from __future__ import annotations
 import sys
 import types
 import warnings
-from collections import OrderedDict
 
 import torch
 from torch import nn
 
 from fastdiff._graphkey import model_key
+from fastdiff.graphs import CaptureError, GraphCache, capture
 from fastdiff.ops.attention import attention as _fd_attention
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
@@ -210,7 +210,10 @@ class _Captured:
         leaves, spec = tree_flatten((args, kwargs))
         self.static = [x.clone() if torch.is_tensor(x) else x for x in leaves]
         sa, sk = tree_unflatten(self.static, spec)
-        self.replay, out = capture(lambda: fn(*sa, **sk))
+        try:
+            self.replay, out = capture(lambda: fn(*sa, **sk))
+        except Exception as e:  # noqa: BLE001 - reported by the caller, then this structure runs eagerly
+            raise CaptureError(f"{type(e).__name__}: {e}") from e
         self.out_leaves, self.out_spec = tree_flatten(out)
 
     def __call__(self, tensors):
@@ -224,27 +227,18 @@ class _Captured:
         return tree_unflatten([x.clone() if torch.is_tensor(x) else x for x in self.out_leaves], self.out_spec)
 
 
-def cuda_capture(fn):
-    """Capture fn() in a CUDA graph (after a warm-up on a side stream) → (replay, static output)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g.replay, out
+cuda_capture = capture  # fastdiff.graphs.capture: the one capture routine (the sampling loop's too)
 
 
 class GraphedForward:
-    """A module's forward replayed from captured graphs: one per (input structure, weights' identity), least
-    recently used dropped past `max_graphs`. `capture(fn) -> (replay, static_output)` is cuda_capture on CUDA (a
-    test passes a stand-in). Inputs are copied into the captured call's static tensors; outputs are cloned."""
+    """A module's forward replayed from captured graphs: one per (input structure, weights' identity), in a
+    fastdiff.graphs.GraphCache of `max_graphs`. `capture(fn) -> (replay, static_output)` is fastdiff.graphs.capture
+    on CUDA (a test passes a stand-in). Inputs are copied into the captured call's static tensors; outputs are
+    cloned. A structure that cannot be captured runs eagerly (said once)."""
 
-    def __init__(self, module: nn.Module, forward, capture=cuda_capture, max_graphs: int = 8):
-        self.module, self.forward, self.capture, self.max_graphs = module, forward, capture, int(max_graphs)
-        self.graphs: OrderedDict = OrderedDict()
+    def __init__(self, module: nn.Module, forward, capture=capture, max_graphs: int = 8):
+        self.module, self.forward, self.capture = module, forward, capture
+        self.graphs = GraphCache(max_graphs)
         self.captures = 0
 
     def key(self, args, kwargs):
@@ -268,22 +262,14 @@ class GraphedForward:
         args, kwargs = self._to_device(args, kwargs)
         _, _, tensors, _ = _leaves(args, kwargs)
         k = self.key(args, kwargs)
-        g = self.graphs.get(k)
-        if g is None:
-            try:
-                g = _Captured(self.forward, args, kwargs, self.capture)
-            except Exception as e:  # noqa: BLE001 - reported, then this structure runs eagerly
-                warnings.warn(f"fastdiff.optimize: cuda_graph: the U-Net call cannot be captured ({type(e).__name__}: "
-                              f"{e}); running it eagerly for this input structure", stacklevel=2)
-                g = "eager"
-            self.graphs[k] = g
-            self.captures += g != "eager"
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        else:
-            self.graphs.move_to_end(k)
-        if g == "eager":
+        try:
+            g, new = self.graphs.get(k, lambda: _Captured(self.forward, args, kwargs, self.capture))
+        except CaptureError as e:
+            if e.fresh:
+                warnings.warn(f"fastdiff.optimize: cuda_graph: the U-Net call cannot be captured ({e}); running it "
+                              "eagerly for this input structure", stacklevel=2)
             return self.forward(*args, **kwargs)
+        self.captures += new
         return g(tensors)
 
 
@@ -377,7 +363,7 @@ def optimize(obj, *, fuse: bool = True, attention: str = "auto", scheduler: bool
         if cuda_graph and dev != "cuda" and _capture is None:
             warnings.warn(f"fastdiff.optimize: cuda_graph=True ignored: the U-Net is on {dev}", stacklevel=2)
         elif cuda_graph:
-            unet.forward = GraphedForward(unet, unet.forward, _capture or cuda_capture, max_graphs)
+            unet.forward = GraphedForward(unet, unet.forward, _capture or capture, max_graphs)
             rep["unet_wrapper"] = "cuda_graph"
         elif dev != "cpu":
             warnings.warn(f"fastdiff.optimize: compile=True is the CPU option (inductor with weight freezing); the "

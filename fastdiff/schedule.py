@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "sigmoid")
+from fastdiff.validate import BETA_SCHEDULES
+
 SPACINGS = ("leading", "linspace", "trailing", "quad")
 
 

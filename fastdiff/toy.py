@@ -322,37 +322,40 @@ def component_moments(samples: torch.Tensor, mixture: GaussianMixture):
 
 
 def step_affine(plan, i: int, mixture: GaussianMixture):
-    """For K = 1 data N(m, s²I), step i of a sampler plan maps x ↦ c_x·x + c_0 + σ·z exactly: (c_x, c_0 (D,), σ²).
+    """For K = 1 data N(m, s²I), call i of a history-free plan (DDIM, DDPM, ...) maps x ↦ c_x·x + c_0 + σ·z exactly:
+    (c_x, c_0 (D,), σ²).
 
-    docs/math.md, "Exact oracle: Gaussian mixtures":
-    x̂0 = A·x + B and ε̂ = C·x + E are affine for the exact oracle; DDIM and DDPM combine them.
+    docs/math.md, "Exact oracle: Gaussian mixtures": x̂0 = A·x + B and ε̂ = C·x + E are affine for the exact oracle,
+    so the model output o of the plan's prediction type is too, and so is the fused op's row
+    y = yx·x + yo·o + yd·d + yz·z with d = p·x + q·o.
     """
-    from fastdiff.ops import sampler_step as ss
+    from fastdiff.ops.multistep import COEF
 
     if mixture.K != 1:
         raise ValueError(f"moment recursion needs a single Gaussian (K = 1), got K = {mixture.K}")
-    at, ap = plan.abar_t[i], plan.abar_p[i]
+    c = plan.calls[i]
+    if c.clip or c.threshold:
+        raise ValueError("moment recursion: clipping / thresholding make the step non-affine")
+    if c.var_mode != "scalar":
+        raise ValueError("moment recursion: learned variances depend on a model output; use a fixed variance_type")
+    if c.reads or c.d_slot is not None or c.y2_slot is not None or c.scale_in != 1.0:
+        raise ValueError(f"moment recursion: {plan.sampler} keeps a history or rescales its input; the recursion "
+                         "takes history-free plans in the model's scale (ddim, ddpm)")
+    sig_ve = plan.sigmas[i]
+    at = 1.0 / (1.0 + sig_ve * sig_ve)
     m, s2 = mixture.means[0], mixture.std**2
     a, sig2 = math.sqrt(at), 1.0 - at
     var = at * s2 + sig2
     A, B = a * s2 / var, m * (sig2 / var)  # x̂0 = A x + B
     C, E = (1 - a * A) / math.sqrt(sig2), -a * B / math.sqrt(sig2)  # ε̂ = (x − a x̂0)/σ
-    if plan.options.clip_sample or plan.options.thresholding:
-        raise ValueError("moment recursion: clipping / thresholding make the step non-affine")
-    if plan.kind == "ddim":
-        sig = plan.sigma[i]
-        ce = math.sqrt(max(1.0 - ap - sig**2, 0.0))
-        cx, c0 = math.sqrt(ap) * A + ce * C, math.sqrt(ap) * B + ce * E
-        noise_var = sig**2 if plan.noise[i] else 0.0
-    else:
-        vt = plan.options.variance_type
-        if vt.startswith("learned"):
-            raise ValueError("moment recursion: learned variances depend on a model output; use a fixed variance_type")
-        beta = 1.0 - at / ap
-        k0 = math.sqrt(ap) * beta / (1.0 - at)
-        kt = math.sqrt(at / ap) * (1.0 - ap) / (1.0 - at)
-        cx, c0 = k0 * A + kt, k0 * B
-        noise_var = ss.ddpm_variance(at, ap, vt) if plan.noise[i] else 0.0
+    pt, s = plan.options.get("prediction_type", "epsilon"), math.sqrt(sig2)
+    vp = prediction.VP_PREDICTION_TYPES
+    Ko, ko = prediction.target(pt, A, C, a, s, types=vp), prediction.target(pt, B, E, a, s, types=vp)  # o = Ko·x + ko
+    k = {n: c.coef[j] for n, j in COEF.items()}
+    Kd, kd = k["p"] + k["q"] * Ko, k["q"] * ko  # d = Kd·x + kd
+    cx = k["yx"] + k["yo"] * Ko + k["yd"] * Kd
+    c0 = k["yo"] * ko + k["yd"] * kd
+    noise_var = k["yz"] ** 2 if c.noise else 0.0
     return cx, c0, noise_var
 
 
@@ -362,18 +365,19 @@ def moment_recursion(plan_or_schedule, mixture: GaussianMixture, *, kind: str = 
 
     M′ = c_x·M + c_0, V′ = c_x²·V + σ² (docs/math.md, "Exact oracle"),
     starting from x_T ~ N(mean0, var0·I) (the sampler's prior:
-    N(0, I)). `plan_or_schedule`: a SamplerPlan (from fastdiff.sampling.make_plan) or a NoiseSchedule plus
-    kind ("ddim"/"ddpm"), steps, eta and SamplerOptions fields. Returns (M (N+1, D), V (N+1,)) float64; row 0 is x_T.
+    N(0, I)). `plan_or_schedule`: a history-free plan (fastdiff.sampling.plan_for("ddim" or "ddpm", ...)) or a
+    NoiseSchedule plus kind ("ddim"/"ddpm"), steps, eta and DDIM/DDPM options. Returns (M (N+1, D), V (N+1,))
+    float64; row 0 is x_T.
     """
-    from fastdiff.sampling import SamplerPlan, make_plan, resolve_schedule
+    from fastdiff.samplers.plan import SolverPlan
+    from fastdiff.sampling import plan_for
 
-    if isinstance(plan_or_schedule, SamplerPlan):
+    if isinstance(plan_or_schedule, SolverPlan):
         plan = plan_or_schedule
     else:
         if kind not in ("ddim", "ddpm"):
             raise ValueError(f"kind must be 'ddim' or 'ddpm', got {kind!r}")
-        sched, opts = resolve_schedule(plan_or_schedule, options)
-        plan = make_plan(kind, sched, opts, steps, eta)
+        plan = plan_for(kind, plan_or_schedule, options, steps, eta)
     M = torch.zeros(plan.steps + 1, mixture.D, dtype=torch.float64)
     V = torch.zeros(plan.steps + 1, dtype=torch.float64)
     M[0] = _as_f64(mean0, "mean0")

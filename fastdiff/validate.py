@@ -14,6 +14,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+# the β schedules a diffusers config may name (fastdiff.schedule.NoiseSchedule builds each)
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "sigmoid")
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -154,7 +157,6 @@ def check_scheduler_config(cfg: Mapping[str, Any], name: str | None = "scheduler
     """A diffusers-style scheduler config checked for types and consistency; returns a plain dict (numbers as
     Python numbers). Unknown keys pass through (diffusers configs carry many). name None: errors name the key
     alone (keyword options such as clip_sample_range="1")."""
-    from fastdiff.schedule import BETA_SCHEDULES
 
     pre = f"{name}: " if name else ""
     if not isinstance(cfg, Mapping):

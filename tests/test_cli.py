@@ -54,7 +54,7 @@ def test_every_parameter_learns(trained):
 
     torch.manual_seed(0)  # the initial weights `fastdiff train --seed 0` starts from
     init = UNet2D(**trainer.unet_config(trainer.TrainConfig(block_out_channels=[8, 16], norm_num_groups=4), 1))
-    raw = {k[6:]: v for k, v in checkpoint._read(checkpoint.state_path(trained), "x")[0].items()
+    raw = {k[6:]: v for k, v in checkpoint.read_safetensors(checkpoint.state_path(trained), "x")[0].items()
            if k.startswith("model.")}
     frozen = [k for k, v in init.state_dict().items() if torch.equal(v, raw[k])]
     assert not frozen, f"no gradient reached {frozen}"
@@ -66,7 +66,7 @@ def test_train_resume_continues_exactly(tmp_path, trained, capsys):
     rc, _, err = run(capsys, "train", "--steps", "4", "--save-every", "2", "--out", part, "--resume", *TINY)
     assert rc == 0 and "resuming from step 2" in err
     for a, b in ((part, trained), (checkpoint.state_path(part), checkpoint.state_path(trained))):
-        ta, tb = checkpoint._read(a, "x")[0], checkpoint._read(b, "x")[0]
+        ta, tb = checkpoint.read_safetensors(a, "x")[0], checkpoint.read_safetensors(b, "x")[0]
         assert ta.keys() == tb.keys()
         for k in ta:
             assert torch.equal(ta[k], tb[k]), k
@@ -226,7 +226,7 @@ def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path, trained, capsy
         rc, _, err = run(capsys, "sample", "--checkpoint", str(tmp_path / name), "--num", "1", "--no-progress")
         assert rc == 2 and msg in err and name in err, (name, err)
     # right format, wrong tensors: the checksum catches it; without a checksum, the check names the offending keys
-    t, raw = checkpoint._read(trained, "x")
+    t, raw = checkpoint.read_safetensors(trained, "x")
     t.pop("conv_in.weight")
     from safetensors.torch import save_file as sf
 

@@ -1,6 +1,6 @@
 """CUDA-graph sampling: ddim_sample / ddpm_sample(..., cuda_graph=...) capture the whole loop once per structure.
 
-The GPU tests (marked gpu) skip without a CUDA device. The CPU tests run the captured loop's body (`_GraphedLoop._loop`,
+The GPU tests (marked gpu) skip without a CUDA device. The CPU tests run the captured loop's body (`_GraphedLoop._run`,
 reading every per-call value from the static buffers) eagerly, which checks the buffer plumbing anywhere.
 """
 import pytest
@@ -59,15 +59,14 @@ def test_graph_body_from_static_buffers_equals_eager(kind, eta, noise, w):
     net = _net("cpu", learned=kind == "ddpm")
     opts = dict(variance_type="learned_range") if kind == "ddpm" else {}
     for j, sched in enumerate([fastdiff.NoiseSchedule.linear(), fastdiff.NoiseSchedule.cosine()]):
-        _, o = sampling.resolve_schedule(sched, opts)
-        plan = sampling.make_plan(kind, sched, o, 5, eta or 0.0)
+        plan = sampling.plan_for(kind, sched, opts, 5, eta or 0.0)
         xT = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(j))
         want = sampling.run_plan(plan, net, xT, generator=torch.Generator().manual_seed(7), backend="cpp",
                                  guidance_scale=w, noise=noise, cuda_graph=False)
         if j == 0:
-            loop = sampling._GraphedLoop(plan, net, xT, "cpp", w, noise, kind == "ddpm")
+            loop = sampling._GraphedLoop(plan, net, xT, "cpp", w, noise)
         loop.load(plan, xT, torch.Generator().manual_seed(7), w)
-        got = loop._loop()
+        got = loop._run()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -154,18 +153,19 @@ def test_eager_fused_steps_do_not_sync_with_the_host():
     """The per-step work of the eager fused loop (model aside) issues no host sync: coefficients come from a device
     table, thresholding is a device reduction, Philox reads [seed, offset] from the device."""
     sched = fastdiff.NoiseSchedule.linear()
-    _, opts = sampling.resolve_schedule(sched, dict(thresholding=True, clip_sample=True))
-    plan = sampling.make_plan("ddim", sched, opts, 5, 0.5)
+    from fastdiff.samplers.loop import Loop, philox_table
+
+    plan = sampling.plan_for("ddim", sched, dict(thresholding=True, clip_sample=True), 5, 0.5)
     x = torch.randn(2, 3, 16, 16, device="cuda")
     o = torch.randn_like(x)
-    coefs = sampling.plan_coefs(plan).cuda()
-    rngs = sampling._philox_table(plan, x, None).cuda()
+    loop = Loop(plan, lambda x_t, t: o, x, _fused_backend())
+    loop.rngs = philox_table(plan.steps, x, None).cuda()
+    x = loop.start(x)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for i in range(plan.steps):
-            x, _ = sampling._step(plan, i, x, o, None, None, _fused_backend(), coefs=coefs, rng=rngs[i],
-                                  want_x0=False)
+        for i in range(plan.steps):  # the first step through the checked entry, the others the raw op
+            x, _ = loop.body(i, x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -192,7 +192,7 @@ def test_capture_unsafe_model_gets_a_clear_error():
 
 def test_graph_noise_budget(monkeypatch):
     """noise='randn' under a graph pre-draws every step's noise: past the budget True raises, 'auto' runs eagerly."""
-    plan = sampling.make_plan("ddpm", fastdiff.NoiseSchedule.linear(), sampling.SamplerOptions(), 100)
+    plan = sampling.plan_for("ddpm", fastdiff.NoiseSchedule.linear(), {}, 100)
     x = torch.empty(4, 3, 32, 32)
     monkeypatch.setattr(sampling, "GRAPH_NOISE_BUDGET_BYTES", 1 << 20)
     assert sampling._graph_noise_fits(True, plan, x, "philox")

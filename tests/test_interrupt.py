@@ -102,7 +102,7 @@ TINY = ["--block-out-channels", "8,16", "--norm-groups", "4", "--batch-size", "4
 def _tensors(path):
     from fastdiff import checkpoint
 
-    return checkpoint._read(path, "x")[0]
+    return checkpoint.read_safetensors(path, "x")[0]
 
 
 def _assert_same_files(a, b):

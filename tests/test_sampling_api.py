@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import fastdiff
+from fastdiff.ops.multistep import COEF
 from fastdiff.ops.sampler_step import ddim_step_ref, ddpm_step_ref
-from fastdiff.sampling import make_plan, resolve_schedule
+from fastdiff.sampling import plan_for
 
 
 def eps_model(x, t):
@@ -84,20 +85,23 @@ def test_options_adopted_from_diffusers_and_overridden():
     diffusers = pytest.importorskip("diffusers")
     s = diffusers.DDIMScheduler(prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing",
                                 set_alpha_to_one=False, thresholding=True, sample_max_value=3.0)
-    sched, opts = resolve_schedule(s, {"timestep_spacing": "linspace"})
-    assert opts.prediction_type == "v_prediction" and opts.thresholding
-    assert opts.sample_max_value == 3.0 and not opts.set_alpha_to_one and opts.timestep_spacing == "linspace"
-    assert opts.prev_timestep == "diffusers"
+    opts = plan_for("ddim", s, {"timestep_spacing": "linspace"}, 10).options
+    assert opts["prediction_type"] == "v_prediction" and opts["thresholding"]
+    assert opts["sample_max_value"] == 3.0 and not opts["set_alpha_to_one"] and opts["timestep_spacing"] == "linspace"
+    assert opts["prev_timestep"] == "diffusers"
+
+
+def _abar_p(plan, i):
+    """ᾱ of the time DDIM step i goes to (η = 0, ε-prediction: the x̂0 coefficient is √ᾱ_p)."""
+    return plan.calls[i].coef[COEF["yd"]] ** 2
 
 
 def test_grid_vs_diffusers_prev_timestep():
     s = fastdiff.NoiseSchedule.linear()
-    _, opts = resolve_schedule(s, {"timestep_spacing": "linspace"})
-    plan = make_plan("ddim", s, opts, 10)
-    assert plan.abar_p[0] == pytest.approx(float(s.alphas_cumprod[int(plan.timesteps[1])]))
-    _, opts = resolve_schedule(s, {"timestep_spacing": "linspace", "prev_timestep": "diffusers"})
-    plan = make_plan("ddim", s, opts, 10)
-    assert plan.abar_p[0] == pytest.approx(float(s.alphas_cumprod[999 - 100]))
+    plan = plan_for("ddim", s, {"timestep_spacing": "linspace"}, 10)
+    assert _abar_p(plan, 0) == pytest.approx(float(s.alphas_cumprod[int(plan.timesteps[1])]))
+    plan = plan_for("ddim", s, {"timestep_spacing": "linspace", "prev_timestep": "diffusers"}, 10)
+    assert _abar_p(plan, 0) == pytest.approx(float(s.alphas_cumprod[999 - 100]))
 
 
 # ---------------------------------------------------------------- bad input

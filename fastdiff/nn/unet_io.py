@@ -10,9 +10,9 @@ import os
 import torch
 from torch import nn
 
+from fastdiff.nn import files
 from fastdiff.nn.config import UNet2DConfig
-
-FORMAT = "fastdiff.UNet2D/1"
+from fastdiff.nn.files import UNET_FORMAT as FORMAT
 
 
 def from_diffusers(cls, unet_or_state_dict, config=None, *, backend: str = "auto"):
@@ -56,12 +56,10 @@ def load(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = 
          backend: str = "auto"):
     """A `cls` (UNet2D) from what `save` wrote (or a fastdiff checkpoint). A corrupt file, a missing config, or
     tensors that do not match the config is a ValueError naming the bad keys and shapes; the model is built only
-    after every check passed. The reader and its checks are fastdiff.checkpoint's (one for every file kind)."""
-    from fastdiff import checkpoint
-
-    meta, sd = checkpoint.read_unet(os.fspath(path), "UNet2D file")
-    return checkpoint.build_unet(meta["model"], meta["config"], sd, os.fspath(path), device=device, dtype=dtype,
-                                 backend=backend, cls=cls)
+    after every check passed. The reader and its checks are fastdiff.nn.files' (one for every file kind)."""
+    meta, sd = files.read_unet(os.fspath(path), "UNet2D file")
+    return files.build_unet(meta["model"], meta["config"], sd, os.fspath(path), device=device, dtype=dtype,
+                            backend=backend, cls=cls)
 
 
 def convert_deprecated_attention_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,6 +75,4 @@ def convert_deprecated_attention_keys(sd: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def _check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    from fastdiff.checkpoint import check_state_dict
-
-    check_state_dict(model, sd, source)
+    files.check_state_dict(model, sd, source)

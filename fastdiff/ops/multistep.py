@@ -20,7 +20,7 @@ Learned variances (DDPM, Nichol & Dhariwal): var_mode "learned" σ = √v (FLAG_
 σ = exp(½(f·logmax + (1−f)·logmin)) with f = (v + 1)/2 (FLAG_VAR_RANGE), in float32 from v.
 
 Sums run left to right. z from rng = [seed, offset]: element i in memory order is N(0, 1) at Philox counter
-offset + i (fastdiff.ops.sampler_step.philox_randn_ref is the generator in NumPy). Without noise or rng there
+offset + i (`philox_randn_ref` is the generator in NumPy). Without noise or rng there
 is no z term. The coefficient layout is `COEF` (NUM_COEF float64 values, 21..23 reserved zero); `coef_row` builds a
 row from names. Outputs are preallocated and written in place; no output may overlap an input or another output (a
 sampling loop alternates between buffers it owns).
@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from fastdiff._backend import compiled_op_loaded
-from fastdiff.ops import sampler_step as _ss
 
 NUM_COEF = 24
 COEF = dict(p=0, q=1, w=2, clip=3,
@@ -107,7 +107,7 @@ def multistep_ref(x, o, coef, *, o_cond=None, hist=(), noise=None, rng=None, v=N
     for i, h in enumerate(hs):
         y = y + k[f"yh{i}"] * h
     if rng is not None:
-        noise = _ss._philox_like(x, rng)
+        noise = _philox_like(x, rng)
     if noise is not None:
         sigma = k["yz"] if var_mode == "scalar" else learned_sigma_ref(v.to(ct), k["logmax"], k["logmin"], var_mode)
         y = y + sigma * noise.to(ct)
@@ -267,6 +267,127 @@ if compiled_op_loaded("multistep_step_"):  # the C++/CUDA op's fake kernel, when
     torch.library.register_fake("fastdiff::multistep_step_")(_multistep_fake)
 
 
+# ---- the checks and references both ops' entries share ------------------------------------------------------
+
+def philox_randn_ref(seed: int, offset: int, n: int) -> torch.Tensor:
+    """n float32 N(0, 1) samples at Philox counters offset … offset+n−1 with key `seed`: what the fused kernels draw
+    for noise="philox" (Philox4x32-10 + Box-Muller, bit-compatible with Triton's tl.randn). NumPy, for tests."""
+    M32 = np.uint64(0xFFFFFFFF)
+    ctr = np.arange(n, dtype=np.uint64) + np.uint64(offset)
+    c0, c1 = ctr & M32, ctr >> np.uint64(32)
+    c2 = np.zeros(n, np.uint64)
+    c3 = np.zeros(n, np.uint64)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    RA, RB = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        p0, p2 = RA * c0, RB * c2  # exact: both factors < 2^32
+        c0, c1, c2, c3 = (p2 >> np.uint64(32)) ^ c1 ^ k0, p2 & M32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & M32
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & M32, (k1 + np.uint64(0xBB67AE85)) & M32
+
+    def uniform(w):
+        i = w.astype(np.uint32).view(np.int32)
+        i = np.where(i < 0, ~i, i)
+        return i.astype(np.float32) * np.float32(4.6566127342e-10)
+
+    u1 = np.maximum(uniform(c0), np.float32(1e-7))
+    u2 = uniform(c1)
+    r = np.sqrt(np.float32(-2.0) * np.log(u1))
+    return torch.from_numpy((r * np.cos(np.float32(6.283185307179586) * u2)).astype(np.float32))
+
+
+def _dense_format(x):
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
+
+
+def _check_tensor_like(t, x, name, op, dtype=None):
+    """`t` is a tensor of x's shape, device and dtype (or `dtype`); errors name the op and the argument."""
+    if not torch.is_tensor(t):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.shape != x.shape:
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, x has {tuple(x.shape)}")
+    want = x.dtype if dtype is None else dtype
+    if t.dtype != want:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {want}" if dtype is not None else
+                        f"{op}: {name} has dtype {t.dtype}, x has {x.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
+
+
+def _like_x(t, x, name, op="multistep_step"):
+    """`t` checked against x (shape, dtype, device) and laid out with x's strides (a copy only if they differ)."""
+    if t is None:
+        return None
+    _check_tensor_like(t, x, name, op)
+    if t.stride() != x.stride():
+        t = torch.empty_like(x).copy_(t)
+    return t
+
+
+def _check_out(t, x, name, op, dtype=None):
+    """A preallocated output: x's shape, device, dtype (or `dtype`) and strides (x is dense); it is written, never
+    copied, so a different layout is an error."""
+    _check_tensor_like(t, x, name, op, dtype)
+    if t.numel() > 1 and t.stride() != x.stride():
+        raise ValueError(f"{op}: {name} has strides {t.stride()}, x has {x.stride()} (outputs take x's layout)")
+    return t
+
+
+def _span(t):
+    """[first, last byte + 1) of a tensor's elements in memory."""
+    start = t.data_ptr()
+    return start, start + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+
+
+def _check_no_alias(op, inputs: dict, outputs: dict):
+    """No output overlaps an input or an earlier output in memory (None entries are absent arguments). Skipped while
+    torch.compile traces (no data pointers then; the C++ ops check again when they run)."""
+    if torch.compiler.is_compiling():
+        return
+    seen = [(k, t) for k, t in inputs.items() if t is not None and t.numel() > 0]
+    for name, t in outputs.items():
+        if t is None or t.numel() == 0:
+            continue
+        a0, a1 = _span(t)
+        for other, u in seen:
+            b0, b1 = _span(u)
+            if u.device == t.device and a0 < b1 and b0 < a1:
+                raise ValueError(f"{op}: output {name} overlaps {other} (outputs may alias no input and no other "
+                                 f"output)")
+        seen.append((name, t))
+
+
+def _philox_like(x, rng):
+    """The Philox noise for x (z_i at memory position i), for the reference backend (reads rng on the host)."""
+    seed, off = (int(t) for t in rng.tolist())
+    z = philox_randn_ref(seed, off, x.numel()).to(x.device)
+    return torch.as_strided(z, x.shape, x.stride()) if _dense_format(x) is not None else z.view(x.shape)
+
+
+def linear_threshold_scale(x, o, o_cond, p, q, w, ratio: float, max_value: float) -> torch.Tensor:
+    """clamp(quantile(|d_b|, ratio), 1, max_value) per sample b of d = p·x + q·o (o guided with w when o_cond is
+    given): (B,) float32. p, q, w: 0-dim float32 tensors (slices of a coefficient tensor), so nothing is read back to
+    the host: torch.quantile's linear interpolation (rank = q·(n−1) in float32, lerp between floor and ceil) on a
+    sort gives the same numbers, with positions that depend only on the shape (CUDA-graph safe). Shared by the
+    sampler step and fastdiff.ops.multistep.
+    """
+    o32 = o.float()
+    if o_cond is not None:
+        o32 = o32 + w * (o_cond.float() - o32)
+    d = p * x.float() + q * o32
+    n = d[0].numel()
+    pos = np.float32(ratio) * np.float32(n - 1)
+    lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+    srt = d.reshape(d.shape[0], -1).abs().sort(dim=1).values
+    s = torch.lerp(srt[:, lo], srt[:, hi], float(np.float32(pos - np.float32(lo))))
+    return s.clamp(min=1.0, max=max_value).contiguous()
+
+
 # ---- the public op -----------------------------------------------------------------------------------------------
 
 _RAW: dict = {}
@@ -347,21 +468,21 @@ def multistep_step(x, o, coef, *, o_cond=None, hist=(), noise=None, rng=None, v=
                             or thr.device != x.device):
         raise ValueError(f"{_OP}: thr must be a float32 tensor of shape ({x.shape[0]},) on {x.device}")
     op = resolve_op(backend, x.device)
-    if _ss._dense_format(x) is None:
+    if _dense_format(x) is None:
         x = x.contiguous()
     names = ["o", "o_cond"] + [f"hist[{i}]" for i in range(len(hist))] + ["noise", "v"]
     ins = dict(zip(names, (o, o_cond, *hist, noise, v)))
-    ins = {k: _ss._like_x(t, x, k, _OP) for k, t in ins.items()}
+    ins = {k: _like_x(t, x, k, _OP) for k, t in ins.items()}
     if out is None:
         out = torch.empty_like(x)
     for name, t in (("out", out), ("out2", out2)):
         if t is not None:
-            _ss._check_out(t, x, name, _OP)
+            _check_out(t, x, name, _OP)
     if d_out is not None:  # x's dtype, or float32 (x̂0 unrounded)
-        _ss._check_out(d_out, x, "d_out", _OP, torch.float32 if getattr(d_out, "dtype", None) == torch.float32
+        _check_out(d_out, x, "d_out", _OP, torch.float32 if getattr(d_out, "dtype", None) == torch.float32
                        else None)
     # aliasing is judged on the caller's tensors (a copied input cannot alias, the caller's original can)
-    _ss._check_no_alias(_OP, dict(x=x, **dict(zip(names, (o, o_cond, *hist, noise, v)))),
+    _check_no_alias(_OP, dict(x=x, **dict(zip(names, (o, o_cond, *hist, noise, v)))),
                         dict(out=out, out2=out2, d_out=d_out))
     hist = [ins[f"hist[{i}]"] for i in range(len(hist))]
     op(x, ins["o"], ins["o_cond"], hist, ins["noise"], rng.contiguous() if rng is not None else None, ins["v"],
@@ -372,6 +493,6 @@ def multistep_step(x, o, coef, *, o_cond=None, hist=(), noise=None, rng=None, v=
 def threshold_scale(x, o, coef, *, o_cond=None, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
     """Dynamic thresholding's per-sample scale for the update: clamp(quantile(|d|, ratio), 1, max_value), (B,)
     float32, with d = p·x + q·o before clipping (o guided when o_cond is given), formed from the coefficient
-    *tensor* (no host read: CUDA-graph safe). The method of fastdiff.ops.sampler_step.threshold_scale."""
+    *tensor* (no host read: CUDA-graph safe)."""
     c = coef.to(torch.float32)
-    return _ss.linear_threshold_scale(x, o, o_cond, c[COEF["p"]], c[COEF["q"]], c[COEF["w"]], ratio, max_value)
+    return linear_threshold_scale(x, o, o_cond, c[COEF["p"]], c[COEF["q"]], c[COEF["w"]], ratio, max_value)

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
+from fastdiff import prediction
+from fastdiff.ops import multistep as ms
+from fastdiff.ops.multistep import (_check_no_alias, _check_tensor_like, _dense_format, _philox_like,  # noqa: F401
+                                    linear_threshold_scale, philox_randn_ref)
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+PREDICTION_TYPES = prediction.VP_PREDICTION_TYPES
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 
 
@@ -34,13 +38,8 @@ def predict_x0_eps_ref(x_t: torch.Tensor, o: torch.Tensor, abar_t: float, predic
     """
     x, o = _f32(x_t), _f32(o)
     a, b = math.sqrt(abar_t), math.sqrt(1.0 - abar_t)
-    if prediction_type == "epsilon":
-        return (x - b * o) / a, o
-    if prediction_type == "sample":
-        return o, (x - a * o) / b
-    if prediction_type == "v_prediction":
-        return a * x - b * o, a * o + b * x
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return (prediction.to_x0(x, o, a, b, prediction_type, types=PREDICTION_TYPES),
+            prediction.to_eps(x, o, a, b, prediction_type, types=PREDICTION_TYPES))
 
 
 def dynamic_threshold_ref(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
@@ -171,16 +170,10 @@ def step_coefs(kind: str, abar_t: float, abar_p: float, *, prediction_type: str 
     """
     if kind not in ("ddim", "ddpm"):
         raise ValueError(f"kind must be 'ddim' or 'ddpm', got {kind!r}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     a, b = math.sqrt(abar_t), math.sqrt(1.0 - abar_t)
     inv_b = 1.0 / b if b > 0 else math.inf
-    if prediction_type == "epsilon":
-        p, q, r, s = 1.0 / a, -b / a, 0.0, 1.0
-    elif prediction_type == "sample":
-        p, q, r, s = 0.0, 1.0, inv_b, -a * inv_b
-    else:
-        p, q, r, s = a, -b, b, a
+    p, q = prediction.x0_coefs(prediction_type, a, b, types=PREDICTION_TYPES)
+    r, s = prediction.eps_coefs(prediction_type, a, b, types=PREDICTION_TYPES)
     u = 0.0
     logmax = logmin = 0.0
     if kind == "ddim":
@@ -235,100 +228,7 @@ def sampler_step_ref(x, o, coef, *, o_cond=None, noise=None, v=None, thr=None, c
     return out.to(x.dtype), (x0 if write_x0 else None)
 
 
-def philox_randn_ref(seed: int, offset: int, n: int) -> torch.Tensor:
-    """n float32 N(0, 1) samples at Philox counters offset … offset+n−1 with key `seed`: what the fused kernels draw
-    for noise="philox" (Philox4x32-10 + Box-Muller, bit-compatible with Triton's tl.randn). NumPy, for tests."""
-    M32 = np.uint64(0xFFFFFFFF)
-    ctr = np.arange(n, dtype=np.uint64) + np.uint64(offset)
-    c0, c1 = ctr & M32, ctr >> np.uint64(32)
-    c2 = np.zeros(n, np.uint64)
-    c3 = np.zeros(n, np.uint64)
-    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
-    RA, RB = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-    for _ in range(10):
-        p0, p2 = RA * c0, RB * c2  # exact: both factors < 2^32
-        c0, c1, c2, c3 = (p2 >> np.uint64(32)) ^ c1 ^ k0, p2 & M32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & M32
-        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & M32, (k1 + np.uint64(0xBB67AE85)) & M32
-
-    def uniform(w):
-        i = w.astype(np.uint32).view(np.int32)
-        i = np.where(i < 0, ~i, i)
-        return i.astype(np.float32) * np.float32(4.6566127342e-10)
-
-    u1 = np.maximum(uniform(c0), np.float32(1e-7))
-    u2 = uniform(c1)
-    r = np.sqrt(np.float32(-2.0) * np.log(u1))
-    return torch.from_numpy((r * np.cos(np.float32(6.283185307179586) * u2)).astype(np.float32))
-
-
 # ---- the public op -----------------------------------------------------------------------------------------------
-
-def _dense_format(x):
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return None
-
-
-def _check_tensor_like(t, x, name, op, dtype=None):
-    """`t` is a tensor of x's shape, device and dtype (or `dtype`); errors name the op and the argument."""
-    if not torch.is_tensor(t):
-        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-    if t.shape != x.shape:
-        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, x has {tuple(x.shape)}")
-    want = x.dtype if dtype is None else dtype
-    if t.dtype != want:
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {want}" if dtype is not None else
-                        f"{op}: {name} has dtype {t.dtype}, x has {x.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
-
-
-def _like_x(t, x, name, op="sampler_step"):
-    """`t` checked against x (shape, dtype, device) and laid out with x's strides (a copy only if they differ)."""
-    if t is None:
-        return None
-    _check_tensor_like(t, x, name, op)
-    if t.stride() != x.stride():
-        t = torch.empty_like(x).copy_(t)
-    return t
-
-
-def _check_out(t, x, name, op, dtype=None):
-    """A preallocated output: x's shape, device, dtype (or `dtype`) and strides (x is dense); it is written, never
-    copied, so a different layout is an error."""
-    _check_tensor_like(t, x, name, op, dtype)
-    if t.numel() > 1 and t.stride() != x.stride():
-        raise ValueError(f"{op}: {name} has strides {t.stride()}, x has {x.stride()} (outputs take x's layout)")
-    return t
-
-
-def _span(t):
-    """[first, last byte + 1) of a tensor's elements in memory."""
-    start = t.data_ptr()
-    return start, start + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
-
-
-def _check_no_alias(op, inputs: dict, outputs: dict):
-    """No output overlaps an input or an earlier output in memory (None entries are absent arguments). Skipped while
-    torch.compile traces (no data pointers then; the C++ ops check again when they run)."""
-    if torch.compiler.is_compiling():
-        return
-    seen = [(k, t) for k, t in inputs.items() if t is not None and t.numel() > 0]
-    for name, t in outputs.items():
-        if t is None or t.numel() == 0:
-            continue
-        a0, a1 = _span(t)
-        for other, u in seen:
-            b0, b1 = _span(u)
-            if u.device == t.device and a0 < b1 and b0 < a1:
-                raise ValueError(f"{op}: output {name} overlaps {other} (outputs may alias no input and no other "
-                                 f"output)")
-        seen.append((name, t))
-
 
 # (column in the 16-row, column in the multistep row): the scalars that carry over unchanged
 _SAME = (("p", "p"), ("q", "q"), ("w", "w"), ("clip", "clip"), ("sigma", "yz"), ("logmax", "logmax"),
@@ -340,8 +240,6 @@ def _fold_index(device):
     """(4, 24) indices into a 16-row extended by [0, 1] (columns 16, 17): multistep row = e[i0]·e[i1] + e[i2]·e[i3]."""
     key = str(device)
     if key not in _IDX:
-        from fastdiff.ops import multistep as ms
-
         ZERO, ONE = NUM_COEF, NUM_COEF + 1
         idx = [[ZERO] * ms.NUM_COEF, [ZERO] * ms.NUM_COEF, [ZERO] * ms.NUM_COEF, [ZERO] * ms.NUM_COEF]
 
@@ -366,8 +264,6 @@ def to_multistep_row(coef):
 
     coef: a sequence of 16 floats → a list of 24 floats; or a float64 tensor (..., 16) → (..., 24) on its device (a
     whole (N, 16) table at once; a few device ops, no host read, so it may run inside a CUDA graph)."""
-    from fastdiff.ops import multistep as ms
-
     if not torch.is_tensor(coef):
         c = [float(t) for t in coef]
         if len(c) != NUM_COEF:
@@ -389,59 +285,9 @@ def to_multistep_row(coef):
     return g.prod(-2).sum(-2)  # (e0·e1) + (e2·e3): one product and one sum each, as the list path
 
 
-_STATIC: dict = {}  # id(table) -> (weakref(table), table._version, to_multistep_row(table))
-
-
-def _static_row(coef):
-    """The multistep row of a 16-row that is a view of a contiguous (N, 16) table: looked up in the table's converted
-    copy (made once per table and in-place version, kept while the table lives), so no conversion op runs per step.
-    Other rows: converted now (a few device ops)."""
-    import weakref
-
-    base = coef._base
-    if base is None or base.dim() != 2 or base.shape[1] != NUM_COEF or base.dtype != torch.float64 or \
-            not base.is_contiguous() or coef.stride() != (1,) or \
-            (coef.storage_offset() - base.storage_offset()) % NUM_COEF:
-        return to_multistep_row(coef)
-    hit = _STATIC.get(id(base))
-    if hit is None or hit[0]() is not base or hit[1] != base._version:
-        for k in [k for k, h in _STATIC.items() if h[0]() is None]:  # tables gone since
-            del _STATIC[k]
-        hit = _STATIC[id(base)] = (weakref.ref(base), base._version, to_multistep_row(base))
-    return hit[2][(coef.storage_offset() - base.storage_offset()) // NUM_COEF]
-
-
-def static_table(table: torch.Tensor) -> torch.Tensor:
-    """Make a (N, 16) float64 table's converted copy now (not at the first step that reads a row of it) and return
-    the table: its rows then run with static_table=True / raw_op(static_tables=True) without a conversion op."""
-    if table.dim() == 2 and table.shape[0] > 0:
-        _static_row(table[0])
-    return table
-
-
-def raw_op(backend: str = "auto", device="cpu", *, static_tables: bool = False):
-    """The fused step without per-call checks, for sampling loops that checked their arguments once through
-    `sampler_step`: a callable (x, o, o_cond, noise, rng, v, thr, coef, flags, out, x0_out) -> None with coef a
-    16-row tensor on x's device and flags = FLAG_CLIP | VAR_MODES[var_mode] << 1 (the same bits as multistep's
-    FLAG_CLIP, FLAG_VAR_LEARNED, FLAG_VAR_RANGE). It runs the multistep raw op (fastdiff.ops.multistep.resolve_op) on
-    `to_multistep_row(coef)`; x0_out float32 (or x's dtype).
-    static_tables: rows that are views of a (N, 16) table are looked up in that table's converted copy (`_static_row`),
-    so a step launches the fused op alone. Only for tables that no CUDA graph reloads in place behind the copy's back
-    (the drop-in schedulers' cached tables); otherwise each call converts its row (a few device ops, graph-safe)."""
-    from fastdiff.ops import multistep as ms
-
-    op = ms.resolve_op(backend, device)
-    row_of = _static_row if static_tables else to_multistep_row
-
-    def step(x, o, o_cond, noise, rng, v, thr, coef, flags, out, x0_out):
-        op(x, o, o_cond, [], noise, rng, v, thr, row_of(coef), flags, out, None, x0_out)
-
-    return step
-
-
 def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=None, rng=None, v=None, thr=None,
                  clip: bool = False, var_mode: str = "scalar", write_x0: bool = False, backend: str = "auto",
-                 out=None, x0_out=None, static_table: bool = False):
+                 out=None, x0_out=None):
     """One fused sampler step (the formula at the top of this section) → (x_prev, x̂0 float32 or None).
 
     x, o, o_cond, noise, v: (B, ...) of one dtype (fp32/fp16/bf16; math in fp32). coef: (NUM_COEF,) float64 from
@@ -454,11 +300,8 @@ def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=N
     write_x0), both of x's shape and (dense) strides, overlapping no input and each other. Returned as
     (out, x0_out); a missing out is allocated.
     Runs fastdiff.ops.multistep.multistep_step (the one fused op, any backend; "torch" its reference) on
-    `to_multistep_row(coef)`, with d_out = x0_out in float32. static_table: coef is a row of a (N, 16) table that no
-    CUDA graph reloads in place; its converted copy is cached (raw_op's static_tables), so no conversion op runs.
+    `to_multistep_row(coef)`, with d_out = x0_out in float32.
     """
-    from fastdiff.ops import multistep as ms
-
     if not torch.is_tensor(x) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"sampler_step: x must be a float32/float16/bfloat16 tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
@@ -472,7 +315,7 @@ def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=N
         if coef.dtype != torch.float64 or coef.shape != (NUM_COEF,) or coef.device != x.device:
             raise ValueError(f"sampler_step: coef must be a float64 tensor of shape ({NUM_COEF},) on {x.device}, "
                              f"got {coef.dtype} {tuple(coef.shape)} on {coef.device}")
-        row = _static_row(coef) if static_table else to_multistep_row(coef)
+        row = to_multistep_row(coef)
     else:
         if len(coef) != NUM_COEF:
             raise ValueError(f"sampler_step: coef must have {NUM_COEF} values (step_coefs), got {len(coef)}")
@@ -490,13 +333,6 @@ def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=N
     return y, x0
 
 
-def _philox_like(x, rng):
-    """The Philox noise for x (z_i at memory position i), for the reference backend (reads rng on the host)."""
-    seed, off = (int(t) for t in rng.tolist())
-    z = philox_randn_ref(seed, off, x.numel()).to(x.device)
-    return torch.as_strided(z, x.shape, x.stride()) if _dense_format(x) is not None else z.view(x.shape)
-
-
 def threshold_scale(x, o, coef, *, o_cond=None, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
     """Dynamic thresholding's per-sample scale s = clamp(quantile(|x̂0|, ratio), 1, max_value): (B,) float32.
 
@@ -504,22 +340,3 @@ def threshold_scale(x, o, coef, *, o_cond=None, ratio: float = 0.995, max_value:
     """
     c = coef.to(torch.float32)
     return linear_threshold_scale(x, o, o_cond, c[COEF["p"]], c[COEF["q"]], c[COEF["w"]], ratio, max_value)
-
-
-def linear_threshold_scale(x, o, o_cond, p, q, w, ratio: float, max_value: float) -> torch.Tensor:
-    """clamp(quantile(|d_b|, ratio), 1, max_value) per sample b of d = p·x + q·o (o guided with w when o_cond is
-    given): (B,) float32. p, q, w: 0-dim float32 tensors (slices of a coefficient tensor), so nothing is read back to
-    the host: torch.quantile's linear interpolation (rank = q·(n−1) in float32, lerp between floor and ceil) on a
-    sort gives the same numbers, with positions that depend only on the shape (CUDA-graph safe). Shared by the
-    sampler step and fastdiff.ops.multistep.
-    """
-    o32 = o.float()
-    if o_cond is not None:
-        o32 = o32 + w * (o_cond.float() - o32)
-    d = p * x.float() + q * o32
-    n = d[0].numel()
-    pos = np.float32(ratio) * np.float32(n - 1)
-    lo, hi = int(np.floor(pos)), int(np.ceil(pos))
-    srt = d.reshape(d.shape[0], -1).abs().sort(dim=1).values
-    s = torch.lerp(srt[:, lo], srt[:, hi], float(np.float32(pos - np.float32(lo))))
-    return s.clamp(min=1.0, max=max_value).contiguous()

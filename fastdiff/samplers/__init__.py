@@ -8,6 +8,8 @@
     kdpm2       DPM-Solver-2 on the σ grid (midpoint in log σ), plain and ancestral (k-diffusion; Lu et al. 2022a)
     deis        DEIS ρAB multistep, orders 1–3, Lagrange in log ρ (Zhang & Chen 2023)
     lcm         latent consistency sampling: consistency jump, then re-noise (Luo et al. 2023)
+    ddim        DDIM, η-stochastic (Song et al. 2021)
+    ddpm        DDPM ancestral sampling, fixed or learned variances (Ho et al. 2020; Nichol & Dhariwal 2021)
     tcd         trajectory consistency sampling, γ-stochastic (Zheng et al. 2024)
     edm         EDM Euler and EDM DPM-Solver++: EDM preconditioning, Karras/exponential σ's from the config
                 (Karras et al. 2022; Lu et al. 2022b)
@@ -17,7 +19,6 @@
     flow        flow-matching Euler (deterministic or re-noising) and Heun on a velocity model's σ ∈ (0, 1] grid
                 (Lipman et al. 2023; Liu et al. 2023; the SD3 shift of Esser et al. 2024)
 
-DDIM and DDPM plans live in fastdiff.sampling (their fused step, fastdiff.ops.sampler_step, predates these).
 `build_plan(sampler, schedule, steps, options)` compiles a solver to a `SolverPlan` (plan.py) that the one loop
 (loop.py) runs on the fused op fastdiff.ops.multistep. `resolve(sampler, schedule, options)` turns the user's
 `sampler=`/`schedule=`/keyword options (or a diffusers scheduler and its config) into (sampler, NoiseSchedule,
@@ -26,19 +27,20 @@ options), with clear errors for unknown samplers, options that do not apply and 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
 
-from fastdiff.samplers import (deis, dpm_singlestep, dpm_solver, edm, euler, flow, ipndm, ipndm_v, kdpm2, lcm, lms,
-                               pndm,
-                               tcd,
-                               unipc)
+from fastdiff.samplers import (ddim, ddpm, deis, dpm_singlestep, dpm_solver, edm, euler, flow, ipndm, ipndm_v, kdpm2,
+                               lcm, lms, pndm, tcd, unipc)
 from fastdiff.samplers.grids import TIME_GRIDS, Grid, custom_grid, make_grid
 from fastdiff.samplers.plan import COEF, NUM_COEF, Lin, PlanBuilder, PlanError, SolverPlan
 
 # name -> (plan function, diffusers defaults of the matching scheduler class, fixed settings)
 _FAMILIES = {
+    "ddim": (ddim.plan, ddim.DEFAULTS, {}),
+    "ddpm": (ddpm.plan, ddpm.DEFAULTS, {}),
     "dpmsolver++": (dpm_solver.plan, dpm_solver.DEFAULTS, {}),
     "sde-dpmsolver++": (dpm_solver.plan, dpm_solver.DEFAULTS, {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": (unipc.plan, unipc.DEFAULTS, {}),
@@ -62,8 +64,8 @@ _FAMILIES = {
     "ipndm_v": (ipndm_v.plan, ipndm_v.DEFAULTS, {}),
 }
 FLOW_SAMPLERS = ("flow_euler", "flow_heun")  # velocity models: σ ∈ (0, 1], no β table (fastdiff.samplers.flow)
-SAMPLERS = ("ddim", "ddpm", *_FAMILIES)
-SOLVERS = tuple(_FAMILIES)
+SAMPLERS = tuple(_FAMILIES)
+SOLVERS = tuple(n for n in _FAMILIES if n not in ("ddim", "ddpm"))  # the samplers with history or σ-grid scaling
 
 # diffusers scheduler class -> sampler
 SCHEDULER_CLASSES = {
@@ -122,7 +124,8 @@ def solver_options(sampler: str, config: dict | None, options: dict) -> dict:
     _, defaults, fixed = _FAMILIES[sampler]
     bad = sorted(set(options) - set(defaults))
     if bad:
-        raise TypeError(f"option(s) {bad} do not apply to sampler={sampler!r}; its options: {sorted(defaults)}")
+        raise TypeError(f"unknown option(s): {bad} do not apply to sampler={sampler!r}; its options: "
+                        f"{sorted(defaults)}")
     for k, v in fixed.items():
         if k in options and options[k] != v:
             raise ValueError(f"sampler={sampler!r} fixes {k}={v!r}; got {k}={options[k]!r}")
@@ -133,10 +136,12 @@ def solver_options(sampler: str, config: dict | None, options: dict) -> dict:
                     not (v is False and _UNSUPPORTED[k] is None):
                 has = f" for sampler={sampler!r} (samplers that have it: {_HAS[k]})" if k in _HAS else ""
                 raise ValueError(f"schedule: the diffusers setting {k}={v!r} has no fastdiff equivalent{has}")
-            if k == "variance_type" and v not in ("learned", "learned_range"):
+            if k == "variance_type" and defaults.get(k) is None and v not in ("learned", "learned_range"):
                 v = None  # DDPM's fixed variances: nothing for a solver to ignore
             if k in o:
                 o[k] = v
+    if config is not None and "prev_timestep" in defaults:
+        o["prev_timestep"] = "diffusers"  # DDIM from a diffusers config: its class's previous-timestep rule
     o.update(fixed)
     o.update(options)
     for k in ("dynamic_thresholding_ratio", "sample_max_value", "clip_sample_range"):
@@ -144,8 +149,10 @@ def solver_options(sampler: str, config: dict | None, options: dict) -> dict:
             _number(k, o[k])
             o[k] = float(o[k])
     for k in ("solver_order", "steps_offset"):
-        if k in o and (isinstance(o[k], bool) or not isinstance(o[k], int)):
+        if k in o and (isinstance(o[k], bool) or not isinstance(o[k], numbers.Integral)):
             raise TypeError(f"{k} must be an int, got {o[k]!r}")
+        if k in o:
+            o[k] = int(o[k])
     if o.get("thresholding"):
         if not 0 < o["dynamic_thresholding_ratio"] <= 1:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {o['dynamic_thresholding_ratio']}")
@@ -159,7 +166,7 @@ def solver_options(sampler: str, config: dict | None, options: dict) -> dict:
 
 
 def _number(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
         raise TypeError(f"{name} must be a finite number, got {v!r}")
 
 
@@ -167,9 +174,11 @@ def build_plan(sampler: str, schedule, steps: int, options: dict, grid: Grid | N
     """Compile `sampler` over `schedule` (a NoiseSchedule) in `steps` steps with the full `options` dict
     (solver_options) to a SolverPlan. `grid`: the model-call times as data (fastdiff.samplers.grids.Grid: a named
     grid, a user's timesteps/σ's, a calibrated grid); None builds the sampler's own (diffusers') grid."""
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    if steps is None and sampler == "ddpm" and grid is None:
+        pass  # DDPM: every training step, T−1 … 0
+    elif isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if not 1 <= steps <= len(schedule):
+    elif not 1 <= steps <= len(schedule):
         raise ValueError(f"steps must be in [1, num_train_timesteps={len(schedule)}], got {steps}")
     if grid is not None and len(grid) != steps:
         raise ValueError(f"timesteps: the grid has {len(grid)} times but steps={steps}")

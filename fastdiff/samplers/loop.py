@@ -1,4 +1,4 @@
-"""The one sampling loop: every plan (DDIM/DDPM `SamplerPlan`, solver `SolverPlan`) runs through `Loop.body`.
+"""The one sampling loop: every plan (a `SolverPlan`, whatever the sampler) runs through `Loop.body`.
 
     body(i, x) = model(x, t_i) → (CFG split) → noise z_i → one fused update → x_{i+1}
 
@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff.ops import sampler_step as ss
-from fastdiff.samplers.plan import SolverPlan
 from fastdiff._util import model_output
+from fastdiff.ops import multistep as ms
 from fastdiff.validate import check_model_output
 
 
@@ -32,6 +31,11 @@ def call_model(model, x, t, i, learned: bool, check_nan: bool, channels: int | N
         if err is None:
             raise
         raise err from e
+    return split_output(out, x, i, learned, check_nan, channels)
+
+
+def split_output(out, x, i, learned: bool, check_nan: bool, channels: int | None = None):
+    """The checks and the split of call_model on an output already computed."""
     if channels:
         o = check_model_output(out, x, channels_factor=2, step=i, check_finite=check_nan) \
             if _channels(out) != x.shape[1] else check_model_output(out, x, step=i, check_finite=check_nan)
@@ -77,53 +81,43 @@ class Loop:
     ("torch" for the reference, or a fused backend). The noise for step i comes from `draw(i, shape, dtype)`:
     the eager loop draws from the generator; a graphed loop reads a static buffer filled before each replay."""
 
-    def __init__(self, plan, model, x, name: str, *, guidance_scale=None):
+    def __init__(self, plan, model, x, name: str, *, guidance_scale=None, private: bool = False):
+        """private: the loop gets its own timestep and coefficient tables (a CUDA graph reloads them in place);
+        otherwise they are shared with other eager loops of the same plan, device and batch (read-only)."""
         self.plan, self.model, self.name = plan, model, name
-        self.solver = isinstance(plan, SolverPlan)
         self.guided, self.guidance_scale = guidance_scale is not None, guidance_scale
-        dev, B = x.device, x.shape[0]
-        self.learned = (not self.solver and plan.kind == "ddpm" and plan.options.variance_type.startswith("learned"))
-        vt = plan.options.get("variance_type") if self.solver else None
-        self.channels = x.shape[1] if (self.solver and vt in ("learned", "learned_range")) else None
+        dev = x.device
+        vt = plan.options.get("variance_type")
+        # learned variances: the model returns 2·C channels; DDPM reads the second half (v), a solver drops it
+        self.learned = any(c.var_mode != "scalar" for c in plan.calls)
+        self.channels = x.shape[1] if (not self.learned and vt in ("learned", "learned_range")) else None
         self.bufs = [torch.empty_like(x, memory_format=_fmt(x)), torch.empty_like(x, memory_format=_fmt(x))]
-        n = plan.steps
-        if self.solver:
-            self.hist = torch.empty((plan.num_slots, *x.shape), dtype=x.dtype, device=dev)
-            if x.dim() == 4 and _fmt(x) is torch.channels_last:
-                self.hist = torch.stack([torch.empty_like(x, memory_format=torch.channels_last)
-                                         for _ in range(plan.num_slots)])
-            self._views = [([self.hist[s] for s in c.reads], self.hist[c.y2_slot] if c.y2_slot is not None else None,
-                            self.hist[c.d_slot] if c.d_slot is not None else None) for c in plan.calls]
-            t_dtype = plan.t_dtype
-            ts = [c.t for c in plan.calls]
-        else:
-            fractional = plan.timesteps.is_floating_point()  # a grid given as data may hold fractional times
-            t_dtype = torch.float32 if fractional else torch.long
-            ts = plan.timesteps.tolist()
-        Bm = B * (2 if self.guided else 1)
-        self.tb = torch.tensor(ts, dtype=t_dtype).view(-1, 1).expand(-1, Bm).contiguous().to(dev)
-        self.tb_rows = list(self.tb.unbind(0))
-        self.coefs = coef_table(plan, guidance_scale).to(dev, copy=True)  # the loop's own (a graph reloads it)
-        self.coef_rows = list(self.coefs.unbind(0))
+        self.hist = torch.empty((plan.num_slots, *x.shape), dtype=x.dtype, device=dev)
+        if x.dim() == 4 and _fmt(x) is torch.channels_last:
+            self.hist = torch.stack([torch.empty_like(x, memory_format=torch.channels_last)
+                                     for _ in range(plan.num_slots)])
+        views: dict = {}  # one set of history views per slot pattern (a plan repeats a few patterns)
+        for c in plan.calls:
+            key = (tuple(c.reads), c.y2_slot, c.d_slot)
+            if key not in views:
+                views[key] = ([self.hist[s] for s in c.reads], self.hist[c.y2_slot] if c.y2_slot is not None else
+                              None, self.hist[c.d_slot] if c.d_slot is not None else None)
+        self._views = [views[(tuple(c.reads), c.y2_slot, c.d_slot)] for c in plan.calls]
+        Bm = x.shape[0] * (2 if self.guided else 1)
+        self.tb, self.tb_rows, self.coefs, self.coef_rows = _tables(plan, dev, Bm, guidance_scale, private)
+        self.flags = [(ms.FLAG_CLIP if c.clip else 0) | ms.VAR_MODES[c.var_mode] for c in plan.calls]
         self.rngs = None
         self.x0_scratch = None
         self.draw = None  # set by the runner: (i, shape, dtype) -> z, or None for rng-based noise
         self.noise_flags = list(plan.noise)
-        self.noise_dtype = getattr(plan, "noise_dtype", None) if self.solver else None
-        # the raw ops, resolved once: a step after the first (checked) one pays only the kernel's own checks
-        if self.solver:
-            from fastdiff.ops import multistep as ms
-
-            self.raw = ms.resolve_op(name, dev)
-            self.flag_clip = ms.FLAG_CLIP
-            self.check_layout = True  # inputs laid out unlike x (a split 2·C output) go through the copying entry
-        elif name != "torch":
-            opts = plan.options
-            self.raw = ss.raw_op(name, dev)  # the one fused op (multistep_step_) on the step's 16-row
-            var_mode = opts.variance_type if self.learned else "scalar"
-            self.ss_flags = (ss.FLAG_CLIP if opts.clip_sample and not opts.thresholding else 0) | \
-                (ss.VAR_MODES[var_mode] << 1)
-            self.check_layout = True
+        self.noise_dtype = plan.noise_dtype
+        # the raw op, resolved once: a step after the first (checked) one pays only the kernel's own checks
+        self.raw = ms.resolve_op(name, dev)
+        # the model returns C channels, unguided: after the first step, one quick check of its output
+        self.plain = not self.learned and self.channels is None and not self.guided
+        self.x_stride = self.bufs[0].stride()
+        self.calls = [(c, *self._views[i], self.coef_rows[i], self.flags[i], self.noise_flags[i])
+                      for i, c in enumerate(plan.calls)]
 
     # ---- the step body ----------------------------------------------------------------------------------------
     def model_outputs(self, i, x, check_nan=False):
@@ -148,69 +142,37 @@ class Loop:
 
     def body(self, i, x, *, check_nan=False, want_x0=False):
         """One model call and its fused update: x (the current sample) → (x_next, x̂0 or None)."""
-        o, o_cond, v = self.model_outputs(i, x, check_nan)
-        z, rng = self.noise_for(i, x)
-        out = self.bufs[1] if x.data_ptr() == self.bufs[0].data_ptr() else self.bufs[0]
-        if self.solver:
-            return self._solver_update(i, x, o, o_cond, z, rng, out, want_x0)
-        return self._sstep_update(i, x, o, o_cond, v, z, rng, out, want_x0)
-
-    def _solver_update(self, i, x, o, o_cond, z, rng, out, want_x0):
-        from fastdiff.ops import multistep as ms
-
-        c = self.plan.calls[i]
-        hist, out2, d_out = self._views[i]
+        c, hist, out2, d_out, coef, flags, noisy = self.calls[i]
+        if self.plain and i and not check_nan:  # the common case: a tensor like x (no dtype diagnosis needed now)
+            o = self.model(x, self.tb_rows[i])
+            o_cond = v = None
+            if not (type(o) is torch.Tensor and o.shape == x.shape and o.dtype == x.dtype and o.device == x.device):
+                o, v = split_output(o, x, i, self.learned, check_nan, self.channels)
+        else:
+            o, o_cond, v = self.model_outputs(i, x, check_nan)
+        z, rng = self.noise_for(i, x) if noisy else (None, None)
+        bufs = self.bufs
+        out = bufs[1] if x.data_ptr() == bufs[0].data_ptr() else bufs[0]
         if want_x0 and d_out is None:
             if self.x0_scratch is None:
                 self.x0_scratch = torch.empty_like(x)
             d_out = self.x0_scratch
-        coef = self.coef_rows[i]
+        if v is not None and c.var_mode == "scalar":
+            v = None
         thr = None
-        if c.threshold:
+        if c.threshold:  # a per-sample reduction, then the fused pass
             opts = self.plan.options
             thr = ms.threshold_scale(x, o, coef, o_cond=o_cond, ratio=opts["dynamic_thresholding_ratio"],
                                      max_value=opts["sample_max_value"])
-        if self.name != "torch" and (i == 0 or (self.check_layout and (
-                o.stride() != x.stride() or (o_cond is not None and o_cond.stride() != x.stride())))):
-            # the first step (and a Triton step whose inputs are laid out unlike x) through the checked entry
-            ms.multistep_step(x, o, coef, o_cond=o_cond, hist=hist, noise=z, rng=rng, thr=thr, clip=c.clip, out=out,
-                              out2=out2, d_out=d_out, backend=self.name)
+        xs = self.x_stride
+        if self.name != "torch" and (i == 0 or o.stride() != xs or (o_cond is not None and o_cond.stride() != xs)
+                                     or (v is not None and v.stride() != xs)):
+            # the first step (and a step whose inputs are laid out unlike x) through the checked entry
+            ms.multistep_step(x, o, coef, o_cond=o_cond, hist=hist, noise=z, rng=rng, v=v, var_mode=c.var_mode,
+                              thr=thr, clip=c.clip, out=out, out2=out2, d_out=d_out, backend=self.name)
         else:  # the raw op (the reference for "torch", also for float64 samples)
-            self.raw(x, o, o_cond, hist, z, rng, None, thr, coef, self.flag_clip if c.clip else 0, out, out2, d_out)
+            self.raw(x, o, o_cond, hist, z, rng, v, thr, coef, flags, out, out2, d_out)
         return out, (d_out if want_x0 and self.plan.d_is_x0 else None)
-
-    def _sstep_update(self, i, x, o, o_cond, v, z, rng, out, want_x0):
-        from fastdiff.sampling import _step
-
-        plan = self.plan
-        if self.name == "torch":
-            x_prev, x0 = _step(plan, i, x, o, z, v, "torch", o_cond=o_cond, guidance_scale=self.guidance_scale,
-                               rng=rng)
-            out.copy_(x_prev)
-            return out, x0
-        opts = plan.options
-        coef = self.coef_rows[i]
-        adds_noise = plan.noise[i] and (plan.kind == "ddpm" or plan.eta > 0)
-        var_mode = opts.variance_type if self.learned else "scalar"
-        thr = None
-        if opts.thresholding:  # a per-sample reduction, then the fused pass
-            thr = ss.threshold_scale(x, o, coef, o_cond=o_cond, ratio=opts.dynamic_thresholding_ratio,
-                                     max_value=opts.sample_max_value)
-        x0_out = None
-        if want_x0:
-            if self.x0_scratch is None:
-                self.x0_scratch = torch.empty_like(x, dtype=torch.float32)
-            x0_out = self.x0_scratch
-        z = z if adds_noise and rng is None else None
-        rng = rng if adds_noise else None
-        v = v if self.learned else None
-        if i == 0 or (self.check_layout and any(t is not None and t.stride() != x.stride() for t in (o, o_cond, v))):
-            ss.sampler_step(x, o, coef, o_cond=o_cond, noise=z, rng=rng, v=v, thr=thr,
-                            clip=opts.clip_sample and not opts.thresholding, var_mode=var_mode, backend=self.name,
-                            out=out, x0_out=x0_out)
-        else:
-            self.raw(x, o, o_cond, z, rng, v, thr, coef, self.ss_flags, out, x0_out)
-        return out, x0_out
 
     # ---- loading a call's inputs -----------------------------------------------------------------------------
     def start(self, x_T, scale: float = 1.0):
@@ -223,13 +185,22 @@ class Loop:
         return b
 
 
-def coef_table(plan, guidance_scale=None) -> torch.Tensor:
-    """The (calls, NUM_COEF) float64 coefficient table of any plan, on the CPU (guidance_scale fills `w`)."""
-    if isinstance(plan, SolverPlan):
-        return plan.coef_table(guidance_scale)
-    from fastdiff.sampling import plan_coefs
+def _tables(plan, dev, Bm: int, guidance_scale, private: bool):
+    """(timesteps (N, Bm), their rows, coefficients (N, NUM_COEF) float64, their rows) on `dev`: kept on the plan per
+    device, batch and guidance scale for eager loops (built once, never written); a private copy for a graph."""
+    def build():
+        tb = torch.tensor([c.t for c in plan.calls], dtype=plan.t_dtype).view(-1, 1).expand(-1, Bm).contiguous()
+        coefs = plan.coef_table(guidance_scale).to(dev, copy=True)
+        tb = tb.to(dev)
+        return tb, list(tb.unbind(0)), coefs, list(coefs.unbind(0))
 
-    return plan_coefs(plan, guidance_scale)
+    if private:
+        return build()
+    cache = plan.__dict__.setdefault("_device_tables", {})
+    key = (str(dev), Bm, guidance_scale)
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
 
 def _fmt(x):
@@ -240,6 +211,4 @@ def _fmt(x):
 
 def initial_scale(plan) -> float:
     """x_T (randn·init_noise_sigma in diffusers' scale) → the loop's first state (the model's input scale)."""
-    if isinstance(plan, SolverPlan):
-        return plan.init_noise_sigma / plan.calls[0].scale_in
-    return 1.0
+    return plan.init_noise_sigma / plan.calls[0].scale_in

@@ -84,6 +84,8 @@ class CallRow:
     threshold: bool = False  # dynamic thresholding of d (a per-sample scale computed before the op)
     scale_in: float = 1.0  # diffusers' sample = scale_in · x at this call (σ-scaled solvers: √(σ²+1))
     scale_out: float = 1.0  # diffusers' prev_sample = scale_out · next state
+    var_mode: str = "scalar"  # the noise's scale: yz, or per element from the model's variance channels v
+    # ("learned": √v; "learned_range": exp(½(f·logmax + (1−f)·logmin)), f = (v+1)/2)
 
 
 @dataclass
@@ -143,6 +145,7 @@ class _Call:
         self.nxt: Lin | None = None
         self.scale_out = 1.0
         self.force_noise = False  # draw z even where its coefficient is 0 (keeps diffusers' draw order)
+        self.var_mode, self.log_var = "scalar", (0.0, 0.0)
 
     # the symbolic tensors of this call
     x, o, z = X, O, Z
@@ -178,6 +181,14 @@ class _Call:
         for j in range(len(names) - 1, 0, -1):
             if self.has(names[j - 1]):
                 self.put(names[j], self.get(names[j - 1]))
+
+    def learned_noise(self, mode: str, log_max: float, log_min: float):
+        """The noise of this call scaled per element by the model's variance channels v (DDPM's learned variances,
+        Nichol & Dhariwal 2021): mode "learned" (σ = √v) or "learned_range" (σ² = exp(f·log_max + (1−f)·log_min),
+        f = (v+1)/2); z is drawn and the next sample gets σ·z on top of `next`'s value."""
+        if mode not in ("learned", "learned_range"):
+            raise PlanError(f"learned_noise: mode must be 'learned' or 'learned_range', got {mode!r}")
+        self.var_mode, self.log_var, self.force_noise = mode, (float(log_max), float(log_min)), True
 
     def next(self, value: Lin, scale_out: float = 1.0):
         """The sample of the next model call (in the solver's own scale; divided by scale_out here)."""
@@ -296,6 +307,10 @@ class PlanBuilder:
         row = [0.0] * NUM_COEF
         row[COEF["p"]], row[COEF["q"]], row[COEF["w"]] = c.p, c.q, 1.0
         row[COEF["clip"]] = c.clip if c.clip is not None else 0.0
+        if c.var_mode != "scalar":
+            if "z" in c.nxt.c:
+                raise PlanError(f"{self.sampler}: a call with learned noise cannot also scale z itself")
+            row[COEF["logmax"]], row[COEF["logmin"]] = c.log_var
         for pre, v in (("y", c.nxt), ("y2", y2)):
             if v is None:
                 continue
@@ -309,4 +324,4 @@ class PlanBuilder:
                                 f"{name[0] if name else k} = {v}")
         self.rows.append(CallRow(c.t, row, reads, d_slot, y2_slot, "z" in c.nxt.c or c.force_noise,
                                  c.clip is not None,
-                                 c.threshold, c.scale_in, c.scale_out))
+                                 c.threshold, c.scale_in, c.scale_out, c.var_mode))

@@ -26,10 +26,10 @@ def test_sample_with_a_solver_matches_the_api(sampler, tmp_path, capsys):
     model, meta = checkpoint.load_checkpoint(checkpoint.bundled_checkpoint())
     cfg = jobs.SampleConfig(sampler, 6, 0.0, 0, "float32", 4).validate()
     sch = meta["scheduler"]
-    from fastdiff.sampling import OPTION_NAMES
+    from fastdiff.samplers.ddim import OPTIONS
 
-    opts = {k: sch[k] for k in OPTION_NAMES if k in sch}
-    sched, _ = fastdiff.sampling.resolve_schedule(sch, {})
+    opts = {k: sch[k] for k in OPTIONS if k in sch}
+    sched, _ = fastdiff.sampling.schedule_and_config(sch)
     x = jobs.sample_batch(model, [0, 1, 2, 3], cfg, sched, opts, (1, 8, 8), torch.device("cpu"))
     np.testing.assert_array_equal(jobs.to_uint8_nhwc(x), a[:4])
     capsys.readouterr()
