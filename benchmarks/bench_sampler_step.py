@@ -113,41 +113,82 @@ def side_by_side(shapes=((16, 4, 128, 128), (16, 4, 256, 256)), dtypes=(torch.fl
             print("\n  ".join(line))
 
 
-def ddim_ddpm_ratio(shapes=((16, 4, 128, 128),), dtypes=(torch.float32, torch.float16), rounds=40):
-    """reference/fused for a DDIM η = 0 step and a DDPM step with noise (a tensor z) and learned_range variances
-    (v), interleaved round by round: min/min and the median of per-round ratios. Uses only the public
-    fastdiff.ops.sampler_step API, so the same function times an older checkout (PYTHONPATH=<checkout>)."""
+def ddim_ddpm_ratio(shapes=((16, 4, 128, 128),), dtypes=(torch.float32, torch.float16, torch.bfloat16), rounds=40):
+    """reference/fused for DDIM and DDPM steps, interleaved round by round: min/min and the median of per-round
+    ratios. Uses only the public fastdiff.ops.sampler_step API, so the same function times an older checkout
+    (PYTHONPATH=<checkout>).
+
+    Cases: DDIM η = 0; DDIM η = 0 with classifier-free guidance (o_cond, w = 7.5; the reference guides in PyTorch
+    first); DDIM η = 1 with a noise tensor z; DDIM η = 1 with in-kernel Philox z (the reference is given the same z
+    as a tensor, so it is not charged for drawing it); DDPM fixed_small + z; DDPM learned_range + z (σ per element
+    from v). All but the last run the C++ kernel's linear path (csrc/cpu/multistep.cpp linear_tiles: no d buffer);
+    "general" times the same call with FASTDIFF_CPU_LINEAR=0 (the general tile path, as before the linear path), in
+    the same rounds, so "general/fused" is the linear path's gain measured side by side."""
+    import os
     import statistics
     import time
 
-    for shape in shapes:
-        for dtype in dtypes:
-            g = torch.Generator(DEV).manual_seed(0)
-            x, o, z = (torch.randn(shape, generator=g, device=DEV).to(dtype) for _ in range(3))
-            v = (torch.rand(shape, generator=g, device=DEV) * 2 - 1).to(dtype)
-            cd = torch.tensor(ss.step_coefs("ddim", AT, AP), dtype=torch.float64, device=DEV)
-            cp = torch.tensor(ss.step_coefs("ddpm", AT, AP, variance_type="learned_range"), dtype=torch.float64,
-                              device=DEV)
-            cases = {
-                "DDIM η=0": (lambda: ss.sampler_step(x, o, cd), lambda: ss.ddim_step_ref(x, o, AT, AP)),
-                "DDPM learned_range + z": (
-                    lambda: ss.sampler_step(x, o, cp, noise=z, v=v, var_mode="learned_range"),
-                    lambda: ss.ddpm_step_ref(x, o, AT, AP, noise=z, v=v, variance_type="learned_range")),
-            }
-            for name, (fused, ref) in cases.items():
-                times = {"fused": [], "reference": []}
-                for _ in range(rounds):
-                    for k, f in (("fused", fused), ("reference", ref)):
-                        _sync()
-                        t0 = time.perf_counter()
-                        f()
-                        _sync()
-                        times[k].append(time.perf_counter() - t0)
-                fm, rm = statistics.median(times["fused"]), statistics.median(times["reference"])
-                paired = statistics.median(r / f for r, f in zip(times["reference"], times["fused"]))
-                print(f"{name} {tuple(shape)} {str(dtype)[6:]}: fused median {fm * 1e3:.3f} ms, reference "
-                      f"{rm * 1e3:.3f} ms, reference/fused {min(times['reference']) / min(times['fused']):.2f}x "
-                      f"(min/min), {paired:.2f}x (median of per-round ratios)")
+    def timed(f, linear):
+        os.environ["FASTDIFF_CPU_LINEAR"] = "1" if linear else "0"
+        _sync()
+        t0 = time.perf_counter()
+        f()
+        _sync()
+        return time.perf_counter() - t0
+
+    w = 7.5
+    s1 = ss.ddim_sigma(AT, AP, 1.0)
+    try:
+        for shape in shapes:
+            for dtype in dtypes:
+                g = torch.Generator(DEV).manual_seed(0)
+                x, o, oc, z = (torch.randn(shape, generator=g, device=DEV).to(dtype) for _ in range(4))
+                v = (torch.rand(shape, generator=g, device=DEV) * 2 - 1).to(dtype)
+                rng = torch.tensor([1234, 0], device=DEV)
+                zp = ss._philox_like(x, rng).to(dtype)  # the Philox z, for the reference
+
+                def row(*a, **kw):
+                    return torch.tensor(ss.step_coefs(*a, **kw), dtype=torch.float64, device=DEV)
+
+                cd, cw = row("ddim", AT, AP), row("ddim", AT, AP, guidance_scale=w)
+                c1 = row("ddim", AT, AP, sigma=s1)
+                cs = row("ddpm", AT, AP, variance_type="fixed_small")
+                cp = row("ddpm", AT, AP, variance_type="learned_range")
+                cases = {
+                    "DDIM η=0": (lambda: ss.sampler_step(x, o, cd), lambda: ss.ddim_step_ref(x, o, AT, AP)),
+                    "DDIM η=0 CFG": (lambda: ss.sampler_step(x, o, cw, o_cond=oc),
+                                     lambda: ss.ddim_step_ref(x, (o.float() + w * (oc.float() - o.float())).to(dtype),
+                                                              AT, AP)),
+                    "DDIM η=1 + z": (lambda: ss.sampler_step(x, o, c1, noise=z),
+                                     lambda: ss.ddim_step_ref(x, o, AT, AP, eta=1.0, noise=z)),
+                    "DDIM η=1 Philox": (lambda: ss.sampler_step(x, o, c1, rng=rng),
+                                        lambda: ss.ddim_step_ref(x, o, AT, AP, eta=1.0, noise=zp)),
+                    "DDPM fixed_small + z": (lambda: ss.sampler_step(x, o, cs, noise=z),
+                                             lambda: ss.ddpm_step_ref(x, o, AT, AP, noise=z)),
+                    "DDPM learned_range + z": (
+                        lambda: ss.sampler_step(x, o, cp, noise=z, v=v, var_mode="learned_range"),
+                        lambda: ss.ddpm_step_ref(x, o, AT, AP, noise=z, v=v, variance_type="learned_range")),
+                }
+                for name, (fused, ref) in cases.items():
+                    fused(), ref()
+                    times = {"fused": [], "general": [], "reference": []}
+                    for _ in range(rounds):
+                        times["fused"].append(timed(fused, True))
+                        times["general"].append(timed(fused, False))
+                        times["reference"].append(timed(ref, True))
+                    md = {k: statistics.median(ts) for k, ts in times.items()}
+
+                    def ratio(a, b):
+                        return statistics.median(p / q for p, q in zip(times[a], times[b]))  # noqa: B023
+
+                    print(f"{name} {tuple(shape)} {str(dtype)[6:]}: median fused {md['fused'] * 1e3:.3f} ms, "
+                          f"general {md['general'] * 1e3:.3f} ms, reference {md['reference'] * 1e3:.3f} ms; "
+                          f"reference/fused {ratio('reference', 'fused'):.2f}x, reference/general "
+                          f"{ratio('reference', 'general'):.2f}x, general/fused {ratio('general', 'fused'):.2f}x "
+                          f"(medians of per-round ratios); min/min reference/fused "
+                          f"{min(times['reference']) / min(times['fused']):.2f}x", flush=True)
+    finally:
+        os.environ.pop("FASTDIFF_CPU_LINEAR", None)
 
 
 if __name__ == "__main__":  # python benchmarks/bench_sampler_step.py: the side-by-side table for docs/benchmarks.md

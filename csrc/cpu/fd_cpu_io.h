@@ -88,32 +88,51 @@ FD_IO_INLINE uint16_t float_to_bf16_bits(float f) {
   return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r);
 }
 
-// ---- AVX2 tile conversions (8 lanes, scalar tail) ---------------------------------------------------------------
+// ---- AVX2 conversions: 8 lanes (for loops that convert in registers), and tiles (8 lanes, scalar tail) ------------
 #ifdef FD_X86_AVX2
+#define FD_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+
+FD_AVX2_INLINE __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+FD_AVX2_INLINE void store8(float* p, __m256 f) { _mm256_storeu_ps(p, f); }
+FD_AVX2_INLINE __m256 load8_f32(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+FD_AVX2_INLINE __m256 load8_f32(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+FD_AVX2_INLINE void store8(c10::Half* p, __m256 f) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+FD_AVX2_INLINE void store8(c10::BFloat16* p, __m256 f) {  // round to nearest even, NaN -> 0x7FC0
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF), qnan = _mm256_set1_epi32(0x7FC0);
+  const __m256i u = _mm256_castps_si256(f);
+  __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), one), bias)), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, qnan, nan);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(_mm256_castsi256_si128(r),
+                                                                     _mm256_extracti128_si256(r, 1)));
+}
+
 __attribute__((target("avx2,fma,f16c"))) inline void f16_to_f32_avx2(const c10::Half* __restrict__ src,
                                                                             float* __restrict__ dst, int64_t n) {
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, load8_f32(src + j));
   for (; j < n; ++j) dst[j] = _cvtsh_ss(src[j].x);
 }
 
 __attribute__((target("avx2,fma,f16c"))) inline void f32_to_f16_avx2(const float* __restrict__ src,
                                                                             c10::Half* __restrict__ dst, int64_t n) {
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; j + 8 <= n; j += 8) store8(dst + j, _mm256_loadu_ps(src + j));
   for (; j < n; ++j) dst[j].x = _cvtss_sh(src[j], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
 __attribute__((target("avx2,fma,f16c"))) inline void bf16_to_f32_avx2(const c10::BFloat16* __restrict__ src,
                                                                              float* __restrict__ dst, int64_t n) {
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
-    _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-  }
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, load8_f32(src + j));
   for (; j < n; ++j) dst[j] = bf16_bits_to_float(src[j].x);
 }
 
@@ -121,17 +140,7 @@ __attribute__((target("avx2,fma,f16c"))) inline void f32_to_bf16_avx2(const floa
                                                                              c10::BFloat16* __restrict__ dst,
                                                                              int64_t n) {
   int64_t j = 0;
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF), qnan = _mm256_set1_epi32(0x7FC0);
-  for (; j + 8 <= n; j += 8) {
-    const __m256 f = _mm256_loadu_ps(src + j);
-    const __m256i u = _mm256_castps_si256(f);
-    __m256i r = _mm256_srli_epi32(
-        _mm256_add_epi32(u, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), one), bias)), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, qnan, nan);
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), packed);
-  }
+  for (; j + 8 <= n; j += 8) store8(dst + j, _mm256_loadu_ps(src + j));
   for (; j < n; ++j) dst[j].x = float_to_bf16_bits(src[j]);
 }
 #endif

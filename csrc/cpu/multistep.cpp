@@ -2,6 +2,7 @@
 // the caller's buffers (d_out in x's dtype or float32). Threads split the tensor with at::parallel_for; each walks tiles of kTile elements: float32
 // tensors are read and written in place, fp16/bf16 tiles are converted to float32 once, and each term of the update
 // is a simple loop over the tile that the compiler vectorizes (which terms run is decided outside the loops).
+// Rows that need no d in memory take linear_tiles (d in registers; 8 lanes in registers in the AVX2 copy).
 // Per-element math: csrc/include/multistep_math.h; tile I/O and the AVX2 copy: fd_tiles.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -9,6 +10,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "multistep_math.h"
@@ -31,6 +35,7 @@ struct Args {
   int64_t n, per_sample;
   uint64_t seed, offset;
   bool clip, philox, dout_f32;
+  bool linear;  // the row needs no d in memory: linear_tiles
   int var;  // flags & (kFlagVarLearned | kFlagVarRange)
   Coefs k;
 };
@@ -139,8 +144,107 @@ __attribute__((always_inline)) inline void multistep_tiles(const Args& a, int64_
   }
 }
 
+template <typename T>
+constexpr bool kVec8 = std::is_same_v<T, float> || std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+#ifdef FD_X86_AVX2
+// linear_tiles' update on the tile's first m − m % 8 elements (offset e of the tensor), converted in
+// registers, 8 lanes at a time; z from the tensor ZT, or zb (the tile's Philox z) when ZT is null. Returns the count
+// done. The contractions g++ makes of the scalar expressions there (-ffp-contract=fast, the AVX2 copy), written out
+// so that both give the same bits (tests/ops/test_multistep.py compares them with the general path's):
+// guide o + w·(c − o) = fma(w, c − o, o); predict_d p·x + q·o = fma(p, x, q·o); combine
+// yx·x + yo·o + yd·d = fma(yd, d, fma(yx, x, yo·o)); + yz·z = fma(yz, z, acc). float32 tiles run here too, so a
+// row's fp16/bf16 result is its float32 result rounded once whatever a compiler contracts.
+template <typename T, bool CFG, bool Z>
+__attribute__((target("avx2,fma,f16c"))) int64_t linear_regs_avx2(const Coefs& k, const T* __restrict__ X,
+                                                                   const T* __restrict__ O, const T* __restrict__ OC,
+                                                                   const T* __restrict__ ZT,
+                                                                   const float* __restrict__ zb, T* __restrict__ OUT,
+                                                                   int64_t e, int64_t m) {
+  const __m256 w = _mm256_set1_ps(k.w), p = _mm256_set1_ps(k.p), q = _mm256_set1_ps(k.q);
+  const __m256 yx = _mm256_set1_ps(k.y.x), yo = _mm256_set1_ps(k.y.o), yd = _mm256_set1_ps(k.y.d);
+  const __m256 yz = _mm256_set1_ps(k.y.z);
+  int64_t j = 0;
+  for (; j + 8 <= m; j += 8) {
+    const __m256 x = cpuio::load8_f32(X + e + j);
+    __m256 o = cpuio::load8_f32(O + e + j);
+    if constexpr (CFG) o = _mm256_fmadd_ps(w, _mm256_sub_ps(cpuio::load8_f32(OC + e + j), o), o);
+    const __m256 d = _mm256_fmadd_ps(p, x, _mm256_mul_ps(q, o));
+    __m256 acc = _mm256_fmadd_ps(yd, d, _mm256_fmadd_ps(yx, x, _mm256_mul_ps(yo, o)));
+    if constexpr (Z) acc = _mm256_fmadd_ps(yz, ZT ? cpuio::load8_f32(ZT + e + j) : _mm256_loadu_ps(zb + j), acc);
+    cpuio::store8(OUT + e + j, acc);
+  }
+  return j;
+}
+#endif
+
+// Rows that need no d in memory (no d_out, history, out2, clip, threshold or learned σ: DDIM, DDPM, Euler, ...):
+// y = yx·x + yo·o + yd·d (+ yz·z) with d = p·x + q·o (and o guided) kept in registers, one loop per tile. The same
+// expressions in the same order as multistep_tiles (guide, predict_d, combine, then + l.z·z), so the same bits;
+// only the d buffer and its loop (and, with o_cond, the guided-o loop) are gone. In the AVX2 copy the tile runs in
+// registers, 8 lanes at a time (linear_regs_avx2; fp16/bf16 converted there), with no tile buffers but Philox z's;
+// the rest (m % 8) as below.
+template <typename T, bool AVX2, bool CFG, bool Z>
+__attribute__((always_inline)) inline void linear_tiles(const Args& a, int64_t t0, int64_t t1) {
+  using tiles::as_f32;
+  using tiles::flush;
+  using tiles::out_f32;
+  const Coefs k = a.k;
+  const Lin l = k.y;
+  const T* X = static_cast<const T*>(a.x);
+  const T* O = static_cast<const T*>(a.o);
+  const T* OC = static_cast<const T*>(a.oc);
+  const T* ZT = static_cast<const T*>(a.z);
+  T* OUT = static_cast<T*>(a.out);
+  alignas(64) float xb[kTile], ob[kTile], cb[kTile], zb[kTile], yb[kTile];
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t base = t * kTile;
+    const int64_t m = std::min(kTile, a.n - base);
+    if constexpr (Z) {
+      if (!ZT) {
+        for (int64_t j = 0; j < m; ++j) zb[j] = philox_normal(a.seed, a.offset + (uint64_t)(base + j));
+      }
+    }
+    int64_t j0 = 0;  // elements [0, j0) of the tile done in registers
+#ifdef FD_X86_AVX2
+    if constexpr (AVX2 && kVec8<T>) {
+      j0 = linear_regs_avx2<T, CFG, Z>(k, X, O, OC, ZT, zb, OUT, base, m);
+      if (j0 == m) continue;
+    }
+#endif
+    const int64_t r = m - j0;  // the rest (all of it but in the AVX2 fp16/bf16 copy): through float32 tile buffers
+    const float* __restrict__ xs = as_f32<AVX2>(X + base + j0, xb, r);
+    const float* __restrict__ os = as_f32<AVX2>(O + base + j0, ob, r);
+    const float* __restrict__ cs = CFG ? as_f32<AVX2>(OC + base + j0, cb, r) : nullptr;
+    const float* __restrict__ zs = nullptr;
+    if constexpr (Z) zs = ZT ? as_f32<AVX2>(ZT + base + j0, zb, r) : zb + j0;
+    float* __restrict__ ys = out_f32(OUT + base + j0, yb);
+#pragma omp simd
+    for (int64_t j = 0; j < r; ++j) {
+      const float x = xs[j];
+      const float o = CFG ? guide(os[j], cs[j], k.w) : os[j];
+      float acc = combine(l, x, o, predict_d(k, x, o));
+      if constexpr (Z) acc += l.z * zs[j];
+      ys[j] = acc;
+    }
+    flush<AVX2>(yb, OUT + base + j0, r);
+  }
+}
+
+// Whether the linear path may run: FASTDIFF_CPU_LINEAR = 0 turns it off (read per call, like FASTDIFF_CPU_ISA, so
+// tests and benchmarks can run the general path on the same rows in one process).
+inline bool linear_path_enabled() {
+  const char* e = std::getenv("FASTDIFF_CPU_LINEAR");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
+
 template <typename T, bool AVX2>
 __attribute__((always_inline)) inline void multistep_any(const Args& a, int64_t t0, int64_t t1) {
+  if (a.linear) {
+    const bool z = a.z || a.philox;
+    if (a.oc) return z ? linear_tiles<T, AVX2, true, true>(a, t0, t1) : linear_tiles<T, AVX2, true, false>(a, t0, t1);
+    return z ? linear_tiles<T, AVX2, false, true>(a, t0, t1) : linear_tiles<T, AVX2, false, false>(a, t0, t1);
+  }
   switch (a.nh) {
     case 0: return multistep_tiles<T, AVX2, 0>(a, t0, t1);
     case 1: return multistep_tiles<T, AVX2, 1>(a, t0, t1);
@@ -275,6 +379,7 @@ void multistep_cpu(const at::Tensor& x, const at::Tensor& o, const c10::optional
     a.offset = (uint64_t)r[1];
   }
   a.k = load_coefs(coef.data_ptr<double>());
+  a.linear = !a.dout && a.nh == 0 && !a.out2 && !a.clip && !a.thr && !a.var && linear_path_enabled();
   if (a.n == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multistep_cpu",
                                   [&] { run_cpu<scalar_t>(a); });

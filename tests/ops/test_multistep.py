@@ -407,6 +407,67 @@ def test_learned_variance_and_float32_d(backend, dtype, var_mode):
         assert torch.equal(raw[0], out) and torch.equal(raw[1], d32)
 
 
+# ---- the C++ kernel's linear path (rows with no d_out, history, out2, clip, threshold or learned σ) ------------
+
+LINEAR_CASES = [dict(nh=0, noise=nz, out2=False, d_out=False, cfg=cfg, clip=False, thr=False, cl=cl)
+                for nz in ("none", "tensor", "philox") for cfg in (False, True) for cl in (False, True)]
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("isa", ["auto", "base"])
+def test_cpp_linear_path(monkeypatch, dtype, isa):
+    """DDIM/DDPM-shaped rows (y = yx·x + yo·o + yd·(p·x + q·o) [+ yz·z], o guided or not) take linear_tiles in
+    csrc/cpu/multistep.cpp: within 2·err(reference) + atol·scale of the float64 formula (the matrix's bound), the
+    same bits as the general tile path (FASTDIFF_CPU_LINEAR=0: same per-element order, d in a register), and in
+    fp16/bf16 the float32 run rounded once. Sizes: one element, below and across the 8 lanes and the 512-element
+    tile, tails of every tile, channels_last."""
+    monkeypatch.setenv("FASTDIFF_CPU_ISA", isa)
+    shapes = [(1,), (2, 7), (3, 5, 7, 3), (2, 4, 33, 37), (1, 1, 1, 1031)]
+    for n, (case, shape) in enumerate(itertools.product(LINEAR_CASES, shapes)):
+        x, o, coef, kw = _make(case, dtype, "cpu", shape=shape, seed=n)
+        monkeypatch.setenv("FASTDIFF_CPU_LINEAR", "1")
+        out, _, _ = _run("cpp", x, o, coef, kw, case)
+        monkeypatch.setenv("FASTDIFF_CPU_LINEAR", "0")
+        general, _, _ = _run("cpp", x, o, coef, kw, case)
+        assert torch.equal(out, general), (case, shape)
+        ry, _, _ = ms.multistep_ref(x, o, coef, **kw)
+        z = _z_of(x, kw)
+        w, _, _, scale = _formula64(x, o, coef, z=z, **{k: v for k, v in kw.items() if k not in ("noise", "rng")})
+        err = (out.double() - w).abs().max().item()
+        err_ref = (ry.double() - w).abs().max().item()
+        assert err <= 2 * err_ref + ATOL[dtype] * scale, (case, shape, err, err_ref, scale)
+        assert out.stride() == x.stride()
+        monkeypatch.setenv("FASTDIFF_CPU_LINEAR", "1")
+        if dtype != torch.float32:
+            kw32 = {k: (v.float() if torch.is_tensor(v) and v.dtype == dtype else v) for k, v in kw.items()}
+            f32, _, _ = _run("cpp", x.float(), o.float(), coef, kw32, case)
+            assert torch.equal(out, f32.to(dtype)), (case, shape)
+
+
+@requires_cpp
+def test_cpp_linear_path_threads_and_philox_offsets(monkeypatch):
+    """The linear path over many tiles on two threads, Philox counters crossing 2^32 (the same z as the reference
+    generator's), equal to one thread's run and to the general path."""
+    case = dict(nh=0, noise="philox", out2=False, d_out=False, cfg=True, clip=False, thr=False, cl=True)
+    x, o, coef, kw = _make(case, torch.bfloat16, "cpu", shape=(3, 8, 40, 37), seed=7)
+    one, _, _ = _run("cpp", x, o, coef, kw, case)
+    monkeypatch.setenv("FASTDIFF_CPU_LINEAR", "0")
+    general, _, _ = _run("cpp", x, o, coef, kw, case)
+    monkeypatch.setenv("FASTDIFF_CPU_LINEAR", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two, _, _ = _run("cpp", x, o, coef, kw, case)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, two) and torch.equal(one, general)
+    ry, _, _ = ms.multistep_ref(x, o, coef, **kw)  # Philox z as the reference generator draws it
+    w, _, _, scale = _formula64(x, o, coef, z=_z_of(x, kw), o_cond=kw["o_cond"])
+    err, err_ref = ((t.double() - w).abs().max().item() for t in (one, ry))
+    assert err <= 2 * err_ref + ATOL[torch.bfloat16] * scale, (err, err_ref, scale)
+
+
 # ---- registration ------------------------------------------------------------------------------------------------
 
 def _op_args(device="cpu", dtype=torch.float32, nh=2, rng=False):
