@@ -56,7 +56,7 @@ def loop_cases(steps=50):
     model call and the raw fused op per step, coefficients precomputed): per-step cost of the sampler's host path."""
     import fastdiff
     from fastdiff.ops.multistep import resolve_op
-    from fastdiff.sampling import plan_for
+    from fastdiff.run.sampling import plan_for
 
     x0 = torch.randn(1, 3, 8, 8)
 

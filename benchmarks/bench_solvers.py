@@ -22,7 +22,7 @@ try:
 except ImportError:  # run as a script: python benchmarks/bench_solvers.py
     from _harness import interleaved, measure
 from fastdiff import samplers as S
-from fastdiff.samplers.loop import Loop
+from fastdiff.run.loop import Loop
 
 SHAPES = [(64, 3, 32, 32), (16, 4, 128, 128)]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,7 +141,7 @@ def memory_limit_loop(n=16 * 1024 * 1024, steps=(10, 30), rounds=5):
 def host_overhead(N=100, rounds=7):
     """Host cost per step at batch 1 with a trivial model, 1 thread: the loop body alone, a bare model + raw op loop,
     and the whole ddim_sample call (plan, coefficient table and buffers included), per step."""
-    from fastdiff import sampling
+    from fastdiff.run import sampling
 
     torch.set_num_threads(1)
     x = torch.randn(1, 3, 32, 32)

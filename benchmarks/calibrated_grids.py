@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import fastdiff
-from fastdiff import checkpoint
-from fastdiff.calibration import _rms, calibrate_report
+from fastdiff.app import checkpoint
+from fastdiff.run.calibration import _rms, calibrate_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CURVES = {  # name -> (sampler keywords, grid keywords or "calibrated")

@@ -1,6 +1,6 @@
 """Error against model calls for every sampler, on a 2-D Gaussian mixture with the exact oracle.
 
-No network: the model is `fastdiff.toy.GaussianMixture.model`, the exact ε*, so the only error left is the sampler's
+No network: the model is `fastdiff.theory.toy.GaussianMixture.model`, the exact ε*, so the only error left is the sampler's
 discretization. Two panels:
   - deterministic samplers (DDIM η=0, DPM-Solver++ 2M/3M, UniPC 2/3, Euler, Heun, PLMS, PNDM): the median L2 distance,
     over the same x_T, to a reference trajectory (DPM-Solver++ 3M with 999 steps; its own distance to DDIM-1000 is
@@ -26,8 +26,8 @@ import time
 import torch
 
 import fastdiff
-from fastdiff import toy
-from fastdiff.langevin import langevin_sample, score_from_eps, vp_levels
+from fastdiff.theory import toy
+from fastdiff.theory.langevin import langevin_sample, score_from_eps, vp_levels
 from fastdiff.schedule import NoiseSchedule
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -211,7 +211,7 @@ def calibrated_panel(n: int, budgets, batch: int, seed: int):
     """UniPC-2's trajectory error per model call on the exact mixture oracles: diffusers' default grid, the
     model-blind grids and fastdiff.calibrate's grid (calibration batch `batch`, seed 0; evaluated on n other x_T's
     against DPM-Solver++ 3M-999). Returns {case: {"E_ddim50", "E_ddim20", curves...}}."""
-    from fastdiff.calibration import _rms, calibrate_report
+    from fastdiff.run.calibration import _rms, calibrate_report
 
     out = {}
     for case, (mk, sk) in CALIBRATION_CASES.items():

@@ -1,6 +1,6 @@
 """Flow-matching samplers: error against model calls on a 2-D Gaussian mixture with the exact velocity oracle.
 
-The model is `fastdiff.toy.GaussianMixture.flow_model()`, the exact v* = E[ε − x0 | x_σ] of x_σ = (1 − σ)·x0 + σ·ε,
+The model is `fastdiff.theory.toy.GaussianMixture.flow_model()`, the exact v* = E[ε − x0 | x_σ] of x_σ = (1 − σ)·x0 + σ·ε,
 so the only error left is the sampler's discretization. For each sampler and number of model calls: the median L2
 distance, over the same 2000 x_T, to the exact ODE solution from that sampler's first σ (classical RK4 on 2000
 uniform σ steps, float64; its distance to RK4 on 1000 steps is printed, the reference's own error). Samplers (diffusers'
@@ -19,7 +19,7 @@ import json
 import torch
 
 import fastdiff
-from fastdiff import toy
+from fastdiff.theory import toy
 
 SAMPLERS = {  # name -> (fastdiff sampler, options, model calls for N steps)
     "flow Euler, shift 1": ("flow_euler", {}, lambda n: n),
@@ -64,7 +64,7 @@ def run(n: int = 2000, seed: int = 0) -> dict:
         row = {}
         for calls in CALLS:
             steps = max(s for s in range(1, calls + 1) if calls_of(s) <= calls)  # the most steps within the budget
-            plan = fastdiff.sampling.plan_for(sampler, None, kw, steps)
+            plan = fastdiff.run.sampling.plan_for(sampler, None, kw, steps)
             s0 = float(plan.sigmas[0])
             if s0 not in refs:
                 refs[s0] = rk4(mix, xT, s0, 2000)

@@ -7,7 +7,7 @@ on an H100 SXM and an H200. These are PREDICTIONS from published figures, not me
     python benchmarks/gpu_model.py --measured bench.json # predicted beside a pytest-benchmark JSON's medians
 
 What is counted (a TorchDispatchMode sees every ATen op and every fastdiff op a call makes):
-  (a) one sampling step: fastdiff's fused DDIM step (fastdiff.ops.sampler_step with the inputs a sampling loop passes:
+  (a) one sampling step: fastdiff's fused DDIM step (fastdiff.ops.multistep with the inputs a sampling loop passes:
       x, the model output, row i of the coefficient table, out=), diffusers' DDIMScheduler.step (η = 0) and
       DPMSolverMultistepScheduler.step (DPM-Solver++(2M), counted after two warm-up steps so the multistep branch runs;
       its first step, which looks its timestep up with `nonzero` and `.item()`, is a row of its own), and fastdiff's
@@ -300,7 +300,7 @@ def summarize(c: Counter, what: str, shape, dtype, note: str = "") -> dict:
 
 # ---- (a) one sampling step ---------------------------------------------------------------------------------------
 STEPS, STEP_I = 50, 10  # a 50-step loop, step 10 (any mid-loop step counts the same)
-FUSED_DDIM = "fastdiff sampler_step (DDIM η=0, fused)"
+FUSED_DDIM = "fastdiff multistep_step (DDIM η=0 row, fused)"
 DIFFUSERS_DDIM = "diffusers DDIMScheduler.step (η=0)"
 DPM_FIRST = "diffusers DPMSolverMultistep.step, first step (1st order + timestep lookup)"
 DPM_2M = "diffusers DPMSolverMultistep.step (2M)"
@@ -322,40 +322,14 @@ def _diffusers():
     return diffusers
 
 
-@contextlib.contextmanager
-def _no_overlap_check(mod):
-    """sampler_step(out=) refuses an output overlapping an input by comparing data pointers, and every meta tensor's
-    is 0: switched off for the count (yields False, nothing patched, where the module has no such check)."""
-    check = getattr(mod, "_check_no_alias", None)
-    if check is None:
-        yield False
-        return
-    mod._check_no_alias = lambda *a, **k: None
-    try:
-        yield True
-    finally:
-        mod._check_no_alias = check
-
-
 def sampler_rows(shape, dtype) -> list[dict]:
     import fastdiff  # noqa: F401  (registers the fastdiff ops)
-    from fastdiff.ops import sampler_step as ss
 
     meta = dict(device="meta", dtype=dtype)
     x, o = torch.empty(shape, **meta), torch.empty(shape, **meta)
-    rows = []
-    # fastdiff: the loop keeps the (steps, NUM_COEF) float64 table on the device and passes row i
-    table = torch.empty((STEPS, ss.NUM_COEF), dtype=torch.float64, device="meta")
-    note = ""
-    with counting() as c, _no_overlap_check(ss) as patched:
-        if patched:  # fastdiff's loop writes into its own ping-pong buffer (out=)
-            ss.sampler_step(x, o, table[STEP_I], out=torch.empty_like(x))
-            note = "called with out= as fastdiff's sampling loop calls it"
-        else:
-            ss.sampler_step(x, o, table[STEP_I])
-    if not all(k.op.startswith("fastdiff.") for k in c.kernels):
-        note = "the fused op is not built here (fastdiff._C): these are the reference's kernels"
-    rows.append(summarize(c, FUSED_DDIM, shape, dtype, note=note))
+    # fastdiff: the loop keeps the (steps, NUM_COEF) float64 table on the device and passes row i; a DDIM η=0 row
+    # reads x and o and writes the next sample (no history)
+    rows = [_fastdiff_multistep_row(x, o, shape, dtype, what=FUSED_DDIM, hist=False)]
     d = _diffusers()
     if d is None:
         return rows + [_fastdiff_multistep_row(x, o, shape, dtype)]

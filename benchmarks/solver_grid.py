@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import fastdiff
-from fastdiff import checkpoint
+from fastdiff.app import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROWS = [("DDIM", dict(sampler="ddim")), ("DDPM", dict(sampler="ddpm")),

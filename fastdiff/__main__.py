@@ -1,6 +1,6 @@
 """`python -m fastdiff` runs the `fastdiff` command line."""
 import sys
 
-from fastdiff.cli import main
+from fastdiff.app.cli import main
 
 sys.exit(main())

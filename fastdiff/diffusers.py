@@ -85,7 +85,7 @@ from fastdiff import prediction as _prediction
 from fastdiff import samplers as S
 from fastdiff.ops import multistep as M
 from fastdiff.samplers import flow as _flow
-from fastdiff.samplers import grids as _grids
+from fastdiff.schedule import grids as _grids
 from fastdiff.samplers import ipndm_v as _ipndm_v
 from fastdiff.samplers import deis as _deis
 from fastdiff.samplers import dpm_singlestep as _singlestep
@@ -1539,7 +1539,7 @@ class _StepScheduler(_Base):
         """(NoiseSchedule, options) of a config, every setting that changes the math validated by the sampler's
         own checks (fastdiff.samplers.ddim.validate; errors name the setting)."""
         from fastdiff import samplers as S
-        from fastdiff.sampling import schedule_and_config
+        from fastdiff.run.sampling import schedule_and_config
 
         sched, cfg = schedule_and_config(cfg)
         o = S.solver_options(self._kind, cfg, {})

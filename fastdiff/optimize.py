@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fastdiff._graphkey import model_key
-from fastdiff.graphs import CaptureError, GraphCache, capture
+from fastdiff.run.graphs import CaptureError, GraphCache, capture
 from fastdiff.ops.attention import attention as _fd_attention
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
@@ -227,12 +227,12 @@ class _Captured:
         return tree_unflatten([x.clone() if torch.is_tensor(x) else x for x in self.out_leaves], self.out_spec)
 
 
-cuda_capture = capture  # fastdiff.graphs.capture: the one capture routine (the sampling loop's too)
+cuda_capture = capture  # fastdiff.run.graphs.capture: the one capture routine (the sampling loop's too)
 
 
 class GraphedForward:
     """A module's forward replayed from captured graphs: one per (input structure, weights' identity), in a
-    fastdiff.graphs.GraphCache of `max_graphs`. `capture(fn) -> (replay, static_output)` is fastdiff.graphs.capture
+    fastdiff.run.graphs.GraphCache of `max_graphs`. `capture(fn) -> (replay, static_output)` is fastdiff.run.graphs.capture
     on CUDA (a test passes a stand-in). Inputs are copied into the captured call's static tensors; outputs are
     cloned. A structure that cannot be captured runs eagerly (said once)."""
 

@@ -68,7 +68,7 @@ def check_choice(name: str, v: Any, choices: Sequence[str]) -> str:
 
 
 def check_generator(name: str, g: Any):
-    """None, a torch.Generator, or a noise source with `draw(shape, device, dtype)` (fastdiff.jobs.IndexedNoise)."""
+    """None, a torch.Generator, or a noise source with `draw(shape, device, dtype)` (fastdiff.app.jobs.IndexedNoise)."""
     if g is None or isinstance(g, torch.Generator) or callable(getattr(g, "draw", None)):
         return g
     hint = f" (a seed? use torch.Generator().manual_seed({g!r}))" if isinstance(g, numbers.Integral) else ""

@@ -41,8 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GNS = "tests/ops/test_group_norm_silu.py"
 SS = "tests/ops/test_sampler_step.py"
 ATT = "tests/ops/test_attention.py"
-ORACLE = "tests/test_sampling_oracle.py"
-DIFF = "tests/test_sampling_diffusers.py"
+ORACLE = "tests/run/test_sampling_oracle.py"
+DIFF = "tests/run/test_sampling_diffusers.py"
 SEEDS = "tests/test_image_seed.py"
 BUILD = "tests/test_build_record.py"
 
@@ -143,14 +143,14 @@ MUTANTS = [
            "float f = 0.5f * (v + 1.0f);", "float f = 0.5f * v;",
            [SS, "-k", "learned_variance and cpp"]),
     # ---- samplers, schedules, seeds, build ----
-    Mutant("DDIM plan: final alpha_bar ignores set_alpha_to_one", "fastdiff/sampling.py",
+    Mutant("DDIM plan: final alpha_bar ignores set_alpha_to_one", "fastdiff/run/sampling.py",
            "final = 1.0 if (kind == \"ddpm\" or opts.set_alpha_to_one) else float(abar[0])",
            "final = float(abar[0])", [ORACLE]),
-    Mutant("leading spacing: off by one step", "fastdiff/schedule.py",
+    Mutant("leading spacing: off by one step", "fastdiff/schedule/__init__.py",
            "ts = (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + int(steps_offset)",
            "ts = (np.arange(1, steps + 1) * ratio).round()[::-1].astype(np.int64) + int(steps_offset) - 1",
            [ORACLE]),
-    Mutant("image seed = seed + index", "fastdiff/jobs.py",
+    Mutant("image seed = seed + index", "fastdiff/app/jobs.py",
            "return int.from_bytes(h, \"little\") & ((1 << 63) - 1)", "return int(seed) + int(index)", [SEEDS]),
     Mutant("extension silently unavailable", "fastdiff/_backend.py",
            "    _EXT = True\n", "    _EXT = False\n", [BUILD]),

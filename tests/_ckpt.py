@@ -2,7 +2,7 @@
 the command line, resumable runs and checkpoint files (random weights are enough to compare bits)."""
 import torch
 
-from fastdiff import checkpoint, trainer
+from fastdiff.app import checkpoint, trainer
 
 
 def save_tiny_checkpoint(path, seed: int = 0) -> str:

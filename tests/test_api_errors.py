@@ -13,7 +13,7 @@ import torch
 
 import fastdiff
 from fastdiff import NoiseSchedule
-from fastdiff.langevin import langevin_sample
+from fastdiff.theory.langevin import langevin_sample
 from fastdiff.ops.attention import attention
 from fastdiff.ops.group_norm_silu import group_norm_silu, group_norm_silu_ref
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastdiff  # noqa: F401  (registers the fastdiff ops)
-from fastdiff.ops import sampler_step as ss
+from fastdiff.ops import multistep as ms
 from tests.conftest import requires_cpp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,13 +68,16 @@ def test_syncs_on_device_resident_tensors():
 
 
 @requires_cpp  # on meta tensors the fused ops resolve to the C++ op's fake kernel
-def test_fused_sampler_step_is_one_kernel_moving_exactly_its_arguments():
+def test_fused_ddim_step_is_one_kernel_moving_exactly_its_arguments():
+    """A DDIM η=0 row as the sampling loop runs it (the raw op after one checked call): one fused kernel reading x
+    and o and the coefficient row, writing the next sample."""
     x, o = torch.empty(3, 5, 7, 11, **META16), torch.empty(3, 5, 7, 11, **META16)
-    table = torch.empty(50, ss.NUM_COEF, dtype=torch.float64, device="meta")
+    out = torch.empty_like(x)
+    table = torch.empty(50, ms.NUM_COEF, dtype=torch.float64, device="meta")
     with gm.counting() as c:
-        ss.sampler_step(x, o, table[10])
+        ms.multistep_step(x, o, table[10], out=out, check=False)
     n = x.numel() * 2
-    assert [(k.op, k.launches, k.bytes) for k in c.kernels] == [("fastdiff.sampler_step", 1, 3 * n + 8 * ss.NUM_COEF)]
+    assert [(k.op, k.launches, k.bytes) for k in c.kernels] == [("fastdiff.multistep_step_", 1, 3 * n + 8 * ms.NUM_COEF)]
 
 
 def test_gemm_conv_and_attention_flops():
@@ -154,8 +157,8 @@ def test_script_tiny_settings(tmp_path, capsys):
     assert "Predicted (not measured)" in capsys.readouterr().out
     rows = {r["what"]: r for r in res["sampler"]}
     n = 2 * 3 * 8 * 8 * 2
-    fused = rows["fastdiff sampler_step (DDIM η=0, fused)"]
-    assert (fused["kernels"], fused["bytes"]) == (1, 3 * n + 8 * ss.NUM_COEF)
+    fused = rows[gm.FUSED_DDIM]
+    assert (fused["kernels"], fused["bytes"]) == (1, 3 * n + 8 * ms.NUM_COEF)
     # diffusers' DDIM step, η = 0, by hand: ε-term mul, sub, div (x̂0), mul, mul, add (x_prev): 6 kernels, 14 passes
     ddim = rows["diffusers DDIMScheduler.step (η=0)"]
     assert (ddim["kernels"], ddim["bytes"], ddim["syncs"]) == (6, 14 * n, [])
@@ -164,8 +167,8 @@ def test_script_tiny_settings(tmp_path, capsys):
     dpm = rows["diffusers DPMSolverMultistep.step (2M)"]
     assert dpm["syncs"] == [] and dpm["kernels"] > 1
     # the op (when importable) moves what its contract says: x, o, one history read; out, d_out written; 24 coefs
-    ms = rows["fastdiff multistep (DPM-Solver++ 2M, fused)"]
-    assert (ms["kernels"], ms["bytes"]) == (1, 5 * n + 24 * 8) and ms["note"]
+    m2 = rows["fastdiff multistep (DPM-Solver++ 2M, fused)"]
+    assert (m2["kernels"], m2["bytes"]) == (1, 5 * n + 24 * 8) and m2["note"]
     u = {r["what"]: r for r in res["unet"]}
     ours, ours_cl, ref = u[gm.OURS_UNET], u[gm.OURS_UNET_CL], u[gm.DIFFUSERS_UNET]
     assert ours["flops"] == ours_cl["flops"] == ref["flops"] > 1e10  # one architecture: ~12 GFLOP per 32×32 image

@@ -1,4 +1,4 @@
-"""Per-image seeds of resumable sampling (fastdiff.jobs.image_seed / IndexedNoise), checked independently of the
+"""Per-image seeds of resumable sampling (fastdiff.app.jobs.image_seed / IndexedNoise), checked independently of the
 formula: pinned values, and no collision across (seed, index), so two runs with different seeds share no image.
 
 The pinned values are the seeds of runs already written (a changed formula silently changes every image of a
@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from fastdiff import jobs
+from fastdiff.app import jobs
 
 PINNED = {(0, 0): 3653343008106793571, (0, 1): 251731648619594103, (1, 0): 4600631497352941717,
           (5, 23): 4503682467815046908, (2**40, 49999): 3022032412069976039}

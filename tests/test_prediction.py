@@ -7,7 +7,7 @@ import torch
 
 from fastdiff import prediction as P
 from fastdiff import samplers as S
-from fastdiff.samplers import grids
+from fastdiff.schedule import grids
 from fastdiff.samplers.plan import COEF
 from fastdiff.schedule import NoiseSchedule
 

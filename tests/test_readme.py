@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from fastdiff.checkpoint import bundled_checkpoint, load_checkpoint
+from fastdiff.app.checkpoint import bundled_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

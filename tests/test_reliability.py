@@ -1,7 +1,7 @@
 """Nothing lost, nothing unclear (issue 13), end to end: claims on --out by real processes started together, planted
 symlinks and temp files, outputs checked before any work, NaN guards, a damaged train state, images in --data.
 
-Every test here drives the public surface (the `fastdiff` command, fastdiff.jobs, fastdiff.trainer) so it states
+Every test here drives the public surface (the `fastdiff` command, fastdiff.app.jobs, fastdiff.app.trainer) so it states
 the behaviour, not the implementation."""
 import json
 import os
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import checkpoint, cli, jobs, trainer
+from fastdiff.app import checkpoint, cli, jobs, trainer
 from tests._ckpt import save_tiny_checkpoint
 
 Image = pytest.importorskip("PIL.Image")
@@ -56,8 +56,8 @@ def _rewrite(src, dst, edit):
 
 _RACER = r"""
 import contextlib, os, sys, time
-import torch, fastdiff.jobs, fastdiff.checkpoint, fastdiff.sampling  # the slow imports, once, before the rounds
-from fastdiff import cli
+import torch, fastdiff.app.jobs, fastdiff.app.checkpoint, fastdiff.run.sampling  # the slow imports, once, before the rounds
+from fastdiff.app import cli
 prefix, rounds, out, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 me = str(os.getpid())
 for r in range(rounds):
@@ -179,7 +179,7 @@ def _stdin_race(script, argvs, rounds):
 _API_RACER = r"""
 import os, sys
 import torch
-from fastdiff import jobs
+from fastdiff.app import jobs
 out, seed, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)
 model = lambda x, t: 0.1 * x + (t.float() / 1000).view(-1, 1, 1, 1)  # rows never mix
@@ -626,7 +626,7 @@ def test_special_files_in_data_and_directories_at_output_names_are_refused_up_fr
 _TRAIN_RACER = r"""
 import sys
 import torch
-from fastdiff import trainer
+from fastdiff.app import trainer
 torch.set_num_threads(1)
 out, seed, rounds, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 cfg = trainer.TrainConfig(data=data, channels=1, block_out_channels=[8, 16], norm_num_groups=4, batch_size=4, steps=3,

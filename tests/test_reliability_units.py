@@ -1,5 +1,5 @@
 """Units of issue 13: fastdiff.fsutil (atomic writes, temp files, locks, output checks), fastdiff.validate (argument
-checks for the API), and the one safetensors reader in fastdiff.checkpoint (checksums, metadata structure)."""
+checks for the API), and the one safetensors reader in fastdiff.app.checkpoint (checksums, metadata structure)."""
 import json
 import os
 import subprocess
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import checkpoint, fsutil, validate
+from fastdiff import fsutil, validate
+from fastdiff.app import checkpoint
 from tests._ckpt import save_tiny_checkpoint
 
 pytest.importorskip("safetensors")
@@ -249,7 +250,7 @@ def test_check_betas_rescale_and_alpha_bar():
 
 
 def test_sample_config_validates_numbers_of_any_number_type():
-    from fastdiff import jobs
+    from fastdiff.app import jobs
 
     cfg = jobs.SampleConfig("ddim", np.int64(5), np.float32(0.5), np.int32(3), "float32", np.int64(4)).validate()
     assert (cfg.steps, cfg.eta, cfg.seed, cfg.batch_size) == (5, 0.5, 3, 4)
@@ -261,7 +262,7 @@ def test_sample_config_validates_numbers_of_any_number_type():
 
 
 def test_train_config_numbers_are_checked():
-    from fastdiff import trainer
+    from fastdiff.app import trainer
 
     for kw, msg in [({"lr": "1e-3"}, "lr must be a number"), ({"lr": float("nan")}, "lr must be a number, got NaN"),
                     ({"lr": 0.0}, "lr must be > 0"), ({"steps": 10.5}, "steps must be an integer"),
@@ -361,7 +362,7 @@ def test_writers_refuse_nonfinite_tensors(ckpt, tmp_path):
 
 
 def test_train_state_without_checksum_is_refused(tmp_path):
-    from fastdiff import trainer
+    from fastdiff.app import trainer
 
     cfg = trainer.TrainConfig(block_out_channels=[8, 16], norm_num_groups=4, batch_size=2, steps=1, image_size=8)
     out = str(tmp_path / "m.safetensors")

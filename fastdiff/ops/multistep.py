@@ -349,9 +349,9 @@ def _check_no_alias(op, inputs: dict, outputs: dict):
     torch.compile traces (no data pointers then; the C++ ops check again when they run)."""
     if torch.compiler.is_compiling():
         return
-    seen = [(k, t) for k, t in inputs.items() if t is not None and t.numel() > 0]
+    seen = [(k, t) for k, t in inputs.items() if t is not None and t.numel() > 0 and not t.is_meta]
     for name, t in outputs.items():
-        if t is None or t.numel() == 0:
+        if t is None or t.numel() == 0 or t.is_meta:  # meta tensors have no memory (every data pointer is 0)
             continue
         a0, a1 = _span(t)
         for other, u in seen:

@@ -34,7 +34,7 @@ import torch
 
 from fastdiff.samplers import (ddim, ddpm, deis, dpm_singlestep, dpm_solver, edm, euler, flow, ipndm, ipndm_v, kdpm2,
                                lcm, lms, pndm, tcd, unipc)
-from fastdiff.samplers.grids import TIME_GRIDS, Grid, custom_grid, make_grid
+from fastdiff.schedule.grids import TIME_GRIDS, Grid, custom_grid, make_grid
 from fastdiff.samplers.plan import COEF, NUM_COEF, Lin, PlanBuilder, PlanError, SolverPlan
 
 # name -> (plan function, diffusers defaults of the matching scheduler class, fixed settings)
@@ -172,7 +172,7 @@ def _number(name, v):
 
 def build_plan(sampler: str, schedule, steps: int, options: dict, grid: Grid | None = None) -> SolverPlan:
     """Compile `sampler` over `schedule` (a NoiseSchedule) in `steps` steps with the full `options` dict
-    (solver_options) to a SolverPlan. `grid`: the model-call times as data (fastdiff.samplers.grids.Grid: a named
+    (solver_options) to a SolverPlan. `grid`: the model-call times as data (fastdiff.schedule.grids.Grid: a named
     grid, a user's timesteps/σ's, a calibrated grid); None builds the sampler's own (diffusers') grid."""
     if steps is None and sampler == "ddpm" and grid is None:
         pass  # DDPM: every training step, T−1 … 0

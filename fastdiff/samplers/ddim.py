@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from fastdiff.samplers import grids
+from fastdiff.schedule import grids
 from fastdiff import prediction
 from fastdiff.ops.multistep import NUM_COEF
 from fastdiff.samplers.plan import PlanBuilder, PlanError

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 
-from fastdiff.samplers import ddim, grids
+from fastdiff.samplers import ddim
+from fastdiff.schedule import grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
 

@@ -20,7 +20,8 @@ import math
 import torch
 
 from fastdiff import prediction
-from fastdiff.samplers import dpm_singlestep, dpm_solver, grids
+from fastdiff.samplers import dpm_singlestep, dpm_solver
+from fastdiff.schedule import grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
 

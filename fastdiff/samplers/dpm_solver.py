@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fastdiff import prediction
-from fastdiff.samplers import grids
+from fastdiff.schedule import grids
 from fastdiff.samplers.plan import PlanBuilder, PlanError
 from fastdiff.schedule import NoiseSchedule
 
@@ -275,7 +275,7 @@ def _update(alg, solver_type, order, x, ms, sig_t, sigs, z, ab=grids.vp):
 
 
 def grid_sigmas(schedule: NoiseSchedule, g: grids.Grid, o: dict):
-    """(timesteps, σ's with the final one appended, the model's t dtype) of a given Grid (fastdiff.samplers.grids)."""
+    """(timesteps, σ's with the final one appended, the model's t dtype) of a given Grid (fastdiff.schedule.grids)."""
     last = 0.0 if o["final_sigmas_type"] == "zero" else float(np.exp(grids.log_sigma_table(schedule)[0]))
     if g.final is not None:
         last = g.final

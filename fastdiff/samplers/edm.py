@@ -19,7 +19,8 @@ import math
 import numpy as np
 import torch
 
-from fastdiff.samplers import dpm_solver, grids
+from fastdiff.samplers import dpm_solver
+from fastdiff.schedule import grids
 from fastdiff.samplers.plan import PlanBuilder, PlanError
 from fastdiff.schedule import NoiseSchedule
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fastdiff import prediction
-from fastdiff.samplers import grids
+from fastdiff.schedule import grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
 
@@ -44,7 +44,7 @@ def grid(schedule: NoiseSchedule, steps: int, o: dict, *, final: str = "zero", g
     """(model timesteps float32 values, σ's float64 with the final one appended), as EulerDiscreteScheduler builds
     them (Heun and Euler ancestral build the same grid without the options they lack)."""
     a64, a32 = grids.abar_tables(schedule)
-    if given is not None:  # a grid given as data (fastdiff.samplers.grids.Grid)
+    if given is not None:  # a grid given as data (fastdiff.schedule.grids.Grid)
         last = float(grids.sigma_table(a64)[0]) if final == "sigma_min" else 0.0
         return list(given.timesteps), list(given.sigmas) + [last if given.final is None else given.final]
     T = len(a64)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fastdiff import prediction
-from fastdiff.samplers import grids
+from fastdiff.schedule import grids
 from fastdiff.samplers.plan import PlanBuilder
 
 FLOW_PREDICTION = "flow_prediction"

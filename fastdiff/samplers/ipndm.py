@@ -11,7 +11,7 @@ combination of the last k model outputs and fixed Adams–Bashforth weights,
 with k = min(order, i + 1): the warm-up uses the lower orders and no extra model calls (PNDM spends three extra calls
 per warm-up step on a Runge–Kutta start). The weights are the fixed-step ones on any grid, as DEIS and GITS (Chen et
 al. 2024) use them, so on a non-uniform grid the method is of 2nd order globally (measured on the exact mixture:
-error ∝ calls^−2.0, DDIM's ∝ calls^−1.0, tests/samplers/test_grids.py), with a small constant; its final step to
+error ∝ calls^−2.0, DDIM's ∝ calls^−1.0, tests/schedule/test_grids.py), with a small constant; its final step to
 σ = 0 is of full order too. Default order 3: on the bundled model it beats order 4 at every budget from 6 to 14
 calls (docs/benchmarks.md). One model call per step; the state is kept in the
 model's input scale x = α·x̄, so a step is one row of the fused op: x_{i+1} = (α_{i+1}/α_i)·x + α_{i+1}(σ_{i+1} − σ_i)·E.
@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from fastdiff import prediction
-from fastdiff.samplers import dpm_solver, grids
+from fastdiff.samplers import dpm_solver
+from fastdiff.schedule import grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
 

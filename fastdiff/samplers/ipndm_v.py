@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from fastdiff.samplers import grids
+from fastdiff.schedule import grids
 from fastdiff.samplers.ipndm import WEIGHTS
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule

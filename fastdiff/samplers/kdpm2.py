@@ -21,7 +21,8 @@ import math
 import numpy as np
 import torch
 
-from fastdiff.samplers import euler, grids
+from fastdiff.samplers import euler
+from fastdiff.schedule import grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff.samplers import euler, grids
+from fastdiff.samplers import euler
+from fastdiff.schedule import grids
 from fastdiff.samplers.plan import MAX_HIST, PlanBuilder
 from fastdiff.schedule import NoiseSchedule
 

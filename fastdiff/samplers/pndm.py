@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fastdiff import prediction
-from fastdiff.samplers import grids
+from fastdiff.schedule import grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
 

@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from fastdiff.samplers import grids, lcm
+from fastdiff.samplers import lcm
+from fastdiff.schedule import grids
 from fastdiff.samplers.plan import PlanBuilder
 from fastdiff.schedule import NoiseSchedule
 

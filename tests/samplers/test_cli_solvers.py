@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import checkpoint, cli, jobs
+from fastdiff.app import checkpoint, cli, jobs
 
 pytest.importorskip("PIL.Image")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,7 +29,7 @@ def test_sample_with_a_solver_matches_the_api(sampler, tmp_path, capsys):
     from fastdiff.samplers.ddim import OPTIONS
 
     opts = {k: sch[k] for k in OPTIONS if k in sch}
-    sched, _ = fastdiff.sampling.schedule_and_config(sch)
+    sched, _ = fastdiff.run.sampling.schedule_and_config(sch)
     x = jobs.sample_batch(model, [0, 1, 2, 3], cfg, sched, opts, (1, 8, 8), torch.device("cpu"))
     np.testing.assert_array_equal(jobs.to_uint8_nhwc(x), a[:4])
     capsys.readouterr()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import toy
+from fastdiff.theory import toy
 from tests.samplers.test_diffusers_parity import Net  # a small random conv net of (x, t)
 
 diffusers = pytest.importorskip("diffusers")
@@ -256,7 +256,7 @@ def test_multistep_flow_timesteps_are_diffusers():
     for cls, cfg in ((DPM, dict(FL, flow_shift=3.0)), (UNI, dict(FL, flow_shift=5.0))):
         sch = getattr(diffusers, cls)(**cfg)
         sch.set_timesteps(9)
-        plan = fastdiff.sampling.plan_for("dpmsolver++" if cls == DPM else "unipc", sch, {}, 9)
+        plan = fastdiff.run.sampling.plan_for("dpmsolver++" if cls == DPM else "unipc", sch, {}, 9)
         assert [int(c.t) for c in plan.calls] == sch.timesteps.tolist()
         assert plan.t_dtype == torch.int64
         assert np.allclose(plan.sigmas, sch.sigmas.double().numpy(), rtol=1e-6, atol=1e-7)
@@ -301,5 +301,5 @@ def test_sigma_grid_timesteps_are_diffusers(cls, sampler, spread, beta_schedule)
     for n in (1, 2, 3, 5, 8, 13, 25):
         sch = getattr(diffusers, cls)(beta_schedule=beta_schedule, **{spread: True})
         sch.set_timesteps(n)
-        plan = fastdiff.sampling.plan_for(sampler, sch, {}, n)
+        plan = fastdiff.run.sampling.plan_for(sampler, sch, {}, n)
         assert [int(c.t) for c in plan.calls] == sch.timesteps.tolist(), n

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import toy
+from fastdiff.theory import toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
