@@ -157,5 +157,5 @@ def _extensions():
 
 ext_modules, cmdclass, torch_requirement = _extensions()
 # pyproject.toml declares the dependencies dynamic: the same list, with torch pinned to the build's release
-RUNTIME_DEPS = [torch_requirement, "numpy", "safetensors", "tqdm", "pillow"]
+RUNTIME_DEPS = [torch_requirement, "numpy", "safetensors", "tqdm", "pillow", "einops"]
 setup(ext_modules=ext_modules, cmdclass=cmdclass, install_requires=RUNTIME_DEPS)

@@ -81,16 +81,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from fastdiff import prediction as _prediction
-from fastdiff import samplers as S
+from fastdiff import prediction as _prediction, samplers as S
 from fastdiff.ops import multistep as M
-from fastdiff.samplers import flow as _flow
-from fastdiff.schedule import grids as _grids
-from fastdiff.samplers import ipndm_v as _ipndm_v
-from fastdiff.samplers import deis as _deis
-from fastdiff.samplers import dpm_singlestep as _singlestep
+from fastdiff.samplers import deis as _deis, dpm_singlestep as _singlestep, flow as _flow, ipndm_v as _ipndm_v
 from fastdiff.samplers import lms as _lms
-from fastdiff.schedule import NoiseSchedule
+from fastdiff.schedule import NoiseSchedule, grids as _grids
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
@@ -203,6 +198,15 @@ class _Base(SchedulerMixin, ConfigMixin):
 
     _hf_class: type
     order = 1
+
+    def __init_subclass__(cls, **kw):
+        """A public drop-in class takes diffusers' class of the same name: its constructor (parameters and defaults,
+        so ConfigMixin records the same config), order and _compatibles."""
+        super().__init_subclass__(**kw)
+        if not cls.__name__.startswith("_"):
+            cls._hf_class = hf_cls = getattr(_hf, cls.__name__)
+            cls._compatibles, cls.order = list(hf_cls._compatibles), hf_cls.order
+            cls.__init__ = _init_like(hf_cls)
 
     def _setup(self, args: dict):
         self.num_inference_steps = None
@@ -760,11 +764,7 @@ def _mu(mu) -> dict:
 class DPMSolverMultistepScheduler(_PlanScheduler):
     """diffusers' DPMSolverMultistepScheduler (DPM-Solver(++) 1–3, ODE and SDE) on fastdiff's fused multistep op."""
 
-    _hf_class = _hf.DPMSolverMultistepScheduler
-    _compatibles = list(_hf.DPMSolverMultistepScheduler._compatibles)
-    order = _hf.DPMSolverMultistepScheduler.order
     _sampler = "dpmsolver++"
-    __init__ = _init_like(_hf.DPMSolverMultistepScheduler)
 
     _custom_ok = ("timesteps",)
 
@@ -793,12 +793,8 @@ class DPMSolverMultistepScheduler(_PlanScheduler):
 class UniPCMultistepScheduler(_PlanScheduler):
     """diffusers' UniPCMultistepScheduler (bh1/bh2 predictor + corrector) on fastdiff's fused multistep op."""
 
-    _hf_class = _hf.UniPCMultistepScheduler
-    _compatibles = list(_hf.UniPCMultistepScheduler._compatibles)
-    order = _hf.UniPCMultistepScheduler.order
     _sampler = "unipc"
     _result_dtype = "sample"
-    __init__ = _init_like(_hf.UniPCMultistepScheduler)
 
     _custom_ok = ("timesteps",)
 
@@ -835,14 +831,10 @@ class UniPCMultistepScheduler(_PlanScheduler):
 class EulerDiscreteScheduler(_PlanScheduler):
     """diffusers' EulerDiscreteScheduler (Karras et al. 2022, Alg. 1 without churn) on fastdiff's fused op."""
 
-    _hf_class = _hf.EulerDiscreteScheduler
-    _compatibles = list(_hf.EulerDiscreteScheduler._compatibles)
-    order = _hf.EulerDiscreteScheduler.order
     _sampler = "euler"
     _restarts = False
     _euler_family = True
     _result_dtype = "model"
-    __init__ = _init_like(_hf.EulerDiscreteScheduler)
     is_scale_input_called = False
 
     _custom_ok = ("timesteps", "sigmas")
@@ -878,14 +870,10 @@ class EulerDiscreteScheduler(_PlanScheduler):
 class EulerAncestralDiscreteScheduler(_PlanScheduler):
     """diffusers' EulerAncestralDiscreteScheduler (σ_up noise each step) on fastdiff's fused multistep op."""
 
-    _hf_class = _hf.EulerAncestralDiscreteScheduler
-    _compatibles = list(_hf.EulerAncestralDiscreteScheduler._compatibles)
-    order = _hf.EulerAncestralDiscreteScheduler.order
     _sampler = "euler_ancestral"
     _restarts = False
     _euler_family = True
     _result_dtype = "model"
-    __init__ = _init_like(_hf.EulerAncestralDiscreteScheduler)
     is_scale_input_called = False
 
     @_set_timesteps
@@ -925,13 +913,9 @@ _first_order_state = property(lambda self: self._step_index is None or (self._st
 class HeunDiscreteScheduler(_PlanScheduler):
     """diffusers' HeunDiscreteScheduler (Karras et al. 2022, Alg. 2; 2N − 1 model calls) on fastdiff's fused op."""
 
-    _hf_class = _hf.HeunDiscreteScheduler
-    _compatibles = list(_hf.HeunDiscreteScheduler._compatibles)
-    order = _hf.HeunDiscreteScheduler.order
     _sampler = "heun"
     _restarts = False
     _euler_family = True
-    __init__ = _init_like(_hf.HeunDiscreteScheduler)
 
     _custom_ok = ("timesteps",)
 
@@ -958,11 +942,7 @@ class HeunDiscreteScheduler(_PlanScheduler):
 class PNDMScheduler(_PlanScheduler):
     """diffusers' PNDMScheduler (PLMS, with PRK warm-up or skip_prk_steps) on fastdiff's fused multistep op."""
 
-    _hf_class = _hf.PNDMScheduler
-    _compatibles = list(_hf.PNDMScheduler._compatibles)
-    order = _hf.PNDMScheduler.order
     _sampler = "pndm"
-    __init__ = _init_like(_hf.PNDMScheduler)
 
     def _setup(self, args):
         self._explicit_reset()
@@ -1088,12 +1068,8 @@ class LCMScheduler(_PlanScheduler):
     `denoised` (what LCM pipelines decode) written by the same pass. Custom timesteps=, clip_sample and thresholding run
     on diffusers' own class (their `denoised` is not the fused pass's d)."""
 
-    _hf_class = _hf.LCMScheduler
-    _compatibles = list(_hf.LCMScheduler._compatibles)
-    order = _hf.LCMScheduler.order
     _sampler = "lcm"
     _restarts = False
-    __init__ = _init_like(_hf.LCMScheduler)
 
     @_set_timesteps
     def set_timesteps(self, num_inference_steps: int | None = None, device=None,
@@ -1129,11 +1105,7 @@ class TCDScheduler(LCMScheduler):
     run's first step (diffusers takes it per step; changing it midway is not offered). Custom timesteps= run on
     diffusers' own class. (LCM's set_timesteps and add_noise; TCD's own grid branch and step.)"""
 
-    _hf_class = _hf.TCDScheduler
-    _compatibles = list(_hf.TCDScheduler._compatibles)
-    order = _hf.TCDScheduler.order
     _sampler = "tcd"
-    __init__ = _init_like(_hf.TCDScheduler)
 
     def _unfused(self):
         return False  # TCD's step has no clipping or thresholding
@@ -1156,14 +1128,10 @@ class EDMEulerScheduler(_PlanScheduler):
     samplers.edm) on fastdiff's fused op, usable before set_timesteps as diffusers'; s_churn > 0 and a caller-given
     pred_original_sample are not offered."""
 
-    _hf_class = _hf.EDMEulerScheduler
-    _compatibles = list(_hf.EDMEulerScheduler._compatibles)
-    order = _hf.EDMEulerScheduler.order
     _sampler = "edm_euler"
     _restarts = False
     _euler_family = True
     _result_dtype = "model"
-    __init__ = _init_like(_hf.EDMEulerScheduler)
     is_scale_input_called = False
 
     @property
@@ -1209,11 +1177,7 @@ class EDMDPMSolverMultistepScheduler(_PlanScheduler):
     σ's with EDM preconditioning; samplers.edm.dpmsolver_plan) on fastdiff's fused op. As diffusers', step needs
     set_timesteps first; a mid-schedule start (begin_index, img2img) restarts the history as diffusers' does."""
 
-    _hf_class = _hf.EDMDPMSolverMultistepScheduler
-    _compatibles = list(_hf.EDMDPMSolverMultistepScheduler._compatibles)
-    order = _hf.EDMDPMSolverMultistepScheduler.order
     _sampler = "edm_dpmsolver++"
-    __init__ = _init_like(_hf.EDMDPMSolverMultistepScheduler)
     is_scale_input_called = False
 
     @property
@@ -1258,11 +1222,7 @@ class IPNDMScheduler(_PlanScheduler):
     fastdiff's VP "ipndm") on fastdiff's fused op. Usable before set_timesteps as diffusers' (its __init__ runs
     set_timesteps(T)); trained_betas (diffusers' per-step β's) run on diffusers' own class."""
 
-    _hf_class = _hf.IPNDMScheduler
-    _compatibles = list(_hf.IPNDMScheduler._compatibles)
-    order = _hf.IPNDMScheduler.order
     _sampler = "ipndm_v"
-    __init__ = _init_like(_hf.IPNDMScheduler)
 
     def _setup(self, args):
         super()._setup(args)
@@ -1321,11 +1281,7 @@ class DEISMultistepScheduler(_PlanScheduler):
     """diffusers' DEISMultistepScheduler (DEIS ρAB, orders 1–3; samplers.deis) on fastdiff's fused op. A run started
     mid-schedule (img2img) restarts the warm-up orders there, as diffusers' does."""
 
-    _hf_class = _hf.DEISMultistepScheduler
-    _compatibles = list(_hf.DEISMultistepScheduler._compatibles)
-    order = _hf.DEISMultistepScheduler.order
     _sampler = "deis"
-    __init__ = _init_like(_hf.DEISMultistepScheduler)
 
     def _setup(self, args):
         super()._setup(args)
@@ -1363,11 +1319,7 @@ class DPMSolverSinglestepScheduler(_PlanScheduler):
     not a multiple of the order, or a final σ of 0) and sets `order_list`; a run started mid-schedule (img2img) takes
     diffusers' orders, lowered to the outputs the run has."""
 
-    _hf_class = _hf.DPMSolverSinglestepScheduler
-    _compatibles = list(_hf.DPMSolverSinglestepScheduler._compatibles)
-    order = _hf.DPMSolverSinglestepScheduler.order
     _sampler = "dpmsolver_singlestep"
-    __init__ = _init_like(_hf.DPMSolverSinglestepScheduler)
 
     _custom_ok = ("timesteps",)
 
@@ -1427,13 +1379,9 @@ class KDPM2DiscreteScheduler(_PlanScheduler):
     fastdiff.samplers.kdpm2) on fastdiff's fused op. Usable before set_timesteps (diffusers runs set_timesteps(T) in
     __init__)."""
 
-    _hf_class = _hf.KDPM2DiscreteScheduler
-    _compatibles = list(_hf.KDPM2DiscreteScheduler._compatibles)
-    order = _hf.KDPM2DiscreteScheduler.order
     _sampler = "kdpm2"
     _restarts = False
     _euler_family = True
-    __init__ = _init_like(_hf.KDPM2DiscreteScheduler)
 
     @_set_timesteps
     def set_timesteps(self, num_inference_steps: int, device=None, num_train_timesteps: int | None = None):
@@ -1460,11 +1408,7 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
     """diffusers' KDPM2AncestralDiscreteScheduler (DPM-Solver-2 aimed at σ_down, then σ_up·z at every second call)
     on fastdiff's fused op."""
 
-    _hf_class = _hf.KDPM2AncestralDiscreteScheduler
-    _compatibles = list(_hf.KDPM2AncestralDiscreteScheduler._compatibles)
-    order = _hf.KDPM2AncestralDiscreteScheduler.order
     _sampler = "kdpm2_ancestral"
-    __init__ = _init_like(_hf.KDPM2AncestralDiscreteScheduler)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
@@ -1478,12 +1422,8 @@ class LMSDiscreteScheduler(_PlanScheduler):
     them with scipy in every step). Usable before set_timesteps (diffusers runs set_timesteps(T) in __init__); a run
     started mid-schedule (img2img) takes diffusers' orders min(order, step index + 1) with the slopes of this run."""
 
-    _hf_class = _hf.LMSDiscreteScheduler
-    _compatibles = list(_hf.LMSDiscreteScheduler._compatibles)
-    order = _hf.LMSDiscreteScheduler.order
     _sampler = "lms"
     _euler_family = True
-    __init__ = _init_like(_hf.LMSDiscreteScheduler)
     is_scale_input_called = False
 
     @_set_timesteps
@@ -1635,11 +1575,7 @@ class _StepScheduler(_Base):
 class DDIMScheduler(_StepScheduler):
     """diffusers' DDIMScheduler (Song et al. 2021, eq. 12) on fastdiff's fused op (fastdiff.samplers.ddim rows)."""
 
-    _hf_class = _hf.DDIMScheduler
-    _compatibles = list(_hf.DDIMScheduler._compatibles)
-    order = _hf.DDIMScheduler.order
     _kind = "ddim"
-    __init__ = _init_like(_hf.DDIMScheduler)
     init_noise_sigma = 1.0
 
     @_set_timesteps
@@ -1745,11 +1681,7 @@ class DDPMScheduler(_StepScheduler):
     """diffusers' DDPMScheduler (Ho et al. 2020, Alg. 2; strided grids, learned variances) on fastdiff's fused op
     (fastdiff.samplers.ddpm rows)."""
 
-    _hf_class = _hf.DDPMScheduler
-    _compatibles = list(_hf.DDPMScheduler._compatibles)
-    order = _hf.DDPMScheduler.order
     _kind = "ddpm"
-    __init__ = _init_like(_hf.DDPMScheduler)
     init_noise_sigma = 1.0
 
     def _setup(self, args):
@@ -1872,12 +1804,6 @@ class _FlowScheduler(_PlanScheduler):
 
     _restarts = False
     _result_dtype = "model"
-
-    def __init_subclass__(cls, **kw):  # diffusers' class of the same name: its constructor, order, _compatibles
-        super().__init_subclass__(**kw)
-        cls._hf_class = hf_cls = getattr(_hf, cls.__name__)
-        cls._compatibles, cls.order = list(hf_cls._compatibles), hf_cls.order
-        cls.__init__ = _init_like(hf_cls)
 
     def _setup(self, args):
         super()._setup(args)

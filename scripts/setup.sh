@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up fastdiff in a virtual environment, ./.venv (created here, reused when it exists):
 #   bash scripts/setup.sh          what sampling needs: torch (the CPU build of 2.13.0 unless a torch 2.11-2.13 is
-#                                  there), numpy, safetensors, tqdm, pillow, and fastdiff itself, editable, with its
+#                                  there), numpy, safetensors, tqdm, pillow, einops, and fastdiff itself, editable, with its
 #                                  C++ extension built against that torch
 #   bash scripts/setup.sh --test   the same plus the test, training and benchmark extras (pytest, pytest-benchmark,
 #                                  diffusers, transformers, scikit-learn, scipy, matplotlib, triton)

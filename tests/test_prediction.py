@@ -5,11 +5,9 @@ import diffusers
 import pytest
 import torch
 
-from fastdiff import prediction as P
-from fastdiff import samplers as S
-from fastdiff.schedule import grids
+from fastdiff import prediction as P, samplers as S
+from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.plan import COEF
-from fastdiff.schedule import NoiseSchedule
 
 ABARS = [0.9999, 0.95, 0.5, 0.05, 1e-3]  # ᾱ on the VP path (α = √ᾱ, σ = √(1 − ᾱ))
 FLOW_SIGMAS = [0.0, 1e-3, 0.3, 0.7, 1.0]  # σ on the flow path (α = 1 − σ), both ends included

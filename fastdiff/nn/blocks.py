@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
@@ -196,18 +197,16 @@ class AttnBlock(nn.Module):
         self.rescale = rescale
 
     def forward(self, x, ctx):
-        B, C, H, W = x.shape
+        H, W = x.shape[-2:]
         h = x if self.group_norm is None else _gn(self.group_norm, x, ctx, False)
-        tok = h.flatten(2).transpose(1, 2)  # (B, HW, C): a view for channels_last input
+        tok = rearrange(h, "b c h w -> b (h w) c")  # a view (for channels_last input too)
         # one GEMM for q, k and v
         w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight], dim=0)
         b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias], dim=0)
-        qkv = linear(tok, w, b).view(B, H * W, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, D)
+        q, k, v = rearrange(linear(tok, w, b), "b n (qkv heads d) -> qkv b heads n d", qkv=3, heads=self.heads)
         o = attention(q, k, v)  # SDPA, or the Triton kernel where it measured faster (fastdiff.ops.attention)
-        o = o.transpose(1, 2).reshape(B, H * W, self.heads * self.head_dim)
-        o = self.to_out[0](o)
-        o = o.transpose(1, 2).reshape(B, C, H, W)
+        o = self.to_out[0](rearrange(o, "b heads n d -> b n (heads d)"))
+        o = rearrange(o, "b (h w) c -> b c h w", h=H, w=W)
         out = o + x
         if self.rescale != 1.0:
             out = out / self.rescale

@@ -232,57 +232,30 @@ def sampler_step_ref(x, o, coef, *, o_cond=None, noise=None, v=None, thr=None, c
 
 # (column in the 16-row, column in the multistep row): the scalars that carry over unchanged
 _SAME = (("p", "p"), ("q", "q"), ("w", "w"), ("clip", "clip"), ("sigma", "yz"), ("logmax", "logmax"),
-         ("logmin", "logmin"))
-_IDX: dict = {}
-
-
-def _fold_index(device):
-    """(4, 24) indices into a 16-row extended by [0, 1] (columns 16, 17): multistep row = e[i0]·e[i1] + e[i2]·e[i3]."""
-    key = str(device)
-    if key not in _IDX:
-        ZERO, ONE = NUM_COEF, NUM_COEF + 1
-        idx = [[ZERO] * ms.NUM_COEF, [ZERO] * ms.NUM_COEF, [ZERO] * ms.NUM_COEF, [ZERO] * ms.NUM_COEF]
-
-        def put(col, a, b, c, d):
-            for k, j in enumerate((a, b, c, d)):
-                idx[k][ms.COEF[col]] = j
-
-        for src, dst in _SAME:
-            put(dst, COEF[src], ONE, ZERO, ZERO)
-        put("yx", COEF["B"], COEF["r"], COEF["C"], ONE)  # B·r + C
-        put("yo", COEF["B"], COEF["s"], ZERO, ZERO)  # B·s
-        put("yd", COEF["B"], COEF["u"], COEF["A"], ONE)  # B·u + A
-        _IDX[key] = (torch.tensor(idx, dtype=torch.long).flatten().to(device),
-                     torch.tensor([0.0, 1.0], dtype=torch.float64).to(device))
-    return _IDX[key]
+         ("logmin", "logmin"))  # (column in the 16-row, column in the multistep row): carried over unchanged
 
 
 def to_multistep_row(coef):
     """A step_coefs row (NUM_COEF float64 scalars) as the coefficient row of fastdiff::multistep_step_ (its NUM_COEF
     = 24 layout, fastdiff.ops.multistep.COEF): p, q, w, clip, logmax, logmin carried over, yz = σ, and
-    yx = B·r + C, yo = B·s, yd = A + B·u folded in float64.
+    yx = B·r + C, yo = B·s, yd = B·u + A folded in float64.
 
     coef: a sequence of 16 floats → a list of 24 floats; or a float64 tensor (..., 16) → (..., 24) on its device (a
     whole (N, 16) table at once; a few device ops, no host read, so it may run inside a CUDA graph)."""
-    if not torch.is_tensor(coef):
-        c = [float(t) for t in coef]
-        if len(c) != NUM_COEF:
-            raise ValueError(f"to_multistep_row: a row has {NUM_COEF} coefficients, got {len(c)}")
-        g = lambda k: c[COEF[k]]  # noqa: E731
-        row = [0.0] * ms.NUM_COEF
-        for src, dst in _SAME:
-            row[ms.COEF[dst]] = g(src) * 1.0 + 0.0 * 0.0
-        row[ms.COEF["yx"]] = g("B") * g("r") + g("C") * 1.0
-        row[ms.COEF["yo"]] = g("B") * g("s") + 0.0 * 0.0
-        row[ms.COEF["yd"]] = g("B") * g("u") + g("A") * 1.0
-        return row
+    listed = not torch.is_tensor(coef)
+    if listed:  # the same float64 arithmetic (one product, one sum), on the host
+        coef = torch.tensor([float(t) for t in coef], dtype=torch.float64)
     if coef.dtype != torch.float64 or coef.dim() < 1 or coef.shape[-1] != NUM_COEF:
-        raise ValueError(f"to_multistep_row: coef must be a float64 tensor (..., {NUM_COEF}), got {coef.dtype} "
-                         f"{tuple(coef.shape)}")
-    idx, tail = _fold_index(coef.device)
-    e = torch.cat([coef, tail.expand(*coef.shape[:-1], 2)], dim=-1)
-    g = e.index_select(-1, idx).unflatten(-1, (2, 2, ms.NUM_COEF))
-    return g.prod(-2).sum(-2)  # (e0·e1) + (e2·e3): one product and one sum each, as the list path
+        raise ValueError(f"to_multistep_row: coef must be {NUM_COEF} coefficients (a float64 tensor (..., "
+                         f"{NUM_COEF})), got {coef.dtype} {tuple(coef.shape)}")
+    row = coef.new_zeros(*coef.shape[:-1], ms.NUM_COEF)
+    g = lambda k: coef[..., COEF[k]]  # noqa: E731
+    for src, dst in _SAME:
+        row[..., ms.COEF[dst]] = g(src)
+    row[..., ms.COEF["yx"]] = g("B") * g("r") + g("C")
+    row[..., ms.COEF["yo"]] = g("B") * g("s")
+    row[..., ms.COEF["yd"]] = g("B") * g("u") + g("A")
+    return row.tolist() if listed else row
 
 
 def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=None, rng=None, v=None, thr=None,

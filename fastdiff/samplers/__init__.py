@@ -65,7 +65,6 @@ _FAMILIES = {
 }
 FLOW_SAMPLERS = ("flow_euler", "flow_heun")  # velocity models: σ ∈ (0, 1], no β table (fastdiff.samplers.flow)
 SAMPLERS = tuple(_FAMILIES)
-SOLVERS = tuple(n for n in _FAMILIES if n not in ("ddim", "ddpm"))  # the samplers with history or σ-grid scaling
 
 # diffusers scheduler class -> sampler
 SCHEDULER_CLASSES = {
@@ -208,5 +207,5 @@ def _fingerprint(schedule) -> tuple:
 _HAS = {k: [n for n, (_, d, _) in _FAMILIES.items() if k in d] for k in _UNSUPPORTED}
 _HAS = {k: v for k, v in _HAS.items() if v}
 
-__all__ = ["COEF", "FLOW_SAMPLERS", "NUM_COEF", "Lin", "PlanBuilder", "PlanError", "SAMPLERS", "SCHEDULER_CLASSES", "SOLVERS",
+__all__ = ["COEF", "FLOW_SAMPLERS", "NUM_COEF", "Lin", "PlanBuilder", "PlanError", "SAMPLERS", "SCHEDULER_CLASSES",
            "SolverPlan", "build_plan", "check_sampler", "sampler_for", "solver_options"]

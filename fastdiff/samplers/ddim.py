@@ -21,11 +21,11 @@ import math
 
 import torch
 
-from fastdiff.schedule import grids
 from fastdiff import prediction
 from fastdiff.ops.multistep import NUM_COEF
+from fastdiff.ops.sampler_step import ddim_sigma
 from fastdiff.samplers.plan import PlanBuilder, PlanError
-from fastdiff.schedule import SPACINGS, NoiseSchedule, timesteps
+from fastdiff.schedule import SPACINGS, NoiseSchedule, grids, timesteps
 
 # diffusers' DDIM/DDPM config keys that change the math (shared with fastdiff.samplers.ddpm)
 OPTIONS = dict(prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0, thresholding=False,
@@ -45,13 +45,7 @@ def validate(o: dict):
                           ("timestep_spacing", SPACINGS), ("prev_timestep", ("grid", "diffusers"))):
         if o[name] not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {o[name]!r}")
-    # checked only where used: a diffusers config may carry any value for a setting it switches off
-    if o["clip_sample"] and not o["clip_sample_range"] > 0:
-        raise ValueError(f"clip_sample_range must be > 0, got {o['clip_sample_range']}")
-    if o["thresholding"] and not 0 < o["dynamic_thresholding_ratio"] <= 1:
-        raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {o['dynamic_thresholding_ratio']}")
-    if o["thresholding"] and not o["sample_max_value"] >= 1:
-        raise ValueError(f"sample_max_value must be >= 1, got {o['sample_max_value']}")
+    # clip_sample_range and the thresholding settings: checked by fastdiff.samplers.solver_options where used
 
 
 def step_times(schedule: NoiseSchedule, steps: int | None, o: dict, grid_: grids.Grid | None, kind: str):
@@ -87,13 +81,6 @@ def convert(abar_t: float, prediction_type: str):
             *prediction.eps_coefs(prediction_type, a, b, types=types))
 
 
-def sigma(abar_t: float, abar_p: float, eta: float) -> float:
-    """DDIM's σ (eq. 16): η·√((1 − ᾱ_p)/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_p)."""
-    if eta == 0:
-        return 0.0
-    return eta * math.sqrt((1.0 - abar_p) / (1.0 - abar_t)) * math.sqrt(1.0 - abar_t / abar_p)
-
-
 def x0_of(c, abar_t: float, o: dict):
     """d = x̂0 of this call (clipped or thresholded per the options) and ε̂ as Lin values."""
     p, q, r, s = convert(abar_t, o["prediction_type"])
@@ -115,7 +102,7 @@ def step(c, at: float, ap: float, eta: float, o: dict):
     d, eps = x0_of(c, at, o)
     if o["use_clipped_model_output"]:  # ε̂ recomputed from the (clipped) x̂0
         eps = (c.x - math.sqrt(at) * d) / math.sqrt(1.0 - at)
-    sig = sigma(at, ap, eta)
+    sig = ddim_sigma(at, ap, eta)  # eq. 16
     B = math.sqrt(max(1.0 - ap - sig * sig, 0.0))
     c.next(math.sqrt(ap) * d + (B * eps if B > 0 else 0) + sig * c.z)  # B = 0: no ε̂ term (ᾱ_p = 1)
     c.force_noise = eta > 0  # diffusers draws a noise tensor at every step when η > 0

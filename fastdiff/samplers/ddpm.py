@@ -15,20 +15,12 @@ from __future__ import annotations
 
 import math
 
+from fastdiff.ops.sampler_step import ddpm_variance
 from fastdiff.samplers import ddim
-from fastdiff.schedule import grids
 from fastdiff.samplers.plan import PlanBuilder
-from fastdiff.schedule import NoiseSchedule
+from fastdiff.schedule import NoiseSchedule, grids
 
 DEFAULTS = dict(ddim.OPTIONS)
-
-
-def variance(abar_t: float, abar_p: float, variance_type: str) -> float:
-    """σ_t² of a fixed-variance step (fixed_small, fixed_small_log: β̃ clamped at 1e-20; fixed_large: β′)."""
-    beta = 1.0 - abar_t / abar_p
-    if variance_type == "fixed_large":
-        return beta
-    return max((1.0 - abar_p) / (1.0 - abar_t) * beta, 1e-20)
 
 
 def step(c, at: float, ap: float, noisy: bool, o: dict):
@@ -41,7 +33,7 @@ def step(c, at: float, ap: float, noisy: bool, o: dict):
         c.learned_noise(vt, log_max=math.log(beta) if beta > 0 else -46.0,  # log 1e-20
                         log_min=math.log(max((1.0 - ap) / (1.0 - at) * beta, 1e-20)))
     elif noisy:
-        nxt = nxt + math.sqrt(variance(at, ap, vt)) * c.z
+        nxt = nxt + math.sqrt(ddpm_variance(at, ap, vt)) * c.z
     c.next(nxt)
     c.force_noise = noisy
 

@@ -21,9 +21,8 @@ import torch
 
 from fastdiff import prediction
 from fastdiff.samplers import dpm_singlestep, dpm_solver
-from fastdiff.schedule import grids
+from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.plan import PlanBuilder
-from fastdiff.schedule import NoiseSchedule
 
 DEFAULTS = dict(solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
                 sample_max_value=1.0, algorithm_type="deis", solver_type="logrho", lower_order_final=True,

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from fastdiff.samplers import dpm_solver
-from fastdiff.schedule import grids
+from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.plan import PlanBuilder, PlanError
-from fastdiff.schedule import NoiseSchedule
 
 DEFAULTS = dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras", prediction_type="epsilon",
                 rho=7.0, final_sigmas_type="zero", init_ramp=False)

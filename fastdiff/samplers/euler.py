@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from fastdiff import prediction
-from fastdiff.schedule import grids
+from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.plan import PlanBuilder
-from fastdiff.schedule import NoiseSchedule
 
 EULER_DEFAULTS = dict(prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False,
                       use_exponential_sigmas=False, use_beta_sigmas=False, sigma_min=None, sigma_max=None,

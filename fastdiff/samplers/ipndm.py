@@ -26,9 +26,8 @@ import torch
 
 from fastdiff import prediction
 from fastdiff.samplers import dpm_solver
-from fastdiff.schedule import grids
+from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.plan import PlanBuilder
-from fastdiff.schedule import NoiseSchedule
 
 DEFAULTS = dict(solver_order=3, prediction_type="epsilon")  # 3: measured better than 4 (docs/benchmarks.md)
 DEFAULT_GRID = "quadratic"

@@ -22,10 +22,9 @@ import math
 
 import torch
 
-from fastdiff.schedule import grids
+from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.ipndm import WEIGHTS
 from fastdiff.samplers.plan import PlanBuilder
-from fastdiff.schedule import NoiseSchedule
 
 DEFAULTS = dict(trained_betas=None)
 

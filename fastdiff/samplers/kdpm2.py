@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from fastdiff.samplers import euler
-from fastdiff.schedule import grids
+from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.plan import PlanBuilder
-from fastdiff.schedule import NoiseSchedule
 
 DEFAULTS = dict(prediction_type="epsilon", use_karras_sigmas=False, timestep_spacing="linspace", steps_offset=0)
 ANCESTRAL_DEFAULTS = dict(DEFAULTS)

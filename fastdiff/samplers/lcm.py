@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from fastdiff import prediction
-from fastdiff.schedule import grids
+from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.plan import PlanBuilder
-from fastdiff.schedule import NoiseSchedule
 
 DEFAULTS = dict(prediction_type="epsilon", original_inference_steps=50, clip_sample=False, clip_sample_range=1.0,
                 set_alpha_to_one=True, thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,

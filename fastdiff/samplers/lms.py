@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 
 from fastdiff.samplers import euler
-from fastdiff.schedule import grids
+from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.plan import MAX_HIST, PlanBuilder
-from fastdiff.schedule import NoiseSchedule
 
 DEFAULTS = dict(prediction_type="epsilon", use_karras_sigmas=False, timestep_spacing="linspace", steps_offset=0,
                 order=4)

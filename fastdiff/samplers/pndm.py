@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from fastdiff import prediction
-from fastdiff.schedule import grids
+from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.plan import PlanBuilder
-from fastdiff.schedule import NoiseSchedule
 
 DEFAULTS = dict(prediction_type="epsilon", skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading",
                 steps_offset=0)

@@ -18,9 +18,8 @@ import math
 import torch
 
 from fastdiff.samplers import lcm
-from fastdiff.schedule import grids
+from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.plan import PlanBuilder
-from fastdiff.schedule import NoiseSchedule
 
 DEFAULTS = dict(prediction_type="epsilon", original_inference_steps=50, set_alpha_to_one=True, gamma=0.3, strength=1.0,
                 all_timesteps=False)

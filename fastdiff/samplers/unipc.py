@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from fastdiff.samplers import dpm_solver
-from fastdiff.schedule import grids
+from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.plan import PlanBuilder, PlanError
-from fastdiff.schedule import NoiseSchedule
 
 DEFAULTS = dict(solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
                 sample_max_value=1.0, predict_x0=True, solver_type="bh2", lower_order_final=True,

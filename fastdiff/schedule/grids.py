@@ -274,10 +274,3 @@ def custom_grid(schedule: NoiseSchedule, timesteps=None, sigmas=None) -> Grid:
         raise ValueError(f"sigmas must lie in the schedule's range [{lo:.6g}, {hi:.6g}], got [{arr[-1]:g}, {arr[0]:g}]")
     # the model sees the time diffusers' σ samplers give it (sigma_to_t: log σ interpolated); the σ's stay as given
     return Grid(np.clip(sigma_to_t(arr, ls), 0, T - 1), arr)
-
-
-def check_steps_match(grid: Grid, steps) -> None:
-    """`steps` given beside a grid must equal its length (None: take the grid's)."""
-    if steps is not None and steps != len(grid):
-        raise ValueError(f"timesteps: the grid has {len(grid)} times but steps={steps}; pass steps={len(grid)} or "
-                         "leave it out")

@@ -7,8 +7,7 @@ import torch
 
 import fastdiff
 from fastdiff import samplers as S
-from fastdiff.schedule import grids
-from fastdiff.schedule import NoiseSchedule
+from fastdiff.schedule import NoiseSchedule, grids
 
 SCHED = NoiseSchedule.linear()
 MIX = fastdiff.theory.toy.GaussianMixture([0.3, 0.7], [[-1.5, 0.5], [1.0, -1.0]], 0.4)
