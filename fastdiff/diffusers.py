@@ -208,6 +208,13 @@ class _Base(SchedulerMixin, ConfigMixin):
             cls._compatibles, cls.order = list(hf_cls._compatibles), hf_cls.order
             cls.__init__ = _init_like(hf_cls)
 
+    def _x0_output(self, prev, x0, return_dict: bool):
+        """diffusers' step result with x̂0: (prev, None) as its tuple, else its <Class>Output."""
+        if not return_dict:
+            return prev, None
+        out = getattr(sys.modules[self._hf_class.__module__], f"{self._hf_class.__name__}Output")
+        return out(prev_sample=prev, pred_original_sample=x0)
+
     def _setup(self, args: dict):
         self.num_inference_steps = None
         self._step_index = None
@@ -858,10 +865,7 @@ class EulerDiscreteScheduler(_PlanScheduler):
             raise NotImplementedError("EulerDiscreteScheduler.step: s_churn > 0 (stochastic churn) is not supported "
                                       "by fastdiff")
         prev, x0 = self._fused_step(model_output, timestep, sample, generator, want_x0=return_dict)
-        if not return_dict:
-            return prev, None
-        return _hf.schedulers.scheduling_euler_discrete.EulerDiscreteSchedulerOutput(prev_sample=prev,
-                                                                                   pred_original_sample=x0)
+        return self._x0_output(prev, x0, return_dict)
 
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
@@ -890,10 +894,7 @@ class EulerAncestralDiscreteScheduler(_PlanScheduler):
                              "`EulerAncestralDiscreteScheduler.step()` is not supported. Make sure to pass one of "
                              "the `scheduler.timesteps` as a timestep.")
         prev, x0 = self._fused_step(model_output, timestep, sample, generator, want_x0=return_dict)
-        if not return_dict:
-            return prev, None
-        out = _hf.schedulers.scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput
-        return out(prev_sample=prev, pred_original_sample=x0)
+        return self._x0_output(prev, x0, return_dict)
 
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
@@ -1164,9 +1165,7 @@ class EDMEulerScheduler(_PlanScheduler):
             raise NotImplementedError("EDMEulerScheduler.step: s_churn > 0 and pred_original_sample= are not "
                                       "supported by fastdiff")
         prev, x0 = self._fused_step(model_output, timestep, sample, generator, want_x0=return_dict)
-        if not return_dict:
-            return prev, None
-        return _hf.schedulers.scheduling_edm_euler.EDMEulerSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return self._x0_output(prev, x0, return_dict)
 
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
@@ -1449,10 +1448,7 @@ class LMSDiscreteScheduler(_PlanScheduler):
         _warn_plan_nan(self, "this step's σ's repeat (a grid that repeats a timestep): diffusers' Lagrange "
                              "weights divide by 0 (NaN); fastdiff leaves the repeated σ out (the weights of the "
                              "distinct σ's)")
-        if not return_dict:
-            return prev, None
-        return _hf.schedulers.scheduling_lms_discrete.LMSDiscreteSchedulerOutput(prev_sample=prev,
-                                                                               pred_original_sample=x0)
+        return self._x0_output(prev, x0, return_dict)
 
     def add_noise(self, original_samples, noise, timesteps):
         return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
@@ -1655,9 +1651,7 @@ class DDIMScheduler(_StepScheduler):
             noise = noise.to(x.dtype)
         prev, x0 = self._run(x, o, coef, noise, None, self._opts, return_dict)
         prev = _as_result(prev, sample, model_output, "promote")
-        if not return_dict:
-            return prev, None
-        return _hf.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return self._x0_output(prev, x0, return_dict)
 
     def _get_variance(self, timestep, prev_timestep):
         """σ_t²/η² of DDIM (eq. 16): (1 − ᾱ_p)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_p), from the float64 ᾱ table (ᾱ_p of a
@@ -1787,9 +1781,7 @@ class DDPMScheduler(_StepScheduler):
         noise = _draw(o.shape, generator, o.device, o.dtype).to(x.dtype) if t > 0 else None
         prev, x0 = self._run(x, o, coef, noise, v if noise is not None else None, opts, return_dict)
         prev = _as_result(prev, sample, model_output, "promote")
-        if not return_dict:
-            return prev, None
-        return _hf.schedulers.scheduling_ddpm.DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return self._x0_output(prev, x0, return_dict)
 
     def add_noise(self, original_samples, noise, timesteps):
         return self._vp_add_noise(original_samples, noise, timesteps)

@@ -242,12 +242,20 @@ def to_multistep_row(coef):
 
     coef: a sequence of 16 floats → a list of 24 floats; or a float64 tensor (..., 16) → (..., 24) on its device (a
     whole (N, 16) table at once; a few device ops, no host read, so it may run inside a CUDA graph)."""
-    listed = not torch.is_tensor(coef)
-    if listed:  # the same float64 arithmetic (one product, one sum), on the host
-        coef = torch.tensor([float(t) for t in coef], dtype=torch.float64)
+    if not torch.is_tensor(coef):  # plain floats: the same float64 arithmetic (one product, one sum) in Python
+        c = [float(t) for t in coef]
+        if len(c) != NUM_COEF:
+            raise ValueError(f"to_multistep_row: a row has {NUM_COEF} coefficients, got {len(c)}")
+        row = [0.0] * ms.NUM_COEF
+        for src, dst in _SAME:
+            row[ms.COEF[dst]] = c[COEF[src]]
+        g = lambda k: c[COEF[k]]  # noqa: E731
+        row[ms.COEF["yx"]], row[ms.COEF["yo"]] = g("B") * g("r") + g("C"), g("B") * g("s")
+        row[ms.COEF["yd"]] = g("B") * g("u") + g("A")
+        return row
     if coef.dtype != torch.float64 or coef.dim() < 1 or coef.shape[-1] != NUM_COEF:
-        raise ValueError(f"to_multistep_row: coef must be {NUM_COEF} coefficients (a float64 tensor (..., "
-                         f"{NUM_COEF})), got {coef.dtype} {tuple(coef.shape)}")
+        raise ValueError(f"to_multistep_row: coef must be a float64 tensor (..., {NUM_COEF}), got {coef.dtype} "
+                         f"{tuple(coef.shape)}")
     row = coef.new_zeros(*coef.shape[:-1], ms.NUM_COEF)
     g = lambda k: coef[..., COEF[k]]  # noqa: E731
     for src, dst in _SAME:
@@ -255,7 +263,7 @@ def to_multistep_row(coef):
     row[..., ms.COEF["yx"]] = g("B") * g("r") + g("C")
     row[..., ms.COEF["yo"]] = g("B") * g("s")
     row[..., ms.COEF["yd"]] = g("B") * g("u") + g("A")
-    return row.tolist() if listed else row
+    return row
 
 
 def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=None, rng=None, v=None, thr=None,
@@ -288,7 +296,9 @@ def sampler_step(x: torch.Tensor, o: torch.Tensor, coef, *, o_cond=None, noise=N
         if coef.dtype != torch.float64 or coef.shape != (NUM_COEF,) or coef.device != x.device:
             raise ValueError(f"sampler_step: coef must be a float64 tensor of shape ({NUM_COEF},) on {x.device}, "
                              f"got {coef.dtype} {tuple(coef.shape)} on {coef.device}")
-        row = to_multistep_row(coef)
+        # a CPU row converted on the host (no device ops); a device row on its device (no host read: graph-safe)
+        host = coef.device.type == "cpu" and not torch.compiler.is_compiling()
+        row = torch.tensor(to_multistep_row(coef.tolist()), dtype=torch.float64) if host else to_multistep_row(coef)
     else:
         if len(coef) != NUM_COEF:
             raise ValueError(f"sampler_step: coef must have {NUM_COEF} values (step_coefs), got {len(coef)}")

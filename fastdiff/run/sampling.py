@@ -354,10 +354,7 @@ def ddim_sample(model: Callable, steps: int | None = None, *, shape=None, x_T=No
     see `run_plan`. timesteps= / sigmas= / time_grid=: the step times as data (`resolve_grid`); the last step then
     goes to ᾱ = 1 (set_alpha_to_one) as usual.
     """
-    return _sample(model, steps, "ddim", 50, shape=shape, x_T=x_T, schedule=schedule, eta=eta,
-                   generator=generator, backend=backend, progress=progress, callback=callback, dtype=dtype,
-                   device=device, check_nan=check_nan, guidance_scale=guidance_scale, noise=noise,
-                   cuda_graph=cuda_graph, timesteps=timesteps, sigmas=sigmas, time_grid=time_grid, **options)
+    return _sample("ddim", 50, **_arguments(locals()))
 
 
 def ddpm_sample(model: Callable, *, steps: int | None = None, shape=None, x_T=None, schedule=None,
@@ -374,11 +371,7 @@ def ddpm_sample(model: Callable, *, steps: int | None = None, shape=None, x_T=No
     """
     if variance is not None:
         options["variance_type"] = variance
-    return _sample(model, steps, "ddpm", None, shape=shape, x_T=x_T, schedule=schedule, generator=generator,
-                   eta=options.pop("eta", None),
-                   backend=backend, progress=progress, callback=callback, dtype=dtype, device=device,
-                   check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph,
-                   timesteps=timesteps, sigmas=sigmas, time_grid=time_grid, **options)
+    return _sample("ddpm", None, eta=options.pop("eta", None), **_arguments(locals()))
 
 
 # fastdiff.sample's sampler when neither sampler= nor a diffusers schedule= says: the best measured few-step
@@ -434,13 +427,16 @@ def sample(model: Callable, steps: int | None = None, *, sampler: str | None = N
     fastdiff.calibrate is such a timesteps= list.
     Other arguments as `ddim_sample` (eta: DDIM only).
     """
-    return _sample(model, steps, sampler, 20, schedule=schedule, shape=shape, x_T=x_T, generator=generator, eta=eta,
-                   backend=backend, progress=progress, callback=callback, dtype=dtype, device=device,
-                   check_nan=check_nan, guidance_scale=guidance_scale, noise=noise, cuda_graph=cuda_graph,
-                   timesteps=timesteps, sigmas=sigmas, time_grid=time_grid, **options)
+    return _sample(sampler, 20, **_arguments(locals()))
 
 
-def _sample(model, steps, sampler, default_steps, *, schedule, shape, x_T, generator, eta, backend, progress,
+def _arguments(args: dict) -> dict:
+    """An entry point's arguments (its locals() on entry) as keywords for `_sample`, its **options spread out."""
+    options = args["options"]
+    return {**{k: v for k, v in args.items() if k not in ("sampler", "variance", "options")}, **options}
+
+
+def _sample(sampler, default_steps, *, model, steps, schedule, shape, x_T, generator, eta, backend, progress,
             callback, dtype, device, check_nan, guidance_scale, noise, cuda_graph, timesteps, sigmas, time_grid,
             **options):
     """`sample` with the default number of steps of its entry point (20; DDIM 50; DDPM None = all T)."""
