@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fastdiff import prediction
 from fastdiff.schedule import grids
 
 TEACHER = dict(sampler="dpmsolver++", solver_order=3)  # the fine-grid solver
@@ -295,7 +296,7 @@ def _flow_teacher(model, space: _FlowSpace, x_T, fine_steps) -> _Trajectory:
     for i, s in enumerate(sig):
         v = v_at(x, s, i)
         xs.append(x.float())
-        x0s.append((x - s * v).float())
+        x0s.append(prediction.to_x0(x, v, 1.0 - s, s, "flow_prediction").float())  # x̂0 = x − σ·v
         if i + 1 < len(sig):
             dt = sig[i + 1] - s
             xp = x + dt * v

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from fastdiff import prediction
 from fastdiff.schedule import NoiseSchedule, grids
 from fastdiff.samplers.ipndm import WEIGHTS
 from fastdiff.samplers.plan import PlanBuilder
@@ -73,7 +74,8 @@ def plan(schedule: NoiseSchedule, steps: int, o: dict, grid_: grids.Grid | None 
         c = b.call(t)
         if i > start:
             kept.append(kept_now())
-        e_xo = beta[i] * c.x + alpha[i] * c.o
+        r, q = prediction.eps_coefs("v_prediction", alpha[i], beta[i])  # the angle schedule's v → ε: β·x + α·o
+        e_xo = r * c.x + q * c.o
         e = c.convert(e_xo)  # d = e_i, kept for the next steps
         past = [c.get(n) for n in names if c.has(n)]
         k = min(4, len(past) + 1)
