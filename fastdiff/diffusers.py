@@ -763,6 +763,16 @@ def _sigma_noise(self, original_samples, noise, timesteps, vp: bool, flow: bool 
     return original_samples + noise * self._bcast(s.to(dt), original_samples)
 
 
+def _vp_sigma_add_noise(self, original_samples, noise, timesteps):
+    """diffusers' add_noise of the VP σ-grid solvers (DPM-Solver, UniPC, DEIS, singlestep): α_t·x0 + σ_t·ε."""
+    return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
+
+
+def _ve_sigma_add_noise(self, original_samples, noise, timesteps):
+    """diffusers' add_noise of the σ-scaled solvers (Euler, Heun, LMS, KDPM2, EDM): x0 + σ·ε."""
+    return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+
+
 def _mu(mu) -> dict:
     """set_timesteps(mu=) of the multistep solvers as a plan option (flow σ's with dynamic shifting)."""
     return {} if mu is None else {"mu": float(mu)}
@@ -793,8 +803,7 @@ class DPMSolverMultistepScheduler(_PlanScheduler):
         prev, _ = self._fused_step(model_output, timestep, sample, generator, variance_noise)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
+    add_noise = _vp_sigma_add_noise
 
 
 class UniPCMultistepScheduler(_PlanScheduler):
@@ -831,8 +840,7 @@ class UniPCMultistepScheduler(_PlanScheduler):
         prev, _ = self._fused_step(model_output, timestep, sample)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
+    add_noise = _vp_sigma_add_noise
 
 
 class EulerDiscreteScheduler(_PlanScheduler):
@@ -867,8 +875,7 @@ class EulerDiscreteScheduler(_PlanScheduler):
         prev, x0 = self._fused_step(model_output, timestep, sample, generator, want_x0=return_dict)
         return self._x0_output(prev, x0, return_dict)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+    add_noise = _ve_sigma_add_noise
 
 
 class EulerAncestralDiscreteScheduler(_PlanScheduler):
@@ -896,8 +903,7 @@ class EulerAncestralDiscreteScheduler(_PlanScheduler):
         prev, x0 = self._fused_step(model_output, timestep, sample, generator, want_x0=return_dict)
         return self._x0_output(prev, x0, return_dict)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+    add_noise = _ve_sigma_add_noise
 
 
 def _same_train_T(self, num_train_timesteps):
@@ -936,8 +942,7 @@ class HeunDiscreteScheduler(_PlanScheduler):
         return _hf.schedulers.scheduling_heun_discrete.HeunDiscreteSchedulerOutput(prev_sample=prev,
                                                                                  pred_original_sample=x0)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+    add_noise = _ve_sigma_add_noise
 
 
 class PNDMScheduler(_PlanScheduler):
@@ -1046,8 +1051,7 @@ class PNDMScheduler(_PlanScheduler):
         prev, _ = self._fused_step(model_output, timestep, sample)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return self._vp_add_noise(original_samples, noise, timesteps)
+    add_noise = _Base._vp_add_noise
 
 
 def _replan(self, key, value):
@@ -1096,8 +1100,7 @@ class LCMScheduler(_PlanScheduler):
             return prev, denoised
         return _hf.schedulers.scheduling_lcm.LCMSchedulerOutput(prev_sample=prev, denoised=denoised)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return self._vp_add_noise(original_samples, noise, timesteps)
+    add_noise = _Base._vp_add_noise
 
 
 class TCDScheduler(LCMScheduler):
@@ -1167,8 +1170,7 @@ class EDMEulerScheduler(_PlanScheduler):
         prev, x0 = self._fused_step(model_output, timestep, sample, generator, want_x0=return_dict)
         return self._x0_output(prev, x0, return_dict)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+    add_noise = _ve_sigma_add_noise
 
 
 class EDMDPMSolverMultistepScheduler(_PlanScheduler):
@@ -1212,8 +1214,7 @@ class EDMDPMSolverMultistepScheduler(_PlanScheduler):
         prev, _ = self._fused_step(model_output, timestep, sample, generator)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+    add_noise = _ve_sigma_add_noise
 
 
 class IPNDMScheduler(_PlanScheduler):
@@ -1308,8 +1309,7 @@ class DEISMultistepScheduler(_PlanScheduler):
         prev, _ = self._fused_step(model_output, timestep, sample)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
+    add_noise = _vp_sigma_add_noise
 
 
 class DPMSolverSinglestepScheduler(_PlanScheduler):
@@ -1357,8 +1357,7 @@ class DPMSolverSinglestepScheduler(_PlanScheduler):
         prev, _ = self._fused_step(model_output, timestep, sample, generator)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return _sigma_noise(self, original_samples, noise, timesteps, vp=True)
+    add_noise = _vp_sigma_add_noise
 
 
 def _warn_plan_nan(self, what):
@@ -1399,8 +1398,7 @@ class KDPM2DiscreteScheduler(_PlanScheduler):
         out = _hf.schedulers.scheduling_k_dpm_2_discrete.KDPM2DiscreteSchedulerOutput
         return self._kdpm2_step(model_output, timestep, sample, None, return_dict, out)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+    add_noise = _ve_sigma_add_noise
 
 
 class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
@@ -1450,8 +1448,7 @@ class LMSDiscreteScheduler(_PlanScheduler):
                              "distinct σ's)")
         return self._x0_output(prev, x0, return_dict)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return _sigma_noise(self, original_samples, noise, timesteps, vp=False)
+    add_noise = _ve_sigma_add_noise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1667,8 +1664,7 @@ class DDIMScheduler(_StepScheduler):
         a = self._abar_host[t]
         return math.nan if (a <= 0.0 and self._opts.prediction_type == "epsilon") else 0.0
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return self._vp_add_noise(original_samples, noise, timesteps)
+    add_noise = _Base._vp_add_noise
 
 
 class DDPMScheduler(_StepScheduler):
@@ -1783,8 +1779,7 @@ class DDPMScheduler(_StepScheduler):
         prev = _as_result(prev, sample, model_output, "promote")
         return self._x0_output(prev, x0, return_dict)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return self._vp_add_noise(original_samples, noise, timesteps)
+    add_noise = _Base._vp_add_noise
 
 
 # ---------------------------------------------------------------------------------------------------------------
