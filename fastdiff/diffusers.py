@@ -1454,16 +1454,6 @@ class LMSDiscreteScheduler(_PlanScheduler):
 # ---------------------------------------------------------------------------------------------------------------
 # DDIM and DDPM: fused-op rows indexed by the timestep (fastdiff.samplers.ddim / ddpm)
 
-def _spaced(T, n, spacing, offset):
-    """diffusers' DDIM/DDPM timestep grid (descending int64), trailing's occasional N + 1 entries included."""
-    if spacing == "linspace":
-        return np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
-    if spacing == "leading":
-        return (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64) + offset
-    if spacing == "trailing":
-        return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
-    raise ValueError(f"timestep_spacing must be one of ('linspace', 'leading', 'trailing'), got {spacing!r}")
-
 
 class _StepScheduler(_Base):
     _kind = ""
@@ -1595,7 +1585,8 @@ class DDIMScheduler(_StepScheduler):
                                  f"`self.config.train_timesteps`: {T}")
             n = _check_steps(num_inference_steps, T)
             self.num_inference_steps = n
-            self._finish_set(_spaced(T, n, self._opts.timestep_spacing, self._opts.steps_offset), device)
+            o = self._opts
+            self._finish_set(_grids.spaced_timesteps(T, n, o.timestep_spacing, o.steps_offset, dtype=np.int64), device)
         if device is not None:
             self._coefs(0.0, False, torch.device(device))
 
@@ -1702,7 +1693,8 @@ class DDPMScheduler(_StepScheduler):
                                  f"`self.config.train_timesteps`: {T}")
             self.num_inference_steps = _check_steps(num_inference_steps, T)
             self.custom_timesteps = False
-            grid = _spaced(T, self.num_inference_steps, self._opts.timestep_spacing, self._opts.steps_offset)
+            grid = _grids.spaced_timesteps(T, self.num_inference_steps, self._opts.timestep_spacing,
+                                           self._opts.steps_offset, dtype=np.int64)
         self._finish_set(grid, device)
         if device is not None:
             self._coefs(torch.device(device))

@@ -6,15 +6,14 @@ Tables are float64 on the CPU; samplers derive per-step coefficients from them o
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
+from fastdiff.schedule.grids import SPACINGS, timesteps  # noqa: F401  (fastdiff.schedule.timesteps)
 from fastdiff.validate import BETA_SCHEDULES
 
-SPACINGS = ("leading", "linspace", "trailing", "quad")
 
 
 def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -169,42 +168,6 @@ class NoiseSchedule:
 def _check_T(T):
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"num_train_timesteps must be a positive int, got {T!r}")
-
-
-def timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
-    """The descending grid of `steps` training timesteps (int64), as diffusers' `set_timesteps` builds it.
-
-    leading:  t_i = i·⌊T/N⌋ + steps_offset;  linspace: round(linspace(0, T−1, N));
-    trailing: round(T − i·T/N) − 1, i < N;  quad (DDIM paper, CIFAR-10): ⌊linspace(0, √(0.8T), N)²⌋.
-    `quad` repeats small timesteps when N is large (50 steps of T = 1000 give 0, 0, 1, …): the repeats are dropped,
-    with a warning that gives the number of steps actually taken (a repeated DDIM step with η = 0 is the identity).
-    """
-    T = num_train_timesteps
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, num_train_timesteps={T}], got {steps}")
-    if spacing == "leading":
-        ratio = T // steps
-        ts = (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + int(steps_offset)
-    elif spacing == "linspace":
-        ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
-    elif spacing == "trailing":
-        # The first N values of diffusers' np.arange(T, 0, −T/N) (NumPy fills it as T + i·δ, δ = (T − T/N) − T); its
-        # float length also gives an (N+1)-th entry ≈ 0, i.e. timestep −1, for some (T, N) such as T = 1000, N = 61
-        delta = (T - T / steps) - T
-        ts = np.round(T + np.arange(steps) * delta).astype(np.int64) - 1
-    elif spacing == "quad":
-        ts = np.unique((np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64))[::-1]
-        if len(ts) != steps:
-            warnings.warn(f"'quad' spacing repeats timesteps at steps={steps} (T={T}): the repeats are dropped, "
-                          f"{len(ts)} steps remain", stacklevel=2)
-    else:
-        raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
-    ts = torch.from_numpy(np.ascontiguousarray(ts))
-    if ts.numel() and (ts.max() >= T or ts.min() < 0):
-        raise ValueError(f"steps_offset={steps_offset} pushes timesteps outside [0, {T - 1}]")
-    return ts
 
 
 SCHEDULE_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "cosine",

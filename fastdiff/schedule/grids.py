@@ -8,11 +8,11 @@ from fastdiff's float64 ᾱ (so the *coefficients* are the exact formulas; diffu
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 
-from fastdiff.schedule import NoiseSchedule
 
 ZERO_SNR_ABAR = 2.0**-24  # diffusers' stand-in for ᾱ_{T−1} = 0 in the σ solvers (σ_max stays finite)
 
@@ -38,26 +38,62 @@ def sigma_table(abar) -> np.ndarray:
 
 def spaced_timesteps(T: int, n: int, spacing: str, steps_offset: int = 0, *, plus_one: bool = False,
                      last_timestep: int | None = None, dtype=np.float32) -> np.ndarray:
-    """diffusers' timestep grid for the σ solvers (descending; float for Euler/Heun, int64 for DPM/UniPC).
+    """diffusers' leading/linspace/trailing timestep grids, descending: float32 for Euler/Heun, int64 for DPM/UniPC
+    (plus_one) and for DDIM/DDPM (dtype=np.int64); every sampler's grid comes from here (and `timesteps`).
 
-    plus_one: DPM-Solver/UniPC build N + 1 points and drop the last (linspace and leading); Euler/Heun build N.
+    plus_one: DPM-Solver/UniPC build N + 1 points and drop the last (linspace and leading); the others build N.
     """
     last = T if last_timestep is None else last_timestep
     if spacing == "linspace":
         if plus_one:
             return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        if dtype == np.int64:  # DDIM/DDPM: rounded in float64
+            return np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
         return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
     if spacing == "leading":
         if plus_one:
             ratio = last // (n + 1)
             return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
         ratio = T // n
-        return (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.float32) + steps_offset
+        return (np.arange(0, n) * ratio).round()[::-1].copy().astype(dtype) + steps_offset
     if spacing == "trailing":
         ratio = T / n
-        ts = np.arange(last, 0, -ratio).round().copy().astype(np.int64 if plus_one else np.float32)
+        # NumPy fills arange as last + i·δ, δ = (last − T/N) − last; its float length may give an (N+1)-th entry ≈ 0
+        # (timestep −1, e.g. T = 1000, N = 61): diffusers' DDIM/DDPM keep it, `timesteps` takes the first N
+        ts = np.arange(last, 0, -ratio).round().copy().astype(np.int64 if plus_one else dtype)
         return ts - 1
     raise ValueError(f"timestep_spacing must be one of ('linspace', 'leading', 'trailing'), got {spacing!r}")
+
+
+SPACINGS = ("leading", "linspace", "trailing", "quad")
+
+
+def timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
+    """The descending grid of `steps` training timesteps (int64), as diffusers' `set_timesteps` builds it.
+
+    leading:  t_i = i·⌊T/N⌋ + steps_offset;  linspace: round(linspace(0, T−1, N));
+    trailing: round(T − i·T/N) − 1, i < N;  quad (DDIM paper, CIFAR-10): ⌊linspace(0, √(0.8T), N)²⌋.
+    `quad` repeats small timesteps when N is large (50 steps of T = 1000 give 0, 0, 1, …): the repeats are dropped,
+    with a warning that gives the number of steps actually taken (a repeated DDIM step with η = 0 is the identity).
+    """
+    T = num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, num_train_timesteps={T}], got {steps}")
+    if spacing in ("leading", "linspace", "trailing"):
+        ts = spaced_timesteps(T, steps, spacing, int(steps_offset), dtype=np.int64)[:steps]
+    elif spacing == "quad":
+        ts = np.unique((np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64))[::-1]
+        if len(ts) != steps:
+            warnings.warn(f"'quad' spacing repeats timesteps at steps={steps} (T={T}): the repeats are dropped, "
+                          f"{len(ts)} steps remain", stacklevel=2)
+    else:
+        raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
+    ts = torch.from_numpy(np.ascontiguousarray(ts))
+    if ts.numel() and (ts.max() >= T or ts.min() < 0):
+        raise ValueError(f"steps_offset={steps_offset} pushes timesteps outside [0, {T - 1}]")
+    return ts
 
 
 def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
