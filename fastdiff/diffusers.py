@@ -208,6 +208,13 @@ class _Base(SchedulerMixin, ConfigMixin):
             cls._compatibles, cls.order = list(hf_cls._compatibles), hf_cls.order
             cls.__init__ = _init_like(hf_cls)
 
+    def _no_index_timestep(self, timestep):
+        """diffusers' σ-grid schedulers refuse an integer index where a timestep value belongs."""
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             f"`{type(self).__name__}.step()` is not supported. Make sure to pass one of the "
+                             "`scheduler.timesteps` as a timestep.")
+
     def _x0_output(self, prev, x0, return_dict: bool):
         """diffusers' step result with x̂0: (prev, None) as its tuple, else its <Class>Output."""
         if not return_dict:
@@ -712,7 +719,7 @@ class _PlanScheduler(_Base):
         if backend == "torch" or (self._checked and _fast_layout(x, o, noise)):
             op = self._cached(("op", backend, str(x.device), os.environ.get("FASTDIFF_BACKEND")),
                               lambda: M.resolve_op(backend, x.device))
-            op(x, o, None, hist, noise, None, None, thr, coef, M.FLAG_CLIP if row.clip else 0, out, out2, d_out)
+            op(x, o, None, hist, noise, None, None, thr, coef, M.flags(row.clip), out, out2, d_out)
         else:
             M.multistep_step(x, o, coef, hist=hist, noise=noise, thr=thr, clip=row.clip, out=out, out2=out2,
                              d_out=d_out, backend=backend)
@@ -865,10 +872,7 @@ class EulerDiscreteScheduler(_PlanScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
              return_dict: bool = True):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                             "`EulerDiscreteScheduler.step()` is not supported. Make sure to pass one of the "
-                             "`scheduler.timesteps` as a timestep.")
+        self._no_index_timestep(timestep)
         if s_churn != 0.0:
             raise NotImplementedError("EulerDiscreteScheduler.step: s_churn > 0 (stochastic churn) is not supported "
                                       "by fastdiff")
@@ -896,10 +900,7 @@ class EulerAncestralDiscreteScheduler(_PlanScheduler):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                             "`EulerAncestralDiscreteScheduler.step()` is not supported. Make sure to pass one of "
-                             "the `scheduler.timesteps` as a timestep.")
+        self._no_index_timestep(timestep)
         prev, x0 = self._fused_step(model_output, timestep, sample, generator, want_x0=return_dict)
         return self._x0_output(prev, x0, return_dict)
 
@@ -1160,10 +1161,7 @@ class EDMEulerScheduler(_PlanScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
              return_dict: bool = True, pred_original_sample: torch.Tensor | None = None):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                             "`EDMEulerScheduler.step()` is not supported. Make sure to pass one of the "
-                             "`scheduler.timesteps` as a timestep.")
+        self._no_index_timestep(timestep)
         if s_churn != 0.0 or pred_original_sample is not None:
             raise NotImplementedError("EDMEulerScheduler.step: s_churn > 0 and pred_original_sample= are not "
                                       "supported by fastdiff")
@@ -1461,7 +1459,6 @@ class _StepScheduler(_Base):
     def _resolve(self, cfg):
         """(NoiseSchedule, options) of a config, every setting that changes the math validated by the sampler's
         own checks (fastdiff.samplers.ddim.validate; errors name the setting)."""
-        from fastdiff import samplers as S
         from fastdiff.run.sampling import schedule_and_config
 
         sched, cfg = schedule_and_config(cfg)
@@ -1545,7 +1542,7 @@ class _StepScheduler(_Base):
         if self._step_checked and _fast_layout(x, o, noise, v):
             # the raw op multistep_step calls, without its per-call checks (done on the first step)
             op = self._cached(("raw", str(x.device)), lambda: M.resolve_op("auto", x.device))
-            op(x, o, None, [], noise, None, v, thr, coef, (M.FLAG_CLIP if clip else 0) | M.VAR_MODES[var_mode],
+            op(x, o, None, [], noise, None, v, thr, coef, M.flags(clip, var_mode),
                out, None, x0)
             return out, x0
         M.multistep_step(x, o, coef, noise=noise, v=v, var_mode=var_mode, thr=thr, clip=clip, out=out, d_out=x0)
@@ -1834,10 +1831,6 @@ class _FlowScheduler(_PlanScheduler):
         position, found on the device: no host read)."""
         return _sigma_noise(self, sample, noise, torch.as_tensor(timestep).reshape(-1), vp=False, flow=True)
 
-    def _step_checks(self, timestep, name):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `{name}.step()`"
-                             " is not supported. Make sure to pass one of the `scheduler.timesteps` as a timestep.")
 
 
 class FlowMatchEulerDiscreteScheduler(_FlowScheduler):
@@ -1858,7 +1851,7 @@ class FlowMatchEulerDiscreteScheduler(_FlowScheduler):
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
              per_token_timesteps: torch.Tensor | None = None, return_dict: bool = True):
         """diffusers' step (s_churn, s_tmin, s_tmax, s_noise are taken and unused, as there)."""
-        self._step_checks(timestep, "FlowMatchEulerDiscreteScheduler")
+        self._no_index_timestep(timestep)
         if per_token_timesteps is not None:
             raise NotImplementedError("FlowMatchEulerDiscreteScheduler.step: per_token_timesteps is not supported "
                                       "by fastdiff's fused step")
@@ -1891,7 +1884,7 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
              return_dict: bool = True):
-        self._step_checks(timestep, "FlowMatchHeunDiscreteScheduler")
+        self._no_index_timestep(timestep)
         if s_churn != 0.0:
             raise NotImplementedError("FlowMatchHeunDiscreteScheduler.step: s_churn > 0 (stochastic churn) is not "
                                       "supported by fastdiff")

@@ -64,7 +64,8 @@ def coef_row(**values: float) -> list[float]:
     return row
 
 
-def _flags(clip: bool, var_mode: str) -> int:
+def flags(clip: bool, var_mode: str = "scalar") -> int:
+    """The raw op's `flags` argument: FLAG_CLIP when clip, and the variance mode's flag."""
     return (FLAG_CLIP if clip else 0) | VAR_MODES[var_mode]
 
 
@@ -434,7 +435,7 @@ def multistep_step(x, o, coef, *, o_cond=None, hist=(), noise=None, rng=None, v=
         if out is None:
             out = torch.empty_like(x)
         resolve_op(backend, x.device)(x, o, o_cond, hist if isinstance(hist, list) else list(hist), noise, rng, v, thr,
-                                      coef, _flags(clip, var_mode), out, out2, d_out)
+                                      coef, flags(clip, var_mode), out, out2, d_out)
         return out, out2, d_out
     if not torch.is_tensor(x) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{_OP}: x must be a float32/float16/bfloat16 tensor, got "
@@ -486,7 +487,7 @@ def multistep_step(x, o, coef, *, o_cond=None, hist=(), noise=None, rng=None, v=
                         dict(out=out, out2=out2, d_out=d_out))
     hist = [ins[f"hist[{i}]"] for i in range(len(hist))]
     op(x, ins["o"], ins["o_cond"], hist, ins["noise"], rng.contiguous() if rng is not None else None, ins["v"],
-       thr.contiguous() if thr is not None else None, coef.contiguous(), _flags(clip, var_mode), out, out2, d_out)
+       thr.contiguous() if thr is not None else None, coef.contiguous(), flags(clip, var_mode), out, out2, d_out)
     return out, out2, d_out
 
 

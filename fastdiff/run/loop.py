@@ -102,22 +102,20 @@ class Loop:
             if key not in views:
                 views[key] = ([self.hist[s] for s in c.reads], self.hist[c.y2_slot] if c.y2_slot is not None else
                               None, self.hist[c.d_slot] if c.d_slot is not None else None)
-        self._views = [views[(tuple(c.reads), c.y2_slot, c.d_slot)] for c in plan.calls]
         Bm = x.shape[0] * (2 if self.guided else 1)
-        self.tb, self.tb_rows, self.coefs, self.coef_rows = _tables(plan, dev, Bm, guidance_scale, private)
-        self.flags = [(ms.FLAG_CLIP if c.clip else 0) | ms.VAR_MODES[c.var_mode] for c in plan.calls]
+        self.tb, self.tb_rows, self.coefs, coef_rows = _tables(plan, dev, Bm, guidance_scale, private)
+        # per call, what the step body reads: the row, its history views, the op's flags, whether it draws noise
+        self.calls = [(c, *views[(tuple(c.reads), c.y2_slot, c.d_slot)], coef_rows[i], ms.flags(c.clip, c.var_mode),
+                       c.noise) for i, c in enumerate(plan.calls)]
         self.rngs = None
         self.x0_scratch = None
         self.draw = None  # set by the runner: (i, shape, dtype) -> z, or None for rng-based noise
-        self.noise_flags = list(plan.noise)
         self.noise_dtype = plan.noise_dtype
         # the raw op, resolved once: a step after the first (checked) one pays only the kernel's own checks
         self.raw = ms.resolve_op(name, dev)
         # the model returns C channels, unguided: after the first step, one quick check of its output
         self.plain = not self.learned and self.channels is None and not self.guided
         self.x_stride = self.bufs[0].stride()
-        self.calls = [(c, *self._views[i], self.coef_rows[i], self.flags[i], self.noise_flags[i])
-                      for i, c in enumerate(plan.calls)]
 
     # ---- the step body ----------------------------------------------------------------------------------------
     def model_outputs(self, i, x, check_nan=False):
@@ -132,9 +130,7 @@ class Loop:
         return o, o_cond, (v2.chunk(2)[1] if v2 is not None else None)
 
     def noise_for(self, i, x):
-        """(z, rng) of step i: a noise tensor, or the Philox [seed, offset] row; (None, None) when it draws none."""
-        if not self.noise_flags[i]:
-            return None, None
+        """(z, rng) of step i (a call that draws noise): a noise tensor, or the Philox [seed, offset] row."""
         if self.rngs is not None:
             return None, self.rngs[i]
         z = self.draw(i, x.shape, self.noise_dtype or x.dtype)

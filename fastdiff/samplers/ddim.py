@@ -100,8 +100,9 @@ def finish(b: PlanBuilder, schedule: NoiseSchedule, ts, abar_t, integral: bool, 
 def step(c, at: float, ap: float, eta: float, o: dict):
     """One DDIM step from ᾱ_t = at to ᾱ_p = ap on the plan call `c`."""
     d, eps = x0_of(c, at, o)
-    if o["use_clipped_model_output"]:  # ε̂ recomputed from the (clipped) x̂0
-        eps = (c.x - math.sqrt(at) * d) / math.sqrt(1.0 - at)
+    if o["use_clipped_model_output"]:  # ε̂ recomputed from the (clipped) x̂0: "sample"'s ε̂ with o = d
+        r, s = prediction.eps_coefs("sample", math.sqrt(at), math.sqrt(1.0 - at))
+        eps = r * c.x + s * d
     sig = ddim_sigma(at, ap, eta)  # eq. 16
     B = math.sqrt(max(1.0 - ap - sig * sig, 0.0))
     c.next(math.sqrt(ap) * d + (B * eps if B > 0 else 0) + sig * c.z)  # B = 0: no ε̂ term (ᾱ_p = 1)
